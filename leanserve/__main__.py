@@ -1,0 +1,3 @@
+from leanserve.cli import main
+
+main()

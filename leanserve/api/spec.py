@@ -1,0 +1,456 @@
+"""The CompressedModel resource as pydantic models.
+
+These models are the single source of truth for the public contract of DESIGN.md section 2:
+the CLI validates with them, the operator parses with them, and the CRD's openAPIV3Schema is
+generated from them (``leanserve.api.crd``). Field names are the camelCase names users write;
+Python code reads the snake_case attributes.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "leanserve.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "CompressedModel"
+PLURAL = "compressedmodels"
+SINGULAR = "compressedmodel"
+SHORT_NAME = "cmod"
+
+# A DNS-1035 label: candidate and pool names end up in object names (X-<pool>) and paths.
+DNS_LABEL = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+MAX_CANDIDATES = 32
+MAX_STEPS = 8
+MAX_POOLS = 16
+
+
+def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """x-kubernetes-validations for a model's schema: (rule, message) pairs."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+class Model(BaseModel):
+    """Base of every spec model: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=False,
+        validate_default=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as a user would write it (camelCase, enums as strings)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class ModelFormat(str, enum.Enum):
+    HUGGINGFACE = "huggingface"
+    ONNX = "onnx"
+    TORCHSCRIPT = "torchscript"
+
+
+class Task(str, enum.Enum):
+    FEATURE_EXTRACTION = "feature-extraction"
+    TEXT_CLASSIFICATION = "text-classification"
+    IMAGE_CLASSIFICATION = "image-classification"
+
+    @property
+    def is_text(self) -> bool:
+        return self is not Task.IMAGE_CLASSIFICATION
+
+
+class QuantizeMethod(str, enum.Enum):
+    INT8_DYNAMIC = "int8-dynamic"
+    INT8_STATIC = "int8-static"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8_WEIGHT_ONLY = "int8-weight-only"
+    INT4_WEIGHT_ONLY = "int4-weight-only"
+    POWER_OF_TWO = "power-of-two"
+    BINARY = "binary"
+
+
+class PruneMethod(str, enum.Enum):
+    MAGNITUDE = "magnitude"
+    STRUCTURED = "structured"
+
+
+class Granularity(str, enum.Enum):
+    NEURON = "neuron"
+    CHANNEL = "channel"
+    HEAD = "head"
+
+
+class Importance(str, enum.Enum):
+    L1 = "l1"
+    L2 = "l2"
+    TAYLOR = "taylor"
+    GRADIENT_NORM = "gradient-norm"
+
+
+class QualityMetric(str, enum.Enum):
+    COSINE = "cosine"
+    ACCURACY = "accuracy"
+
+
+class Accelerator(str, enum.Enum):
+    NONE = "none"
+    NVIDIA_GPU = "nvidia-gpu"
+
+
+class Phase(str, enum.Enum):
+    PENDING = "Pending"
+    COMPRESSING = "Compressing"
+    DEPLOYING = "Deploying"
+    SERVING = "Serving"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+class ConditionType(str, enum.Enum):
+    READY = "Ready"
+    COMPRESSED = "Compressed"
+    DEPLOYED = "Deployed"
+    SLO_MET = "SLOMet"
+    BUDGET_MET = "BudgetMet"
+
+
+class ConditionStatus(str, enum.Enum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# spec.model, spec.data, spec.artifacts
+
+
+class ModelSource(Model):
+    """The trained model to compress."""
+
+    uri: str = Field(min_length=1, description="file://, pvc://CLAIM/PATH, s3://BUCKET/PATH, "
+                     "package://PACKAGE/PATH or a path relative to the spec file.")
+    format: ModelFormat = Field(ModelFormat.HUGGINGFACE, description="How the model is stored.")
+    task: Task = Field(Task.FEATURE_EXTRACTION, description="What the model computes.")
+    max_sequence_length: int = Field(128, ge=1, le=8192,
+                                     description="Tokens per input for text models.")
+
+
+class DataSource(Model):
+    """Calibration, evaluation and distillation data."""
+
+    uri: str = Field(min_length=1, description="jsonl ({\"text\", \"label\"}) or npz (x, y).")
+    eval_fraction: float = Field(0.25, gt=0, lt=1,
+                                 description="Share of rows held out to evaluate quality.")
+
+
+class Artifacts(Model):
+    """Where compressed models and reports go."""
+
+    uri: str = Field("", description="Default: beside the model, under leanserve/<name>/<hash>/.")
+    secret_name: str = Field("", description="Secret with AWS_* keys for s3:// stores.")
+
+
+# --------------------------------------------------------------------------------------------
+# spec.compression
+
+
+class QuantizeStep(Model):
+    method: QuantizeMethod = Field(description="Quantization scheme.")
+    per_channel: bool = Field(False, description="One scale per output channel.")
+    calibration_samples: int = Field(256, ge=1, le=100_000,
+                                     description="Rows of the data used to calibrate (int8-static).")
+
+
+class PruneStep(Model):
+    method: PruneMethod = Field(description="magnitude (unstructured) or structured.")
+    granularity: Granularity = Field(Granularity.NEURON,
+                                     description="What structured pruning removes.")
+    importance: Importance = Field(Importance.L1, description="How parts are ranked.")
+    sparsity: float = Field(ge=0, lt=1, description="Share of weights or structures removed.")
+    iterations: int = Field(1, ge=1, le=100, description="Pruning steps to reach the sparsity.")
+    fine_tune_epochs: int = Field(0, ge=0, le=100,
+                                  description="Epochs of fine-tuning between pruning steps.")
+
+
+class StudentConfig(Model):
+    """An explicit student architecture (overrides studentLayers)."""
+
+    num_layers: int = Field(ge=1, le=96, description="Transformer layers or conv blocks.")
+    hidden_size: int | None = Field(None, ge=8, le=16384, description="Width of the student.")
+    intermediate_size: int | None = Field(None, ge=8, le=65536, description="MLP width.")
+    num_attention_heads: int | None = Field(None, ge=1, le=256, description="Attention heads.")
+
+
+class DistillStep(Model):
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("has(self.studentLayers) || has(self.student)",
+         "distill needs studentLayers or student"),
+    ))
+
+    student_layers: int | None = Field(None, ge=1, le=96,
+                                       description="Layers kept from the teacher.")
+    student: StudentConfig | None = Field(None, description="A student config.")
+    epochs: int = Field(1, ge=1, le=1000, description="Training epochs.")
+    temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft-target loss.")
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Optimizer learning rate.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Rows per step per worker.")
+    workers: int = Field(1, ge=1, le=64, description="DDP world size.")
+
+    @model_validator(mode="after")
+    def _needs_student(self) -> DistillStep:
+        if self.student_layers is None and self.student is None:
+            raise ValueError("distill needs studentLayers or student (allowed: one of them)")
+        return self
+
+
+class LowRankStep(Model):
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("has(self.rankRatio) != has(self.energy)", "lowRank takes exactly one of rankRatio, energy"),
+    ))
+
+    rank_ratio: float | None = Field(None, gt=0, le=1, description="Rank kept, as a share.")
+    energy: float | None = Field(None, gt=0, le=1,
+                                 description="Share of squared singular values kept.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LowRankStep:
+        if (self.rank_ratio is None) == (self.energy is None):
+            raise ValueError("lowRank takes exactly one of rankRatio, energy "
+                             "(allowed: rankRatio in (0, 1] or energy in (0, 1])")
+        return self
+
+
+STEP_KINDS = ("quantize", "prune", "distill", "lowRank")
+
+
+class Step(Model):
+    """One compression step: exactly one of its keys is set."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("[has(self.quantize), has(self.prune), has(self.distill), has(self.lowRank)]"
+         ".exists_one(x, x)",
+         "a step has exactly one of quantize, prune, distill, lowRank"),
+    ))
+
+    quantize: QuantizeStep | None = None
+    prune: PruneStep | None = None
+    distill: DistillStep | None = None
+    low_rank: LowRankStep | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Step:
+        if len(self.kinds()) != 1:
+            raise ValueError("a step has exactly one key (allowed: quantize, prune, distill, lowRank)")
+        return self
+
+    def kinds(self) -> list[str]:
+        return [k for k in STEP_KINDS if getattr(self, to_snake(k)) is not None]
+
+    @property
+    def kind(self) -> str:
+        return self.kinds()[0]
+
+    @property
+    def config(self) -> QuantizeStep | PruneStep | DistillStep | LowRankStep:
+        return getattr(self, to_snake(self.kind))
+
+
+class Candidate(Model):
+    name: str = Field(pattern=DNS_LABEL, max_length=40,
+                      description="Candidate name (a DNS label).")
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS,
+                              description="Applied in order.")
+
+
+class Compression(Model):
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("self.candidates.all(c, self.candidates.exists_one(d, d.name == c.name))",
+         "candidate names must be unique"),
+    ))
+
+    candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES,
+                                        description="Compression recipes to try.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Compression:
+        _require_unique([c.name for c in self.candidates], "candidate")
+        return self
+
+
+class Quality(Model):
+    metric: QualityMetric = Field(QualityMetric.COSINE,
+                                  description="cosine (to the uncompressed model) or accuracy.")
+    max_drop: float = Field(0.01, ge=0, le=1,
+                            description="Absolute drop allowed against the baseline.")
+
+
+class Serving(Model):
+    image: str = Field("nvcr.io/nvidia/tritonserver:24.08-py3", min_length=1,
+                       description="Triton image.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Triton max_batch_size.")
+    max_queue_delay_microseconds: int = Field(1000, ge=0, le=10_000_000,
+                                              description="Dynamic batcher queue delay.")
+
+
+# --------------------------------------------------------------------------------------------
+# spec.nodePools, spec.slo, spec.autoscaling
+
+Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+
+
+class Toleration(Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(Model):
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class NodePool(Model):
+    name: str = Field(pattern=DNS_LABEL, max_length=40, description="Pool name (a DNS label).")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=16)
+    resources: Resources = Field(default_factory=Resources)
+    hourly_price: float = Field(gt=0, description="USD for one replica for one hour.")
+    accelerator: Accelerator = Field(Accelerator.NONE, description="none or nvidia-gpu.")
+
+
+class SLO(Model):
+    latency_p95_ms: float = Field(gt=0, le=600_000, description="p95 latency target.")
+
+
+class Autoscaling(Model):
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas"),
+    ))
+
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(10, ge=1, le=1000)
+    max_hourly_cost: float | None = Field(None, gt=0, description="USD per hour, all pools.")
+    interval_seconds: int = Field(30, ge=1, le=3600)
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
+    prometheus_url: str = Field("http://prometheus-operated.monitoring:9090", min_length=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) must be <= maxReplicas "
+                             f"({self.max_replicas})")
+        return self
+
+
+class CompressedModelSpec(Model):
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("self.nodePools.all(p, self.nodePools.exists_one(q, q.name == p.name))",
+         "node pool names must be unique"),
+        ("!has(self.quality) || !has(self.quality.metric) || self.quality.metric != 'accuracy'"
+         " || !has(self.model.task) || self.model.task != 'feature-extraction'",
+         "quality.metric accuracy needs a classification task"),
+    ))
+
+    model: ModelSource
+    data: DataSource
+    artifacts: Artifacts = Field(default_factory=Artifacts)
+    compression: Compression
+    quality: Quality = Field(default_factory=Quality)
+    serving: Serving = Field(default_factory=Serving)
+    node_pools: list[NodePool] = Field(min_length=1, max_length=MAX_POOLS)
+    slo: SLO
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+    @model_validator(mode="after")
+    def _cross(self) -> CompressedModelSpec:
+        _require_unique([p.name for p in self.node_pools], "node pool")
+        if self.quality.metric is QualityMetric.ACCURACY and \
+                self.model.task is Task.FEATURE_EXTRACTION:
+            raise ValueError("quality.metric accuracy needs a classification task "
+                             "(allowed for feature-extraction: cosine)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# status
+
+
+class Condition(Model):
+    type: str
+    status: ConditionStatus
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str = ""
+    observed_generation: int = 0
+
+
+class ArtifactStatus(Model):
+    uri: str = ""
+    sha256: str = ""
+
+
+class ServingStatus(Model):
+    pool: str = ""
+    replicas: int = 0
+    ready_replicas: int = 0
+    endpoint: str = ""
+
+
+class CostStatus(Model):
+    hourly: float = 0.0
+    per_million_requests: float = 0.0
+
+
+class CompressedModelStatus(Model):
+    model_config = ConfigDict(extra="allow")
+
+    phase: Phase = Phase.PENDING
+    observed_generation: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+    compression: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    artifact: ArtifactStatus = Field(default_factory=ArtifactStatus)
+    serving: ServingStatus = Field(default_factory=ServingStatus)
+    cost: CostStatus = Field(default_factory=CostStatus)
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$", max_length=52)
+    namespace: str | None = None
+
+
+class CompressedModel(Model):
+    api_version: Literal["leanserve.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["CompressedModel"]
+    metadata: ObjectMeta
+    spec: CompressedModelSpec
+    status: CompressedModelStatus | None = None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def to_snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+def _require_unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"{what} name {n!r} is used twice (allowed: unique names)")
+        seen.add(n)
