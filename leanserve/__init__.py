@@ -1,3 +1,6 @@
-"""leanserve: cost-optimized inference on Kubernetes (compress, gate, serve on Triton, autoscale)."""
+"""leanserve: cost-optimized inference on Kubernetes.
+
+Compress, gate on quality, serve on Triton, autoscale on cost.
+"""
 
 __version__ = "0.1.0"

@@ -74,7 +74,8 @@ def validate(
         except SpecError as exc:
             failed = True
             for line in exc.errors:
-                err_console.print(f"[red]invalid[/red] {path}: {line}", highlight=False,
+                where = "" if line.startswith(str(path)) else f"{path}: "
+                err_console.print(f"[red]invalid[/red] {where}{line}", highlight=False,
                                   soft_wrap=True)
             continue
         for item in loaded:

@@ -7,6 +7,7 @@ lets a pydantic or YAML traceback reach the user.
 from __future__ import annotations
 
 import enum
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from leanserve.api.spec import API_VERSION, KIND, CompressedModel
+from leanserve.api.spec import API_VERSION, KIND, CompressedModel, CompressedModelSpec
 
 
 class SpecError(Exception):
@@ -40,7 +41,7 @@ class LoadedSpec:
         return self.resource.metadata.name
 
     @property
-    def spec(self):  # noqa: ANN201 - CompressedModelSpec, kept short for callers
+    def spec(self) -> CompressedModelSpec:
         return self.resource.spec
 
 
@@ -101,8 +102,16 @@ def format_errors(exc: ValidationError) -> list[str]:
     out = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
-        out.append(f"{loc or '(document)'}: {_describe(err, loc)}")
+        message = _describe(err, loc)
+        # Cross-field validators name the field they blame as "path: message".
+        sub = _FIELD_PREFIX.match(message) if err["type"] == "value_error" else None
+        if sub:
+            loc, message = f"{loc}.{sub.group(1)}" if loc else sub.group(1), sub.group(2)
+        out.append(f"{loc or '(document)'}: {message}")
     return sorted(dict.fromkeys(out))
+
+
+_FIELD_PREFIX = re.compile(r"^([A-Za-z0-9_.]+): (.*)$", re.S)
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -139,7 +148,7 @@ def _describe(err: dict[str, Any], loc: str) -> str:
     if kind == "string_too_long":
         return f"is too long (allowed: at most {ctx.get('max_length')} characters)"
     if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
+        return str(ctx.get("error", err["msg"])).removeprefix("Value error, ")
     if kind.endswith("_type") or kind.endswith("_parsing"):
         want = kind.removesuffix("_type").removesuffix("_parsing").replace("_", " ")
         want = {"model": "mapping", "dict": "mapping", "list": "list", "int": "integer",

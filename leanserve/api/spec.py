@@ -167,7 +167,7 @@ class QuantizeStep(Model):
     method: QuantizeMethod = Field(description="Quantization scheme.")
     per_channel: bool = Field(False, description="One scale per output channel.")
     calibration_samples: int = Field(256, ge=1, le=100_000,
-                                     description="Rows of the data used to calibrate (int8-static).")
+                                     description="Rows used to calibrate (int8-static).")
 
 
 class PruneStep(Model):
@@ -215,7 +215,8 @@ class DistillStep(Model):
 
 class LowRankStep(Model):
     model_config = ConfigDict(json_schema_extra=_cel(
-        ("has(self.rankRatio) != has(self.energy)", "lowRank takes exactly one of rankRatio, energy"),
+        ("has(self.rankRatio) != has(self.energy)",
+         "lowRank takes exactly one of rankRatio, energy"),
     ))
 
     rank_ratio: float | None = Field(None, gt=0, le=1, description="Rank kept, as a share.")
@@ -250,7 +251,8 @@ class Step(Model):
     @model_validator(mode="after")
     def _exactly_one(self) -> Step:
         if len(self.kinds()) != 1:
-            raise ValueError("a step has exactly one key (allowed: quantize, prune, distill, lowRank)")
+            raise ValueError("a step has exactly one key "
+                             "(allowed: quantize, prune, distill, lowRank)")
         return self
 
     def kinds(self) -> list[str]:
@@ -283,7 +285,7 @@ class Compression(Model):
 
     @model_validator(mode="after")
     def _unique(self) -> Compression:
-        _require_unique([c.name for c in self.candidates], "candidate")
+        _require_unique([c.name for c in self.candidates], "candidates", "candidate")
         return self
 
 
@@ -375,10 +377,10 @@ class CompressedModelSpec(Model):
 
     @model_validator(mode="after")
     def _cross(self) -> CompressedModelSpec:
-        _require_unique([p.name for p in self.node_pools], "node pool")
+        _require_unique([p.name for p in self.node_pools], "nodePools", "node pool")
         if self.quality.metric is QualityMetric.ACCURACY and \
                 self.model.task is Task.FEATURE_EXTRACTION:
-            raise ValueError("quality.metric accuracy needs a classification task "
+            raise ValueError("quality.metric: accuracy needs a classification task "
                              "(allowed for feature-extraction: cosine)")
         return self
 
@@ -448,9 +450,10 @@ def to_snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
 
 
-def _require_unique(names: list[str], what: str) -> None:
+def _require_unique(names: list[str], field: str, what: str) -> None:
     seen: set[str] = set()
-    for n in names:
+    for i, n in enumerate(names):
         if n in seen:
-            raise ValueError(f"{what} name {n!r} is used twice (allowed: unique names)")
+            raise ValueError(f"{field}.{i}.name: {what} name {n!r} is used twice "
+                             "(allowed: unique names)")
         seen.add(n)
