@@ -1,0 +1,458 @@
+"""The autoscaling policy: observed load and latency -> replicas per node pool, priced.
+
+Why a pure function: the operator (a kopf timer), the local platform and the simulator all call the
+same ``decide`` with what they observed, the pools' capacities, the spec and the previous
+``Decision``; every bit of memory the policy needs (the scale-down stabilization window, the rate
+history for the trend) travels inside the Decision, never in globals or a clock read here. That is
+what lets the simulator replay hours of traffic in milliseconds and the tests pin every branch.
+
+What it does, in order:
+
+1. No usable request rate (None, NaN, inf, negative: Prometheus down, empty result) -> hold the
+   current replicas, SLOMet Unknown, reason MetricsUnavailable. Missing data is never zero load.
+2. Demand = the observed rate, raised by its recent upward trend projected over the start-up
+   time of a replica (new replicas serve only after they start, so scale for where load will be).
+3. Required capacity = demand / target utilisation; when p95 is above the SLO the capacity
+   estimate is evidently too optimistic, so at least ``breach_factor`` x the current capacity.
+4. The cheapest integer mix of replicas over the pools that provides it within minReplicas,
+   maxReplicas and maxHourlyCost (a small exhaustive search; a tiny switching penalty keeps the
+   current mix when another is only marginally cheaper, so the policy does not churn pools).
+5. Scale up at once; scale down per pool only to the highest count desired over the last
+   scaleDownStabilizationSeconds, never while p95 is above the SLO, and never below what keeps
+   the ready capacity sufficient while new replicas of another pool are still starting.
+6. Clamp to maxReplicas and maxHourlyCost last: limits win over everything.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from leanserve.autoscaling.errors import PolicyError
+
+
+class Reason(str, enum.Enum):
+    """Why a decision was taken; also the SLOMet condition's reason where it applies."""
+
+    SCALE_UP = "ScaleUp"
+    SLO_AT_RISK = "SLOAtRisk"
+    SCALE_DOWN = "ScaleDown"
+    STABILIZING = "ScaleDownStabilizing"
+    STEADY = "Steady"
+    METRICS_UNAVAILABLE = "MetricsUnavailable"
+    LIMITED = "LimitedByMaxReplicasOrBudget"
+
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    """One node pool as the policy sees it."""
+
+    name: str
+    capacity_rps: float
+    """Requests/s one replica serves with p95 within the SLO (from `leanserve profile`)."""
+    hourly_price: float
+    """USD for one replica for one hour."""
+
+    @property
+    def price_per_rps(self) -> float:
+        return self.hourly_price / self.capacity_rps if self.capacity_rps > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class Target:
+    """The parts of the CompressedModel spec the policy reads (slo + autoscaling)."""
+
+    latency_p95_ms: float
+    min_replicas: int = 1
+    max_replicas: int = 10
+    max_hourly_cost: float | None = None
+    interval_seconds: float = 30.0
+    scale_down_stabilization_seconds: float = 300.0
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> Target:
+        """From a CompressedModelSpec (or anything with .slo and .autoscaling like it)."""
+        if isinstance(spec, Target):
+            return spec
+        a = spec.autoscaling
+        return cls(
+            latency_p95_ms=float(spec.slo.latency_p95_ms),
+            min_replicas=int(a.min_replicas),
+            max_replicas=int(a.max_replicas),
+            max_hourly_cost=None if a.max_hourly_cost is None else float(a.max_hourly_cost),
+            interval_seconds=float(a.interval_seconds),
+            scale_down_stabilization_seconds=float(a.scale_down_stabilization_seconds),
+        )
+
+    @property
+    def budget(self) -> float:
+        return math.inf if self.max_hourly_cost is None else self.max_hourly_cost
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Knobs of the policy that are not in the spec; the defaults are what the bench measures."""
+
+    target_utilisation: float = 0.9
+    """Share of the capacity at the SLO to plan for; the rest absorbs noise between decisions."""
+    breach_factor: float = 1.5
+    """When p95 exceeds the SLO, scale to at least this multiple of the current capacity."""
+    startup_seconds: float = 30.0
+    """How long a new replica takes to serve; the trend is projected this far (+1 interval)."""
+    trend_window_seconds: float = 60.0
+    """History used to estimate the load trend (least squares over the window)."""
+    switch_penalty: float = 0.03
+    """Cost of changing a replica, as a share of its hourly price, when ranking mixes."""
+
+
+DEFAULT_SETTINGS = PolicySettings()
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a metric source saw at one moment; None (or NaN) means "no data", never zero."""
+
+    time: float
+    request_rate: float | None
+    """Total requests/s over all pools."""
+    p95_ms: float | None = None
+    queue_ms: float | None = None
+    ready: Mapping[str, int] | None = None
+    """Ready replicas per pool (serving traffic)."""
+    current: Mapping[str, int] | None = None
+    """Replicas per pool as set on the platform (ready or starting)."""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One past decision, as much as the stabilization window and the trend need."""
+
+    time: float
+    replicas: tuple[tuple[str, int], ...]
+    rate: float | None
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.replicas)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The policy's answer; pass it back in as ``previous`` next time."""
+
+    time: float
+    replicas: dict[str, int]
+    reason: str
+    """One line explaining the decision (goes to status, events and report.json)."""
+    code: Reason
+    desired_rps: float | None
+    """Load the decision planned for (observed rate plus trend), None without metrics."""
+    capacity_rps: float
+    """Capacity at the SLO of the chosen replicas."""
+    hourly_cost: float
+    slo_met: bool | None
+    """Observed p95 within the SLO; None when unknown (SLOMet=Unknown)."""
+    history: tuple[HistoryEntry, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON for report.json's ``autoscaling`` list and the status."""
+        return {
+            "time": self.time,
+            "replicas": dict(self.replicas),
+            "reason": self.reason,
+            "code": self.code.value,
+            "desired_rps": self.desired_rps,
+            "capacity_rps": self.capacity_rps,
+            "hourly_cost": self.hourly_cost,
+            "slo_met": self.slo_met,
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# cost model
+
+
+def hourly_cost(replicas: Mapping[str, int], pools: Sequence[PoolCapacity]) -> float:
+    """USD per hour of a replica mix: sum of replicas x price."""
+    return sum(replicas.get(p.name, 0) * p.hourly_price for p in pools)
+
+
+def capacity(replicas: Mapping[str, int], pools: Sequence[PoolCapacity]) -> float:
+    """Requests/s a replica mix serves within the SLO (capacity-proportional routing)."""
+    return sum(replicas.get(p.name, 0) * p.capacity_rps for p in pools)
+
+
+def _fmt(mix: Mapping[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in mix.items()) or "none"
+
+
+def cheapest_mix(required_rps: float, pools: Sequence[PoolCapacity], target: Target,
+                 current: Mapping[str, int] | None = None,
+                 switch_penalty: float = 0.0,
+                 lower: Mapping[str, int] | None = None) -> tuple[dict[str, int], bool]:
+    """The lowest-cost integer mix with capacity >= required_rps within the target's limits.
+
+    Returns (mix, feasible). When nothing within maxReplicas and the budget is enough, the mix
+    with the most capacity within them (feasible=False). Exhaustive over counts bounded by what
+    could possibly help, which is small for the handful of pools a spec names. ``lower`` gives
+    per-pool floors (replicas kept by the stabilization window: top up, do not swap).
+    """
+    if not pools:
+        raise PolicyError("no node pools to scale: spec.nodePools is empty")
+    current = current or {}
+    lower = lower or {}
+    need = max(0.0, required_rps)
+    bounds = []
+    for p in pools:
+        by_need = math.ceil(need / p.capacity_rps - 1e-9) if p.capacity_rps > 0 else 0
+        by_price = math.floor(target.budget / p.hourly_price + 1e-9)
+        hi = min(target.max_replicas, by_price, max(by_need, target.min_replicas))
+        lo = max(0, int(lower.get(p.name, 0)))
+        bounds.append(range(lo, max(hi, lo) + 1))
+    best: tuple[float, ...] | None = None
+    best_mix: tuple[int, ...] = ()
+    fallback: tuple[float, ...] | None = None
+    fallback_mix: tuple[int, ...] = ()
+    for counts in itertools.product(*bounds):
+        total = sum(counts)
+        if total > target.max_replicas or total < target.min_replicas:
+            continue
+        cost = sum(n * p.hourly_price for n, p in zip(counts, pools, strict=True))
+        if cost > target.budget + 1e-9:
+            continue
+        cap = sum(n * p.capacity_rps for n, p in zip(counts, pools, strict=True))
+        churn = sum(abs(n - current.get(p.name, 0)) * p.hourly_price
+                    for n, p in zip(counts, pools, strict=True))
+        if cap + 1e-9 >= need:
+            key = (cost + switch_penalty * churn, -cap, total)
+            if best is None or key < best:
+                best, best_mix = key, counts
+        else:
+            key = (-cap, cost, total)
+            if fallback is None or key < fallback:
+                fallback, fallback_mix = key, counts
+    if best is not None:
+        return {p.name: n for p, n in zip(pools, best_mix, strict=True)}, True
+    if fallback is None:
+        # minReplicas cannot be afforded at all: the cheapest pool, as many as the budget allows
+        cheapest = min(pools, key=lambda p: p.hourly_price)
+        n = min(target.max_replicas, math.floor(target.budget / cheapest.hourly_price + 1e-9))
+        return {p.name: (n if p is cheapest else 0) for p in pools}, False
+    return {p.name: n for p, n in zip(pools, fallback_mix, strict=True)}, False
+
+
+def fit_limits(mix: Mapping[str, int], pools: Sequence[PoolCapacity], target: Target,
+               prefer: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Trim a mix until it is within maxReplicas and the budget.
+
+    Removes first replicas above ``prefer`` (the fresh desire), the least cost-efficient pool
+    first, so what is trimmed is what stabilization or make-before-break added.
+    """
+    out = {p.name: max(0, int(mix.get(p.name, 0))) for p in pools}
+    prefer = prefer or {}
+    order = sorted(pools, key=lambda p: -p.price_per_rps)
+
+    def over() -> bool:
+        return (sum(out.values()) > target.max_replicas
+                or hourly_cost(out, pools) > target.budget + 1e-9)
+
+    for floor_map in (prefer, {}):
+        for p in order:
+            while over() and out[p.name] > floor_map.get(p.name, 0):
+                out[p.name] -= 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the decision
+
+
+def _valid(x: float | None) -> bool:
+    return x is not None and math.isfinite(x) and x >= 0
+
+
+def _trend(history: Sequence[HistoryEntry], now: float, rate: float, window: float) -> float:
+    """Least-squares slope (req/s per s) of the rate over the window, 0 with too few points."""
+    pts = [(h.time, h.rate) for h in history
+           if h.rate is not None and now - window <= h.time < now]
+    pts.append((now, rate))
+    if len(pts) < 3 or rate < sum(r for _, r in pts) / len(pts):
+        return 0.0  # not rising now: a past rise is no reason to provision ahead
+    n = len(pts)
+    mt = sum(t for t, _ in pts) / n
+    mr = sum(r for _, r in pts) / n
+    var = sum((t - mt) ** 2 for t, _ in pts)
+    if var <= 0:
+        return 0.0
+    return sum((t - mt) * (r - mr) for t, r in pts) / var
+
+
+def _prune(history: Sequence[HistoryEntry], now: float, keep: float) -> tuple[HistoryEntry, ...]:
+    return tuple(h for h in history if now - keep <= h.time <= now)
+
+
+def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
+           previous: Decision | None, now: float,
+           settings: PolicySettings = DEFAULT_SETTINGS) -> Decision:
+    """Replicas per pool for this moment; pure (no clock, no I/O). See the module docstring."""
+    target = Target.from_spec(spec)
+    names = [p.name for p in pools]
+    if not pools:
+        raise PolicyError("no node pools to scale: spec.nodePools is empty")
+    known = observed.current if observed.current is not None else (
+        previous.replicas if previous is not None else None)
+    history = previous.history if previous is not None else ()
+    keep = max(target.scale_down_stabilization_seconds, settings.trend_window_seconds)
+    history = _prune(history, now, keep)
+
+    if known is None:
+        current = cheapest_mix(0.0, pools, target)[0]
+    else:
+        current = {n: int(known.get(n, 0)) for n in names}
+    ready = ({n: int(observed.ready.get(n, 0)) for n in names}
+             if observed.ready is not None else dict(current))
+    slo = target.latency_p95_ms
+
+    rate = observed.request_rate
+    if not _valid(rate):
+        held = fit_limits(current, pools, target, prefer=current)
+        why = ("metrics unavailable (no request rate: Prometheus unreachable, empty or NaN "
+               f"result); holding {_fmt(held)}")
+        entry = HistoryEntry(now, tuple(held.items()), None)
+        return Decision(now, held, why, Reason.METRICS_UNAVAILABLE, None,
+                        capacity(held, pools), hourly_cost(held, pools), None,
+                        (*history, entry))
+    assert rate is not None
+    p95 = observed.p95_ms if _valid(observed.p95_ms) else None
+    breach = p95 is not None and p95 > slo
+    ready_cap = capacity(ready, pools)
+    if p95 is not None:
+        slo_met: bool | None = p95 <= slo
+    elif rate == 0:
+        slo_met = True  # no requests, none late
+    else:
+        slo_met = None
+
+    slope = _trend(history, now, rate, settings.trend_window_seconds)
+    horizon = settings.startup_seconds + target.interval_seconds
+    demand = rate + max(0.0, slope) * horizon
+    required = demand / settings.target_utilisation
+    if breach:
+        required = max(required, capacity(current, pools) * settings.breach_factor)
+    at_risk = breach or rate > ready_cap
+
+    fresh, feasible = cheapest_mix(required, pools, target, current, settings.switch_penalty)
+
+    # scale-down stabilization: a pool shrinks only to the highest count desired within the
+    # window (and never grows because of it); when those kept replicas cover the need, no new
+    # ones are added; otherwise top them up at the lowest cost rather than swap pools
+    window_start = now - target.scale_down_stabilization_seconds
+    floor = {n: min(current[n], fresh[n]) for n in names}
+    for h in history:
+        if h.time >= window_start and h.rate is not None:
+            for n, v in h.replicas:
+                if n in floor:
+                    floor[n] = max(floor[n], min(v, current[n]))
+    if capacity(floor, pools) + 1e-9 >= required and feasible:
+        final = dict(floor)
+    elif all(floor[n] <= fresh[n] for n in names):
+        final = dict(fresh)
+    else:
+        final, ok = cheapest_mix(required, pools, target, current, settings.switch_penalty,
+                                 lower=floor)
+        if not ok:
+            final = dict(fresh)
+    held_by_window = any(final[n] > fresh[n] for n in names)
+    held_by_breach = False
+    if breach:
+        for n in names:
+            if final[n] < current[n]:
+                final[n] = current[n]
+                held_by_breach = True
+    # make-before-break: keep shrinking pools until the new replicas are ready
+    held_for_ready = False
+    ready_after = sum(min(final[p.name], ready[p.name]) * p.capacity_rps for p in pools)
+    if ready_after + 1e-9 < min(demand, required) and any(final[n] < current[n] for n in names):
+        for n in names:
+            if final[n] < current[n]:
+                final[n] = current[n]
+                held_for_ready = True
+    final = fit_limits(final, pools, target, prefer=fresh)
+
+    cost = hourly_cost(final, pools)
+    cap = capacity(final, pools)
+    up = any(final[n] > current[n] for n in names)
+    down = any(final[n] < current[n] for n in names)
+    if not feasible:
+        code = Reason.LIMITED
+    elif at_risk and up:
+        code = Reason.SLO_AT_RISK
+    elif up:
+        code = Reason.SCALE_UP
+    elif down:
+        code = Reason.SCALE_DOWN
+    elif held_by_window or held_by_breach or held_for_ready:
+        code = Reason.STABILIZING
+    else:
+        code = Reason.STEADY
+    parts = [f"load {rate:.1f} req/s"]
+    if slope > 0:
+        parts.append(f"rising {slope:.2f} req/s² -> plan {demand:.1f} req/s")
+    if p95 is not None:
+        parts.append(f"p95 {p95:.0f} ms {'>' if breach else '<='} SLO {slo:g} ms")
+    else:
+        parts.append("p95 unknown")
+    parts.append(f"need {required:.1f} req/s at {settings.target_utilisation:.0%} utilisation"
+                 + (f" (p95 breach: >= {settings.breach_factor:g}x current)" if breach else ""))
+    parts.append(f"cheapest {_fmt(fresh)}" + ("" if feasible else
+                 f" (cannot meet it within maxReplicas={target.max_replicas}, "
+                 f"maxHourlyCost={target.max_hourly_cost})"))
+    if held_by_window:
+        parts.append(f"keeping replicas desired within the "
+                     f"{target.scale_down_stabilization_seconds:g}s scale-down stabilization "
+                     "window")
+    if held_by_breach:
+        parts.append("no scale-down while p95 is above the SLO")
+    if held_for_ready:
+        parts.append("keeping old replicas until new ones are ready")
+    parts.append(f"-> {_fmt(final)} (${cost:.2f}/h, {cap:.0f} req/s)")
+    reason = f"{code.value}: " + "; ".join(parts)
+    entry = HistoryEntry(now, tuple(fresh.items()), rate)
+    return Decision(now, final, reason, code, demand, cap, cost, slo_met, (*history, entry))
+
+
+def with_time(decision: Decision, now: float) -> Decision:
+    """A copy stamped with another time (for adapters that record when they applied it)."""
+    return replace(decision, time=now)
+
+
+# ------------------------------------------------------------------------------------------
+# profile
+
+
+def pools_from_profile(profile: Mapping[str, Any], spec: Any) -> list[PoolCapacity]:
+    """Pools with capacity from `leanserve profile` JSON and price from the spec.
+
+    Every pool in spec.nodePools must appear in profile["pools"] with a positive capacity_rps;
+    the message names the pool and what to do otherwise.
+    """
+    table = profile.get("pools") if isinstance(profile, Mapping) else None
+    if not isinstance(table, Mapping):
+        raise PolicyError('profile: missing "pools" object (run `leanserve profile REPO --spec '
+                          'SPEC` to make one)')
+    out = []
+    for pool in spec.node_pools:
+        entry = table.get(pool.name)
+        if not isinstance(entry, Mapping):
+            raise PolicyError(f"profile: no entry for node pool {pool.name!r} (profile has "
+                              f"{sorted(table)}); re-run `leanserve profile` with this spec")
+        cap = entry.get("capacity_rps")
+        if not isinstance(cap, int | float) or isinstance(cap, bool) or not cap > 0 \
+                or not math.isfinite(cap):
+            raise PolicyError(f"profile: pools.{pool.name}.capacity_rps must be a positive "
+                              f"number, got {cap!r}")
+        out.append(PoolCapacity(pool.name, float(cap), float(pool.hourly_price)))
+    return out
