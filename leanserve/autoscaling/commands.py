@@ -1,0 +1,106 @@
+"""`leanserve simulate`: read the inputs, run the simulator, write JSON and the plot, print a table.
+
+Kept apart from simulate.py so the simulator stays free of files, consoles and specs on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from leanserve.autoscaling.errors import PolicyError
+from leanserve.autoscaling.policy import PoolCapacity, Target, pools_from_profile
+from leanserve.autoscaling.simulate import POLICIES, Simulation, load_trace, plot, simulate
+
+# Documented estimate used only when no profile is given: requests/s one replica of a small
+# transformer encoder (MiniLM-class, int8, sequence 128) serves within a ~100 ms p95, per CPU core
+# requested, and per GPU. Rough on purpose; `leanserve profile` measures the real figure.
+ESTIMATED_RPS_PER_CPU = 20.0
+ESTIMATED_RPS_PER_GPU = 400.0
+
+
+def _cpu_cores(q: Any) -> float:
+    s = str(q)
+    if s.endswith("m"):
+        return float(s[:-1]) / 1000
+    return float(s)
+
+
+def estimated_pools(spec: Any) -> list[PoolCapacity]:
+    """Capacities from the pools' requested CPUs and GPUs (see the constants above)."""
+    out = []
+    for p in spec.node_pools:
+        res = {**p.resources.requests, **p.resources.limits}
+        gpus = res.get("nvidia.com/gpu")
+        if gpus is not None and float(str(gpus)) > 0:
+            cap = ESTIMATED_RPS_PER_GPU * float(str(gpus))
+        else:
+            cpu = res.get("cpu")
+            try:
+                cores = _cpu_cores(cpu) if cpu is not None else 1.0
+            except ValueError:
+                raise PolicyError(f"spec.nodePools.{p.name}.resources cpu {cpu!r} is not a CPU "
+                                  "quantity; give --profile instead") from None
+            cap = ESTIMATED_RPS_PER_CPU * cores
+        out.append(PoolCapacity(p.name, cap, float(p.hourly_price)))
+    return out
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PolicyError(f"profile {path}: no such file (make one with `leanserve profile REPO "
+                          "--spec SPEC`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PolicyError(f"profile {path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"profile {path}: expected a JSON object with \"pools\"")
+    return data
+
+
+def write_outputs(sim: Simulation, out: Path, title: str) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = sim.summary()
+    summary["decisions"] = [d.to_dict() for d in sim.runs["leanserve"].decisions[:2000]]
+    (out / "simulation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot(sim, out / "simulation.png", title)
+    return summary
+
+
+def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path,
+                     console: Any) -> None:
+    """Replay TRACE against the spec's pools; write simulation.json and simulation.png."""
+    from rich.table import Table
+
+    from leanserve.api.load import load_one
+
+    loaded = load_one(spec)
+    tr = load_trace(trace)
+    if profile is not None:
+        pools = pools_from_profile(read_profile(profile), loaded.spec)
+        source = f"measured profile {profile}"
+    else:
+        pools = estimated_pools(loaded.spec)
+        source = "ESTIMATED capacities"
+        console.print(
+            f"[bold yellow]warning: no --profile: capacities are ESTIMATED at "
+            f"{ESTIMATED_RPS_PER_CPU:g} req/s per requested CPU core "
+            f"({ESTIMATED_RPS_PER_GPU:g} per GPU), not measured; run `leanserve profile` "
+            "for real figures[/bold yellow]", highlight=False)
+    target = Target.from_spec(loaded.spec)
+    sim = simulate(tr, pools, target)
+    summary = write_outputs(sim, out, f"{trace.name} ({source})")
+    table = Table(title=f"{trace.name}: {len(sim.runs['leanserve'].met)} intervals of "
+                        f"{target.interval_seconds:g}s, SLO p95<={target.latency_p95_ms:g}ms, "
+                        f"{source}")
+    for col in ("policy", "cost USD", "SLO attainment", "replica-min", "vs oracle", "note"):
+        table.add_column(col)
+    oracle = summary["policies"]["oracle"]["cost"] or 1e-12
+    for name in POLICIES:
+        s = summary["policies"][name]
+        table.add_row(name, f"{s['cost']:.4f}", f"{s['slo_attainment']:.2%}",
+                      f"{s['replica_minutes']:.1f}", f"{s['cost'] / oracle:.2f}x", s["note"])
+    console.print(table)
+    console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")

@@ -1,0 +1,425 @@
+"""Replay a request-rate trace against leanserve's policy, three baselines and an oracle.
+
+Why: an autoscaler's worth is cost at a given SLO attainment over realistic load, and that needs
+the same load replayed against every contender with the same physics. The physics here:
+
+- Time advances in ticks of spec.autoscaling.intervalSeconds; the trace (``time_s,
+  requests_per_s``) is held constant between its points.
+- Replicas per pool live on an ``InMemoryPlatform``: a new replica serves ``startup_seconds``
+  after it is asked for (default 30 s); removed replicas stop costing at once.
+- Routing is capacity-proportional (least-outstanding-requests balancing does this in practice),
+  so a mix of pools serves the sum of its replicas' capacities.
+- Latency model (utilisation-based, M/M/1-like per replica): with u = load / capacity-at-SLO of
+  the ready replicas, the replicas' own utilisation is rho = u (1 - a) and the modelled
+  p95 = a SLO / (1 - rho) (capped at 10x SLO), a = ``base_latency_share`` (0.3: p95 at no load is
+  30% of the SLO). So p95 <= SLO exactly when load <= capacity at SLO, the definition of
+  capacity_rps in the profile; an interval meets the SLO iff that holds (no load always meets it).
+- What autoscalers see is late: the request rate averaged over the last ``metrics_window_seconds``
+  of *served* requests (an overloaded replica completes at most its saturation rate), the p95 of
+  the last interval: what rate(...[window]) and Triton's summary give through Prometheus.
+
+Contenders (each starts warm, sized for the first observation):
+- leanserve: ``policy.decide`` every intervalSeconds over all pools.
+- static: the cheapest mix for the trace's peak at the policy's target utilisation, all the time.
+- hpa: the Kubernetes HPA algorithm on one pool, the one with the lowest price per request/s (the
+  pool an HPA user who profiled would pick; any other pool only costs the HPA more). Target 70%
+  utilisation where 100% is the replica's capacity at the SLO (generous: CPU utilisation would put
+  70% near saturation), 10% tolerance, sync every 15 s, not-ready pods counted at 0% on scale-up,
+  scale-up limited to max(4 pods, +100%) per 15 s, scale-down to the highest recommendation over
+  300 s. maxReplicas is what the budget affords on that pool.
+- keda: KEDA's Prometheus scaler on the same pool: threshold = 80% of a replica's capacity, the
+  external metric through the same HPA (AverageValue: ceil(rate / threshold), 10% tolerance,
+  300 s scale-down window), polled every 30 s; scale to zero only after a 300 s cooldown.
+- oracle: knows each interval's load and pays for no start-up: the cheapest mix whose capacity at
+  the SLO covers it exactly. A lower bound on cost, not a policy anyone can run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leanserve.autoscaling.errors import TraceError
+from leanserve.autoscaling.platform import InMemoryPlatform
+from leanserve.autoscaling.policy import (
+    DEFAULT_SETTINGS,
+    Decision,
+    Observation,
+    PolicySettings,
+    PoolCapacity,
+    Target,
+    capacity,
+    cheapest_mix,
+    decide,
+    hourly_cost,
+)
+
+POLICIES = ("leanserve", "static", "hpa", "keda", "oracle")
+MODEL = "sim"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A load trace: times (s, increasing) and rates (requests/s, >= 0)."""
+
+    times: tuple[float, ...]
+    rates: tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        """Rate at time t: the last point at or before t (held constant)."""
+        lo, hi = 0, len(self.times) - 1
+        if t <= self.times[0]:
+            return self.rates[0]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.times[mid] <= t:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self.rates[lo]
+
+    @property
+    def duration(self) -> float:
+        step = self.times[1] - self.times[0] if len(self.times) > 1 else 1.0
+        return self.times[-1] - self.times[0] + step
+
+
+def load_trace(path: Path) -> Trace:
+    """Read ``time_s,requests_per_s`` CSV; TraceError with the line and the fix otherwise."""
+    if not path.is_file():
+        raise TraceError(f"trace {path}: no such file (expected CSV with header "
+                         "time_s,requests_per_s)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"trace {path}: cannot read ({exc})") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or [c.strip() for c in rows[0]] != ["time_s", "requests_per_s"]:
+        got = ",".join(rows[0]) if rows else "an empty file"
+        raise TraceError(f"trace {path}: header must be 'time_s,requests_per_s', got {got!r}")
+    times: list[float] = []
+    rates: list[float] = []
+    for i, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 2:
+            raise TraceError(f"trace {path}:{i}: expected 2 columns, got {len(row)}")
+        try:
+            t, r = float(row[0]), float(row[1])
+        except ValueError:
+            raise TraceError(f"trace {path}:{i}: not numbers: {','.join(row)!r}") from None
+        if not (math.isfinite(t) and math.isfinite(r)):
+            raise TraceError(f"trace {path}:{i}: time and rate must be finite")
+        if r < 0:
+            raise TraceError(f"trace {path}:{i}: requests_per_s must be >= 0, got {r:g}")
+        if times and t <= times[-1]:
+            raise TraceError(f"trace {path}:{i}: time_s must increase ({t:g} after "
+                             f"{times[-1]:g})")
+        times.append(t)
+        rates.append(r)
+    if not times:
+        raise TraceError(f"trace {path}: no data rows after the header")
+    return Trace(tuple(times), tuple(rates))
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The simulator's physics and the baselines' settings (see the module docstring)."""
+
+    startup_seconds: float = 30.0
+    """Seconds from asking for a replica until it serves."""
+    metrics_window_seconds: float = 15.0
+    """The rate every autoscaler sees is averaged over this much past."""
+    base_latency_share: float = 0.3
+    """p95 at no load, as a share of the SLO (the latency model's a)."""
+    hpa_target: float = 0.7
+    hpa_tolerance: float = 0.1
+    hpa_sync_seconds: float = 15.0
+    hpa_scale_down_window_seconds: float = 300.0
+    keda_threshold_share: float = 0.8
+    keda_polling_seconds: float = 30.0
+    keda_cooldown_seconds: float = 300.0
+    settings: PolicySettings = field(default_factory=lambda: DEFAULT_SETTINGS)
+    """leanserve's policy settings (its startup_seconds is set to this config's)."""
+
+
+def modelled_p95(load: float, cap: float, slo_ms: float, a: float) -> float:
+    """p95 (ms) of ``load`` on replicas with capacity-at-SLO ``cap`` (see module docstring)."""
+    if load <= 0:
+        return a * slo_ms
+    if cap <= 0:
+        return 10 * slo_ms
+    rho = load / cap * (1 - a)
+    if rho >= 1:
+        return 10 * slo_ms
+    return min(10 * slo_ms, a * slo_ms / (1 - rho))
+
+
+@dataclass
+class PolicyRun:
+    """One contender's time series and totals."""
+
+    name: str
+    times: list[float] = field(default_factory=list)
+    replicas: list[dict[str, int]] = field(default_factory=list)
+    capacity: list[float] = field(default_factory=list)
+    met: list[bool] = field(default_factory=list)
+    p95: list[float] = field(default_factory=list)
+    cost_cum: list[float] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    cost: float = 0.0
+    replica_minutes: float = 0.0
+    note: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.met)
+        return {
+            "cost": round(self.cost, 6),
+            "slo_attainment": (sum(self.met) / n) if n else 1.0,
+            "replica_minutes": round(self.replica_minutes, 3),
+            "intervals": n,
+            "violations": n - sum(self.met),
+            "max_replicas": max((sum(r.values()) for r in self.replicas), default=0),
+            "note": self.note,
+        }
+
+
+# A controller sees (time, observed served rate, observed p95, ready, current) and answers
+# replicas per pool, or None for "no action this tick".
+Controller = Callable[[Observation], dict[str, int] | None]
+
+
+def _hpa_pool(pools: Sequence[PoolCapacity]) -> PoolCapacity:
+    return min(pools, key=lambda p: (p.price_per_rps, p.hourly_price))
+
+
+class HPAController:
+    """The Kubernetes HPA algorithm (replica calculator + default behaviour) on one pool."""
+
+    def __init__(self, pool: PoolCapacity, per_pod_target_rps: float, min_r: int, max_r: int,
+                 cfg: SimConfig, *, pods_metric: bool, period: float,
+                 down_window: float) -> None:
+        self.pool, self.target = pool, per_pod_target_rps
+        self.min_r, self.max_r, self.cfg = max(1, min_r), max_r, cfg
+        self.pods_metric, self.period, self.down_window = pods_metric, period, down_window
+        self.recs: list[tuple[float, int]] = []
+        self.last = -math.inf
+
+    def __call__(self, obs: Observation) -> dict[str, int] | None:
+        if obs.time - self.last < self.period - 1e-9:
+            return None
+        self.last = obs.time
+        assert obs.current is not None and obs.ready is not None
+        cur = obs.current.get(self.pool.name, 0)
+        ready = obs.ready.get(self.pool.name, 0)
+        rate = obs.request_rate or 0.0
+        tol = self.cfg.hpa_tolerance
+        if cur == 0:
+            desired = self.min_r
+        elif self.pods_metric:
+            # utilisation averaged over ready pods; not-ready pods count as 0% on scale-up
+            ratio = rate / (max(ready, 1) * self.target) if ready else math.inf
+            if abs(ratio - 1) <= tol:
+                desired = cur
+            elif ratio > 1 and ready < cur:
+                ratio2 = rate / (cur * self.target)
+                desired = cur if ratio2 <= 1 + tol else math.ceil(ratio2 * cur)
+            else:
+                desired = math.ceil(ratio * ready)
+        else:
+            # external metric, AverageValue target: ceil(metric / target), with tolerance
+            ratio = rate / (cur * self.target)
+            desired = cur if abs(ratio - 1) <= tol else math.ceil(rate / self.target)
+        desired = max(self.min_r, min(self.max_r, desired))
+        self.recs = [(t, d) for t, d in self.recs if obs.time - t < self.down_window]
+        self.recs.append((obs.time, desired))
+        if desired < cur:
+            desired = min(cur, max(d for _, d in self.recs))
+        # default scale-up policy: max(4 pods, 100%) per 15 s
+        desired = min(desired, max(cur + 4, 2 * cur))
+        return {self.pool.name: desired}
+
+
+class LeanserveController:
+    """policy.decide on the platform's observation, keeping the previous Decision."""
+
+    def __init__(self, pools: Sequence[PoolCapacity], target: Target,
+                 settings: PolicySettings) -> None:
+        self.pools, self.target, self.settings = list(pools), target, settings
+        self.previous: Decision | None = None
+        self.decisions: list[Decision] = []
+        self.last = -math.inf
+
+    def __call__(self, obs: Observation) -> dict[str, int] | None:
+        if obs.time - self.last < self.target.interval_seconds - 1e-9:
+            return None
+        self.last = obs.time
+        d = decide(obs, self.pools, self.target, self.previous, obs.time, self.settings)
+        self.previous = d
+        self.decisions.append(d)
+        return d.replicas
+
+
+def _simulate(name: str, trace: Trace, pools: Sequence[PoolCapacity], target: Target,
+              cfg: SimConfig, controller: Controller | None,
+              fixed: Callable[[float, float], dict[str, int]] | None = None) -> PolicyRun:
+    """Run one contender; either a controller with start-up delays or a fixed/oracle schedule."""
+    dt = target.interval_seconds
+    t0 = trace.times[0]
+    n_ticks = max(1, math.ceil(trace.duration / dt - 1e-9))
+    now = [t0]
+    plat = InMemoryPlatform([p.name for p in pools], clock=lambda: now[0],
+                            startup_seconds=cfg.startup_seconds)
+    run = PolicyRun(name)
+    slo = target.latency_p95_ms
+    a = cfg.base_latency_share
+    served_hist: list[float] = []
+    last_p95: float | None = None
+    window_ticks = max(1, round(cfg.metrics_window_seconds / dt))
+    first = trace.at(t0)
+    if controller is not None:
+        warm = cheapest_mix(first / cfg.settings.target_utilisation, pools, target)[0]
+        if isinstance(controller, HPAController):
+            pool = controller.pool
+            n = math.ceil(first / controller.target - 1e-9)
+            warm = {p.name: 0 for p in pools}
+            warm[pool.name] = max(controller.min_r, min(controller.max_r, n))
+        plat.set_ready(MODEL, warm)
+    for i in range(n_ticks):
+        t = t0 + i * dt
+        now[0] = t
+        load = trace.at(t)
+        if fixed is not None:
+            plat.set_ready(MODEL, fixed(t, load))
+        else:
+            assert controller is not None
+            if served_hist:
+                rate: float | None = sum(served_hist[-window_ticks:]) / len(
+                    served_hist[-window_ticks:])
+            else:
+                rate = first
+            obs = Observation(t, rate, last_p95, None, plat.ready_replicas(MODEL),
+                              plat.current_replicas(MODEL))
+            want = controller(obs)
+            if want is not None:
+                plat.scale(MODEL, want)
+        current = plat.current_replicas(MODEL)
+        ready = plat.ready_replicas(MODEL)
+        cap = capacity(ready, pools)
+        p95 = modelled_p95(load, cap, slo, a)
+        met = load <= 0 or load <= cap + 1e-9
+        served_hist.append(min(load, cap / (1 - a)))
+        last_p95 = p95 if load > 0 else None
+        run.cost += hourly_cost(current, pools) * dt / 3600
+        run.replica_minutes += sum(current.values()) * dt / 60
+        run.times.append(t)
+        run.replicas.append(current)
+        run.capacity.append(cap)
+        run.met.append(met)
+        run.p95.append(p95)
+        run.cost_cum.append(run.cost)
+    if isinstance(controller, LeanserveController):
+        run.decisions = controller.decisions
+    return run
+
+
+@dataclass
+class Simulation:
+    """Every contender's run over one trace."""
+
+    trace: Trace
+    pools: list[PoolCapacity]
+    target: Target
+    runs: dict[str, PolicyRun]
+
+    def summary(self) -> dict[str, Any]:
+        """simulation.json (DESIGN.md section 6) plus context fields."""
+        return {
+            "policies": {k: r.summary() for k, r in self.runs.items()},
+            "pools": [{"name": p.name, "capacity_rps": p.capacity_rps,
+                       "hourly_price": p.hourly_price} for p in self.pools],
+            "slo_p95_ms": self.target.latency_p95_ms,
+            "interval_seconds": self.target.interval_seconds,
+        }
+
+
+def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
+             cfg: SimConfig | None = None, extra: dict[str, Controller] | None = None
+             ) -> Simulation:
+    """Run leanserve, static, hpa, keda and oracle (plus any ``extra`` controllers)."""
+    cfg = cfg or SimConfig()
+    settings = PolicySettings(**{**cfg.settings.__dict__, "startup_seconds": cfg.startup_seconds})
+    cfg = SimConfig(**{**cfg.__dict__, "settings": settings})
+    pools = list(pools)
+    runs: dict[str, PolicyRun] = {}
+    runs["leanserve"] = _simulate("leanserve", trace, pools, target, cfg,
+                                  LeanserveController(pools, target, settings))
+    peak = max(trace.rates)
+    static_mix = cheapest_mix(peak / settings.target_utilisation, pools, target)[0]
+    runs["static"] = _simulate("static", trace, pools, target, cfg, None,
+                               fixed=lambda _t, _l: static_mix)
+    runs["static"].note = f"peak {peak:g} req/s at {settings.target_utilisation:.0%}"
+    hp = _hpa_pool(pools)
+    max_r = min(target.max_replicas, math.floor(target.budget / hp.hourly_price + 1e-9))
+    hpa = HPAController(hp, cfg.hpa_target * hp.capacity_rps, target.min_replicas, max_r, cfg,
+                        pods_metric=True, period=cfg.hpa_sync_seconds,
+                        down_window=cfg.hpa_scale_down_window_seconds)
+    runs["hpa"] = _simulate("hpa", trace, pools, target, cfg, hpa)
+    runs["hpa"].note = f"pool {hp.name}, target {cfg.hpa_target:.0%}"
+    keda = HPAController(hp, cfg.keda_threshold_share * hp.capacity_rps, target.min_replicas,
+                         max_r, cfg, pods_metric=False, period=cfg.keda_polling_seconds,
+                         down_window=cfg.hpa_scale_down_window_seconds)
+    runs["keda"] = _simulate("keda", trace, pools, target, cfg, keda)
+    runs["keda"].note = (f"pool {hp.name}, threshold {cfg.keda_threshold_share * hp.capacity_rps:g}"
+                         " req/s per replica")
+    runs["oracle"] = _simulate("oracle", trace, pools, target, cfg, None,
+                               fixed=lambda _t, load: cheapest_mix(load, pools, target)[0])
+    runs["oracle"].note = "knows the load, no start-up: a cost lower bound"
+    for k, ctl in (extra or {}).items():
+        runs[k] = _simulate(k, trace, pools, target, cfg, ctl)
+    return Simulation(trace, pools, target, runs)
+
+
+def plot(sim: Simulation, path: Path, title: str = "") -> None:
+    """simulation.png: load vs capacity, leanserve's replicas per pool, cumulative cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ls = sim.runs["leanserve"]
+    mins = [(t - ls.times[0]) / 60 for t in ls.times]
+    fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+    ax = axes[0]
+    ax.plot(mins, [sim.trace.at(t) for t in ls.times], color="black", lw=1.2, label="load")
+    for k, r in sim.runs.items():
+        if k in ("leanserve", "hpa", "oracle"):
+            ax.plot(mins, r.capacity, lw=0.9, label=f"{k} ready capacity at SLO")
+    ax.set_ylabel("requests/s")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title or "load and capacity")
+    ax = axes[1]
+    bottom = [0.0] * len(mins)
+    for p in sim.pools:
+        ys = [float(r.get(p.name, 0)) for r in ls.replicas]
+        ax.fill_between(mins, bottom, [b + y for b, y in zip(bottom, ys, strict=True)],
+                        step="post", alpha=0.6, label=f"leanserve {p.name}")
+        bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    ax.step(mins, [sum(r.values()) for r in sim.runs["hpa"].replicas], where="post",
+            color="red", lw=1, label="hpa replicas")
+    ax.set_ylabel("replicas")
+    ax.legend(loc="upper left", fontsize=8)
+    ax = axes[2]
+    for k, r in sim.runs.items():
+        ax.plot(mins, r.cost_cum, lw=1, label=f"{k} (${r.cost:.3f})")
+    ax.set_ylabel("cumulative cost (USD)")
+    ax.set_xlabel("minutes")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
