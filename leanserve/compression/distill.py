@@ -1,0 +1,280 @@
+"""Distillation: a smaller student trained to reproduce the teacher.
+
+The student is either ``studentLayers`` encoder layers taken from the teacher, evenly spaced
+(their weights copied, so training starts close to the teacher), or an explicit ``student``
+config (layers, width, MLP width, heads; weights copied where shapes still match, fresh init
+elsewhere). It learns with the seeds' loss (``_ddp_train.kd_loss``): soft targets at temperature
+T weighted by alpha plus hard labels where the data has them, or the teacher's embeddings
+(cosine + MSE) for embedding models.
+
+The teacher's outputs are computed once here; training then needs only tensors. With
+``workers`` > 1 it runs under torch.distributed DDP in ``workers`` processes launched by torchrun
+(``leanserve.compression._ddp_distill``, the same entry point an Indexed Job runs in the
+cluster), exchanging the student and the data through files in ``ctx.workdir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from leanserve.api.spec import DistillStep, Task
+from leanserve.compression import _ddp_train
+from leanserve.compression.modules import TextEncoder
+from leanserve.compression.prune import describe, field, transformer_layers
+from leanserve.compression.registry import (
+    CompressionError,
+    Context,
+    Model,
+    Stage,
+    StepError,
+    register,
+)
+
+DDP_TIMEOUT_S = 3600.0
+"""Hard limit on a torchrun distillation; the process group is killed past it."""
+
+JOB_FILES = ("student.json", "student.safetensors", "data.pt", "train.json")
+
+
+class DistillError(CompressionError):
+    """The distributed training run failed (a worker crashed or timed out)."""
+
+
+def layer_indices(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers, always keeping the last one.
+
+    The last layer produces the representation the loss compares, so keeping it starts the
+    student closest to the teacher (6 -> 3 gives 1, 3, 5).
+    """
+    if student_layers >= teacher_layers:
+        return list(range(teacher_layers))
+    step = teacher_layers / student_layers
+    return [round(teacher_layers - 1 - step * (student_layers - 1 - i)) for i in
+            range(student_layers)]
+
+
+# --------------------------------------------------------------------------------------------
+# building students; describing them as JSON + safetensors so another process can rebuild them
+
+
+def _head_desc(head: nn.Module | None) -> dict[str, int] | None:
+    if head is None:
+        return None
+    if not isinstance(head, nn.Linear):
+        raise StepError("distill: the model's classification head must be a single Linear "
+                        f"layer (got {type(head).__name__})")
+    return {"in_features": head.in_features, "out_features": head.out_features}
+
+
+def describe_student(student: TextEncoder) -> dict[str, Any]:
+    """A JSON description from which ``build_from_description`` recreates the architecture."""
+    backbone = student.backbone
+    return {"kind": "text-encoder", "backbone_class": type(backbone).__name__,
+            "config": backbone.config.to_dict(), "pooling": student.pooling,
+            "normalize": student.normalize, "head": _head_desc(student.head)}
+
+
+def build_from_description(desc: dict[str, Any]) -> TextEncoder:
+    """The inverse of ``describe_student``; weights are loaded separately (safetensors)."""
+    import transformers
+
+    if desc.get("kind") != "text-encoder":
+        raise DistillError(f"unknown student kind {desc.get('kind')!r}")
+    name = desc["backbone_class"]
+    if not (name.endswith("Model") and hasattr(transformers, name)):
+        raise DistillError(f"unknown backbone class {name!r}")
+    cls = getattr(transformers, name)
+    config = cls.config_class.from_dict(desc["config"])
+    backbone = cls(config)
+    head = desc.get("head")
+    return TextEncoder(backbone, pooling=desc["pooling"], normalize=desc["normalize"],
+                       head=nn.Linear(head["in_features"], head["out_features"]) if head else None)
+
+
+def _copy_matching(dst: nn.Module, src_state: dict[str, torch.Tensor]) -> int:
+    own = dst.state_dict()
+    same = {k: v for k, v in src_state.items() if k in own and own[k].shape == v.shape}
+    dst.load_state_dict(same, strict=False)
+    return len(same)
+
+
+def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context) -> tuple[TextEncoder,
+                                                                               dict[str, Any]]:
+    layers = transformer_layers(teacher)
+    if layers is None or not isinstance(teacher, TextEncoder):
+        raise StepError(f"{field(ctx, 'distill', 'studentLayers')}: distillation builds a "
+                        f"student from a transformer text model (got {describe(teacher)}); "
+                        "use prune or lowRank for this model")
+    n_teacher = len(layers)
+    backbone = teacher.backbone
+    if cfg.student is None:
+        assert cfg.student_layers is not None
+        if cfg.student_layers >= n_teacher:
+            raise StepError(f"{field(ctx, 'distill', 'studentLayers')}: {cfg.student_layers} "
+                            f"is not fewer than the teacher's {n_teacher} layers "
+                            f"(allowed: 1..{n_teacher - 1})")
+        keep = layer_indices(n_teacher, cfg.student_layers)
+        student = copy.deepcopy(teacher)
+        student.backbone.encoder.layer = nn.ModuleList(
+            [student.backbone.encoder.layer[i] for i in keep])
+        student.backbone.config.num_hidden_layers = len(keep)
+        for new_idx, lay in enumerate(student.backbone.encoder.layer):
+            for m in lay.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = new_idx
+        return student, {"student_layers": len(keep), "teacher_layers_kept": keep}
+
+    sc = cfg.student
+    config = copy.deepcopy(backbone.config)
+    config.num_hidden_layers = sc.num_layers
+    hidden = sc.hidden_size or config.hidden_size
+    heads = sc.num_attention_heads or config.num_attention_heads
+    if hidden % heads:
+        raise StepError(f"{field(ctx, 'distill', 'student.numAttentionHeads')}: {heads} heads "
+                        f"do not divide hiddenSize {hidden} (allowed: a divisor of {hidden})")
+    if ctx.task is Task.FEATURE_EXTRACTION and hidden != backbone.config.hidden_size:
+        raise StepError(f"{field(ctx, 'distill', 'student.hiddenSize')}: an embedding student "
+                        f"must keep the teacher's width {backbone.config.hidden_size} so its "
+                        f"embeddings compare (allowed: {backbone.config.hidden_size} or unset)")
+    config.hidden_size = hidden
+    config.num_attention_heads = heads
+    config.intermediate_size = sc.intermediate_size or config.intermediate_size
+    torch.manual_seed(ctx.seed)
+    new_backbone = type(backbone)(config)
+    head = teacher.head
+    if head is not None:
+        head = copy.deepcopy(head) if hidden == backbone.config.hidden_size else nn.Linear(
+            hidden, _head_desc(head)["out_features"])  # type: ignore[index]
+    student = TextEncoder(new_backbone, pooling=teacher.pooling, normalize=teacher.normalize,
+                          head=head)
+    # Copy what still fits: embeddings, and evenly spaced teacher layers onto student layers.
+    keep = layer_indices(n_teacher, min(sc.num_layers, n_teacher))
+    src = {k: v for k, v in backbone.state_dict().items() if not k.startswith("encoder.layer.")}
+    for new_idx, old_idx in enumerate(keep):
+        prefix = f"encoder.layer.{old_idx}."
+        src.update({f"encoder.layer.{new_idx}.{k[len(prefix):]}": v
+                    for k, v in backbone.state_dict().items() if k.startswith(prefix)})
+    copied = _copy_matching(new_backbone, src)
+    return student, {"student_layers": sc.num_layers, "student_hidden_size": hidden,
+                     "student_intermediate_size": config.intermediate_size,
+                     "student_heads": heads, "copied_tensors": copied}
+
+
+# --------------------------------------------------------------------------------------------
+# training: in-process, or torchrun with DDP
+
+
+def _train_config(cfg: DistillStep, ctx: Context) -> _ddp_train.TrainConfig:
+    return _ddp_train.TrainConfig(task=ctx.task, epochs=cfg.epochs,
+                                  learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+                                  temperature=cfg.temperature, alpha=cfg.alpha, seed=ctx.seed)
+
+
+def write_job(job: Path, student: TextEncoder, data: _ddp_train.TrainData,
+              tc: _ddp_train.TrainConfig, threads: int) -> None:
+    """Everything a DDP worker needs, as tensor-only and JSON files (no pickled code)."""
+    job.mkdir(parents=True, exist_ok=True)
+    (job / "student.json").write_text(json.dumps(describe_student(student)))
+    state = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
+    save_file(state, str(job / "student.safetensors"))
+    data.save(job / "data.pt")
+    (job / "train.json").write_text(json.dumps({
+        "task": tc.task.value, "epochs": tc.epochs, "learning_rate": tc.learning_rate,
+        "batch_size": tc.batch_size, "temperature": tc.temperature, "alpha": tc.alpha,
+        "seed": tc.seed, "threads": threads}))
+
+
+def read_train_config(job: Path) -> tuple[_ddp_train.TrainConfig, int]:
+    raw = json.loads((job / "train.json").read_text())
+    threads = int(raw.pop("threads", 1))
+    raw["task"] = Task(raw["task"])
+    return _ddp_train.TrainConfig(**raw), threads
+
+
+def torchrun_command(job: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}",
+            "--standalone", "-m", "leanserve.compression._ddp_distill", "--job", str(job)]
+
+
+def run_torchrun(job: Path, workers: int, timeout_s: float = DDP_TIMEOUT_S) -> dict[str, Any]:
+    """Run the DDP job with ``workers`` local processes; returns rank 0's result.
+
+    The whole process group is killed on timeout or error, so no worker outlives the call.
+    """
+    result = job / "result.json"
+    result.unlink(missing_ok=True)
+    log = job / "torchrun.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(torchrun_command(job, workers), stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+    if code is None:
+        raise DistillError(f"distill: DDP training with {workers} workers exceeded "
+                           f"{timeout_s:.0f}s and was stopped (log: {tail})")
+    if code != 0 or not result.exists():
+        raise DistillError(f"distill: DDP training with {workers} workers failed with exit "
+                           f"code {code} (log: {tail})")
+    return json.loads(result.read_text())
+
+
+@register(DistillStep, Stage.TORCH)
+def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
+    """Build a student from ``model.module`` and train it against the teacher's outputs."""
+    if model.module is None:
+        raise StepError(f"{field(ctx, 'distill', 'studentLayers')}: distillation needs a torch "
+                        "model (put distill before any ONNX quantization step)")
+    if not ctx.train:
+        raise StepError("spec.data: distillation needs training rows (the data has none)")
+    student, notes = build_student(model.module, cfg, ctx)
+    # Learn the uncompressed model's outputs even when an earlier step changed the model: the
+    # quality gate compares against that model.
+    data = _ddp_train.collect(ctx.train, ctx.teacher)
+    if len(data) < cfg.workers:
+        raise StepError(f"{field(ctx, 'distill', 'workers')}: {cfg.workers} workers for "
+                        f"{len(data)} training rows (allowed: at most {len(data)})")
+    tc = _train_config(cfg, ctx)
+    started = time.monotonic()
+    if cfg.workers == 1:
+        torch.manual_seed(ctx.seed)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        losses = _ddp_train.train(student, data, tc)
+    else:
+        job = Path(ctx.workdir) / "distill-job"
+        write_job(job, student, data, tc, threads=max(1, ctx.threads // cfg.workers))
+        result = run_torchrun(job, cfg.workers)
+        student.load_state_dict(load_file(str(job / "trained.safetensors")))
+        losses = result["losses"]
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    notes.update({"distill_workers": cfg.workers, "distill_epochs": cfg.epochs,
+                  "distill_rows": len(data),
+                  "distill_loss": [round(x, 5) for x in losses],
+                  "distill_seconds": round(time.monotonic() - started, 1)})
+    return Model(module=student, notes={**model.notes, **notes})
+
+
+__all__ = ["JOB_FILES", "DistillError", "build_from_description", "build_student", "distill",
+           "layer_indices", "read_train_config", "run_torchrun", "torchrun_command", "write_job"]
