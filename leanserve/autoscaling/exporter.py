@@ -1,0 +1,113 @@
+"""leanserve's own metrics, for Grafana (deploy/grafana/leanserve.json) and the alerts
+(deploy/prometheus/rules.yaml).
+
+Why a private CollectorRegistry: the operator and `leanserve run` may host several models and
+tests create many exporters in one process; the global registry would collide and leak between
+them. Names (all labelled ``model``; per-pool ones also ``pool``):
+
+- leanserve_desired_replicas, leanserve_replicas, leanserve_ready_replicas  (per pool)
+- leanserve_hourly_cost_usd, leanserve_max_hourly_cost_usd, leanserve_cost_per_million_requests_usd
+- leanserve_request_rate, leanserve_observed_p95_ms, leanserve_slo_p95_ms
+- leanserve_slo_met (1, 0, or NaN when unknown), leanserve_slo_attainment_ratio (share of
+  decisions with known latency that met the SLO), leanserve_metrics_available (0 or 1)
+- leanserve_decisions_total{code}, leanserve_last_decision_info{code, reason}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+
+from leanserve.autoscaling.policy import Decision, Reason, Target
+
+
+@dataclass
+class _Attainment:
+    met: int = 0
+    known: int = 0
+
+
+@dataclass
+class LeanserveMetrics:
+    """Gauges on a private registry; ``record`` after every decision."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        pool = ["model", "pool"]
+        self.desired = Gauge("leanserve_desired_replicas", "Replicas the policy wants, per pool",
+                             pool, registry=r)
+        self.actual = Gauge("leanserve_replicas", "Replicas set on the platform, per pool",
+                            pool, registry=r)
+        self.ready = Gauge("leanserve_ready_replicas", "Replicas serving, per pool", pool,
+                           registry=r)
+        self.hourly = Gauge("leanserve_hourly_cost_usd", "USD per hour of the running replicas",
+                            ["model"], registry=r)
+        self.budget = Gauge("leanserve_max_hourly_cost_usd", "spec.autoscaling.maxHourlyCost",
+                            ["model"], registry=r)
+        self.per_million = Gauge("leanserve_cost_per_million_requests_usd",
+                                 "USD per million requests at the observed rate", ["model"],
+                                 registry=r)
+        self.rate = Gauge("leanserve_request_rate", "Requests/s the policy observed", ["model"],
+                          registry=r)
+        self.p95 = Gauge("leanserve_observed_p95_ms", "p95 latency the policy observed",
+                         ["model"], registry=r)
+        self.slo = Gauge("leanserve_slo_p95_ms", "spec.slo.latencyP95Ms", ["model"], registry=r)
+        self.slo_met = Gauge("leanserve_slo_met", "1 when p95 <= SLO, 0 when not, NaN unknown",
+                             ["model"], registry=r)
+        self.attainment = Gauge("leanserve_slo_attainment_ratio",
+                                "Share of decisions with known latency that met the SLO",
+                                ["model"], registry=r)
+        self.available = Gauge("leanserve_metrics_available",
+                               "1 when Prometheus gave usable metrics at the last decision",
+                               ["model"], registry=r)
+        self.decisions = Counter("leanserve_decisions", "Autoscaling decisions by reason code",
+                                 ["model", "code"], registry=r)
+        self.last = Info("leanserve_last_decision", "The last decision and its reason",
+                         ["model"], registry=r)
+        self._att: dict[str, _Attainment] = {}
+
+    def record(self, model: str, decision: Decision, target: Target,
+               actual: Mapping[str, int] | None = None,
+               ready: Mapping[str, int] | None = None,
+               observed_rate: float | None = None,
+               observed_p95_ms: float | None = None,
+               hourly_cost: float | None = None) -> None:
+        """Export one decision and what the platform runs (defaults: the decision itself)."""
+        actual = dict(actual if actual is not None else decision.replicas)
+        ready = dict(ready if ready is not None else actual)
+        for pool, n in decision.replicas.items():
+            self.desired.labels(model, pool).set(n)
+            self.actual.labels(model, pool).set(actual.get(pool, 0))
+            self.ready.labels(model, pool).set(ready.get(pool, 0))
+        cost = decision.hourly_cost if hourly_cost is None else hourly_cost
+        self.hourly.labels(model).set(cost)
+        self.budget.labels(model).set(target.budget)
+        self.slo.labels(model).set(target.latency_p95_ms)
+        ok = decision.code is not Reason.METRICS_UNAVAILABLE
+        self.available.labels(model).set(1 if ok else 0)
+        rate = observed_rate if observed_rate is not None else decision.desired_rps
+        self.rate.labels(model).set(rate if rate is not None and ok else math.nan)
+        self.p95.labels(model).set(math.nan if observed_p95_ms is None else observed_p95_ms)
+        self.per_million.labels(model).set(
+            cost / (rate * 3600) * 1e6 if ok and rate else math.nan)
+        self.slo_met.labels(model).set(
+            math.nan if decision.slo_met is None else float(decision.slo_met))
+        att = self._att.setdefault(model, _Attainment())
+        if decision.slo_met is not None:
+            att.known += 1
+            att.met += int(decision.slo_met)
+        self.attainment.labels(model).set(att.met / att.known if att.known else math.nan)
+        self.decisions.labels(model, decision.code.value).inc()
+        self.last.labels(model).info({"code": decision.code.value,
+                                      "reason": decision.reason[:500]})
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        """Expose /metrics on a port; returns the server (call .shutdown() to stop)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server
