@@ -1,0 +1,93 @@
+"""Every name the operator writes into the cluster, defined once (DESIGN.md section 3).
+
+Users, dashboards and GitOps tools select on these labels and read these reasons: a typo here
+would be a silent contract break, so nothing else in the operator spells them out.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from leanserve.api.spec import GROUP
+
+FINALIZER = f"{GROUP}/cleanup"
+MANAGER = "leanserve"
+FIELD_MANAGER = "leanserve-operator"
+
+
+class Label(str, enum.Enum):
+    MANAGED_BY = "app.kubernetes.io/managed-by"
+    NAME = "app.kubernetes.io/name"
+    COMPONENT = "app.kubernetes.io/component"
+    MODEL = f"{GROUP}/model"
+    POOL = f"{GROUP}/pool"
+    RECIPE = f"{GROUP}/recipe-hash"
+    JOB_NAME = "job-name"
+    JOB_NAME_NEW = "batch.kubernetes.io/job-name"
+
+
+class Annotation(str, enum.Enum):
+    ARTIFACT_SHA = f"{GROUP}/artifact-sha256"
+    PROM_SCRAPE = "prometheus.io/scrape"
+    PROM_PORT = "prometheus.io/port"
+    PROM_PATH = "prometheus.io/path"
+    COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+class Component(str, enum.Enum):
+    COMPRESSION = "compression"
+    SERVING = "serving"
+
+
+class Reason(str, enum.Enum):
+    """Condition and Event reasons (kstatus: CamelCase, stable)."""
+
+    INVALID_SPEC = "InvalidSpec"
+    COMPRESSING = "Compressing"
+    JOB_FAILED = "JobFailed"
+    REPORT_MISSING = "ReportMissing"
+    NO_CANDIDATE_PASSED = "NoCandidatePassed"
+    COMPRESSED = "Compressed"
+    AWAITING_COMPRESSION = "AwaitingCompression"
+    ROLLING_OUT = "RollingOut"
+    REPLICAS_UNAVAILABLE = "ReplicasUnavailable"
+    DEPLOYED = "Deployed"
+    SERVING = "Serving"
+    PROFILE_MEETS_SLO = "ProfileMeetsSLO"
+    NO_POOL_MEETS_SLO = "NoPoolMeetsSLO"
+    NO_PROFILE = "NoProfile"
+    WITHIN_BUDGET = "WithinBudget"
+    OVER_BUDGET = "OverBudget"
+    NO_BUDGET = "NoBudget"
+    PHASE_CHANGED = "PhaseChanged"
+    DELETING = "Deleting"
+
+
+class Port(int, enum.Enum):
+    HTTP = 8000
+    GRPC = 8001
+    METRICS = 8002
+
+
+class JobState(str, enum.Enum):
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class MonitorKind(str, enum.Enum):
+    """Which Prometheus Operator CRD exists in the cluster (discovered, never assumed)."""
+
+    NONE = "none"
+    SERVICE_MONITOR = "ServiceMonitor"
+    POD_MONITOR = "PodMonitor"
+
+
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LIMIT = 4096
+SPEC_MOUNT = "/spec"
+SPEC_FILE = "spec.yaml"
+STORE_ROOT = "/stores"
+WORK_DIR = "/work"
+MODEL_MOUNT = "/models"
+RENDEZVOUS_PORT = 29500

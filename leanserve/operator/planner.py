@@ -1,0 +1,333 @@
+"""The pure heart of the operator: ``plan(resource, observed, now) -> Desired``.
+
+Everything the operator decides — which children should exist, which phase and conditions the
+status shows, which Events to post — is computed here from the spec, the previous status and what
+the handler observed in the cluster. No I/O and no clock: tests feed it matrices of situations.
+State is always derived from the cluster (the Job by its name, the status the API stores), so an
+operator restarted at any point plans the same thing again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from leanserve.api.spec import CompressedModelSpec, ConditionStatus, ConditionType, NodePool, Phase
+from leanserve.operator import builders, handback
+from leanserve.operator.builders import Owner
+from leanserve.operator.constants import JobState, MonitorKind, Port, Reason
+from leanserve.operator.settings import OperatorSettings
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    name: str
+    state: JobState
+    reason: str = ""  # the Job's Failed condition reason (BackoffLimitExceeded, DeadlineExceeded)
+    message: str = ""
+    termination: str = ""  # the pod's termination message: a summary, or the last log lines
+
+
+@dataclass(frozen=True)
+class DeploymentObservation:
+    pool: str
+    replicas: int = 0
+    ready: int = 0
+    updated: int = 0
+    available: bool = False
+    artifact_sha: str = ""  # the pod template's artifact annotation
+
+
+@dataclass(frozen=True)
+class Observed:
+    job: JobObservation | None = None  # the Job for the current recipe hash, if it exists
+    deployments: Mapping[str, DeploymentObservation] = field(default_factory=dict)
+    monitor: MonitorKind = MonitorKind.NONE
+
+
+@dataclass(frozen=True)
+class Resource:
+    """The CompressedModel as the planner needs it: a parsed spec or the reasons it is invalid."""
+
+    owner: Owner
+    generation: int
+    spec: CompressedModelSpec | None
+    errors: tuple[str, ...] = ()
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EventIntent:
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass(frozen=True)
+class PoolChoice:
+    pool: NodePool
+    per_million: float
+    meets_slo: bool | None  # None: no profile to tell
+    message: str
+
+
+@dataclass
+class Desired:
+    ensure: list[dict[str, Any]] = field(default_factory=list)  # created if absent, never changed
+    apply: list[dict[str, Any]] = field(default_factory=list)  # created or updated to match
+    delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[EventIntent] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+class Conditions:
+    """kstatus conditions; lastTransitionTime changes only when a status changes."""
+
+    def __init__(self, previous: list[Mapping[str, Any]], now: datetime, generation: int) -> None:
+        self._prev = {c.get("type"): dict(c) for c in previous if isinstance(c, Mapping)}
+        self._now = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._generation = generation
+        self._out: dict[str, dict[str, Any]] = {}
+        self.changed: list[dict[str, Any]] = []
+
+    def set(self, ctype: ConditionType, status: ConditionStatus, reason: Reason | str,
+            message: str) -> None:
+        prev = self._prev.get(ctype.value)
+        same = prev is not None and prev.get("status") == status.value
+        cond = {"type": ctype.value, "status": status.value, "reason": str(getattr(
+            reason, "value", reason)), "message": message[:2048],
+                "lastTransitionTime": prev.get("lastTransitionTime", self._now) if same and prev
+                else self._now, "observedGeneration": self._generation}
+        if not same:
+            self.changed.append(cond)
+        self._out[ctype.value] = cond
+
+    def keep(self, ctype: ConditionType, default: tuple[ConditionStatus, Reason, str]) -> None:
+        """Carry a condition over unchanged, or set the default when it never existed."""
+        prev = self._prev.get(ctype.value)
+        if prev is not None:
+            self._out[ctype.value] = {**prev, "observedGeneration": self._generation}
+        else:
+            self.set(ctype, *default)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        order = [c.value for c in ConditionType]
+        return sorted(self._out.values(), key=lambda c: order.index(c["type"])
+                      if c["type"] in order else len(order))
+
+
+T, F, U = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
+
+
+# ---------------------------------------------------------------------------- pool choice
+
+
+def choose_pool(spec: CompressedModelSpec, pools: Mapping[str, Any] | None) -> PoolChoice:
+    """The cheapest pool per million requests that meets the SLO, from the serving profile.
+
+    A pool meets the SLO when the profile gives it a positive capacity at the SLO. Without a
+    profile the cheapest hourlyPrice wins, and the message says so.
+    """
+    by_price = sorted(spec.node_pools, key=lambda p: (p.hourly_price, p.name))
+    if not pools:
+        return PoolChoice(by_price[0], 0.0, None,
+                          "no serving profile from the compression Job; chose the lowest "
+                          f"hourlyPrice ({by_price[0].name}, ${by_price[0].hourly_price:g}/h)")
+    scored = []
+    for p in spec.node_pools:
+        entry = pools.get(p.name) or {}
+        cap = float(entry.get("capacity_rps") or 0.0)
+        cost = entry.get("cost_per_million_requests")
+        if cap > 0 and cost is not None:
+            scored.append((float(cost), p.hourly_price, p.name, p))
+    if not scored:
+        return PoolChoice(by_price[0], 0.0, False,
+                          f"no pool meets p95 <= {spec.slo.latency_p95_ms:g} ms in the profile; "
+                          f"chose the lowest hourlyPrice ({by_price[0].name})")
+    cost, _, _, pool = min(scored)
+    measured = (pools.get(pool.name) or {}).get("measured")
+    how = "measured" if measured else "derived"
+    return PoolChoice(pool, cost, True,
+                      f"{pool.name} meets p95 <= {spec.slo.latency_p95_ms:g} ms at "
+                      f"${cost:.4g} per million requests ({how})")
+
+
+# ---------------------------------------------------------------------------------- plan
+
+
+def plan(res: Resource, observed: Observed, now: datetime,
+         settings: OperatorSettings) -> Desired:
+    """What should exist and what the status should say, given what is there now."""
+    prev = dict(res.status or {})
+    conds = Conditions(list(prev.get("conditions") or []), now, res.generation)
+    out = Desired()
+    status: dict[str, Any] = {"observedGeneration": res.generation}
+
+    if res.spec is None or res.errors:
+        message = "; ".join(res.errors) or "invalid spec"
+        conds.set(ConditionType.READY, F, Reason.INVALID_SPEC, message)
+        conds.keep(ConditionType.COMPRESSED, (U, Reason.INVALID_SPEC, "spec is invalid"))
+        conds.keep(ConditionType.DEPLOYED, (U, Reason.INVALID_SPEC, "spec is invalid"))
+        return _finish(out, prev, status, conds, Phase.FAILED, message)
+
+    spec, owner = res.spec, res.owner
+    jp = builders.job_plan(owner, spec)
+    status["recipe"] = {"hash": jp.recipe, "job": jp.name}
+    compression = dict(prev.get("compression") or {})
+    artifact = dict(prev.get("artifact") or {})
+    done = compression.get("recipeHash") == jp.recipe and bool(compression.get("selected"))
+    phase: Phase | None = None
+    message = ""
+
+    if not done:
+        job = observed.job
+        if job is None or job.state is JobState.RUNNING:
+            out.ensure.append(builders.build_spec_configmap(owner, spec, jp))
+            if jp.workers > 1:
+                out.ensure.append(builders.build_rendezvous_service(owner, jp))
+            out.ensure.append(builders.build_job(owner, spec, jp, settings))
+            message = f"Job {jp.name} is compressing {len(spec.compression.candidates)} " \
+                      "candidate(s)" + (f" with {jp.workers} workers" if jp.workers > 1 else "")
+            conds.set(ConditionType.COMPRESSED, F, Reason.COMPRESSING, message)
+            phase = Phase.COMPRESSING
+        elif job.state is JobState.FAILED:
+            logs = job.termination.strip() or "(no log lines in the pod's termination message)"
+            message = f"Job {job.name} failed: {job.reason or 'Failed'}" + \
+                      (f" ({job.message})" if job.message else "") + f"; last log lines: {logs}"
+            conds.set(ConditionType.COMPRESSED, F, Reason.JOB_FAILED, message)
+            phase = Phase.FAILED
+        else:
+            summary = handback.decode(job.termination)
+            if summary is None:
+                message = f"Job {job.name} succeeded but its pod left no report summary in its " \
+                          "termination message; delete the Job to run it again"
+                conds.set(ConditionType.COMPRESSED, F, Reason.REPORT_MISSING, message)
+                phase = Phase.FAILED
+            else:
+                compression = {**summary, "recipeHash": jp.recipe, "job": jp.name}
+                status["compression"] = compression
+                if not summary.get("selected"):
+                    message = f"no candidate passed the quality gate ({spec.quality.metric.value}" \
+                              f" drop <= {spec.quality.max_drop:g}); see status.compression"
+                    conds.set(ConditionType.COMPRESSED, F, Reason.NO_CANDIDATE_PASSED, message)
+                    phase = Phase.FAILED
+                else:
+                    artifact = dict(summary.get("artifact") or {})
+                    status["artifact"] = {"uri": artifact.get("uri", ""),
+                                          "sha256": artifact.get("sha256", "")}
+                    done = True
+
+    if done:
+        conds.set(ConditionType.COMPRESSED, T, Reason.COMPRESSED,
+                  f"selected {compression.get('selected')} from Job {compression.get('job')}")
+
+    if artifact.get("uri"):
+        serving_phase, serving_message = _plan_serving(res, observed, compression, artifact,
+                                                       conds, out, status, settings)
+        if phase is None:
+            phase, message = serving_phase, serving_message
+    else:
+        conds.set(ConditionType.DEPLOYED, F, Reason.AWAITING_COMPRESSION,
+                  "nothing to serve until a candidate passes the quality gate")
+        conds.keep(ConditionType.SLO_MET, (U, Reason.NO_PROFILE, "not serving yet"))
+        conds.keep(ConditionType.BUDGET_MET, (U, Reason.NO_BUDGET, "not serving yet"))
+
+    assert phase is not None
+    if phase is Phase.SERVING:
+        conds.set(ConditionType.READY, T, Reason.SERVING, message)
+    else:
+        reason = {Phase.COMPRESSING: Reason.COMPRESSING, Phase.DEPLOYING: Reason.ROLLING_OUT,
+                  Phase.DEGRADED: Reason.REPLICAS_UNAVAILABLE}.get(phase)
+        if reason is None:  # Failed: the Compressed condition says why
+            failed = next(c for c in conds.as_list() if c["type"] == ConditionType.COMPRESSED.value)
+            reason = Reason(failed["reason"])
+        conds.set(ConditionType.READY, F, reason, message)
+    return _finish(out, prev, status, conds, phase, message)
+
+
+def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, Any],
+                  artifact: Mapping[str, Any], conds: Conditions, out: Desired,
+                  status: dict[str, Any], settings: OperatorSettings) -> tuple[Phase, str]:
+    spec, owner = res.spec, res.owner
+    assert spec is not None
+    choice = choose_pool(spec, compression.get("pools"))
+    pool = choice.pool
+    obs = observed.deployments.get(pool.name)
+    replicas = obs.replicas if obs is not None else max(1, spec.autoscaling.min_replicas)
+    sha = str(artifact.get("sha256", ""))
+    out.apply.append(builders.build_deployment(
+        owner, spec, pool, artifact_uri=str(artifact["uri"]), artifact_sha=sha,
+        replicas=replicas, monitor=observed.monitor, settings=settings))
+    out.apply.append(builders.build_service(owner))
+    out.apply.append(builders.build_pdb(owner, settings))
+    monitor = builders.build_monitor(owner, observed.monitor)
+    if monitor is not None:
+        out.apply.append(monitor)
+
+    rolled = obs is not None and obs.artifact_sha == sha and obs.updated >= obs.replicas
+    if obs is not None and obs.available and rolled:
+        phase, message = Phase.SERVING, f"serving {compression.get('selected')} on {pool.name} " \
+                                        f"({obs.ready}/{obs.replicas} ready)"
+        conds.set(ConditionType.DEPLOYED, T, Reason.DEPLOYED, message)
+    elif obs is not None and obs.ready > 0 and not obs.available:
+        phase, message = Phase.DEGRADED, f"{obs.ready}/{obs.replicas} replicas ready on " \
+                                         f"{pool.name}; the Deployment is not Available"
+        conds.set(ConditionType.DEPLOYED, F, Reason.REPLICAS_UNAVAILABLE, message)
+    else:
+        ready = obs.ready if obs is not None else 0
+        phase, message = Phase.DEPLOYING, f"rolling out {compression.get('selected')} to " \
+                                          f"{builders.deployment_name(owner.name, pool.name)} " \
+                                          f"({ready}/{replicas} ready)"
+        conds.set(ConditionType.DEPLOYED, F, Reason.ROLLING_OUT, message)
+
+    # Other pools' Deployments go only once the chosen one serves: a pool change never leaves
+    # the model without replicas.
+    if phase is Phase.SERVING:
+        for other in observed.deployments:
+            if other != pool.name:
+                out.delete.append(("Deployment", builders.deployment_name(owner.name, other)))
+
+    if choice.meets_slo is None:
+        conds.set(ConditionType.SLO_MET, U, Reason.NO_PROFILE, choice.message)
+    elif choice.meets_slo:
+        conds.set(ConditionType.SLO_MET, T, Reason.PROFILE_MEETS_SLO, choice.message)
+    else:
+        conds.set(ConditionType.SLO_MET, F, Reason.NO_POOL_MEETS_SLO, choice.message)
+
+    hourly = round(replicas * pool.hourly_price, 6)
+    budget = spec.autoscaling.max_hourly_cost
+    if budget is None:
+        conds.set(ConditionType.BUDGET_MET, T, Reason.NO_BUDGET, "no maxHourlyCost set")
+    elif hourly <= budget:
+        conds.set(ConditionType.BUDGET_MET, T, Reason.WITHIN_BUDGET,
+                  f"${hourly:g}/h <= maxHourlyCost ${budget:g}/h")
+    else:
+        conds.set(ConditionType.BUDGET_MET, F, Reason.OVER_BUDGET,
+                  f"${hourly:g}/h > maxHourlyCost ${budget:g}/h")
+    status["serving"] = {"pool": pool.name, "replicas": replicas,
+                         "readyReplicas": obs.ready if obs is not None else 0,
+                         "endpoint": f"{owner.name}.{owner.namespace}.svc:{Port.HTTP.value}"}
+    status["cost"] = {"hourly": hourly, "perMillionRequests": round(choice.per_million, 6)}
+    return phase, message
+
+
+def _finish(out: Desired, prev: Mapping[str, Any], status: dict[str, Any], conds: Conditions,
+            phase: Phase, message: str) -> Desired:
+    status["phase"] = phase.value
+    status["conditions"] = conds.as_list()
+    old_phase = prev.get("phase") or Phase.PENDING.value
+    if old_phase != phase.value:
+        out.events.append(EventIntent(Reason.PHASE_CHANGED.value,
+                                      f"{old_phase} -> {phase.value}: {message}",
+                                      warning=phase in (Phase.FAILED, Phase.DEGRADED)))
+    for c in conds.changed:
+        if c["type"] != ConditionType.READY.value:
+            out.events.append(EventIntent(c["reason"], f"{c['type']}={c['status']}: {c['message']}",
+                                          warning=c["status"] == F.value))
+    out.status = status
+    return out
