@@ -1,0 +1,177 @@
+"""Distillation on a tiny BERT: students shrink as configured and learn the teacher."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from leanserve.api.spec import DistillStep, Task
+from leanserve.compression import _ddp_train
+from leanserve.compression.distill import (
+    build_from_description,
+    describe_student,
+    distill,
+    layer_indices,
+    torchrun_command,
+    write_job,
+)
+from leanserve.compression.modules import ImageClassifier, TextEncoder
+from leanserve.compression.registry import Batch, Context, Model, StepError, lookup
+
+STEP_PATH = "spec.compression.candidates[distilled].steps[0]"
+
+
+def tiny_text(layers: int = 4, head: nn.Module | None = None) -> TextEncoder:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=layers,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    return TextEncoder(BertModel(cfg).eval(), head=head).eval()
+
+
+def batches(n: int = 4, rows: int = 16, labels: bool = False) -> list[Batch]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 120, (rows, 10), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[::2, 6:] = 0
+        y = torch.randint(0, 3, (rows,), generator=gen) if labels else None
+        out.append(Batch(inputs={"input_ids": ids, "attention_mask": mask}, labels=y))
+    return out
+
+
+def ctx_for(teacher: nn.Module, task: Task, data: list[Batch], tmp: Path) -> Context:
+    return Context(task=task, train=data, teacher=teacher, workdir=tmp,
+                   extra={"step_path": STEP_PATH})
+
+
+def mean_cos(a: nn.Module, b: nn.Module, data: list[Batch]) -> float:
+    with torch.no_grad():
+        return float(torch.cat([nn.functional.cosine_similarity(a(**x.inputs), b(**x.inputs))
+                                for x in data]).mean())
+
+
+def test_registered_for_distill_step() -> None:
+    assert lookup(DistillStep(student_layers=1)).transform is distill
+
+
+def test_layer_indices_keep_the_last_layer() -> None:
+    assert layer_indices(6, 3) == [1, 3, 5]
+    assert layer_indices(6, 2) == [2, 5]
+    assert layer_indices(4, 1) == [3]
+    assert layer_indices(12, 4) == [2, 5, 8, 11]
+
+
+def test_student_layers_learn_teacher_embeddings(tmp_path: Path) -> None:
+    teacher = tiny_text()
+    data = batches()
+    ctx = ctx_for(teacher, Task.FEATURE_EXTRACTION, data, tmp_path)
+    student = distill(Model(module=teacher), DistillStep(student_layers=2, epochs=1,
+                                                         learning_rate=1e-9), ctx).module
+    untrained = mean_cos(student, teacher, data)
+    out = distill(Model(module=teacher), DistillStep(student_layers=2, epochs=15,
+                                                     learning_rate=1e-3, batch_size=16), ctx)
+    assert len(out.module.backbone.encoder.layer) == 2
+    assert out.notes["teacher_layers_kept"] == [1, 3]
+    assert len(teacher.backbone.encoder.layer) == 4  # teacher untouched
+    losses = out.notes["distill_loss"]
+    assert losses[-1] < losses[0]
+    assert mean_cos(out.module, teacher, data) > untrained
+    assert not any(p.requires_grad for p in out.module.parameters())
+
+
+def test_classifier_soft_and_hard_targets(tmp_path: Path) -> None:
+    teacher = tiny_text(head=nn.Linear(32, 3))
+    data = batches(labels=True)
+    ctx = ctx_for(teacher, Task.TEXT_CLASSIFICATION, data, tmp_path)
+    out = distill(Model(module=teacher), DistillStep(student_layers=1, epochs=10, alpha=0.7,
+                                                     temperature=3.0, learning_rate=1e-3), ctx)
+    logits = out.module(**data[0].inputs)
+    assert logits.shape == (16, 3)
+    assert out.notes["distill_loss"][-1] < out.notes["distill_loss"][0]
+
+
+def test_kd_loss_mixes_soft_and_hard() -> None:
+    s = torch.tensor([[2.0, 0.0, -1.0]])
+    t = torch.tensor([[2.0, 0.0, -1.0]])
+    y = torch.tensor([1])
+    kw = {"task": Task.TEXT_CLASSIFICATION, "temperature": 2.0}
+    soft_only = _ddp_train.kd_loss(s, t, y, alpha=1.0, **kw)
+    assert float(soft_only) == pytest.approx(0.0, abs=1e-6)  # identical logits: no KL
+    hard_only = _ddp_train.kd_loss(s, t, y, alpha=0.0, **kw)
+    assert float(hard_only) == pytest.approx(float(nn.functional.cross_entropy(s, y)))
+    half = _ddp_train.kd_loss(s, t, y, alpha=0.5, **kw)
+    assert float(half) == pytest.approx(0.5 * float(hard_only))
+    # without labels only the soft targets count
+    assert float(_ddp_train.kd_loss(s, t + 1, None, alpha=0.0, **kw)) == pytest.approx(0.0,
+                                                                                     abs=1e-6)
+
+
+def test_student_config_shrinks_and_exports(tmp_path: Path) -> None:
+    teacher = tiny_text()
+    data = batches(n=2)
+    ctx = ctx_for(teacher, Task.FEATURE_EXTRACTION, data, tmp_path)
+    cfg = DistillStep(student={"numLayers": 2, "intermediateSize": 32, "numAttentionHeads": 2},
+                      epochs=1)
+    out = distill(Model(module=teacher), cfg, ctx)
+    layers = out.module.backbone.encoder.layer
+    assert len(layers) == 2
+    assert layers[0].intermediate.dense.out_features == 32
+    assert out.module.backbone.config.num_attention_heads == 2
+    assert out.notes["copied_tensors"] > 0  # embeddings and attention weights still fit
+    inputs = data[0].inputs
+    buf = io.BytesIO()
+    torch.onnx.export(out.module, (), buf, kwargs=inputs, input_names=list(inputs),
+                      output_names=["embedding"], dynamo=False)
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    assert got.shape == (16, 32)
+
+
+def test_job_files_round_trip(tmp_path: Path) -> None:
+    teacher = tiny_text(layers=2, head=nn.Linear(32, 3))
+    data = _ddp_train.collect(batches(n=1, labels=True), teacher)
+    tc = _ddp_train.TrainConfig(task=Task.TEXT_CLASSIFICATION, epochs=1, learning_rate=1e-3)
+    write_job(tmp_path, teacher, data, tc, threads=1)
+    rebuilt = build_from_description(json.loads((tmp_path / "student.json").read_text()))
+    from safetensors.torch import load_file
+
+    rebuilt.load_state_dict(load_file(str(tmp_path / "student.safetensors")))
+    rebuilt.eval()
+    x = batches(n=1)[0].inputs
+    torch.testing.assert_close(rebuilt(**x), teacher(**x))
+    loaded = _ddp_train.TrainData.load(tmp_path / "data.pt")
+    torch.testing.assert_close(loaded.targets, data.targets)
+    assert describe_student(rebuilt)["head"] == {"in_features": 32, "out_features": 3}
+    cmd = torchrun_command(tmp_path, 2)
+    assert "--nproc_per_node=2" in cmd and "leanserve.compression._ddp_distill" in cmd
+
+
+@pytest.mark.parametrize(("cfg", "fieldname"), [
+    (DistillStep(student_layers=4), "distill.studentLayers"),
+    (DistillStep(student={"numLayers": 1, "hiddenSize": 16}), "distill.student.hiddenSize"),
+    (DistillStep(student={"numLayers": 1, "numAttentionHeads": 3}),
+     "distill.student.numAttentionHeads"),
+    (DistillStep(student_layers=1, workers=64), "distill.workers"),
+])
+def test_bad_configs_name_the_field(tmp_path: Path, cfg: DistillStep, fieldname: str) -> None:
+    teacher = tiny_text()
+    ctx = ctx_for(teacher, Task.FEATURE_EXTRACTION, batches(n=1), tmp_path)
+    with pytest.raises(StepError) as err:
+        distill(Model(module=teacher), cfg, ctx)
+    assert str(err.value).startswith(f"{STEP_PATH}.{fieldname}:")
+
+
+def test_cnn_is_refused_with_a_reason(tmp_path: Path) -> None:
+    net = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    data = [Batch(inputs={"pixel_values": torch.rand(4, 1, 8, 8)})]
+    ctx = ctx_for(net, Task.IMAGE_CLASSIFICATION, data, tmp_path)
+    with pytest.raises(StepError, match=r"distill\.studentLayers: .*got an MLP"):
+        distill(Model(module=net), DistillStep(student_layers=1), ctx)
