@@ -1,0 +1,153 @@
+"""The Prometheus metric source's no-data policy, the exporter, and the simulator's inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from leanserve.autoscaling.errors import MetricsError, TraceError
+from leanserve.autoscaling.exporter import LeanserveMetrics
+from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
+from leanserve.autoscaling.platform import InMemoryPlatform
+from leanserve.autoscaling.policy import Observation, PoolCapacity, Reason, Target, decide
+from leanserve.autoscaling.simulate import Trace, load_trace, modelled_p95, simulate
+
+
+def vec(*values: str, labels: list[dict] | None = None) -> bytes:
+    labels = labels or [{} for _ in values]
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": lab, "value": [0, v]} for lab, v in zip(labels, values, strict=True)]}}).encode()
+
+
+class FakeHttp:
+    """Answers by which metric the query reads; records the queries."""
+
+    def __init__(self, answers: dict[str, tuple[int, bytes] | Exception]) -> None:
+        self.answers, self.seen = answers, []
+
+    def __call__(self, url: str, params: dict[str, str], timeout: float) -> tuple[int, bytes]:
+        q = params["query"]
+        self.seen.append((url, q, params["time"]))
+        for key, ans in self.answers.items():
+            if key in q:
+                if isinstance(ans, Exception):
+                    raise ans
+                return ans
+        return 200, vec()
+
+
+def source(answers) -> tuple[PrometheusSource, FakeHttp]:
+    http = FakeHttp(answers)
+    return PrometheusSource("http://prom:9090", Queries("minilm", "30s"), clock=lambda: 123.0,
+                            http=http), http
+
+
+def test_reads_rate_p95_queue_and_pools():
+    src, http = source({
+        "by (pool)": (200, vec("30", "12", labels=[{"pool": "a"}, {"pool": "b"}])),
+        "nv_inference_request_success": (200, vec("42")),
+        "summary_us": (200, vec("87.5")),
+    })
+    r = src.read()
+    assert r.request_rate == 42.0 and r.p95_ms == 87.5 and r.queue_ms == 42.0
+    assert r.rate_by_pool == {"a": 30.0, "b": 12.0}
+    assert all(u == "http://prom:9090/api/v1/query" and t == "123.000" for u, _, t in http.seen)
+    assert 'model="minilm"' in http.seen[0][1] and "[30s]" in http.seen[0][1]
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    ((200, vec()), "no data"),
+    ((200, vec("1", "2")), "ambiguous"),
+    ((200, vec("NaN")), "not a number"),
+    ((200, vec("+Inf")), "not a number"),
+    ((503, b"down"), "HTTP 503"),
+    ((200, b"<html>"), "non-JSON"),
+    ((200, json.dumps({"status": "error", "error": "parse error"}).encode()), "parse error"),
+    (ConnectionRefusedError("refused"), "unreachable"),
+    (MetricsError("Prometheus unreachable at x: ConnectTimeout"), "unreachable"),
+])
+def test_no_data_is_never_zero(answer, why):
+    src, _ = source({"nv_inference": answer})
+    r = src.read()
+    assert r.request_rate is None and r.p95_ms is None
+    assert any(why in p for p in r.problems)
+    plat = InMemoryPlatform(["a"], clock=lambda: 0.0)
+    plat.set_ready("m", {"a": 3})
+    o, _ = observe(src, plat, "m")
+    d = decide(o, [PoolCapacity("a", 10, 0.1)], Target(100, 1, 5), None, 0)
+    assert d.replicas == {"a": 3} and d.code is Reason.METRICS_UNAVAILABLE and d.slo_met is None
+
+
+def test_zero_rate_from_existing_series_is_zero_load():
+    src, _ = source({"request_success": (200, vec("0")), "summary_us": (200, vec("NaN"))})
+    r = src.read()
+    assert r.request_rate == 0.0 and r.p95_ms is None
+
+
+def test_platform_startup_delay_and_scale_down_order():
+    now = [0.0]
+    plat = InMemoryPlatform(["a", "b"], clock=lambda: now[0], startup_seconds=30)
+    plat.set_ready("m", {"a": 1})
+    plat.scale("m", {"a": 3, "b": 1})
+    assert plat.current_replicas("m") == {"a": 3, "b": 1}
+    assert plat.ready_replicas("m") == {"a": 1, "b": 0}
+    now[0] = 30.0
+    assert plat.ready_replicas("m") == {"a": 3, "b": 1}
+    plat.scale("m", {"a": 4})
+    plat.scale("m", {"a": 3})  # the starting one goes first
+    assert plat.ready_replicas("m") == {"a": 3, "b": 1}
+
+
+def test_exporter_private_registry_and_values():
+    m1, m2 = LeanserveMetrics(), LeanserveMetrics()  # no collision: private registries
+    t = Target(100, 1, 4, 1.0)
+    pools = [PoolCapacity("a", 10, 0.1), PoolCapacity("b", 50, 0.4)]
+    d = decide(Observation(0, 36.0, 40.0), pools, t, None, 0)
+    m1.record("minilm", d, t, actual={"a": 1, "b": 0}, ready={"a": 1, "b": 0})
+    m1.record("minilm", decide(Observation(5, None), pools, t, d, 5), t)
+    text = generate_latest(m1.registry).decode()
+    assert 'leanserve_desired_replicas{model="minilm",pool="a"}' in text
+    assert 'leanserve_metrics_available{model="minilm"} 0.0' in text
+    assert 'leanserve_slo_met{model="minilm"} NaN' in text
+    assert 'leanserve_slo_attainment_ratio{model="minilm"} 1.0' in text
+    assert 'code="MetricsUnavailable"' in text
+    assert "leanserve_desired_replicas{" not in generate_latest(m2.registry).decode()
+
+
+def test_trace_errors(tmp_path: Path):
+    with pytest.raises(TraceError, match="no such file"):
+        load_trace(tmp_path / "none.csv")
+    bad = tmp_path / "b.csv"
+    bad.write_text("t,rps\n0,1\n")
+    with pytest.raises(TraceError, match="header must be"):
+        load_trace(bad)
+    bad.write_text("time_s,requests_per_s\n0,1\n5,-3\n")
+    with pytest.raises(TraceError, match=r"b.csv:3: requests_per_s must be >= 0"):
+        load_trace(bad)
+    bad.write_text("time_s,requests_per_s\n0,1\n0,2\n")
+    with pytest.raises(TraceError, match="must increase"):
+        load_trace(bad)
+
+
+def test_latency_model_meets_slo_exactly_at_capacity():
+    assert modelled_p95(40, 40, 100, 0.3) == pytest.approx(100)
+    assert modelled_p95(20, 40, 100, 0.3) < 100 < modelled_p95(41, 40, 100, 0.3)
+    assert modelled_p95(5, 0, 100, 0.3) == 1000
+
+
+def test_simulation_orders_policies_sensibly():
+    times = tuple(float(t) for t in range(0, 3600, 10))
+    rates = tuple(100 + 300 * math.sin(math.pi * t / 3600) for t in times)
+    pools = [PoolCapacity("s", 40, 0.1), PoolCapacity("l", 170, 0.38)]
+    sim = simulate(Trace(times, rates), pools, Target(100, 1, 20, 10.0, 5, 20))
+    s = sim.summary()["policies"]
+    assert set(s) >= {"leanserve", "static", "hpa", "keda", "oracle"}
+    assert s["oracle"]["slo_attainment"] == 1.0
+    assert all(s["oracle"]["cost"] <= s[k]["cost"] + 1e-9 for k in s)
+    assert s["static"]["cost"] >= s["leanserve"]["cost"]
+    assert s["leanserve"]["cost"] < s["hpa"]["cost"]
+    assert s["leanserve"]["slo_attainment"] >= 0.98
