@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 
 from leanserve.errors import LeanserveError
-from leanserve.local.ports import free_port
+from leanserve.serving.server import free_port
 
 
 class PrometheusError(LeanserveError):

@@ -1,0 +1,130 @@
+"""The Platform port on one machine: a replica is a local tritonserver process.
+
+The autoscaler asks for replicas per pool; this adapter starts new tritonserver processes in
+the background (a replica counts as ready only once Triton says so, as a Pod would) and stops
+surplus ones newest first. All pools share this machine, so a pool here is a label on the
+replica (its metrics carry ``pool``), not different hardware: the report says so.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from leanserve.serving.server import LocalTriton
+
+
+@dataclass
+class Replica:
+    pool: str
+    index: int
+    server: LocalTriton
+    ready: bool = False
+    failed: str | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+class LocalPlatform:
+    """Starts and stops tritonserver replicas of one model repository."""
+
+    def __init__(self, repo: Path, log_dir: Path, *,
+                 on_change: Callable[[], None] | None = None,
+                 server_factory: Callable[..., LocalTriton] = LocalTriton) -> None:
+        self.repo = repo
+        self.log_dir = log_dir
+        self.on_change = on_change
+        self._factory = server_factory
+        self._replicas: list[Replica] = []
+        self._lock = threading.Lock()
+        self._counter = 0
+        self.errors: list[str] = []
+
+    # Platform port --------------------------------------------------------------------------
+
+    def current_replicas(self, model: str) -> dict[str, int]:
+        with self._lock:
+            return self._count(lambda r: r.failed is None)
+
+    def ready_replicas(self, model: str) -> dict[str, int]:
+        with self._lock:
+            return self._count(lambda r: r.ready)
+
+    def scale(self, model: str, replicas: dict[str, int]) -> None:
+        for pool, want in replicas.items():
+            with self._lock:
+                mine = sorted((r for r in self._replicas if r.pool == pool and r.failed is None),
+                              key=lambda r: r.index)
+            for _ in range(want - len(mine)):
+                self._start(pool)
+            for replica in reversed(mine[want:]):
+                self._stop(replica)
+
+    # what the load generator and Prometheus need ---------------------------------------------
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        """(pool, HTTP URL) of every ready replica."""
+        with self._lock:
+            return [(r.pool, r.server.http_url) for r in self._replicas if r.ready]
+
+    def metrics_targets(self) -> list[tuple[str, str]]:
+        """(pool, host:port of the metrics endpoint) of every ready replica."""
+        with self._lock:
+            return [(r.pool, r.server.metrics_url.split("//", 1)[-1].split("/", 1)[0])
+                    for r in self._replicas if r.ready]
+
+    def wait_ready(self, timeout_s: float) -> None:
+        with self._lock:
+            threads = [r.thread for r in self._replicas if r.thread is not None]
+        for t in threads:
+            t.join(timeout_s)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            replicas = list(self._replicas)
+        for r in replicas:
+            self._stop(r)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _count(self, keep: Callable[[Replica], bool]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self._replicas:
+            if keep(r):
+                out[r.pool] = out.get(r.pool, 0) + 1
+        return out
+
+    def _start(self, pool: str) -> None:
+        self._counter += 1
+        index = self._counter
+        server = self._factory(self.repo, log_dir=self.log_dir / f"{pool}-{index}")
+        replica = Replica(pool, index, server)
+
+        def boot() -> None:
+            try:
+                server.start()
+            except Exception as exc:  # noqa: BLE001 - recorded, reported, and the replica reaped
+                replica.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.errors.append(f"replica {pool}-{index}: {replica.failed}")
+                server.stop()
+                return
+            replica.ready = True
+            if self.on_change:
+                self.on_change()
+
+        replica.thread = threading.Thread(target=boot, name=f"triton-{pool}-{index}", daemon=True)
+        with self._lock:
+            self._replicas.append(replica)
+        replica.thread.start()
+
+    def _stop(self, replica: Replica) -> None:
+        if replica.thread is not None and replica.thread is not threading.current_thread():
+            replica.thread.join(180)  # never kill a server halfway through its start
+        with self._lock:
+            if replica in self._replicas:
+                self._replicas.remove(replica)
+        replica.ready = False
+        if self.on_change:
+            self.on_change()
+        replica.server.stop()
