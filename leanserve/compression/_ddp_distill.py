@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 labels=None if data.labels is None else data.labels.to(device))
         for p in student.parameters():
             p.requires_grad_(True)
+        _ddp_train.freeze_unused(student, data, tc.task)
         ddp = DistributedDataParallel(student, device_ids=[device.index] if use_cuda else None)
         losses = _ddp_train.train(ddp, data, tc, rank=rank, world=world, params=student)
         # average what every rank saw, so the report shows the loss of the whole data

@@ -101,6 +101,26 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student, labels)
 
 
+def freeze_unused(module: nn.Module, data: TrainData, task: Task) -> list[str]:
+    """Stop training parameters the output does not depend on (BERT's pooler, say).
+
+    DDP refuses parameters that get no gradient; one probe backward on two rows finds them,
+    and it finds the same ones on every rank.
+    """
+    module.zero_grad(set_to_none=True)
+    inputs, targets, labels = data.rows(torch.arange(min(2, len(data))))
+    with torch.enable_grad():
+        out = module(**inputs)
+        kd_loss(out, targets, labels, task=task, temperature=1.0, alpha=0.5).backward()
+    frozen = []
+    for name, p in module.named_parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+            frozen.append(name)
+    module.zero_grad(set_to_none=True)
+    return frozen
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     task: Task

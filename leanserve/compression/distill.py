@@ -228,13 +228,15 @@ def run_torchrun(job: Path, workers: int, timeout_s: float = DDP_TIMEOUT_S) -> d
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+    lines = log.read_text(errors="replace").strip().splitlines()
+    errors = [ln for ln in lines if "Error" in ln and "Traceback" not in ln]
+    tail = " | ".join(errors[-1:] or lines[-3:]) + f" (full log: {log})"
     if code is None:
         raise DistillError(f"distill: DDP training with {workers} workers exceeded "
-                           f"{timeout_s:.0f}s and was stopped (log: {tail})")
+                           f"{timeout_s:.0f}s and was stopped: {tail}")
     if code != 0 or not result.exists():
         raise DistillError(f"distill: DDP training with {workers} workers failed with exit "
-                           f"code {code} (log: {tail})")
+                           f"code {code}: {tail}")
     return json.loads(result.read_text())
 
 

@@ -1,0 +1,70 @@
+"""Distillation under torchrun: two gloo processes train one student through files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from leanserve.api.spec import DistillStep, Task
+from leanserve.compression import _ddp_train
+from leanserve.compression.distill import DistillError, distill, run_torchrun, write_job
+from leanserve.compression.modules import TextEncoder
+from leanserve.compression.registry import Batch, Context, Model
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_text() -> TextEncoder:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
+    return TextEncoder(BertModel(cfg).eval()).eval()
+
+
+def rows(n: int = 4, size: int = 16) -> list[Batch]:
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 100, (size, 10), generator=gen)
+        out.append(Batch(inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    return out
+
+
+def mean_cos(a: nn.Module, b: nn.Module, data: list[Batch]) -> float:
+    with torch.no_grad():
+        return float(torch.cat([nn.functional.cosine_similarity(a(**x.inputs), b(**x.inputs))
+                                for x in data]).mean())
+
+
+def test_two_workers_train_the_student(tmp_path: Path) -> None:
+    teacher = tiny_text()
+    data = rows()
+    ctx = Context(task=Task.FEATURE_EXTRACTION, train=data, teacher=teacher, workdir=tmp_path)
+    cfg = DistillStep(student_layers=2, epochs=6, learning_rate=1e-3, batch_size=8, workers=2)
+    start = distill(Model(module=teacher), cfg.model_copy(update={"workers": 1,
+                                                                  "learning_rate": 1e-9}), ctx)
+    out = distill(Model(module=teacher), cfg, ctx)
+    result = json.loads((tmp_path / "distill-job" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["backend"] == "gloo"
+    assert out.notes["distill_workers"] == 2
+    losses = out.notes["distill_loss"]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    # rank 0's weights were loaded back and improve on the untrained student
+    assert mean_cos(out.module, teacher, data) > mean_cos(start.module, teacher, data)
+    assert len(out.module.backbone.encoder.layer) == 2
+
+
+def test_worker_failure_is_reported_and_reaped(tmp_path: Path) -> None:
+    teacher = tiny_text()
+    data = _ddp_train.collect(rows(n=1), teacher)
+    tc = _ddp_train.TrainConfig(task=Task.FEATURE_EXTRACTION, epochs=1, learning_rate=1e-3)
+    write_job(tmp_path, teacher, data, tc, threads=1)
+    (tmp_path / "student.safetensors").write_bytes(b"not safetensors")  # workers will crash
+    with pytest.raises(DistillError, match="DDP training with 2 workers failed"):
+        run_torchrun(tmp_path, 2, timeout_s=120)
+    assert not (tmp_path / "trained.safetensors").exists()
