@@ -380,7 +380,16 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
             if final[n] < current[n]:
                 final[n] = current[n]
                 held_for_ready = True
-    final = fit_limits(final, pools, target, prefer=fresh)
+    over = (sum(final.values()) > target.max_replicas
+            or hourly_cost(final, pools) > target.budget + 1e-9)
+    if over:
+        # limits bind during a transition: drop the replicas not started yet before ready ones,
+        # unless what is ready cannot carry the load anyway (then swap, the only way forward)
+        keep_old = fit_limits(final, pools, target,
+                              prefer={n: min(final[n], current[n]) for n in names})
+        kept_ready = sum(min(keep_old[p.name], ready[p.name]) * p.capacity_rps for p in pools)
+        final = keep_old if kept_ready + 1e-9 >= demand and not breach else fit_limits(
+            final, pools, target, prefer=fresh)
 
     cost = hourly_cost(final, pools)
     cap = capacity(final, pools)
