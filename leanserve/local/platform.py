@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from leanserve.errors import LeanserveError
 from leanserve.serving.server import LocalTriton
 
 
@@ -104,7 +105,7 @@ class LocalPlatform:
         def boot() -> None:
             try:
                 server.start()
-            except Exception as exc:  # noqa: BLE001 - recorded, reported, and the replica reaped
+            except (LeanserveError, OSError) as exc:  # recorded, reported, replica reaped
                 replica.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 self.errors.append(f"replica {pool}-{index}: {replica.failed}")
                 server.stop()

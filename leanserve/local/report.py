@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _png(fig: Any) -> str:
@@ -101,8 +101,9 @@ def render_html(report: dict[str, Any], *, pareto_png: Path | None, timeline_b64
         pareto = (f'<img alt="pareto" src="data:image/png;base64,'
                   f'{base64.b64encode(pareto_png.read_bytes()).decode()}">')
     summary = html.escape(report.get("summary", ""))
+    name = html.escape(report.get("name", ""))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>leanserve run: {html.escape(report.get('name', ''))}</title>
+<html><head><meta charset="utf-8"><title>leanserve run: {name}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}

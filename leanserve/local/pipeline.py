@@ -1,0 +1,357 @@
+"""`leanserve run`: the whole pipeline on one machine, with the code the operator runs.
+
+compress (leanserve.compression) -> quality gate -> Triton repository -> a real tritonserver ->
+capacity profile per pool (leanserve.serving) -> a local Prometheus scraping every replica ->
+a rising-then-falling load burst -> the autoscaling policy (leanserve.autoscaling) every
+interval, acted on by starting and stopping tritonserver replicas (LocalPlatform) -> report.
+
+Everything started here is stopped on success, on error and on Ctrl-C (one ExitStack).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leanserve.api.load import LoadedSpec
+from leanserve.autoscaling.exporter import LeanserveMetrics
+from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
+from leanserve.autoscaling.policy import Decision, Target, decide, pools_from_profile
+from leanserve.errors import LeanserveError
+from leanserve.local.direct import DirectSource
+from leanserve.local.platform import LocalPlatform
+from leanserve.local.prometheus import LocalPrometheus, prometheus_binary
+from leanserve.local.report import render_html, timeline_png
+from leanserve.serving.server import free_port
+
+Say = Callable[[str], None]
+
+
+class RunError(LeanserveError):
+    """`leanserve run` could not go on; the message says where its logs are."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How `leanserve run` drives the local pipeline."""
+
+    load_seconds: float = 60.0
+    """Length of the load burst (rising, then falling)."""
+    peak_factor: float = 1.8
+    """Peak offered load as a multiple of one replica's measured capacity at the SLO."""
+    cooldown_seconds: float | None = None
+    """Observation after the burst, to see the scale-down (default: the stabilization window
+    plus three intervals)."""
+    quick_profile: bool = True
+    """Search a small config grid (keeps `leanserve run` within minutes)."""
+    metrics_window_s: int = 10
+    """rate() window of the PromQL queries (short: the local burst lasts a minute)."""
+    scrape_interval_s: float = 1.0
+
+
+@dataclass
+class RunState:
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    records: list[tuple[float, float | None, bool]] = field(default_factory=list)
+    """(seconds since load start, latency ms or None, ok) per request."""
+    offered: list[tuple[float, float]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def burst(peak_rps: float, seconds: float, floor: float = 0.15) -> Callable[[float], float]:
+    """Requests/s at t: a half-sine from ``floor*peak`` up to ``peak`` and back."""
+    def rate(t: float) -> float:
+        x = min(max(t / seconds, 0.0), 1.0)
+        return peak_rps * (floor + (1 - floor) * math.sin(math.pi * x))
+    return rate
+
+
+def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, say: Say,
+                 progress: Any = None) -> dict[str, Any]:
+    """Run everything; returns report.json's content (also written, with report.html)."""
+    from leanserve.compression.pipeline import compress
+    from leanserve.serving.profile import profile_repository
+
+    spec = loaded.spec
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    report: dict[str, Any] = {"name": loaded.name, "workdir": str(workdir.resolve())}
+
+    say("compressing every candidate and applying the quality gate")
+    comp = compress(loaded, workdir / "compression", progress=progress)
+    report["compression"] = comp
+    if comp.get("selected") is None:
+        _write(workdir, report)
+        raise RunError(f"no candidate passed the quality gate (maxDrop {spec.quality.max_drop}); "
+                       f"see {workdir / 'compression' / 'report.json'}")
+    repo = workdir / "compression" / "model_repository"
+
+    say(f"profiling {comp['selected']} on a real tritonserver (capacity at p95 <= "
+        f"{spec.slo.latency_p95_ms:g} ms)")
+    profile = profile_repository(repo, spec, quick=settings.quick_profile,
+                                 log_dir=logs / "profile")
+    (workdir / "profile.json").write_text(json.dumps(profile, indent=2))
+    report["profile"] = profile
+    pools = pools_from_profile(profile, spec)
+    report["cost"] = _costs(profile, spec)
+
+    target = Target.from_spec(spec)
+    model = _served_model(repo)
+    state = RunState()
+    with ExitStack() as stack:
+        stack.enter_context(_sigterm_as_interrupt())
+        platform = LocalPlatform(_best_repository(repo, profile, workdir), logs)
+        stack.callback(platform.stop_all)
+        prom, source_note = _metrics_source(stack, workdir, settings, say)
+        exporter = LeanserveMetrics()
+        exporter_port = free_port()
+        server = exporter.serve(exporter_port, addr="127.0.0.1")
+        stack.callback(server.shutdown)
+
+        def retarget() -> None:
+            if prom is not None:
+                groups = [([t], {"pool": pool, "role": "triton"})
+                          for pool, t in platform.metrics_targets()]
+                groups.append(([f"127.0.0.1:{exporter_port}"], {"role": "leanserve"}))
+                prom.set_targets(groups)
+
+        platform.on_change = retarget
+        first = min(pools, key=lambda p: p.hourly_price / p.capacity_rps)
+        start_replicas = {p.name: 0 for p in pools}
+        start_replicas[first.name] = max(1, target.min_replicas)
+        say(f"starting {start_replicas[first.name]} tritonserver replica(s) in pool {first.name}")
+        platform.scale(model, start_replicas)
+        platform.wait_ready(180)
+        if not platform.endpoints():
+            raise RunError("no tritonserver replica became ready: " + "; ".join(platform.errors)
+                           + f" (logs under {logs})")
+        retarget()
+        source = (PrometheusSource(prom.url, Queries(model, window=f"{settings.metrics_window_s}s"),
+                                   clock=time.monotonic) if prom is not None
+                  else DirectSource(platform, model, clock=time.monotonic))
+        report["metrics_source"] = source_note
+
+        single = first.capacity_rps
+        peak = max(1.0, settings.peak_factor * single)
+        schedule = burst(peak, settings.load_seconds)
+        cooldown = settings.cooldown_seconds
+        if cooldown is None:
+            cooldown = spec.autoscaling.scale_down_stabilization_seconds + \
+                3 * spec.autoscaling.interval_seconds
+        say(f"load burst: {settings.load_seconds:.0f} s rising to {peak:.1f} req/s "
+            f"(~{settings.peak_factor:g}x one replica), then {cooldown:.0f} s of quiet")
+        payloads = _payloads(platform, model)
+        stop = threading.Event()
+        t0 = time.monotonic()
+        loader = threading.Thread(target=_drive, name="load", daemon=True,
+                                  args=(platform, model, payloads, schedule, settings.load_seconds,
+                                        t0, state, stop))
+        loader.start()
+        stack.callback(lambda: (stop.set(), loader.join(30)))
+        previous: Decision | None = None
+        interval = spec.autoscaling.interval_seconds
+        end = t0 + settings.load_seconds + cooldown
+        while time.monotonic() < end:
+            time.sleep(max(0.0, min(interval, end - time.monotonic())))
+            obs, reading = observe(source, platform, model)
+            now = time.monotonic()
+            decision = decide(obs, pools, spec, previous, now)
+            platform.scale(model, decision.replicas)
+            exporter.record(model, decision, target, actual=platform.current_replicas(model),
+                            ready=platform.ready_replicas(model),
+                            observed_rate=reading.request_rate,
+                            observed_p95_ms=reading.p95_ms)
+            entry = {"time_s": round(now - t0, 2), "replicas": dict(decision.replicas),
+                     "reason": decision.reason, "code": decision.code.value,
+                     "observed_rps": reading.request_rate, "observed_p95_ms": reading.p95_ms,
+                     "hourly_cost": decision.hourly_cost,
+                     "ready": platform.ready_replicas(model)}
+            state.decisions.append(entry)
+            say(f"t={entry['time_s']:6.1f}s  {_mix(decision.replicas)}  {decision.reason}")
+            previous = decision
+        stop.set()
+        loader.join(30)
+        report["replica_errors"] = list(platform.errors)
+    report["autoscaling"] = state.decisions
+    report["timeline"] = _timeline(state)
+    report["summary"] = _summary(report, spec)
+    _write(workdir, report, slo_ms=spec.slo.latency_p95_ms)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _metrics_source(stack: ExitStack, workdir: Path, settings: RunSettings,
+                    say: Say) -> tuple[LocalPrometheus | None, str]:
+    if prometheus_binary() is None:
+        say("prometheus is not installed: reading Triton's metrics endpoints directly "
+            "(apt-get install -y prometheus for the real path)")
+        return None, "direct scrape of Triton /metrics (prometheus not installed)"
+    prom = LocalPrometheus(workdir / "prometheus", scrape_interval_s=settings.scrape_interval_s)
+    stack.enter_context(prom)
+    say(f"prometheus at {prom.url} scraping every replica")
+    return prom, f"prometheus {prom.url}"
+
+
+def _served_model(repo: Path) -> str:
+    from leanserve.serving.repository import primary_model
+
+    return primary_model(repo).name
+
+
+def _best_repository(repo: Path, profile: dict[str, Any], workdir: Path) -> Path:
+    """A copy of the repository with the profile's best config applied to the ONNX model,
+    so that every local replica serves what the profiler measured."""
+    from leanserve.serving import pbtxt
+    from leanserve.serving.repository import (
+        ServingConfig,
+        primary_model,
+        to_local_repository,
+        with_serving_config,
+    )
+
+    dest = to_local_repository(repo, workdir / "serving_repository")
+    best = profile.get("config")
+    if best:
+        entry = primary_model(dest)
+        pbtxt.write(with_serving_config(entry.config, ServingConfig.from_json(best)), entry.path)
+    return dest
+
+
+def _payloads(platform: LocalPlatform, model: str) -> list[dict[str, Any]]:
+    from leanserve.serving.inputs import make_inputs
+    from leanserve.serving.loadgen import Protocol, fetch_model_config
+
+    url = platform.endpoints()[0][1]
+    return make_inputs(fetch_model_config(url, model, Protocol.HTTP), batch=1)
+
+
+def _drive(platform: LocalPlatform, model: str, payloads: list[dict[str, Any]],
+           schedule: Callable[[float], float], seconds: float, t0: float, state: RunState,
+           stop: threading.Event, segment_s: float = 2.0) -> None:
+    """Open-loop load in short segments, each spread over the replicas ready at its start."""
+    from leanserve.serving.loadgen import Balance, LoadSpec, run_load
+
+    seg = 0
+    while not stop.is_set():
+        start = time.monotonic() - t0
+        if start >= seconds:
+            return
+        length = min(segment_s, seconds - start)
+        urls = [u for _pool, u in platform.endpoints()]
+        if not urls or length < 0.2:
+            time.sleep(0.2)
+            continue
+
+        def on_result(r: Any, offset: float = start) -> None:
+            with state.lock:
+                state.records.append((offset + r.scheduled,
+                                      None if r.latency is None else r.latency * 1000, r.ok))
+
+        spec = LoadSpec(model=model, rate_schedule=lambda t, o=start: schedule(o + t),
+                        duration_s=length, balance=Balance.LEAST_OUTSTANDING, seed=seg,
+                        timeout_s=10.0)
+        with state.lock:
+            state.offered.append((start, schedule(start)))
+        try:
+            run_load(urls, payloads, spec, on_result=on_result)
+        except LeanserveError:
+            time.sleep(0.2)  # a replica went away mid-segment; the next segment re-reads them
+        seg += 1
+
+
+def _timeline(state: RunState, bucket_s: float = 2.0) -> list[dict[str, Any]]:
+    with state.lock:
+        records = list(state.records)
+        offered = list(state.offered)
+    if not records:
+        return []
+    buckets: dict[int, list[tuple[float | None, bool]]] = {}
+    for t, lat, ok in records:
+        buckets.setdefault(int(t // bucket_s), []).append((lat, ok))
+    out = []
+    for b in sorted(buckets):
+        lats = sorted(lat for lat, ok in buckets[b] if ok and lat is not None)
+        t = b * bucket_s
+        near = [r for s, r in offered if s <= t + bucket_s]
+        out.append({
+            "time_s": t,
+            "offered_rps": near[-1] if near else None,
+            "achieved_rps": len(lats) / bucket_s,
+            "errors": sum(1 for _lat, ok in buckets[b] if not ok),
+            "p95_ms": lats[min(len(lats) - 1, int(0.95 * len(lats)))] if lats else None,
+        })
+    return out
+
+
+def _costs(profile: dict[str, Any], spec: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pool in spec.node_pools:
+        p = profile["pools"][pool.name]
+        out[pool.name] = {"hourly_price": pool.hourly_price,
+                          "capacity_rps": p["capacity_rps"],
+                          "per_million_requests": p["cost_per_million_requests"],
+                          "measured": p.get("measured", False)}
+    out["chosen_pool"] = min(spec.node_pools,
+                             key=lambda p: out[p.name]["per_million_requests"]).name
+    return out
+
+
+def _summary(report: dict[str, Any], spec: Any) -> str:
+    comp = report["compression"]
+    sel = next(c for c in comp["candidates"] if c["name"] == comp["selected"])
+    base = comp["baseline"]
+    lat = [p["p95_ms"] for p in report["timeline"] if p["p95_ms"] is not None]
+    within = sum(1 for v in lat if v <= spec.slo.latency_p95_ms) / len(lat) if lat else 0.0
+    peak = max((sum(d["replicas"].values()) for d in report["autoscaling"]), default=0)
+    chosen = report["cost"]["chosen_pool"]
+    return (f"selected {sel['name']}: {base['size_bytes'] / max(1, sel['size_bytes']):.1f}x "
+            f"smaller, {sel.get('speedup') or 0:.2f}x the baseline throughput, quality drop "
+            f"{sel['quality_drop']:.4f}; served on {chosen} at "
+            f"${report['cost'][chosen]['per_million_requests']:.3f} per million requests; "
+            f"p95 within the {spec.slo.latency_p95_ms:g} ms SLO in {within:.0%} of 2 s "
+            f"intervals; replicas peaked at {peak}.")
+
+
+def _mix(replicas: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in replicas.items())
+
+
+def _write(workdir: Path, report: dict[str, Any], slo_ms: float | None = None) -> None:
+    tmp = workdir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(workdir / "report.json")
+    if slo_ms is None:
+        return
+    img = timeline_png(report.get("timeline", []), report.get("autoscaling", []), slo_ms,
+                       workdir / "timeline.png")
+    page = render_html(report, pareto_png=workdir / "compression" / "pareto.png",
+                       timeline_b64=img)
+    (workdir / "report.html").write_text(page)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM cleans up like Ctrl-C (only in the main thread, where signals can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
