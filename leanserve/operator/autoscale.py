@@ -1,0 +1,71 @@
+"""One autoscaling step for one CompressedModel in the cluster.
+
+Glue only: Prometheus (leanserve.autoscaling.metrics) and the Deployments (``platform``) are
+observed, ``leanserve.autoscaling.policy.decide`` decides, the Kubernetes platform scales, and the
+decision (with the history the policy needs for its stabilization window) goes into
+``status.autoscaling``: the policy's memory lives in the cluster, never only in this process.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from leanserve.autoscaling.errors import AutoscalingError
+from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
+from leanserve.autoscaling.policy import Decision, HistoryEntry, Reason, decide, pools_from_profile
+from leanserve.operator.errors import OperatorError
+from leanserve.operator.platform import KubernetesPlatform
+
+HISTORY_KEEP = 64
+
+
+def decision_from_status(saved: dict[str, Any] | None) -> Decision | None:
+    """The previous Decision as stored in status.autoscaling (None when there is none)."""
+    if not saved or not isinstance(saved.get("last"), dict):
+        return None
+    last = saved["last"]
+    try:
+        history = tuple(HistoryEntry(float(h["time"]), tuple(sorted(
+            (str(k), int(v)) for k, v in h["replicas"].items())), h.get("rate"))
+            for h in saved.get("history") or [])
+        return Decision(time=float(last["time"]), replicas=dict(last["replicas"]),
+                        reason=str(last.get("reason", "")), code=Reason(last["code"]),
+                        desired_rps=last.get("desired_rps"),
+                        capacity_rps=float(last.get("capacity_rps") or 0.0),
+                        hourly_cost=float(last.get("hourly_cost") or 0.0),
+                        slo_met=last.get("slo_met"), history=history)
+    except (KeyError, TypeError, ValueError):
+        return None  # an unreadable record only costs the stabilization memory
+
+
+def decision_to_status(decision: Decision) -> dict[str, Any]:
+    return {"last": decision.to_dict(),
+            "history": [{"time": h.time, "replicas": h.as_dict(), "rate": h.rate}
+                        for h in decision.history[-HISTORY_KEEP:]]}
+
+
+def step(body: dict[str, Any], rt: Any, logger: Any) -> Decision | None:
+    """Observe, decide, scale, record. Returns the decision (None when there is nothing to do)."""
+    from leanserve.operator.handlers import to_resource
+
+    res = to_resource(body)
+    spec, status = res.spec, dict(body.get("status") or {})
+    profile = {"pools": (status.get("compression") or {}).get("pools")}
+    if spec is None or not profile["pools"]:
+        return None  # no serving profile: replicas stay at minReplicas until one exists
+    try:
+        pools = [p for p in pools_from_profile(profile, spec)]
+        platform = KubernetesPlatform.from_connection(rt.login(), res.owner.namespace)
+        source = PrometheusSource(url=spec.autoscaling.prometheus_url,
+                                  queries=Queries(model=res.owner.name), clock=time.time)
+        obs, reading = observe(source, platform, res.owner.name)
+        now = time.time()
+        decision = decide(obs, pools, spec, decision_from_status(status.get("autoscaling")), now)
+        platform.scale(res.owner.name, decision.replicas)
+        platform.patch_status(res.owner.name, {"autoscaling": decision_to_status(decision)})
+    except AutoscalingError as exc:
+        raise OperatorError(str(exc)) from None
+    if reading.problems:
+        logger.info(f"autoscaling: {'; '.join(reading.problems)}")
+    return decision

@@ -1,0 +1,208 @@
+"""A small async Kubernetes API client for the operator's children.
+
+kopf patches the CompressedModel itself; Jobs, Deployments and the rest go through this client,
+which is built from the same credentials kopf logs in with (``kopf.ConnectionInfo``), so there is
+one async stack and no second Kubernetes library at run time. Everything it does is plain REST:
+GET, POST, DELETE, JSON merge patch, and server-side apply for objects the operator keeps in
+shape (stale fields it once set are removed by the API server on a real cluster).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import kopf
+
+from leanserve.operator.constants import FIELD_MANAGER
+from leanserve.operator.errors import ApiError, ConflictError
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def base(self) -> str:
+        return f"/api/{self.api_version}" if "/" not in self.api_version \
+            else f"/apis/{self.api_version}"
+
+
+class Kinds(enum.Enum):
+    JOB = Kind("batch/v1", "jobs")
+    CONFIGMAP = Kind("v1", "configmaps")
+    SERVICE = Kind("v1", "services")
+    POD = Kind("v1", "pods")
+    EVENT = Kind("v1", "events")
+    DEPLOYMENT = Kind("apps/v1", "deployments")
+    PDB = Kind("policy/v1", "poddisruptionbudgets")
+    SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "servicemonitors")
+    POD_MONITOR = Kind("monitoring.coreos.com/v1", "podmonitors")
+    COMPRESSED_MODEL = Kind("leanserve.io/v1alpha1", "compressedmodels")
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any]) -> Kinds:
+        by_kind = {"Job": cls.JOB, "ConfigMap": cls.CONFIGMAP, "Service": cls.SERVICE,
+                   "Pod": cls.POD, "Event": cls.EVENT, "Deployment": cls.DEPLOYMENT,
+                   "PodDisruptionBudget": cls.PDB, "ServiceMonitor": cls.SERVICE_MONITOR,
+                   "PodMonitor": cls.POD_MONITOR, "CompressedModel": cls.COMPRESSED_MODEL}
+        return by_kind[obj["kind"]]
+
+    @classmethod
+    def named(cls, kind: str) -> Kinds:
+        return cls.of({"kind": kind})
+
+
+def _path(kind: Kinds, namespace: str | None, name: str | None = None,
+          sub: str | None = None) -> str:
+    k = kind.value
+    path = k.base + (f"/namespaces/{namespace}" if k.namespaced and namespace else "") + \
+        f"/{k.plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+def contains(actual: Any, desired: Any) -> bool:
+    """Whether `actual` already has every field `desired` sets (servers add defaults)."""
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(
+            k in actual and contains(actual[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return isinstance(actual, list) and len(actual) == len(desired) and all(
+            contains(a, d) for a, d in zip(actual, desired, strict=True))
+    return bool(actual == desired)
+
+
+def _strip(obj: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(obj)
+    if len(path) == 1:
+        out.pop(path[0], None)
+    elif path[0] in out and isinstance(out[path[0]], Mapping):
+        out[path[0]] = _strip(out[path[0]], path[1:])
+    return out
+
+
+# Fields another controller owns once an object exists (the autoscaler owns replicas).
+PRESERVED: dict[str, tuple[tuple[str, ...], ...]] = {"Deployment": (("spec", "replicas"),)}
+
+
+class KubeClient:
+    """REST calls the operator needs; 404 on reads is None, 409 on create is ConflictError."""
+
+    def __init__(self, session: aiohttp.ClientSession, server: str) -> None:
+        self._session = session
+        self._server = server.rstrip("/")
+        self.requests = 0  # for the operator's metrics and the benchmark
+
+    @classmethod
+    def from_connection(cls, info: kopf.ConnectionInfo) -> KubeClient:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=32, ssl=info.as_ssl_context()),
+            headers=info.as_http_headers(),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+        return cls(session, info.server)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _call(self, method: str, path: str, *, body: Any = None,
+                    params: Mapping[str, str] | None = None,
+                    content_type: str = "application/json") -> dict[str, Any] | None:
+        self.requests += 1
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type} if body is not None else {}
+        async with self._session.request(method, self._server + path, data=data,
+                                         params=params or {}, headers=headers) as rsp:
+            if rsp.status == 404:
+                return None
+            text = await rsp.text()
+            if rsp.status == 409:
+                raise ConflictError(409, _message(text))
+            if rsp.status >= 400:
+                raise ApiError(rsp.status, f"{method} {path}: {_message(text)}")
+            return json.loads(text) if text else {}
+
+    async def get(self, kind: Kinds, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._call("GET", _path(kind, namespace, name))
+
+    async def list(self, kind: Kinds, namespace: str,
+                   labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        found = await self._call("GET", _path(kind, namespace),
+                                 params={"labelSelector": selector} if selector else None)
+        items = (found or {}).get("items") or []
+        # Filtered here too: correct on any server, needed where selectors are ignored.
+        return [i for i in items if all(
+            ((i.get("metadata") or {}).get("labels") or {}).get(k) == v
+            for k, v in labels.items())]
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        created = await self._call("POST", _path(Kinds.of(obj), meta.get("namespace")),
+                                   body=obj, params={"fieldManager": FIELD_MANAGER})
+        return created or {}
+
+    async def ensure(self, obj: Mapping[str, Any]) -> bool:
+        """Create when absent; never change an existing one. True when it was created."""
+        meta = obj["metadata"]
+        if await self.get(Kinds.of(obj), meta["namespace"], meta["name"]) is not None:
+            return False
+        try:
+            await self.create(obj)
+        except ConflictError:
+            return False  # a concurrent reconcile made it first: the same object
+        return True
+
+    async def apply(self, obj: Mapping[str, Any]) -> str:
+        """Create, or server-side apply what differs; returns created|updated|unchanged."""
+        kind, meta = Kinds.of(obj), obj["metadata"]
+        current = await self.get(kind, meta["namespace"], meta["name"])
+        if current is None:
+            try:
+                await self.create(obj)
+                return "created"
+            except ConflictError:
+                current = await self.get(kind, meta["namespace"], meta["name"]) or {}
+        body = dict(obj)
+        for path in PRESERVED.get(obj["kind"], ()):
+            body = _strip(body, path)
+        if contains(current, body):
+            return "unchanged"
+        await self._call("PATCH", _path(kind, meta["namespace"], meta["name"]), body=body,
+                         params={"fieldManager": FIELD_MANAGER, "force": "true"},
+                         content_type="application/apply-patch+yaml")
+        return "updated"
+
+    async def patch(self, kind: Kinds, namespace: str, name: str, body: Mapping[str, Any],
+                    sub: str | None = None) -> dict[str, Any] | None:
+        return await self._call("PATCH", _path(kind, namespace, name, sub), body=body,
+                                content_type="application/merge-patch+json")
+
+    async def delete(self, kind: Kinds, namespace: str, name: str) -> bool:
+        gone = await self._call("DELETE", _path(kind, namespace, name),
+                                body={"kind": "DeleteOptions", "apiVersion": "v1",
+                                      "propagationPolicy": "Background"})
+        return gone is not None
+
+    async def served(self, api_version: str) -> set[str]:
+        """Plural names an API group version serves (empty when the group does not exist)."""
+        base = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+        found = await self._call("GET", base)
+        return {r.get("name", "") for r in (found or {}).get("resources") or []}
+
+
+def _message(text: str) -> str:
+    try:
+        return str(json.loads(text).get("message") or text)[:300]
+    except ValueError:
+        return text[:300]

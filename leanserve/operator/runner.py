@@ -1,0 +1,104 @@
+"""Starting the operator: kopf's settings, credentials and the handlers' runtime in one place.
+
+Used by `leanserve operator` (its own event loop) and by the tests (a thread with its own loop,
+against kmock's emulator); both go through ``run_operator`` so they run the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from leanserve.api.spec import GROUP
+from leanserve.operator.constants import FINALIZER
+from leanserve.operator.errors import KubeconfigError
+from leanserve.operator.handlers import Runtime, build_registry
+from leanserve.operator.metrics import OperatorMetrics
+from leanserve.operator.settings import OperatorSettings
+
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def kubeconfig_path(env: dict[str, str] | None = None) -> Path | None:
+    env = dict(os.environ) if env is None else env
+    raw = env.get("KUBECONFIG")
+    candidates = [Path(p) for p in raw.split(os.pathsep) if p] if raw else \
+        [Path(env.get("HOME", "~")).expanduser() / ".kube" / "config"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def login() -> kopf.ConnectionInfo:
+    """In-cluster service account first, then the current kubeconfig; one clear error if none."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and SERVICE_ACCOUNT_TOKEN.is_file():
+        info = kopf.login_with_service_account()
+        if info is not None:
+            return info
+    if kubeconfig_path() is None:
+        raise KubeconfigError("no kubeconfig found: set KUBECONFIG or create ~/.kube/config "
+                              "(or run the operator inside a cluster with a ServiceAccount)")
+    info = kopf.login_with_kubeconfig()
+    if info is None:
+        raise KubeconfigError("the kubeconfig has no usable current context: run "
+                              "`kubectl config use-context NAME`")
+    return info
+
+
+@dataclass(frozen=True)
+class KopfTuning:
+    """kopf timings; the defaults suit a real cluster, tests shorten them."""
+
+    watch_server_timeout: int = 300
+    error_backoffs: tuple[float, ...] = (1, 2, 5, 10, 30)
+    max_workers: int = 8
+    batch_window: float = 0.1
+
+
+def kopf_settings(tuning: KopfTuning) -> kopf.OperatorSettings:
+    ks = kopf.OperatorSettings()
+    ks.persistence.finalizer = FINALIZER
+    # Annotations, not status.kopf: the CRD's status schema belongs to leanserve.
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{GROUP}")
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=f"kopf.{GROUP}", key="last-handled-configuration")
+    ks.posting.enabled = False  # Events are posted by the handlers, one per transition
+    ks.watching.server_timeout = tuning.watch_server_timeout
+    ks.watching.client_timeout = tuning.watch_server_timeout + 10
+    ks.networking.error_backoffs = list(tuning.error_backoffs)
+    ks.execution.max_workers = tuning.max_workers
+    ks.batching.batch_window = tuning.batch_window
+    return ks
+
+
+def make_runtime(settings: OperatorSettings, metrics: OperatorMetrics | None = None,
+                 login_fn: Callable[[], kopf.ConnectionInfo] = login) -> Runtime:
+    from leanserve.operator.autoscale import step
+
+    return Runtime(settings=settings, metrics=metrics or OperatorMetrics(), login=login_fn,
+                   autoscale=step)
+
+
+async def run_operator(rt: Runtime, *, namespace: str | None = None,
+                       tuning: KopfTuning = KopfTuning(),
+                       stop_flag: threading.Event | None = None,
+                       ready_flag: threading.Event | None = None) -> None:
+    port = rt.settings.liveness_port
+    kwargs: dict[str, Any] = {}
+    if namespace:
+        kwargs["namespaces"] = [namespace]
+    else:
+        kwargs["clusterwide"] = True
+    await kopf.operator(
+        registry=build_registry(rt),
+        settings=kopf_settings(tuning),
+        standalone=True,
+        liveness_endpoint=f"http://0.0.0.0:{port}/healthz" if port else None,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        **kwargs,
+    )
