@@ -98,7 +98,7 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
     say(f"profiling {comp['selected']} on a real tritonserver (capacity at p95 <= "
         f"{spec.slo.latency_p95_ms:g} ms)")
     profile = profile_repository(repo, spec, quick=settings.quick_profile,
-                                 log_dir=logs / "profile")
+                                 workdir=logs / "profile", note=say)
     (workdir / "profile.json").write_text(json.dumps(profile, indent=2))
     report["profile"] = profile
     pools = pools_from_profile(profile, spec)
@@ -210,21 +210,14 @@ def _served_model(repo: Path) -> str:
 
 
 def _best_repository(repo: Path, profile: dict[str, Any], workdir: Path) -> Path:
-    """A copy of the repository with the profile's best config applied to the ONNX model,
-    so that every local replica serves what the profiler measured."""
-    from leanserve.serving import pbtxt
-    from leanserve.serving.repository import (
-        ServingConfig,
-        primary_model,
-        to_local_repository,
-        with_serving_config,
-    )
+    """A local copy of the repository with the profile's best config applied, so that every
+    replica serves what the profiler measured."""
+    from leanserve.serving.profile import apply_profile_config
+    from leanserve.serving.repository import to_local_repository
 
     dest = to_local_repository(repo, workdir / "serving_repository")
-    best = profile.get("config")
-    if best:
-        entry = primary_model(dest)
-        pbtxt.write(with_serving_config(entry.config, ServingConfig.from_json(best)), entry.path)
+    if profile.get("config"):
+        apply_profile_config(dest, profile)
     return dest
 
 
