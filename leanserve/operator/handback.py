@@ -69,7 +69,7 @@ def encode(summary: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
     if len(text.encode()) <= limit:
         return text
     s["candidates"] = [{k: v for k, v in c.items() if k != "error"} for c in s["candidates"]]
-    while len(text := json.dumps(s, separators=(",", ":"))).encode() > limit and \
+    while len((text := json.dumps(s, separators=(",", ":"))).encode()) > limit and \
             len(s["candidates"]) > 1:
         s["candidates"] = s["candidates"][:-1]
         s["truncated"] = True

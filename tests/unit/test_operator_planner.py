@@ -1,0 +1,161 @@
+"""The pure planner: situations in, children/status/events out (no cluster, no clock)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from leanserve.operator import builders, handback, planner
+from leanserve.operator.constants import JobState, MonitorKind
+from leanserve.operator.planner import DeploymentObservation, JobObservation, Observed, Resource
+from leanserve.operator.settings import OperatorSettings
+from tests.unit.test_operator_builders import OWNER, spec_of
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+S = OperatorSettings()
+SPEC = spec_of()
+JP = builders.job_plan(OWNER, SPEC)
+PROFILE = {"cpu": {"capacity_rps": 50, "cost_per_million_requests": 0.6, "measured": True},
+           "gpu-t4": {"capacity_rps": 900, "cost_per_million_requests": 0.15, "measured": False}}
+
+
+def report(selected: str | None = "int8", pools: dict[str, Any] | None = None) -> str:
+    r = {"metric": "cosine", "selected": selected, "baseline": {"quality": 1.0},
+         "candidates": [{"name": "int8", "passed": selected is not None, "quality": 0.99}]}
+    return handback.encode(handback.summarize(r, "pvc://models/x/model_repository", "f" * 64,
+                                              {"pools": pools} if pools else None))
+
+
+def compressed_status(pools: dict[str, Any] | None = None) -> dict[str, Any]:
+    summary = handback.decode(report(pools=pools))
+    assert summary is not None
+    return {"compression": {**summary, "recipeHash": JP.recipe, "job": JP.name},
+            "artifact": summary["artifact"], "phase": "Deploying"}
+
+
+def conds(desired: planner.Desired) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in desired.status["conditions"]}
+
+
+def kinds(objs: list[dict[str, Any]]) -> list[str]:
+    return [o["kind"] for o in objs]
+
+
+CASES = {
+    "new": (Observed(), {}, "Compressing", ["ConfigMap", "Job"], []),
+    "running": (Observed(job=JobObservation(JP.name, JobState.RUNNING)), {}, "Compressing",
+                ["ConfigMap", "Job"], []),
+    "failed": (Observed(job=JobObservation(JP.name, JobState.FAILED, "DeadlineExceeded", "",
+                                           "oom")), {}, "Failed", [], []),
+    "succeeded": (Observed(job=JobObservation(JP.name, JobState.SUCCEEDED, termination=report())),
+                  {}, "Deploying", [], ["Deployment", "Service", "PodDisruptionBudget"]),
+    "no-candidate": (Observed(job=JobObservation(JP.name, JobState.SUCCEEDED,
+                                                 termination=report(None))), {}, "Failed", [], []),
+    "no-report": (Observed(job=JobObservation(JP.name, JobState.SUCCEEDED, termination="logs")),
+                  {}, "Failed", [], []),
+    "available": (Observed(deployments={"cpu": DeploymentObservation(
+        "cpu", 2, 2, 2, True, "f" * 64)}), compressed_status(), "Serving", [],
+        ["Deployment", "Service", "PodDisruptionBudget"]),
+    "degraded": (Observed(deployments={"cpu": DeploymentObservation(
+        "cpu", 3, 1, 3, False, "f" * 64)}), compressed_status(), "Degraded", [],
+        ["Deployment", "Service", "PodDisruptionBudget"]),
+    "old-artifact": (Observed(deployments={"cpu": DeploymentObservation(
+        "cpu", 1, 1, 1, True, "0" * 64)}), compressed_status(), "Deploying", [],
+        ["Deployment", "Service", "PodDisruptionBudget"]),
+    "monitor": (Observed(monitor=MonitorKind.POD_MONITOR), compressed_status(), "Deploying", [],
+                ["Deployment", "Service", "PodDisruptionBudget", "PodMonitor"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_matrix(case: str) -> None:
+    observed, status, phase, ensure, apply = CASES[case]
+    d = planner.plan(Resource(OWNER, 3, SPEC, (), status), observed, NOW, S)
+    assert d.status["phase"] == phase
+    assert kinds(d.ensure) == ensure
+    assert kinds(d.apply) == apply
+    assert d.status["observedGeneration"] == 3
+    ready = conds(d)["Ready"]
+    assert ready[0] == ("True" if phase == "Serving" else "False")
+    changed = status.get("phase", "Pending") != phase
+    assert [e.reason for e in d.events].count("PhaseChanged") == int(changed)
+
+
+def test_failed_job_message_has_reason_and_logs() -> None:
+    obs = Observed(job=JobObservation(JP.name, JobState.FAILED, "BackoffLimitExceeded",
+                                      "Job has reached the specified backoff limit",
+                                      "Traceback\nValueError: bad data"))
+    d = planner.plan(Resource(OWNER, 1, SPEC), obs, NOW, S)
+    c = next(x for x in d.status["conditions"] if x["type"] == "Compressed")
+    assert c["reason"] == "JobFailed"
+    assert "BackoffLimitExceeded" in c["message"] and "ValueError: bad data" in c["message"]
+    assert any(e.warning for e in d.events)
+
+
+def test_invalid_spec_plans_no_children() -> None:
+    res = Resource(OWNER, 2, None, ("spec.slo.latencyP95Ms: must be > 0 (got -1)",))
+    d = planner.plan(res, Observed(), NOW, S)
+    assert (d.ensure, d.apply, d.delete) == ([], [], [])
+    assert conds(d)["Ready"] == ("False", "InvalidSpec")
+    assert "spec.slo.latencyP95Ms" in d.status["conditions"][0]["message"]
+
+
+def test_transition_time_changes_only_with_status() -> None:
+    res = Resource(OWNER, 1, SPEC, (), compressed_status())
+    obs = Observed(deployments={"cpu": DeploymentObservation("cpu", 1, 1, 1, True, "f" * 64)})
+    first = planner.plan(res, obs, NOW, S)
+    again = planner.plan(Resource(OWNER, 1, SPEC, (), {**compressed_status(), **first.status}),
+                         obs, NOW + timedelta(minutes=5), S)
+    assert first.status["conditions"] == again.status["conditions"]
+    assert again.events == []  # nothing changed, nothing to announce
+    broken = Observed(deployments={"cpu": DeploymentObservation("cpu", 2, 1, 2, False, "f" * 64)})
+    later = planner.plan(Resource(OWNER, 1, SPEC, (), {**compressed_status(), **first.status}),
+                         broken, NOW + timedelta(minutes=9), S)
+    ready = next(c for c in later.status["conditions"] if c["type"] == "Ready")
+    assert ready["lastTransitionTime"] == "2026-03-01T12:09:00Z"
+
+
+def test_pool_choice_cheapest_per_million_that_meets_slo() -> None:
+    choice = planner.choose_pool(SPEC, PROFILE)
+    assert (choice.pool.name, choice.meets_slo) == ("gpu-t4", True)
+    slow_gpu = {**PROFILE, "gpu-t4": {"capacity_rps": 0, "cost_per_million_requests": 0.1}}
+    assert planner.choose_pool(SPEC, slow_gpu).pool.name == "cpu"
+    none = planner.choose_pool(SPEC, None)
+    assert none.pool.name == "cpu" and none.meets_slo is None and "hourlyPrice" in none.message
+    nothing = planner.choose_pool(SPEC, {"cpu": {"capacity_rps": 0}})
+    assert nothing.meets_slo is False
+
+
+def test_pool_change_keeps_old_deployment_until_new_one_serves() -> None:
+    status = compressed_status(PROFILE)  # the profile now picks gpu-t4
+    old = DeploymentObservation("cpu", 1, 1, 1, True, "f" * 64)
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), status), Observed(deployments={"cpu": old}),
+                     NOW, S)
+    assert d.apply[0]["metadata"]["name"] == "minilm-gpu-t4" and d.delete == []
+    new = DeploymentObservation("gpu-t4", 1, 1, 1, True, "f" * 64)
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), status),
+                     Observed(deployments={"cpu": old, "gpu-t4": new}), NOW, S)
+    assert d.status["phase"] == "Serving" and d.delete == [("Deployment", "minilm-cpu")]
+
+
+def test_budget_condition() -> None:
+    spec = spec_of(autoscaling={"minReplicas": 3, "maxReplicas": 5, "maxHourlyCost": 0.2})
+    jp = builders.job_plan(OWNER, spec)
+    status = {**compressed_status(), "compression": {**compressed_status()["compression"],
+                                                     "recipeHash": jp.recipe}}
+    d = planner.plan(Resource(OWNER, 1, spec, (), status), Observed(), NOW, S)
+    assert conds(d)["BudgetMet"] == ("False", "OverBudget")
+    assert d.status["cost"]["hourly"] == pytest.approx(0.3)
+
+
+def test_summary_fits_the_termination_message_limit() -> None:
+    cands = [{"name": f"cand-{i}", "passed": False, "quality": 0.5, "error": "x" * 300}
+             for i in range(30)]
+    text = handback.encode(handback.summarize(
+        {"selected": "cand-7", "candidates": cands}, "pvc://m/r", "a" * 64, {"pools": PROFILE}))
+    assert len(text.encode()) <= 4096
+    decoded = handback.decode(text)
+    assert decoded is not None and decoded["candidates"][0]["name"] == "cand-7"
+    assert handback.decode("Traceback ...") is None
