@@ -1,0 +1,403 @@
+"""compress(): spec -> baseline + candidates -> gate -> report, artifacts, model repository.
+
+The one entry point the CLI (`leanserve compress`), the operator's Job and `leanserve run` share.
+
+Baseline: the uncompressed model exported to ONNX *with the same graph optimizations* the
+candidates get (ORT's transformer fusions where the model is BERT-like). Every speedup in the
+report is therefore what compression bought on top of graph optimization; what graph
+optimization and ONNX Runtime themselves buy over PyTorch is measured in bench/compression.py.
+
+Atomicity: everything is built in a staging directory inside DIR and moved into place at the end,
+report.json last, so a crash leaves no half-written result that looks like one (a stale staging
+directory is all that remains, named ``.staging-*``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import enum
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leanserve.api.load import LoadedSpec
+from leanserve.api.spec import Candidate, Task
+from leanserve.compression import techniques
+from leanserve.compression.benchmark import BenchSettings, benchmark
+from leanserve.compression.evaluate import Gate, labels_of, predict, score
+from leanserve.compression.export import export_onnx, optimize
+from leanserve.compression.loading import (
+    LoadedModel,
+    LoadError,
+    batches,
+    load_data,
+    load_model,
+    split,
+)
+from leanserve.compression.registry import (
+    Batch,
+    CompressionError,
+    Context,
+    Model,
+    Stage,
+    StepError,
+    lookup,
+)
+
+REPORT = "report.json"
+ARTIFACTS = "artifacts"
+BASELINE = "baseline"
+REPOSITORY = "model_repository"
+PARETO = "pareto.png"
+MODEL_FILE = "model.onnx"
+TOKENIZER = "tokenizer"
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int = 0
+    """Seed for the eval split and every technique."""
+    threads: int = 2
+    """Torch and ONNX Runtime threads (the cpu request of a small replica)."""
+    batch_size: int = 32
+    """Rows per batch for calibration, training and evaluation."""
+    fuse_attention: bool = True
+    """Let ORT fuse attention into one op (checked against the unfused outputs)."""
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+class EventKind(str, enum.Enum):
+    BASELINE = "baseline"
+    CANDIDATE_START = "candidate-start"
+    CANDIDATE_DONE = "candidate-done"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    name: str = ""
+    index: int = 0
+    total: int = 0
+    result: dict[str, Any] | None = None
+
+
+Progress = Callable[[Event], None]
+
+
+@dataclass
+class _Run:
+    """What every candidate shares."""
+
+    loaded: LoadedSpec
+    model: LoadedModel
+    train: list[Batch]
+    eval: list[Batch]
+    reference: Any
+    labels: Any
+    gate: Gate
+    baseline: dict[str, Any]
+    stage_dir: Path
+    settings: Settings
+
+    @property
+    def task(self) -> Task:
+        return self.model.task
+
+
+def compress(loaded: LoadedSpec, out: Path, *, progress: Progress | None = None,
+             settings: Settings | None = None) -> dict[str, Any]:
+    """Run every candidate of ``loaded``; write DESIGN.md section 4's files under ``out``.
+
+    Raises CompressionError (a LeanserveError) only when the baseline cannot be built; a failing
+    candidate records its ``error`` and the others go on.
+    """
+    s = settings or Settings()
+    emit = progress or (lambda _e: None)
+    techniques.load_all()
+    torch.set_num_threads(s.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        run = _prepare(loaded, stage, s)
+        emit(Event(EventKind.BASELINE, BASELINE, result=run.baseline))
+        cands = loaded.spec.compression.candidates
+        results = []
+        for i, cand in enumerate(cands):
+            emit(Event(EventKind.CANDIDATE_START, cand.name, i, len(cands)))
+            result = _candidate(run, i, cand)
+            results.append(result)
+            emit(Event(EventKind.CANDIDATE_DONE, cand.name, i, len(cands), result))
+        report = _report(run, results)
+        _write_repository(run, report)
+        _write_pareto(stage / PARETO, report)
+        (stage / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        _publish(stage, out)
+        emit(Event(EventKind.DONE, report["selected"] or "", result=report))
+        return report
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# baseline
+
+
+def _prepare(loaded: LoadedSpec, stage: Path, s: Settings) -> _Run:
+    spec = loaded.spec
+    task = spec.model.task
+    model = load_model(spec.model.uri, spec.model.format, task, loaded.base_dir)
+    rows = load_data(spec.data.uri, task, loaded.base_dir)
+    if task.is_text and model.tokenizer is None:
+        raise LoadError("spec.model.uri: a text model needs its tokenizer files "
+                        "(tokenizer_config.json) beside the model")
+    train_rows, eval_rows = split(rows, spec.data.eval_fraction, s.seed)
+    kw = {"tokenizer": model.tokenizer, "max_length": spec.model.max_sequence_length,
+          "batch_size": s.batch_size}
+    train, held = batches(train_rows, **kw), batches(eval_rows, **kw)
+
+    base_dir = stage / BASELINE
+    base_dir.mkdir()
+    base_path = base_dir / MODEL_FILE
+    try:
+        if model.module is not None:
+            exported = export_onnx(model.module, held[0], stage / "work" / "baseline.onnx", task)
+        else:
+            assert model.onnx_path is not None
+            exported = model.onnx_path
+        opt = optimize(exported, base_path, bert=model.bert, check=held[0],
+                       attention=s.fuse_attention, threads=s.threads)
+        reference = predict(base_path, held, s.threads)
+    except CompressionError as exc:
+        raise CompressionError(f"baseline: {exc}") from None
+    except Exception as exc:  # onnxruntime raises its own types for graphs it cannot run
+        raise CompressionError(f"baseline: the model does not run in ONNX Runtime "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    labels = labels_of(held)
+    metric = spec.quality.metric
+    quality = score(metric, reference, reference, labels)
+    bench = benchmark(base_path, held, s.bench)
+    baseline = {"size_bytes": base_path.stat().st_size, "quality": quality,
+                **bench.as_report(), "artifact": f"{BASELINE}/{MODEL_FILE}",
+                "notes": {"graph": opt.note, "fused": opt.fused}}
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(base_dir / TOKENIZER))
+    return _Run(loaded=loaded, model=model, train=train, eval=held, reference=reference,
+                labels=labels, gate=Gate(metric, spec.quality.max_drop, quality),
+                baseline=baseline, stage_dir=stage, settings=s)
+
+
+# --------------------------------------------------------------------------------------------
+# candidates
+
+
+def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "name": cand.name, "steps": [st.to_wire() for st in cand.steps],
+        "size_bytes": None, "quality": None, "quality_drop": None, "latency_ms": None,
+        "throughput_rps": None, "speedup": None, "passed": False, "artifact": None,
+        "error": None, "notes": {},
+    }
+    workdir = run.stage_dir / "work" / cand.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        model = _apply_steps(run, index, cand, workdir)
+        art_dir = run.stage_dir / ARTIFACTS / cand.name
+        art_dir.mkdir(parents=True)
+        art = art_dir / MODEL_FILE
+        assert model.onnx_path is not None
+        shutil.copyfile(model.onnx_path, art)
+        if run.model.tokenizer is not None:
+            run.model.tokenizer.save_pretrained(str(art_dir / TOKENIZER))
+        result["artifact"] = f"{ARTIFACTS}/{cand.name}/{MODEL_FILE}"
+        result["notes"] = _jsonable(model.notes)
+        result["size_bytes"] = model.packed_bytes or art.stat().st_size
+        result["file_bytes"] = art.stat().st_size
+        outputs = predict(art, run.eval, run.settings.threads)
+        quality = score(run.gate.metric, outputs, run.reference, run.labels)
+        result.update(quality=quality, quality_drop=run.gate.drop(quality),
+                      passed=run.gate.passed(quality))
+        bench = benchmark(art, run.eval, run.settings.bench)
+        result.update(bench.as_report())
+        base_rps = run.baseline["throughput_rps"]
+        result["speedup"] = bench.throughput_rps / base_rps if base_rps else None
+    except Exception as exc:  # recorded in the report: one candidate never stops the others
+        result["error"] = _describe(exc)
+        result["passed"] = False
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, CompressionError):
+        return msg or type(exc).__name__
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _apply_steps(run: _Run, index: int, cand: Candidate, workdir: Path) -> Model:
+    torch.manual_seed(run.settings.seed)
+    s = run.settings
+    if run.model.module is not None:
+        model = Model(module=copy.deepcopy(run.model.module).eval())
+    else:
+        model = Model(onnx_path=run.stage_dir / BASELINE / MODEL_FILE)
+    for j, step in enumerate(cand.steps):
+        path = f"spec.compression.candidates[{index}].steps[{j}]"
+        cfg = step.config
+        ctx = Context(task=run.task, train=run.train, teacher=run.model.module or _no_teacher(),
+                      workdir=workdir / f"step{j}", seed=s.seed, threads=s.threads,
+                      num_labels=run.model.num_labels, extra={"step_path": path})
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            tech = lookup(cfg)
+        except StepError as exc:
+            raise StepError(f"{path}.{step.kind}: {exc}") from None
+        if tech.stage is Stage.TORCH and model.module is None:
+            why = ("the model's format is onnx" if run.model.module is None
+                   else "an earlier step already produced the ONNX graph")
+            raise StepError(f"{path}.{step.kind}: runs on the torch model, but {why} "
+                            "(put torch steps first, or give a huggingface/torchscript model)")
+        if tech.stage is Stage.ONNX and model.module is not None:
+            model = _to_onnx(run, model, workdir / f"step{j}-export")
+        model = tech.transform(model, cfg, ctx)
+        if model.module is not None:
+            model.module.eval()
+    if model.module is not None:
+        model = _to_onnx(run, model, workdir / "final-export")
+    return model
+
+
+def _no_teacher() -> torch.nn.Module:
+    return torch.nn.Identity()
+
+
+def _to_onnx(run: _Run, model: Model, where: Path) -> Model:
+    assert model.module is not None
+    where.mkdir(parents=True, exist_ok=True)
+    exported = export_onnx(model.module, run.eval[0], where / "exported.onnx", run.task)
+    opt = optimize(exported, where / MODEL_FILE, bert=run.model.bert, check=run.eval[0],
+                   attention=run.settings.fuse_attention, threads=run.settings.threads)
+    notes = {**model.notes, "graph": opt.note}
+    return Model(onnx_path=opt.path, packed_bytes=model.packed_bytes, notes=notes)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# report, repository, plot, publishing
+
+
+def select(candidates: list[dict[str, Any]]) -> str | None:
+    """Fastest throughput among passed candidates; ties go to the smaller one."""
+    ok = [c for c in candidates if c["passed"] and c["error"] is None]
+    if not ok:
+        return None
+    return max(ok, key=lambda c: (c["throughput_rps"], -c["size_bytes"]))["name"]
+
+
+def _report(run: _Run, results: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = run.loaded.spec
+    selected = select(results)
+    ordered = sorted(results, key=lambda c: c["name"] != selected)
+    return {
+        "model": run.loaded.name,
+        "task": run.task.value,
+        "metric": spec.quality.metric.value,
+        "max_drop": spec.quality.max_drop,
+        "baseline": run.baseline,
+        "candidates": ordered,
+        "selected": selected,
+        "rows": {"train": sum(len(b.inputs[next(iter(b.inputs))]) for b in run.train),
+                 "eval": int(run.reference.shape[0])},
+        "threads": run.settings.threads,
+    }
+
+
+def _write_repository(run: _Run, report: dict[str, Any]) -> None:
+    name = report["selected"]
+    if name is None:
+        return
+    art_dir = run.stage_dir / ARTIFACTS / name
+    try:
+        from leanserve.serving.repository import write_model_repository
+    except ImportError as exc:
+        report["model_repository_error"] = f"serving.repository unavailable: {exc}"
+        return
+    spec = run.loaded.spec
+    tok = art_dir / TOKENIZER
+    try:
+        write_model_repository(art_dir / MODEL_FILE, run.stage_dir / REPOSITORY, run.loaded.name,
+                               task=run.task, max_batch_size=spec.serving.max_batch_size,
+                               max_queue_delay_us=spec.serving.max_queue_delay_microseconds,
+                               backend="onnxruntime",
+                               tokenizer_dir=tok if tok.exists() else None)
+    except Exception as exc:  # recorded: the report and artifacts are still worth keeping
+        shutil.rmtree(run.stage_dir / REPOSITORY, ignore_errors=True)
+        report["model_repository_error"] = _describe(exc)
+        return
+    report["model_repository"] = REPOSITORY
+
+
+def _write_pareto(path: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = report["baseline"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    biggest = max([base["size_bytes"]] + [c["size_bytes"] or 0 for c in report["candidates"]])
+
+    def area(size: float) -> float:
+        return 40 + 600 * size / biggest
+
+    ax.scatter([base["latency_ms"]["p50"]], [base["quality"]], s=area(base["size_bytes"]),
+               marker="*", c="black", label="baseline (fp32 ONNX)")
+    for c in report["candidates"]:
+        if c["quality"] is None or c["latency_ms"] is None:
+            continue
+        color = "tab:green" if c["passed"] else "tab:red"
+        ax.scatter([c["latency_ms"]["p50"]], [c["quality"]], s=area(c["size_bytes"]), c=color,
+                   alpha=0.6, edgecolors="k")
+        label = c["name"] + (" (selected)" if c["name"] == report["selected"] else "")
+        ax.annotate(label, (c["latency_ms"]["p50"], c["quality"]), fontsize=8,
+                    xytext=(5, 5), textcoords="offset points")
+    ax.axhline(base["quality"] - report["max_drop"], ls="--", c="gray", lw=0.8,
+               label=f"gate ({report['metric']} drop <= {report['max_drop']:g})")
+    ax.set_xlabel("latency p50 at batch 1 (ms)")
+    ax.set_ylabel(f"quality ({report['metric']})")
+    ax.set_title(f"{report['model']}: quality vs latency (area = size)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the staged results over the old ones; report.json goes last."""
+    with contextlib.suppress(FileNotFoundError):
+        (out / REPORT).unlink()
+    for name in (BASELINE, ARTIFACTS, REPOSITORY, PARETO):
+        src, dst = stage / name, out / name
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+        if src.exists():
+            os.replace(src, dst)
+    os.replace(stage / REPORT, out / REPORT)
+
+
+__all__ = ["Event", "EventKind", "Settings", "compress", "select"]

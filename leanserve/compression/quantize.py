@@ -1,0 +1,310 @@
+"""Quantization: every QuantizeStep method, registered by method.
+
+Where each method runs, and why:
+- int8-dynamic, int8-static (ONNX stage): ONNX Runtime's quantization tools, the maintained path
+  (torch.ao.quantization is deprecated). Dynamic quantizes weights to int8 and activations at run
+  time (MatMulInteger); static calibrates activation ranges on ``calibrationSamples`` training
+  rows through a CalibrationDataReader and writes a QDQ graph (per-channel weights when asked),
+  which ORT's CPU provider fuses into QLinear kernels.
+- fp16 (ONNX stage): ORT's float16 converter with fp32 inputs/outputs kept, so the served
+  contract (FP32 in/out) holds; ORT's CPU provider runs the fp16 graph (slower than fp32 on most
+  CPUs: fp16 is for the GPU pools, and half the size everywhere).
+- bf16 (ONNX stage): ORT's CPU provider has few bf16 kernels, so weights are *stored* as bf16
+  initializers with a Cast to fp32 in front: half the file, fp32 compute, bf16 rounding error.
+- int8-weight-only (ONNX stage): weights of MatMul/Gemm/Conv/Gather stored int8 with per-channel
+  fp32 scales behind DequantizeLinear; compute stays fp32 (ORT folds the dequantization at load).
+  torchao's int8 weight-only tensors do not survive ONNX export, so the ONNX form is used.
+- int4-weight-only, power-of-two, binary (torch stage): fake-quantized weights (the rounded
+  values stored back as fp32) with ``packed_bytes`` counting what a packed file would hold:
+  int4 = 4 bits/weight + one fp32 scale per output row; power-of-two = 4 bits (sign + 3-bit
+  exponent) + one fp32 scale per row; binary = 1 bit/weight + one fp32 scale (mean |w|) per row.
+  Parameters not quantized (biases, norms) count at 4 bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from leanserve.api.spec import QuantizeMethod, QuantizeStep
+from leanserve.compression.export import feeds
+from leanserve.compression.registry import Context, Model, Stage, StepError, register
+
+WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
+"""Ops whose input at this index is a weight worth quantizing."""
+
+
+def _out_path(model: Model, ctx: Context, tag: str) -> Path:
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    return ctx.workdir / f"model.{tag}.onnx"
+
+
+def _onnx_in(model: Model, cfg: QuantizeStep) -> Path:
+    if model.onnx_path is None:
+        raise StepError(f"quantize {cfg.method.value} runs on the ONNX graph; export first")
+    return model.onnx_path
+
+
+def _done(model: Model, out: Path, method: QuantizeMethod, **notes: object) -> Model:
+    return Model(onnx_path=out, packed_bytes=None,
+                 notes={**model.notes, "quantize": method.value, **notes})
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime int8
+
+
+@register(QuantizeStep, Stage.ONNX, method=QuantizeMethod.INT8_DYNAMIC.value)
+def int8_dynamic(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, out = _onnx_in(model, cfg), _out_path(model, ctx, "int8-dynamic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # DefaultTensorType: fused contrib ops (Attention, BiasGelu) have no ONNX shape inference
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8,
+                         per_channel=cfg.per_channel,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    return _done(model, out, cfg.method, per_channel=cfg.per_channel)
+
+
+class _Calibration:
+    """Feeds ``samples`` training rows, one batch at a time, to ORT's calibrator."""
+
+    def __init__(self, ctx: Context, samples: int, names: set[str]) -> None:
+        self._it = self._rows(ctx, samples, names)
+
+    @staticmethod
+    def _rows(ctx: Context, samples: int, names: set[str]) -> Iterator[dict[str, np.ndarray]]:
+        left = samples
+        for batch in ctx.train:
+            if left <= 0:
+                return
+            f = {k: v[:left] for k, v in feeds(batch).items() if k in names}
+            left -= next(iter(f.values())).shape[0]
+            yield f
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # part of ORT's reader protocol; one pass is enough here
+        pass
+
+
+@register(QuantizeStep, Stage.ONNX, method=QuantizeMethod.INT8_STATIC.value)
+def int8_static(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    if not ctx.train:
+        raise StepError("quantize.calibrationSamples: int8-static needs calibration rows, "
+                        "and the data has none left after the eval split")
+    src, out = _onnx_in(model, cfg), _out_path(model, ctx, "int8-static")
+    names = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    reader = _Calibration(ctx, cfg.calibration_samples, names)
+    CalibrationDataReader.register(_Calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                        extra_options={"DefaultTensorType": TensorProto.FLOAT,
+                                       "ActivationSymmetric": False,
+                                       "WeightSymmetric": True})
+    rows = min(cfg.calibration_samples, sum(len(next(iter(b.inputs.values())))
+                                            for b in ctx.train))
+    return _done(model, out, cfg.method, per_channel=cfg.per_channel, calibration_rows=rows)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX float and weight-only storage
+
+
+@register(QuantizeStep, Stage.ONNX, method=QuantizeMethod.FP16.value)
+def fp16(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src, out = _onnx_in(model, cfg), _out_path(model, ctx, "fp16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(converted, str(out))
+    return _done(model, out, cfg.method, compute="fp16 (fp32 inputs/outputs)")
+
+
+def _weights(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
+    """Initializer name -> (op type, index of the node's input) for weight inputs."""
+    inits = {t.name for t in graph.initializer}
+    found: dict[str, tuple[str, int]] = {}
+    for node in graph.node:
+        idx = WEIGHT_OPS.get(node.op_type)
+        if idx is not None and len(node.input) > idx and node.input[idx] in inits:
+            found.setdefault(node.input[idx], (node.op_type, idx))
+            if node.op_type == "Gemm":
+                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                found[node.input[idx]] = ("Gemm_T" if trans_b else "Gemm", idx)
+    return found
+
+
+def _channel_axis(op: str, ndim: int) -> int:
+    """The output-channel axis of a weight (one scale per output channel / row)."""
+    return {"MatMul": ndim - 1, "Gemm": 1, "Gemm_T": 0, "Conv": 0, "Gather": 0}[op]
+
+
+def _rewrite_weights(src: Path, out: Path, replace) -> int:
+    """Replace each float weight initializer W (ndim >= 2) by ``replace(name, W, axis)`` ->
+    (new initializers, nodes producing W); returns how many were replaced."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    targets = _weights(graph)
+    keep, new_nodes, count = [], [], 0
+    for init in graph.initializer:
+        spec = targets.get(init.name)
+        if spec is None or init.data_type != TensorProto.FLOAT or len(init.dims) < 2:
+            keep.append(init)
+            continue
+        w = numpy_helper.to_array(init)
+        inits, nodes = replace(init.name, w, _channel_axis(spec[0], w.ndim))
+        keep.extend(inits)
+        new_nodes.extend(nodes)
+        count += 1
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(new_nodes) + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return count
+
+
+@register(QuantizeStep, Stage.ONNX, method=QuantizeMethod.BF16.value)
+def bf16(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
+    src, out = _onnx_in(model, cfg), _out_path(model, ctx, "bf16")
+
+    def replace(name: str, w: np.ndarray, axis: int):
+        u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        bits = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # round to nearest even
+        t = helper.make_tensor(name + "__bf16", TensorProto.BFLOAT16, w.shape,
+                               bits.astype(np.uint16).tobytes(), raw=True)
+        return [t], [helper.make_node("Cast", [t.name], [name], to=TensorProto.FLOAT)]
+
+    n = _rewrite_weights(src, out, replace)
+    return _done(model, out, cfg.method, weights_bf16=n, compute="fp32")
+
+
+@register(QuantizeStep, Stage.ONNX, method=QuantizeMethod.INT8_WEIGHT_ONLY.value)
+def int8_weight_only(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
+    src, out = _onnx_in(model, cfg), _out_path(model, ctx, "int8-weight-only")
+
+    def replace(name: str, w: np.ndarray, axis: int):
+        reduce = tuple(i for i in range(w.ndim) if i != axis)
+        scale = np.maximum(np.abs(w).max(axis=reduce), 1e-12).astype(np.float32) / 127.0
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        qt = numpy_helper.from_array(q, name + "__q")
+        st = numpy_helper.from_array(scale, name + "__scale")
+        zt = numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), name + "__zp")
+        node = helper.make_node("DequantizeLinear", [qt.name, st.name, zt.name], [name],
+                                axis=axis)
+        return [qt, st, zt], [node]
+
+    n = _rewrite_weights(src, out, replace)
+    return _done(model, out, cfg.method, weights_int8=n, compute="fp32")
+
+
+# --------------------------------------------------------------------------------------------
+# torch-stage fake quantization with honest packed sizes
+
+QUANTIZED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+def fake_int4(w: torch.Tensor) -> torch.Tensor:
+    r = _rows(w)
+    scale = r.abs().amax(1, keepdim=True).clamp(min=1e-12) / 7.0
+    return (torch.clamp(torch.round(r / scale), -8, 7) * scale).reshape(w.shape)
+
+
+POW2_LEVELS = 7
+"""Exponents 0..-6 below the row maximum, plus zero: 8 codes in 3 bits, and a sign bit."""
+
+
+def fake_power_of_two(w: torch.Tensor) -> torch.Tensor:
+    r = _rows(w)
+    scale = r.abs().amax(1, keepdim=True).clamp(min=1e-12)
+    mag = (r.abs() / scale).clamp(min=1e-30)
+    exp = torch.clamp(torch.round(torch.log2(mag)), -(POW2_LEVELS - 1), 0)
+    q = torch.pow(2.0, exp)
+    # magnitudes below half the smallest level round to zero (the 8th code)
+    q = torch.where(mag < 2.0 ** -(POW2_LEVELS - 1) / 2, torch.zeros_like(q), q)
+    return (torch.sign(r) * q * scale).reshape(w.shape)
+
+
+def fake_binary(w: torch.Tensor) -> torch.Tensor:
+    r = _rows(w)
+    scale = r.abs().mean(1, keepdim=True)
+    return (torch.where(r >= 0, 1.0, -1.0) * scale).reshape(w.shape)
+
+
+FAKE = {
+    QuantizeMethod.INT4_WEIGHT_ONLY: (fake_int4, 4),
+    QuantizeMethod.POWER_OF_TWO: (fake_power_of_two, 4),
+    QuantizeMethod.BINARY: (fake_binary, 1),
+}
+
+
+def fake_quantize(module: nn.Module, method: QuantizeMethod) -> tuple[nn.Module, int, int]:
+    """A copy with fake-quantized weights; returns (module, packed bytes, weights quantized)."""
+    fn, bits = FAKE[method]
+    out = copy.deepcopy(module)
+    quantized: set[int] = set()
+    packed = 0
+    with torch.no_grad():
+        for layer in out.modules():
+            if isinstance(layer, QUANTIZED_LAYERS) and id(layer.weight) not in quantized:
+                w = layer.weight
+                w.copy_(fn(w.data))
+                quantized.add(id(w))
+                packed += (w.numel() * bits + 7) // 8 + 4 * w.shape[0]
+        seen: set[int] = set()
+        for p in out.parameters():
+            if id(p) not in quantized and id(p) not in seen:
+                packed += 4 * p.numel()
+            seen.add(id(p))
+        for b in out.buffers():
+            if b.is_floating_point():
+                packed += 4 * b.numel()
+    return out, packed, len(quantized)
+
+
+def _fake(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
+    if model.module is None:
+        raise StepError(f"quantize {cfg.method.value} changes torch weights; the model is "
+                        "already ONNX (put it before ONNX steps, or use a format other than onnx)")
+    module, packed, n = fake_quantize(model.module, cfg.method)
+    bits = FAKE[cfg.method][1]
+    return Model(module=module, packed_bytes=packed,
+                 notes={**model.notes, "quantize": cfg.method.value, "bits_per_weight": bits,
+                        "weights_quantized": n, "size": "packed (fake-quantized fp32 graph)"})
+
+
+for _method in FAKE:
+    register(QuantizeStep, Stage.TORCH, method=_method.value)(_fake)
