@@ -69,6 +69,18 @@ class LoadSpec:
     balance: Balance = Balance.ROUND_ROBIN
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # accept the plain strings a CLI or a JSON file gives, keep enums inside
+        for name, kind in (("protocol", Protocol), ("arrivals", Arrivals), ("balance", Balance)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    allowed = ", ".join(k.value for k in kind)
+                    raise LoadError(f"{name} {value!r} not supported (allowed: {allowed})"
+                                    ) from None
+
     def validate(self) -> None:
         modes = [self.rate is not None, self.rate_schedule is not None,
                  self.concurrency is not None]

@@ -119,3 +119,11 @@ def test_image_and_string_inputs() -> None:
 def test_batch_above_max_is_refused() -> None:
     with pytest.raises(ServingError, match="exceeds max_batch_size 8"):
         make_inputs(TEXT_CONFIG, batch=9)
+
+
+def test_load_spec_takes_strings_and_names_bad_ones() -> None:
+    spec = LoadSpec(model="m", rate=1.0, protocol="grpc", arrivals="constant",
+                    balance="least-outstanding")
+    assert spec.arrivals is Arrivals.CONSTANT
+    with pytest.raises(LoadError, match="allowed: poisson, constant"):
+        LoadSpec(model="m", rate=1.0, arrivals="bursty")
