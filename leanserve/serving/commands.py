@@ -6,6 +6,7 @@ Argument checking and presentation live here; the work is in server, loadgen and
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ def serve_command(repo: Path, *, http_port: int, grpc_port: int, metrics_port: i
 
     server = LocalTriton(repo, http_port=http_port, grpc_port=grpc_port,
                          metrics_port=metrics_port, strict_ports=True)
+    # `kill`, `docker stop` and Kubernetes send SIGTERM: stop the server as Ctrl-C would.
+    signal.signal(signal.SIGTERM, _interrupt)
     with console.status(f"starting tritonserver on {repo} ..."):
         server.start()
     try:
@@ -113,6 +116,10 @@ def profile_command(repo: Path, *, spec: Path, out: Path | None, quick: bool,
         console.print(f"best config serves {profile['speedup_vs_default']:.2f}x the default "
                       "config's capacity", highlight=False)
     _write_json(profile, out or Path(repo) / PROFILE_FILE, console)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _enum(enum_type: Any, value: str, option: str) -> Any:

@@ -245,6 +245,7 @@ class LocalTriton:
                         raise PortInUseError(f"{exc}") from None
                     raise
         except BaseException:
+            self._kill()  # not ready yet: a loading server may ignore SIGINT, don't wait long
             self.stop()
             raise
         _running.add(self)
@@ -262,7 +263,6 @@ class LocalTriton:
             "--metrics-interval-ms=1000",
             "--metrics-config=summary_latencies=true",
             f"--metrics-config=summary_quantiles={SUMMARY_QUANTILES}",
-            "--metrics-config=summary_max_age=10000000",  # 10 s window, in microseconds
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--backend-config=python,shm-default-byte-size=4194304",
             "--disable-auto-complete-config",

@@ -14,6 +14,7 @@ from leanserve.serving.profile import (
     cost_per_million,
     derive_pool,
     parse_cpu,
+    pending_requests,
     plan_grid,
     search_capacity,
 )
@@ -56,11 +57,21 @@ def test_search_reports_zero_when_even_the_lowest_rate_fails() -> None:
     assert result.trials[-1].rate < SETTINGS.min_rate * SETTINGS.growth
 
 
-def test_errors_or_unserved_load_fail_a_trial() -> None:
+def test_errors_or_slow_p95_fail_a_trial() -> None:
     assert not Trial(100, 5.0, 100, errors=5, requests=100).passes(50, SETTINGS)
-    assert not Trial(100, 5.0, 60, errors=0, requests=100).passes(50, SETTINGS)
+    assert not Trial(100, 51.0, 100, errors=0, requests=300).passes(50, SETTINGS)
     assert Trial(100, 5.0, 99, errors=0, requests=300).passes(50, SETTINGS)
+    assert Trial(100, 5.0, 99, errors=1, requests=300).passes(50, SETTINGS)
     assert not Trial(100, None, 0, errors=0, requests=0).passes(50, SETTINGS)
+
+
+def test_pending_requests_are_read_per_model() -> None:
+    text = ("# HELP nv_inference_pending_request_count x\n"
+            'nv_inference_pending_request_count{model="m",version="1"} 3\n'
+            'nv_inference_pending_request_count{model="m",version="2"} 1\n'
+            'nv_inference_pending_request_count{model="other",version="1"} 9\n')
+    assert pending_requests(text, "m") == 4
+    assert pending_requests(text, "absent") is None
 
 
 def test_grid_starts_with_tritons_default_and_spreads_cores() -> None:
