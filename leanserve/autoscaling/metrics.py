@@ -71,8 +71,12 @@ class Queries:
 
     @property
     def p95_ms(self) -> str:
-        # the slowest replica's p95: the SLO holds only if it holds on every replica
-        return f'max(nv_inference_request_summary_us{{{self._sel},quantile="0.95"}}) / 1000'
+        # the slowest replica's p95: the SLO holds only if it holds on every replica. Triton's
+        # summary keeps its last quantiles while a replica is idle, so only replicas that served
+        # requests within the window count: an idle model has no p95 (unknown, not stale).
+        return (f'max(nv_inference_request_summary_us{{{self._sel},quantile="0.95"}} '
+                f"and on(instance, model, version) "
+                f"(rate(nv_inference_request_success{{{self._sel}}}[{self.window}]) > 0)) / 1000")
 
     @property
     def queue_ms(self) -> str:

@@ -24,7 +24,13 @@ from typing import Any
 from leanserve.api.load import LoadedSpec
 from leanserve.autoscaling.exporter import LeanserveMetrics
 from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
-from leanserve.autoscaling.policy import Decision, Target, decide, pools_from_profile
+from leanserve.autoscaling.policy import (
+    Decision,
+    PoolCapacity,
+    Target,
+    decide,
+    pools_from_profile,
+)
 from leanserve.errors import LeanserveError
 from leanserve.local.direct import DirectSource
 from leanserve.local.platform import LocalPlatform
@@ -45,7 +51,7 @@ class RunSettings:
 
     load_seconds: float = 60.0
     """Length of the load burst (rising, then falling)."""
-    peak_factor: float = 1.8
+    peak_factor: float = 1.5
     """Peak offered load as a multiple of one replica's measured capacity at the SLO."""
     cooldown_seconds: float | None = None
     """Observation after the burst, to see the scale-down (default: the stabilization window
@@ -101,8 +107,14 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
                                  workdir=logs / "profile", note=say)
     (workdir / "profile.json").write_text(json.dumps(profile, indent=2))
     report["profile"] = profile
-    pools = pools_from_profile(profile, spec)
+    pools_from_profile(profile, spec)  # every pool priced, or a clear error
     report["cost"] = _costs(profile, spec)
+    # On one machine every pool's replica runs on these same cores, so locally each pool gets
+    # the capacity measured here; the cluster's pool choice above uses the derived figures.
+    local_rps = float(profile["capacity_rps"])
+    pools = [PoolCapacity(p.name, local_rps, p.hourly_price) for p in spec.node_pools]
+    report["local_pools"] = {p.name: {"capacity_rps": p.capacity_rps,
+                                      "hourly_price": p.hourly_price} for p in pools}
 
     target = Target.from_spec(spec)
     model = _served_model(repo)
@@ -136,12 +148,11 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
                            + f" (logs under {logs})")
         retarget()
         source = (PrometheusSource(prom.url, Queries(model, window=f"{settings.metrics_window_s}s"),
-                                   clock=time.monotonic) if prom is not None
-                  else DirectSource(platform, model, clock=time.monotonic))
+                                   clock=time.time) if prom is not None
+                  else DirectSource(platform, model, clock=time.time))
         report["metrics_source"] = source_note
 
-        single = first.capacity_rps
-        peak = max(1.0, settings.peak_factor * single)
+        peak = max(1.0, settings.peak_factor * local_rps)
         schedule = burst(peak, settings.load_seconds)
         cooldown = settings.cooldown_seconds
         if cooldown is None:
@@ -149,7 +160,8 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
                 3 * spec.autoscaling.interval_seconds
         say(f"load burst: {settings.load_seconds:.0f} s rising to {peak:.1f} req/s "
             f"(~{settings.peak_factor:g}x one replica), then {cooldown:.0f} s of quiet")
-        payloads = _payloads(platform, model)
+        payloads = _payloads(platform, model,
+                             int(profile.get("measured_on", {}).get("sequence_length", 32)))
         stop = threading.Event()
         t0 = time.monotonic()
         loader = threading.Thread(target=_drive, name="load", daemon=True,
@@ -162,15 +174,14 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
         end = t0 + settings.load_seconds + cooldown
         while time.monotonic() < end:
             time.sleep(max(0.0, min(interval, end - time.monotonic())))
-            obs, reading = observe(source, platform, model)
-            now = time.monotonic()
-            decision = decide(obs, pools, spec, previous, now)
+            obs, reading = observe(source, platform, model)  # stamped with wall time
+            decision = decide(obs, pools, spec, previous, obs.time)
             platform.scale(model, decision.replicas)
             exporter.record(model, decision, target, actual=platform.current_replicas(model),
                             ready=platform.ready_replicas(model),
                             observed_rate=reading.request_rate,
                             observed_p95_ms=reading.p95_ms)
-            entry = {"time_s": round(now - t0, 2), "replicas": dict(decision.replicas),
+            entry = {"time_s": round(time.monotonic() - t0, 2), "replicas": dict(decision.replicas),
                      "reason": decision.reason, "code": decision.code.value,
                      "observed_rps": reading.request_rate, "observed_p95_ms": reading.p95_ms,
                      "hourly_cost": decision.hourly_cost,
@@ -221,12 +232,13 @@ def _best_repository(repo: Path, profile: dict[str, Any], workdir: Path) -> Path
     return dest
 
 
-def _payloads(platform: LocalPlatform, model: str) -> list[dict[str, Any]]:
+def _payloads(platform: LocalPlatform, model: str, seq_len: int) -> list[dict[str, Any]]:
     from leanserve.serving.inputs import make_inputs
     from leanserve.serving.loadgen import Protocol, fetch_model_config
 
     url = platform.endpoints()[0][1]
-    return make_inputs(fetch_model_config(url, model, Protocol.HTTP), batch=1)
+    return make_inputs(fetch_model_config(url, model, Protocol.HTTP), batch=1,
+                       sequence_length=seq_len)
 
 
 def _drive(platform: LocalPlatform, model: str, payloads: list[dict[str, Any]],

@@ -39,6 +39,7 @@ class LocalPlatform:
         self._factory = server_factory
         self._replicas: list[Replica] = []
         self._lock = threading.Lock()
+        self._boot_lock = threading.Lock()
         self._counter = 0
         self.errors: list[str] = []
 
@@ -104,7 +105,8 @@ class LocalPlatform:
 
         def boot() -> None:
             try:
-                server.start()
+                with self._boot_lock:  # one start at a time: starts compete for the same cores
+                    server.start()
             except (LeanserveError, OSError) as exc:  # recorded, reported, replica reaped
                 replica.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 self.errors.append(f"replica {pool}-{index}: {replica.failed}")
