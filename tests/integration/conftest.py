@@ -63,6 +63,12 @@ def processes_in_group(pgid: int) -> list[int]:
 
 
 @pytest.fixture
+def serving_group_members():
+    """``processes_in_group`` for tests that start servers in another process."""
+    return processes_in_group
+
+
+@pytest.fixture
 def no_process_left():
     """Collects server pids; after the test, asserts none of their process groups survives."""
     pids: list[int] = []

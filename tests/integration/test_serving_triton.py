@@ -256,3 +256,51 @@ def test_bench_command_writes_json(server: LocalTriton, tmp_path: Path) -> None:
                                    "--rate", "5", "--protocol", "carrier-pigeon"])
     assert bad.exit_code == 1
     assert "allowed: http, grpc" in bad.output
+
+
+def test_serve_command_stops_on_ctrl_c_and_reaps(cluster_repo: Path,
+                                                 serving_group_members) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from leanserve.serving.server import free_port
+
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "leanserve", "serve", str(cluster_repo),
+                             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                             "--metrics-port", str(ports[2])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server_pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None and not ready:
+            try:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=1) as resp:
+                    ready = resp.status == 200
+            except OSError:
+                time.sleep(0.2)
+        assert ready, "leanserve serve never became ready"
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat[stat.rfind(")") + 2:].split()[1]) == proc.pid:
+                    server_pids.append(int(entry))
+        assert server_pids, "no tritonserver child found"
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        assert b"interrupted" in output
+        for pid in server_pids:
+            assert serving_group_members(pid) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
