@@ -157,7 +157,12 @@ def fine_tune(module: nn.Module, ctx: Context, epochs: int, *, lr: float | None 
     """Train ``module`` towards the teacher's outputs on ctx.train for ``epochs`` epochs."""
     if epochs <= 0 or not ctx.train:
         return
-    data = _ddp_train.collect(ctx.train, ctx.teacher)
+    # The teacher's outputs do not change between calls: compute them once per context.
+    cached = ctx.extra.get("_teacher_rows")
+    if cached is None or cached[0] is not ctx.teacher:
+        cached = (ctx.teacher, _ddp_train.collect(ctx.train, ctx.teacher))
+        ctx.extra["_teacher_rows"] = cached
+    data = cached[1]
     is_text = transformer_layers(module) is not None
     rows = next(iter(ctx.train[0].inputs.values())).shape[0]
     cfg = _ddp_train.TrainConfig(
@@ -222,7 +227,7 @@ def _magnitude(module: nn.Module, cfg: PruneStep, ctx: Context) -> dict[str, Any
         raise StepError(f"{field(ctx, 'prune', 'method')}: magnitude pruning found no Linear or "
                         "Conv2d weights in the model")
     done = 0.0
-    for k, target in enumerate(_schedule(cfg.sparsity, cfg.iterations)):
+    for target in _schedule(cfg.sparsity, cfg.iterations):
         scores = None
         if _needs_grads(cfg.importance):
             accumulate_grads(module, ctx)
@@ -235,9 +240,7 @@ def _magnitude(module: nn.Module, cfg: PruneStep, ctx: Context) -> dict[str, Any
         torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured,
                                         importance_scores=scores, amount=float(amount))
         done = target
-        if cfg.fine_tune_epochs and k < cfg.iterations - 1:
-            fine_tune(module, ctx, cfg.fine_tune_epochs)
-    if cfg.fine_tune_epochs:
+        # with the masks still applied, so pruned weights stay zero while the rest adapts
         fine_tune(module, ctx, cfg.fine_tune_epochs)
     for m, name in params:
         torch_prune.remove(m, name)
@@ -330,7 +333,7 @@ def _transformer_structured(module: nn.Module, layers: list[nn.Module], cfg: Pru
         _check_leaves_something(n, _kept_count(n, cfg.sparsity), cfg.sparsity,
                                 "heads" if by_heads else "FFN neurons", ctx)
     removed = 0
-    for k, target in enumerate(_schedule(cfg.sparsity, cfg.iterations)):
+    for target in _schedule(cfg.sparsity, cfg.iterations):
         if _needs_grads(cfg.importance):
             accumulate_grads(module, ctx)
         for lay, n in zip(layers, sizes, strict=True):
@@ -341,9 +344,6 @@ def _transformer_structured(module: nn.Module, layers: list[nn.Module], cfg: Pru
                 fn = _prune_heads if by_heads else _prune_ffn
                 removed += fn(lay, keep_n, cfg.importance)
         module.zero_grad(set_to_none=True)
-        if cfg.fine_tune_epochs and (k < cfg.iterations - 1 or cfg.iterations == 1):
-            fine_tune(module, ctx, cfg.fine_tune_epochs)
-    if cfg.fine_tune_epochs and cfg.iterations > 1:
         fine_tune(module, ctx, cfg.fine_tune_epochs)
     unit = "heads" if by_heads else "neurons"
     kept = [(lay.attention.self.num_attention_heads if by_heads
@@ -407,7 +407,7 @@ def _cnn_structured(module: nn.Module, cfg: PruneStep, ctx: Context) -> dict[str
         module, example, importance=_tp_importance(cfg.importance),
         pruning_ratio=cfg.sparsity, iterative_steps=cfg.iterations,
         ignored_layers=ignored, global_pruning=False)
-    for k in range(cfg.iterations):
+    for _ in range(cfg.iterations):
         if _needs_grads(cfg.importance):
             accumulate_grads(module, ctx)
         if cfg.importance is Importance.GRADIENT_NORM:
@@ -416,9 +416,6 @@ def _cnn_structured(module: nn.Module, cfg: PruneStep, ctx: Context) -> dict[str
         else:
             pruner.step()
         module.zero_grad(set_to_none=True)
-        if cfg.fine_tune_epochs and (k < cfg.iterations - 1 or cfg.iterations == 1):
-            fine_tune(module, ctx, cfg.fine_tune_epochs)
-    if cfg.fine_tune_epochs and cfg.iterations > 1:
         fine_tune(module, ctx, cfg.fine_tune_epochs)
     after = sum(p.numel() for p in module.parameters())
     kept = [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for m in targets]
