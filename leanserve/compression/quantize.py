@@ -38,8 +38,9 @@ from leanserve.api.spec import QuantizeMethod, QuantizeStep
 from leanserve.compression.export import feeds
 from leanserve.compression.registry import Context, Model, Stage, StepError, register
 
-WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
-"""Ops whose input at this index is a weight worth quantizing."""
+WEIGHT_OPS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "Gather": (0,), "Attention": (1,),
+              "EmbedLayerNormalization": (2, 3, 4)}
+"""Ops whose inputs at these indexes are weights worth quantizing (ORT's fused BERT ops too)."""
 
 
 def _out_path(model: Model, ctx: Context, tag: str) -> Path:
@@ -74,6 +75,21 @@ def int8_dynamic(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
                          per_channel=cfg.per_channel,
                          extra_options={"DefaultTensorType": TensorProto.FLOAT})
     return _done(model, out, cfg.method, per_channel=cfg.per_channel)
+
+
+def _with_shapes(src: Path, ctx: Context) -> Path:
+    """The graph with value types inferred by ORT's symbolic shape inference, which knows the
+    fused contrib ops (Attention, SkipLayerNormalization); without it the static quantizer
+    skips every MatMul behind one of them."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; quantization still runs
+        return src
+    path = ctx.workdir / "model.shapes.onnx"
+    onnx.save(inferred, str(path))
+    return path
 
 
 class _Calibration:
@@ -112,6 +128,7 @@ def int8_static(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
         raise StepError("quantize.calibrationSamples: int8-static needs calibration rows, "
                         "and the data has none left after the eval split")
     src, out = _onnx_in(model, cfg), _out_path(model, ctx, "int8-static")
+    src = _with_shapes(src, ctx)
     names = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
     reader = _Calibration(ctx, cfg.calibration_samples, names)
     CalibrationDataReader.register(_Calibration)
@@ -120,7 +137,8 @@ def int8_static(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
         quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ,
                         per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8,
-                        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                        op_types_to_quantize=["MatMul", "Gemm", "Conv", "Gather", "Attention",
+                                              "EmbedLayerNormalization"],
                         extra_options={"DefaultTensorType": TensorProto.FLOAT,
                                        "ActivationSymmetric": False,
                                        "WeightSymmetric": True})
@@ -150,18 +168,21 @@ def _weights(graph: onnx.GraphProto) -> dict[str, tuple[str, int]]:
     inits = {t.name for t in graph.initializer}
     found: dict[str, tuple[str, int]] = {}
     for node in graph.node:
-        idx = WEIGHT_OPS.get(node.op_type)
-        if idx is not None and len(node.input) > idx and node.input[idx] in inits:
-            found.setdefault(node.input[idx], (node.op_type, idx))
-            if node.op_type == "Gemm":
+        for idx in WEIGHT_OPS.get(node.op_type, ()):
+            if len(node.input) <= idx or node.input[idx] not in inits:
+                continue
+            op = node.op_type
+            if op == "Gemm":
                 trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                found[node.input[idx]] = ("Gemm_T" if trans_b else "Gemm", idx)
+                op = "Gemm_T" if trans_b else "Gemm"
+            found.setdefault(node.input[idx], (op, idx))
     return found
 
 
 def _channel_axis(op: str, ndim: int) -> int:
     """The output-channel axis of a weight (one scale per output channel / row)."""
-    return {"MatMul": ndim - 1, "Gemm": 1, "Gemm_T": 0, "Conv": 0, "Gather": 0}[op]
+    return {"MatMul": ndim - 1, "Attention": ndim - 1, "Gemm": 1, "Gemm_T": 0, "Conv": 0,
+            "Gather": 0, "EmbedLayerNormalization": 0}[op]
 
 
 def _rewrite_weights(src: Path, out: Path, replace) -> int:

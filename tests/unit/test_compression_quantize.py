@@ -1,0 +1,194 @@
+"""Every quantize method on a tiny BERT (and CNN): the result runs in ORT with the contract's
+I/O, stays close to the fp32 model, and its size is what the method promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+import torch
+from test_compression_fixtures import TinyCNN, sentences, tiny_hf_dir
+
+from leanserve.api.spec import ModelFormat, QuantizeMethod, QuantizeStep, Task
+from leanserve.compression import techniques
+from leanserve.compression.evaluate import mean_cosine
+from leanserve.compression.export import export_onnx, optimize, run_onnx, session
+from leanserve.compression.loading import Rows, batches, load_model
+from leanserve.compression.modules import ImageClassifier
+from leanserve.compression.quantize import (
+    fake_binary,
+    fake_int4,
+    fake_power_of_two,
+    fake_quantize,
+)
+from leanserve.compression.registry import Batch, Context, Model, Stage, lookup
+
+techniques.load_all()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    root = tmp_path_factory.mktemp("q")
+    m = load_model(tiny_hf_dir(root).name, ModelFormat.HUGGINGFACE, Task.FEATURE_EXTRACTION,
+                   root)
+    data = batches(Rows(texts=sentences(24)), tokenizer=m.tokenizer, max_length=32,
+                   batch_size=8)
+    base = export_onnx(m.module, data[0], root / "base" / "raw.onnx", Task.FEATURE_EXTRACTION)
+    opt = optimize(base, root / "base" / "model.onnx", bert=m.bert, check=data[0])
+    ref = run_onnx(session(opt.path), data[1])
+    return m, data, opt.path, ref, root
+
+
+def _ctx(m, data, tmp: Path) -> Context:  # noqa: ANN001
+    return Context(task=Task.FEATURE_EXTRACTION, train=data, teacher=m.module, workdir=tmp)
+
+
+ONNX_METHODS = {
+    # method: (min cosine to fp32, max ratio of initializer bytes to fp32's)
+    QuantizeMethod.INT8_DYNAMIC: (0.95, 0.4),
+    QuantizeMethod.INT8_STATIC: (0.90, 0.4),
+    QuantizeMethod.FP16: (0.999, 0.55),
+    QuantizeMethod.BF16: (0.99, 0.55),
+    QuantizeMethod.INT8_WEIGHT_ONLY: (0.99, 0.4),
+}
+
+
+@pytest.mark.parametrize("method", list(ONNX_METHODS))
+def test_onnx_stage_methods(method: QuantizeMethod, tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    m, data, base, ref, _ = tiny
+    cfg = QuantizeStep(method=method, per_channel=True, calibration_samples=10)
+    tech = lookup(cfg)
+    assert tech.stage is Stage.ONNX
+    out = tech.transform(Model(onnx_path=base), cfg, _ctx(m, data, tmp_path))
+    assert out.onnx_path is not None and out.onnx_path.exists()
+    assert out.notes["quantize"] == method.value
+    sess = session(out.onnx_path)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["embedding"]
+    got = run_onnx(sess, data[1])
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    min_cos, max_ratio = ONNX_METHODS[method]
+    assert mean_cosine(got, ref) >= min_cos
+    assert weight_bytes(out.onnx_path) <= max_ratio * weight_bytes(base)
+    assert out.onnx_path.stat().st_size < base.stat().st_size
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the initializers (the tiny graph's structure would dominate the file size)."""
+    return sum(len(numpy_helper.to_array(t).tobytes())
+               for t in onnx.load(str(path)).graph.initializer)
+
+
+def test_static_int8_calibrates_on_at_most_the_samples_asked(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    m, data, base, _, _ = tiny
+    cfg = QuantizeStep(method=QuantizeMethod.INT8_STATIC, calibration_samples=5)
+    out = lookup(cfg).transform(Model(onnx_path=base), cfg, _ctx(m, data, tmp_path))
+    assert out.notes["calibration_rows"] == 5
+    ops = {n.op_type for n in onnx.load(str(out.onnx_path)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_int8_weight_only_stores_int8_weights(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    m, data, base, _, _ = tiny
+    cfg = QuantizeStep(method=QuantizeMethod.INT8_WEIGHT_ONLY)
+    out = lookup(cfg).transform(Model(onnx_path=base), cfg, _ctx(m, data, tmp_path))
+    g = onnx.load(str(out.onnx_path)).graph
+    int8 = [t for t in g.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(int8) == out.notes["weights_int8"] > 0
+
+
+FAKE_BITS = {QuantizeMethod.INT4_WEIGHT_ONLY: 4, QuantizeMethod.POWER_OF_TWO: 4,
+             QuantizeMethod.BINARY: 1}
+
+
+@pytest.mark.parametrize("method", list(FAKE_BITS))
+def test_fake_quant_methods_account_packed_bytes(method: QuantizeMethod, tiny,  # noqa: ANN001
+                                                 tmp_path: Path) -> None:
+    m, data, _, _, _ = tiny
+    cfg = QuantizeStep(method=method)
+    tech = lookup(cfg)
+    assert tech.stage is Stage.TORCH
+    out = tech.transform(Model(module=m.module), cfg, _ctx(m, data, tmp_path))
+    bits = FAKE_BITS[method]
+    expected = 0
+    qids = set()
+    for layer in out.module.modules():
+        if isinstance(layer, torch.nn.Linear | torch.nn.Embedding) and \
+                id(layer.weight) not in qids:
+            qids.add(id(layer.weight))
+            w = layer.weight
+            expected += (w.numel() * bits + 7) // 8 + 4 * w.shape[0]
+    expected += 4 * sum(p.numel() for p in out.module.parameters() if id(p) not in qids)
+    expected += 4 * sum(b.numel() for b in out.module.buffers() if b.is_floating_point())
+    assert out.packed_bytes == expected
+    fp32 = 4 * sum(p.numel() for p in m.module.parameters())
+    assert out.packed_bytes < fp32 * (bits + 2) / 32
+    # the teacher is untouched
+    assert not torch.equal(next(out.module.parameters()), next(m.module.parameters())) or \
+        method is QuantizeMethod.INT4_WEIGHT_ONLY
+
+
+def test_fake_quant_values_are_on_the_grid() -> None:
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    pow2 = fake_power_of_two(w)
+    scale = w.abs().amax(1, keepdim=True)
+    ratio = (pow2.abs() / scale)
+    nz = ratio[ratio > 0]
+    assert torch.allclose(torch.log2(nz), torch.round(torch.log2(nz)), atol=1e-5)
+    assert nz.min() >= 2.0 ** -6 - 1e-7 and torch.equal(torch.sign(pow2[pow2 != 0]),
+                                                      torch.sign(w[pow2 != 0]))
+    b = fake_binary(w)
+    assert all(len(torch.unique(row.abs())) == 1 for row in b)
+    assert torch.allclose(b.abs()[:, 0], w.abs().mean(1))
+    i4 = fake_int4(w)
+    assert all(len(torch.unique(row)) <= 16 for row in i4)
+    assert (i4 - w).abs().max() <= (scale / 7 / 2).max() + 1e-6
+
+
+def test_fake_quant_on_cnn_counts_conv_weights() -> None:
+    net = ImageClassifier(TinyCNN()).eval()
+    q, packed, n = fake_quantize(net, QuantizeMethod.BINARY)
+    assert n == 4  # two convs, two linears
+    fp32 = 4 * sum(p.numel() for p in net.parameters())
+    assert packed < fp32 / 8
+    x = torch.rand(2, 1, 8, 8)
+    assert q(pixel_values=x).shape == (2, 10)
+
+
+def test_image_model_exports_pixel_values_to_logits(tmp_path: Path) -> None:
+    net = ImageClassifier(TinyCNN()).eval()
+    batch = Batch(inputs={"pixel_values": torch.rand(4, 1, 8, 8)})
+    path = export_onnx(net, batch, tmp_path / "m.onnx", Task.IMAGE_CLASSIFICATION)
+    sess = session(path)
+    assert [i.name for i in sess.get_inputs()] == ["pixel_values"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    big = Batch(inputs={"pixel_values": torch.rand(7, 1, 8, 8)})  # dynamic batch axis
+    with torch.no_grad():
+        ref = net(**big.inputs).numpy()
+    assert np.allclose(run_onnx(sess, big), ref, atol=1e-4)
+
+
+def test_text_export_has_dynamic_batch_and_sequence(tiny) -> None:  # noqa: ANN001
+    m, data, base, _, _ = tiny
+    g = onnx.load(str(base)).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in g.input}
+    assert set(dims) == {"input_ids", "attention_mask"}
+    assert all(isinstance(d[0], str) and isinstance(d[1], str) for d in dims.values())
+    assert [o.name for o in g.output] == ["embedding"]
+    assert {i.type.tensor_type.elem_type for i in g.input} == {onnx.TensorProto.INT64}
+    # the optimized graph equals the torch module, pooling and normalization included
+    ids = torch.tensor([[2, 9, 10, 11, 3, 0, 0], [2, 12, 13, 3, 0, 0, 0]])
+    b = Batch(inputs={"input_ids": ids, "attention_mask": (ids > 0).long()})
+    with torch.no_grad():
+        ref = m.module(**b.inputs).numpy()
+    assert np.allclose(run_onnx(session(base), b), ref, atol=1e-4)
+
+
+def test_bert_fusions_were_applied(tiny) -> None:  # noqa: ANN001
+    _, _, base, _, _ = tiny
+    ops = {n.op_type for n in onnx.load(str(base)).graph.node}
+    assert "SkipLayerNormalization" in ops
