@@ -62,6 +62,8 @@ class SearchSettings:
     max_error_rate: float = 0.01
     #: Longest wait for the server's queue to drain between trials.
     drain_timeout_s: float = 30.0
+    #: Hard bound on trials per config, so profiling time stays bounded.
+    max_trials: int = 12
     max_rate: float = 20_000.0
     min_rate: float = 0.5
     #: Tokens per generated text request.
@@ -150,10 +152,28 @@ def search_capacity(measure: Callable[[float], Trial], slo_ms: float, start_rate
     result = CapacityResult(0.0)
 
     def run(rate: float) -> bool:
+        if len(result.trials) >= settings.max_trials:
+            raise _OutOfTrials
         trial = measure(rate)
         result.trials.append(trial)
         return trial.passes(slo_ms, settings)
 
+    good: float | None = None
+    try:
+        good = _ramp_and_bisect(run, start_rate, settings)
+    except _OutOfTrials:
+        passing = [t.rate for t in result.trials if t.passes(slo_ms, settings)]
+        good = max(passing) if passing else None
+    result.capacity_rps = good or 0.0
+    return result
+
+
+class _OutOfTrials(Exception):
+    """The search used ``max_trials``: report the best rate seen so far."""
+
+
+def _ramp_and_bisect(run: Callable[[float], bool], start_rate: float,
+                     settings: SearchSettings) -> float | None:
     rate = min(max(start_rate, settings.min_rate), settings.max_rate)
     good: float | None = None
     bad: float | None = None
@@ -175,7 +195,7 @@ def search_capacity(measure: Callable[[float], Trial], slo_ms: float, start_rate
                 break
             bad = rate
     if good is None:
-        return result
+        return None
     if bad is not None:
         for _ in range(settings.bisect_steps):
             mid = math.sqrt(good * bad)
@@ -183,8 +203,7 @@ def search_capacity(measure: Callable[[float], Trial], slo_ms: float, start_rate
                 good = mid
             else:
                 bad = mid
-    result.capacity_rps = good
-    return result
+    return good
 
 
 def cost_per_million(hourly_price: float, capacity_rps: float) -> float | None:

@@ -150,3 +150,11 @@ def test_ports_zero_are_chosen_and_taken_ones_move_or_fail() -> None:
     with pytest.raises(PortInUseError, match=r"port 8000 \(http\) is already in use"):
         choose_ports({"http": 8000}, host="h", strict=True, in_use=in_use,
                      pick=lambda h: 1)
+
+
+def test_search_stops_at_max_trials_with_the_best_rate_seen() -> None:
+    measure, calls = queue_server(capacity=1e6, service_ms=0.1)  # never saturates
+    settings = SearchSettings(max_trials=5, max_rate=1e9)
+    result = search_capacity(measure, 100.0, 10.0, settings)
+    assert len(calls) == 5
+    assert result.capacity_rps == pytest.approx(max(calls))
