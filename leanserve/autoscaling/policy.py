@@ -92,6 +92,12 @@ class Target:
     def budget(self) -> float:
         return math.inf if self.max_hourly_cost is None else self.max_hourly_cost
 
+    def affordable(self, pool: PoolCapacity) -> int:
+        """Most replicas of one pool within maxReplicas and the budget (no budget: no limit)."""
+        if self.max_hourly_cost is None or pool.hourly_price <= 0:
+            return self.max_replicas
+        return min(self.max_replicas, math.floor(self.budget / pool.hourly_price + 1e-9))
+
 
 @dataclass(frozen=True)
 class PolicySettings:
@@ -208,7 +214,7 @@ def cheapest_mix(required_rps: float, pools: Sequence[PoolCapacity], target: Tar
     bounds = []
     for p in pools:
         by_need = math.ceil(need / p.capacity_rps - 1e-9) if p.capacity_rps > 0 else 0
-        by_price = math.floor(target.budget / p.hourly_price + 1e-9)
+        by_price = target.affordable(p)
         hi = min(target.max_replicas, by_price, max(by_need, target.min_replicas))
         lo = max(0, int(lower.get(p.name, 0)))
         bounds.append(range(lo, max(hi, lo) + 1))
@@ -239,7 +245,7 @@ def cheapest_mix(required_rps: float, pools: Sequence[PoolCapacity], target: Tar
     if fallback is None:
         # minReplicas cannot be afforded at all: the cheapest pool, as many as the budget allows
         cheapest = min(pools, key=lambda p: p.hourly_price)
-        n = min(target.max_replicas, math.floor(target.budget / cheapest.hourly_price + 1e-9))
+        n = min(target.max_replicas, target.affordable(cheapest))
         return {p.name: (n if p is cheapest else 0) for p in pools}, False
     return {p.name: n for p, n in zip(pools, fallback_mix, strict=True)}, False
 
@@ -382,7 +388,16 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
                 held_for_ready = True
     over = (sum(final.values()) > target.max_replicas
             or hourly_cost(final, pools) > target.budget + 1e-9)
-    if over:
+    limited = False
+    within_now = (sum(current.values()) <= target.max_replicas
+                  and hourly_cost(current, pools) <= target.budget + 1e-9)
+    if over and breach and within_now:
+        # p95 above the SLO: never remove a serving replica (a pool swap loses its capacity for
+        # a whole start-up), add what the limits still allow, and say the limits bind
+        final = cheapest_mix(required, pools, target, current, settings.switch_penalty,
+                             lower=current)[0]
+        limited = True
+    elif over:
         # limits bind during a transition: drop the replicas not started yet before ready ones,
         # unless what is ready cannot carry the load anyway (then swap, the only way forward)
         keep_old = fit_limits(final, pools, target,
@@ -395,7 +410,7 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     cap = capacity(final, pools)
     up = any(final[n] > current[n] for n in names)
     down = any(final[n] < current[n] for n in names)
-    if not feasible:
+    if not feasible or limited:
         code = Reason.LIMITED
     elif at_risk and up:
         code = Reason.SLO_AT_RISK
@@ -427,6 +442,10 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
         parts.append("no scale-down while p95 is above the SLO")
     if held_for_ready:
         parts.append("keeping old replicas until new ones are ready")
+    if limited:
+        parts.append(f"p95 above the SLO and maxReplicas={target.max_replicas}/maxHourlyCost="
+                     f"{target.max_hourly_cost} leave no room to swap pools: keeping every "
+                     "replica, adding what fits")
     parts.append(f"-> {_fmt(final)} (${cost:.2f}/h, {cap:.0f} req/s)")
     reason = f"{code.value}: " + "; ".join(parts)
     entry = HistoryEntry(now, tuple(fresh.items()), rate)

@@ -364,7 +364,7 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
                                fixed=lambda _t, _l: static_mix)
     runs["static"].note = f"peak {peak:g} req/s at {settings.target_utilisation:.0%}"
     hp = _hpa_pool(pools)
-    max_r = min(target.max_replicas, math.floor(target.budget / hp.hourly_price + 1e-9))
+    max_r = target.affordable(hp)
     hpa = HPAController(hp, cfg.hpa_target * hp.capacity_rps, target.min_replicas, max_r, cfg,
                         pods_metric=True, period=cfg.hpa_sync_seconds,
                         down_window=cfg.hpa_scale_down_window_seconds)

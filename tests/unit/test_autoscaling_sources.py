@@ -24,7 +24,13 @@ def vec(*values: str, labels: list[dict] | None = None) -> bytes:
 
 
 class FakeHttp:
-    """Answers by which metric the query reads; records the queries."""
+    """Answers by the metric the query reads first; records the queries.
+
+    Queries read several metrics (p95 filters the summary by the success rate, queue time divides
+    by it), so the key found earliest in the query wins: the outer, specific one ("summary_us"
+    before the "nv_inference_request_success" filter of the same query), not whichever key
+    happens to be listed first.
+    """
 
     def __init__(self, answers: dict[str, tuple[int, bytes] | Exception]) -> None:
         self.answers, self.seen = answers, []
@@ -32,12 +38,13 @@ class FakeHttp:
     def __call__(self, url: str, params: dict[str, str], timeout: float) -> tuple[int, bytes]:
         q = params["query"]
         self.seen.append((url, q, params["time"]))
-        for key, ans in self.answers.items():
-            if key in q:
-                if isinstance(ans, Exception):
-                    raise ans
-                return ans
-        return 200, vec()
+        hits = [(q.find(key), -len(key), key) for key in self.answers if key in q]
+        if not hits:
+            return 200, vec()
+        ans = self.answers[min(hits)[2]]
+        if isinstance(ans, Exception):
+            raise ans
+        return ans
 
 
 def source(answers) -> tuple[PrometheusSource, FakeHttp]:
@@ -86,6 +93,35 @@ def test_zero_rate_from_existing_series_is_zero_load():
     src, _ = source({"request_success": (200, vec("0")), "summary_us": (200, vec("NaN"))})
     r = src.read()
     assert r.request_rate == 0.0 and r.p95_ms is None
+
+
+def test_fake_answers_by_the_metric_read_first():
+    http = FakeHttp({"nv_inference_request_success": (200, vec("1")),
+                     "summary_us": (200, vec("2"))})
+    p95 = Queries("m", "30s").p95_ms
+    assert p95.find("summary_us") < p95.find("nv_inference_request_success")
+    assert http("u", {"query": p95, "time": "0"}, 1.0) == (200, vec("2"))
+    assert http("u", {"query": Queries("m").request_rate, "time": "0"}, 1.0) == (200, vec("1"))
+
+
+def test_p95_counts_only_replicas_that_served_in_the_window():
+    q = Queries("minilm", "30s")
+    # the summary is filtered by a positive success rate over the same window, per replica
+    assert 'quantile="0.95"' in q.p95_ms
+    assert "and on(instance, model, version)" in q.p95_ms
+    assert 'rate(nv_inference_request_success{model="minilm"}[30s]) > 0' in q.p95_ms
+    # idle model: the rate is a real 0 (series exist) and the filtered p95 is empty -> unknown,
+    # not the stale quantile Triton still exports; no load means no late requests
+    src, _ = source({"request_success": (200, vec("0")), "summary_us": (200, vec())})
+    r = src.read()
+    assert r.request_rate == 0.0 and r.p95_ms is None
+    assert any("p95: no data" in p for p in r.problems)
+    plat = InMemoryPlatform(["a"], clock=lambda: 0.0)
+    plat.set_ready("m", {"a": 2})
+    o, _ = observe(src, plat, "m")
+    d = decide(o, [PoolCapacity("a", 10, 0.1)], Target(100, 1, 5), None, 0)
+    assert d.code is not Reason.METRICS_UNAVAILABLE and d.slo_met is True
+    assert d.replicas == {"a": 1}  # zero load is real: down to minReplicas
 
 
 def test_platform_startup_delay_and_scale_down_order():

@@ -96,6 +96,27 @@ def test_make_before_break_keeps_old_pool_until_new_ready():
     assert "until new ones are ready" in d.reason
 
 
+@pytest.mark.parametrize(("cur", "max_r", "budget", "expect"), [
+    # maxReplicas=1: swapping the small replica for a large one would serve nothing for a whole
+    # start-up; keep it and report the limit (hypothesis found this)
+    ({"cpu-small": 1, "cpu-large": 0}, 1, 1.0, {"cpu-small": 1, "cpu-large": 0}),
+    # maxReplicas reached: the cheaper 1 small + 1 large would mean removing two; hold
+    ({"cpu-small": 3, "cpu-large": 0}, 3, 5.0, {"cpu-small": 3, "cpu-large": 0}),
+    # budget binds before maxReplicas: $0.30 + one small fits, a large does not
+    ({"cpu-small": 3, "cpu-large": 0}, 10, 0.45, {"cpu-small": 4, "cpu-large": 0}),
+])
+def test_breach_at_the_limits_keeps_every_replica(cur, max_r, budget, expect):
+    t = Target(100, 0, max_r, budget, 5, 20)
+    d = decide(obs(0, 0.0 if max_r == 1 else 150.0, 101.0, cur), POOLS, t, None, 0)
+    assert d.replicas == expect
+    assert d.code is Reason.LIMITED
+    assert "keeping every replica" in d.reason
+    # room for one more large replica: added at once, nothing removed
+    d = decide(obs(0, 150.0, 101.0, {"cpu-small": 3, "cpu-large": 0}), POOLS,
+               Target(100, 0, 4, 5.0, 5, 20), None, 0)
+    assert d.replicas == {"cpu-small": 3, "cpu-large": 1} and d.code is Reason.SLO_AT_RISK
+
+
 def test_rising_trend_provisions_ahead():
     prev = None
     for i, r in enumerate([50, 80, 110, 140]):
