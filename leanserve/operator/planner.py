@@ -326,7 +326,8 @@ def _finish(out: Desired, prev: Mapping[str, Any], status: dict[str, Any], conds
                                       f"{old_phase} -> {phase.value}: {message}",
                                       warning=phase in (Phase.FAILED, Phase.DEGRADED)))
     for c in conds.changed:
-        if c["type"] != ConditionType.READY.value:
+        # Ready repeats the phase event; a condition merely appearing as Unknown is no news.
+        if c["type"] != ConditionType.READY.value and c["status"] != U.value:
             out.events.append(EventIntent(c["reason"], f"{c['type']}={c['status']}: {c['message']}",
                                           warning=c["status"] == F.value))
     out.status = status

@@ -36,13 +36,13 @@ def kubeconfig_path(env: dict[str, str] | None = None) -> Path | None:
 def login() -> kopf.ConnectionInfo:
     """In-cluster service account first, then the current kubeconfig; one clear error if none."""
     if os.environ.get("KUBERNETES_SERVICE_HOST") and SERVICE_ACCOUNT_TOKEN.is_file():
-        info = kopf.login_with_service_account()
+        info = kopf.login_with_service_account(settings=kopf.OperatorSettings())
         if info is not None:
             return info
     if kubeconfig_path() is None:
         raise KubeconfigError("no kubeconfig found: set KUBECONFIG or create ~/.kube/config "
                               "(or run the operator inside a cluster with a ServiceAccount)")
-    info = kopf.login_with_kubeconfig()
+    info = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
     if info is None:
         raise KubeconfigError("the kubeconfig has no usable current context: run "
                               "`kubectl config use-context NAME`")
