@@ -61,8 +61,16 @@ def take_rows(batches: list[Batch], n: int) -> Batch:
                 break
     if "attention_mask" in rows[0]:
         length = max(int(r["attention_mask"].sum()) for r in rows)
-        return Batch(inputs={k: torch.stack([r[k][:length] for r in rows]) for k in rows[0]})
+        return Batch(inputs={k: torch.stack([_fit(r[k], length) for r in rows])
+                             for k in rows[0]})
     return Batch(inputs={k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+
+
+def _fit(row: torch.Tensor, length: int) -> torch.Tensor:
+    """Cut or zero-pad a token row to ``length`` (padding sits under attention_mask 0)."""
+    if row.shape[0] >= length:
+        return row[:length]
+    return torch.cat([row, row.new_zeros(length - row.shape[0])])
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

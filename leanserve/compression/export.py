@@ -57,6 +57,12 @@ def export_onnx(module: nn.Module, example: Batch, path: Path, task: Task) -> Pa
     axes[output_name(task)] = {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
+    # A TorchScript model loaded as it is: export the script module itself (tracing through a
+    # ScriptModule held by a wrapper is refused by the exporter); it takes the same positional
+    # inputs in the same order.
+    inner = getattr(module, "net", None)
+    if isinstance(inner, torch.jit.ScriptModule):
+        module = inner
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

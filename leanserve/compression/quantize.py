@@ -85,7 +85,7 @@ def _with_shapes(src: Path, ctx: Context) -> Path:
 
     try:
         inferred = SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True)
-    except Exception:  # noqa: BLE001 - inference is best effort; quantization still runs
+    except Exception:
         return src
     path = ctx.workdir / "model.shapes.onnx"
     onnx.save(inferred, str(path))
@@ -254,6 +254,18 @@ def int8_weight_only(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
 QUANTIZED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
+def _is_weight_layer(layer: nn.Module) -> bool:
+    """Linear/Conv/Embedding, also inside a TorchScript module (whose children are
+    RecursiveScriptModules that keep only the original class name)."""
+    if isinstance(layer, QUANTIZED_LAYERS):
+        return True
+    name = getattr(layer, "original_name", None)
+    return name in QUANTIZED_NAMES and isinstance(getattr(layer, "weight", None), torch.Tensor)
+
+
+QUANTIZED_NAMES = {cls.__name__ for cls in QUANTIZED_LAYERS}
+
+
 def _rows(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
@@ -300,7 +312,7 @@ def fake_quantize(module: nn.Module, method: QuantizeMethod) -> tuple[nn.Module,
     packed = 0
     with torch.no_grad():
         for layer in out.modules():
-            if isinstance(layer, QUANTIZED_LAYERS) and id(layer.weight) not in quantized:
+            if _is_weight_layer(layer) and id(layer.weight) not in quantized:
                 w = layer.weight
                 w.copy_(fn(w.data))
                 quantized.add(id(w))

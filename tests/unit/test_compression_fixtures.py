@@ -21,10 +21,14 @@ from leanserve.api.load import LoadedSpec, load_one
 from leanserve.compression.benchmark import BenchSettings
 from leanserve.compression.pipeline import Settings
 
-WORDS = ("the a cat dog runs fast slow model server cluster node pod deploy scale cost price "
-         "latency quality small large red blue green yellow book reads writes data table chair "
-         "sun moon star river lake hill road car train plane ship city town house tree leaf "
-         "water fire earth wind music song dance paint code test bug fix").split()
+WORDS = (
+    "the", "a", "cat", "dog", "runs", "fast", "slow", "model", "server", "cluster", "node",
+    "pod", "deploy", "scale", "cost", "price", "latency", "quality", "small", "large", "red",
+    "blue", "green", "yellow", "book", "reads", "writes", "data", "table", "chair", "sun",
+    "moon", "star", "river", "lake", "hill", "road", "car", "train", "plane", "ship", "city",
+    "town", "house", "tree", "leaf", "water", "fire", "earth", "wind", "music", "song",
+    "dance", "paint", "code", "test", "bug", "fix"
+)
 
 FAST = Settings(bench=BenchSettings(warmup=1, iterations_b1=3, iterations_bn=2), batch_size=8)
 """Pipeline settings for tests: a real benchmark, a few iterations."""
@@ -36,8 +40,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def tiny_hf_dir(root: Path, *, classifier: bool = False, seed: int = 0) -> Path:
-    from transformers import (BertConfig, BertForSequenceClassification, BertModel,
-                              BertTokenizerFast)
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     d = root / ("tiny-bert-cls" if classifier else "tiny-bert")
     d.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 import torch
+from onnx import numpy_helper
 from test_compression_fixtures import TinyCNN, sentences, tiny_hf_dir
 
 from leanserve.api.spec import ModelFormat, QuantizeMethod, QuantizeStep, Task
@@ -30,7 +30,7 @@ techniques.load_all()
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def tiny(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("q")
     m = load_model(tiny_hf_dir(root).name, ModelFormat.HUGGINGFACE, Task.FEATURE_EXTRACTION,
                    root)
@@ -42,7 +42,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return m, data, opt.path, ref, root
 
 
-def _ctx(m, data, tmp: Path) -> Context:  # noqa: ANN001
+def _ctx(m, data, tmp: Path) -> Context:
     return Context(task=Task.FEATURE_EXTRACTION, train=data, teacher=m.module, workdir=tmp)
 
 
@@ -57,7 +57,7 @@ ONNX_METHODS = {
 
 
 @pytest.mark.parametrize("method", list(ONNX_METHODS))
-def test_onnx_stage_methods(method: QuantizeMethod, tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_onnx_stage_methods(method: QuantizeMethod, tiny, tmp_path: Path) -> None:
     m, data, base, ref, _ = tiny
     cfg = QuantizeStep(method=method, per_channel=True, calibration_samples=10)
     tech = lookup(cfg)
@@ -82,7 +82,7 @@ def weight_bytes(path: Path) -> int:
                for t in onnx.load(str(path)).graph.initializer)
 
 
-def test_static_int8_calibrates_on_at_most_the_samples_asked(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_static_int8_calibrates_on_at_most_the_samples_asked(tiny, tmp_path: Path) -> None:
     m, data, base, _, _ = tiny
     cfg = QuantizeStep(method=QuantizeMethod.INT8_STATIC, calibration_samples=5)
     out = lookup(cfg).transform(Model(onnx_path=base), cfg, _ctx(m, data, tmp_path))
@@ -91,7 +91,7 @@ def test_static_int8_calibrates_on_at_most_the_samples_asked(tiny, tmp_path: Pat
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
 
 
-def test_int8_weight_only_stores_int8_weights(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_int8_weight_only_stores_int8_weights(tiny, tmp_path: Path) -> None:
     m, data, base, _, _ = tiny
     cfg = QuantizeStep(method=QuantizeMethod.INT8_WEIGHT_ONLY)
     out = lookup(cfg).transform(Model(onnx_path=base), cfg, _ctx(m, data, tmp_path))
@@ -105,7 +105,7 @@ FAKE_BITS = {QuantizeMethod.INT4_WEIGHT_ONLY: 4, QuantizeMethod.POWER_OF_TWO: 4,
 
 
 @pytest.mark.parametrize("method", list(FAKE_BITS))
-def test_fake_quant_methods_account_packed_bytes(method: QuantizeMethod, tiny,  # noqa: ANN001
+def test_fake_quant_methods_account_packed_bytes(method: QuantizeMethod, tiny,
                                                  tmp_path: Path) -> None:
     m, data, _, _, _ = tiny
     cfg = QuantizeStep(method=method)
@@ -171,8 +171,8 @@ def test_image_model_exports_pixel_values_to_logits(tmp_path: Path) -> None:
     assert np.allclose(run_onnx(sess, big), ref, atol=1e-4)
 
 
-def test_text_export_has_dynamic_batch_and_sequence(tiny) -> None:  # noqa: ANN001
-    m, data, base, _, _ = tiny
+def test_text_export_has_dynamic_batch_and_sequence(tiny) -> None:
+    m, _, base, _, _ = tiny
     g = onnx.load(str(base)).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in g.input}
@@ -188,7 +188,7 @@ def test_text_export_has_dynamic_batch_and_sequence(tiny) -> None:  # noqa: ANN0
     assert np.allclose(run_onnx(session(base), b), ref, atol=1e-4)
 
 
-def test_bert_fusions_were_applied(tiny) -> None:  # noqa: ANN001
+def test_bert_fusions_were_applied(tiny) -> None:
     _, _, base, _, _ = tiny
     ops = {n.op_type for n in onnx.load(str(base)).graph.node}
     assert "SkipLayerNormalization" in ops

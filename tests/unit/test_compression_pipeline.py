@@ -1,0 +1,162 @@
+"""compress() end to end on tiny models: report schema, failure isolation, gate, selection,
+files written (and nothing half-written), bad inputs named by field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_compression_fixtures import (
+    FAST,
+    q,
+    spec_dict,
+    tiny_cnn_files,
+    tiny_hf_dir,
+    write_jsonl,
+    write_spec,
+)
+
+from leanserve.api.spec import QualityMetric
+from leanserve.compression.evaluate import Gate, mean_cosine, score
+from leanserve.compression.pipeline import EventKind, compress, select
+from leanserve.compression.registry import CompressionError
+
+CANDIDATE_KEYS = {"name", "steps", "size_bytes", "quality", "quality_drop", "latency_ms",
+                  "throughput_rps", "speedup", "passed", "artifact", "error"}
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("pipe")
+    tiny_hf_dir(root)
+    write_jsonl(root / "data.jsonl", 40)
+    doc = spec_dict("tiny-bert", "data.jsonl", [
+        {"name": "int8", "steps": [q("int8-dynamic", perChannel=True)]},
+        # an ONNX step followed by a torch step: refused, recorded, the others go on
+        {"name": "bad-order", "steps": [q("int8-dynamic"), q("binary")]},
+        {"name": "fp16", "steps": [q("fp16")]},
+        {"name": "binary", "steps": [q("binary")]},
+    ], max_drop=0.05)
+    loaded = write_spec(root, doc)
+    events = []
+    out = root / "out"
+    report = compress(loaded, out, progress=events.append, settings=FAST)
+    return report, out, events
+
+
+def test_report_schema(text_run) -> None:
+    report, out, _ = text_run
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["metric"] == "cosine"
+    base = report["baseline"]
+    assert {"size_bytes", "quality", "latency_ms", "throughput_rps"} <= set(base)
+    assert set(base["latency_ms"]) == {"p50", "p95"} and base["quality"] == pytest.approx(1.0)
+    assert [c["name"] for c in report["candidates"]][0] == report["selected"]
+    for c in report["candidates"]:
+        assert set(c) >= CANDIDATE_KEYS
+
+
+def test_failure_is_recorded_and_others_go_on(text_run) -> None:
+    report, out, _ = text_run
+    by = {c["name"]: c for c in report["candidates"]}
+    bad = by["bad-order"]
+    assert bad["passed"] is False and bad["artifact"] is None
+    assert "spec.compression.candidates[1].steps[1].quantize" in bad["error"]
+    assert "earlier step already produced the ONNX graph" in bad["error"]
+    for name in ("int8", "fp16", "binary"):
+        assert by[name]["error"] is None
+        assert (out / by[name]["artifact"]).exists()
+        assert (out / "artifacts" / name / "tokenizer" / "tokenizer_config.json").exists()
+    assert not (out / "artifacts" / "bad-order").exists()
+
+
+def test_gate_and_selection(text_run) -> None:
+    report, _, _ = text_run
+    by = {c["name"]: c for c in report["candidates"]}
+    for c in by.values():
+        if c["error"] is None:
+            assert c["quality_drop"] == pytest.approx(1.0 - c["quality"])
+            assert c["passed"] == (c["quality_drop"] <= 0.05 + 1e-9)
+            assert c["speedup"] == pytest.approx(
+                c["throughput_rps"] / report["baseline"]["throughput_rps"])
+    # binary weights on a random tiny BERT cannot hold 0.95 cosine
+    assert by["binary"]["passed"] is False
+    # packed size: 1 bit per weight is far below the fp32 file
+    assert by["binary"]["size_bytes"] < by["binary"]["file_bytes"] / 5
+    assert report["selected"] == select(report["candidates"])
+    assert by[report["selected"]]["passed"]
+
+
+def test_files_and_no_staging_left(text_run) -> None:
+    report, out, events = text_run
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "artifacts", "baseline", "pareto.png"} <= names
+    assert not [n for n in names if n.startswith(".staging")]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    if "model_repository_error" not in report:
+        assert (out / "model_repository" / "tiny" / "config.pbtxt").exists()
+    kinds = [e.kind for e in events]
+    assert kinds[0] is EventKind.BASELINE and kinds[-1] is EventKind.DONE
+    assert kinds.count(EventKind.CANDIDATE_DONE) == 4
+
+
+def test_missing_model_fails_run_and_leaves_no_result(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "data.jsonl", 10)
+    loaded = write_spec(tmp_path, spec_dict("nowhere", "data.jsonl",
+                                            [{"name": "a", "steps": [q("fp16")]}]))
+    out = tmp_path / "out"
+    with pytest.raises(CompressionError, match=r"spec\.model\.uri: 'nowhere' does not exist"):
+        compress(loaded, out, settings=FAST)
+    assert list(out.iterdir()) == []
+
+
+def test_empty_data_fails_run_naming_data_uri(tmp_path: Path) -> None:
+    tiny_hf_dir(tmp_path)
+    (tmp_path / "data.jsonl").write_text("")
+    loaded = write_spec(tmp_path, spec_dict("tiny-bert", "data.jsonl",
+                                            [{"name": "a", "steps": [q("fp16")]}]))
+    with pytest.raises(CompressionError, match=r"spec\.data\.uri: .* has no rows"):
+        compress(loaded, tmp_path / "out", settings=FAST)
+
+
+def test_torchscript_cnn_with_accuracy_and_onnx_input(tmp_path: Path) -> None:
+    model, data = tiny_cnn_files(tmp_path)
+    doc = spec_dict(model.name, data.name, [
+        {"name": "w8", "steps": [q("int8-weight-only")]},
+        {"name": "pow2", "steps": [q("power-of-two")]},
+    ], fmt="torchscript", task="image-classification", metric="accuracy", max_drop=0.5)
+    report = compress(write_spec(tmp_path, doc), tmp_path / "out", settings=FAST)
+    assert report["baseline"]["quality"] == pytest.approx(1.0)  # labels are its own argmax
+    by = {c["name"]: c for c in report["candidates"]}
+    assert by["w8"]["error"] is None and by["w8"]["quality"] >= 0.9
+    assert by["pow2"]["size_bytes"] < report["baseline"]["size_bytes"] / 4
+    # the exported artifact, given back as an onnx model: ONNX steps run, torch steps refused
+    onnx_doc = spec_dict("out/baseline/model.onnx", data.name, [
+        {"name": "int8", "steps": [q("int8-dynamic")]},
+        {"name": "pow2", "steps": [q("power-of-two")]},
+    ], fmt="onnx", task="image-classification", metric="accuracy", max_drop=0.5)
+    report2 = compress(write_spec(tmp_path, onnx_doc), tmp_path / "out2", settings=FAST)
+    by2 = {c["name"]: c for c in report2["candidates"]}
+    assert by2["int8"]["error"] is None
+    assert "the model's format is onnx" in by2["pow2"]["error"]
+
+
+def test_gate_passes_at_equality_and_scores() -> None:
+    import numpy as np
+
+    gate = Gate(QualityMetric.COSINE, 0.01, 1.0)
+    assert gate.passed(0.99) and not gate.passed(0.9899)
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert mean_cosine(a, a * 3) == pytest.approx(1.0)
+    logits = np.array([[0.1, 0.9], [0.8, 0.2]])
+    assert score(QualityMetric.ACCURACY, logits, logits, np.array([1, 1])) == 0.5
+
+
+def test_select_prefers_throughput_then_size() -> None:
+    base = {"passed": True, "error": None}
+    cands = [{**base, "name": "a", "throughput_rps": 10, "size_bytes": 5},
+             {**base, "name": "b", "throughput_rps": 10, "size_bytes": 3},
+             {**base, "name": "c", "throughput_rps": 99, "size_bytes": 1, "passed": False}]
+    assert select(cands) == "b"
+    assert select([cands[2]]) is None
