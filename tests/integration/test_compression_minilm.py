@@ -1,0 +1,51 @@
+"""The real MiniLM path: package:// model, spec data, export + ORT fusions, two candidates, gate.
+
+Small on purpose (48 rows of the example sentences, two ONNX-stage candidates, a short
+benchmark) so it runs in about a minute on 2 cores; bench/compression.py runs the full spec.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from leanserve.api.load import load_one
+from leanserve.compression.benchmark import BenchSettings
+from leanserve.compression.pipeline import Settings, compress
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_minilm_compresses_and_gates(tmp_path: Path) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "minilm-cpu.yaml").read_text())
+    lines = (ROOT / "examples" / "data" / "sentences.jsonl").read_text().splitlines()[::8]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    doc["spec"]["data"]["uri"] = "data.jsonl"
+    doc["spec"]["compression"]["candidates"] = [
+        {"name": "int8", "steps": [{"quantize": {"method": "int8-dynamic", "perChannel": True}}]},
+        {"name": "low-rank", "steps": [{"lowRank": {"rankRatio": 0.05}}]},
+    ]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(doc))
+    settings = Settings(bench=BenchSettings(warmup=1, iterations_b1=5, iterations_bn=2))
+    report = compress(load_one(tmp_path / "spec.yaml"), tmp_path / "out", settings=settings)
+
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["selected"] == "int8"
+    fused = report["baseline"]["notes"]["fused"]
+    assert fused.get("Attention") == 6 and fused.get("SkipLayerNormalization") == 12
+    by = {c["name"]: c for c in report["candidates"]}
+    int8 = by["int8"]
+    # per-channel dynamic int8 keeps MiniLM's embeddings within the 0.01 cosine gate
+    assert int8["error"] is None and int8["passed"] and int8["quality"] >= 0.99
+    assert int8["size_bytes"] < 0.3 * report["baseline"]["size_bytes"]
+    # 5% of the rank destroys the embeddings: the gate must catch it
+    low = by["low-rank"]
+    assert low["error"] is None and not low["passed"] and low["quality_drop"] > 0.01
+    repo = tmp_path / "out" / "model_repository"
+    if "model_repository_error" not in report:
+        assert (repo / "minilm" / "config.pbtxt").exists()
+    assert (tmp_path / "out" / "artifacts" / "int8" / "tokenizer" / "tokenizer.json").exists()
