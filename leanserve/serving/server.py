@@ -37,6 +37,13 @@ from leanserve.serving.repository import list_models, to_local_repository
 
 #: Quantiles of the latency summaries Triton exports (``nv_inference_request_summary_us``).
 SUMMARY_QUANTILES = "0.5:0.05,0.9:0.01,0.95:0.001,0.99:0.001"
+#: The metrics flags every tritonserver leanserve runs needs (local and in the cluster): p95 for
+#: the autoscaler comes from ``nv_inference_request_summary_us{quantile="0.95"}``.
+TRITON_METRICS_ARGS: tuple[str, ...] = (
+    "--allow-metrics=true",
+    "--metrics-config=summary_latencies=true",
+    f"--metrics-config=summary_quantiles={SUMMARY_QUANTILES}",
+)
 LOG_TAIL_LINES = 30
 _START_RETRIES = 3
 
@@ -259,10 +266,9 @@ class LocalTriton:
             f"--http-address={self.host}", f"--http-port={self.ports['http']}",
             f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
             f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
-            "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            *TRITON_METRICS_ARGS,
+            "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
             "--metrics-interval-ms=1000",
-            "--metrics-config=summary_latencies=true",
-            f"--metrics-config=summary_quantiles={SUMMARY_QUANTILES}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--backend-config=python,shm-default-byte-size=4194304",
             "--disable-auto-complete-config",
