@@ -22,14 +22,19 @@ from leanserve.api.spec import Task
 
 ATTENTION_MASK = "attention_mask"
 
+MAX_TOKEN_TARGET_ELEMENTS = 64_000_000
+"""Per-token teacher states are kept (as fp16) only up to this many numbers (128 MB)."""
+
 
 @dataclass
 class TrainData:
-    """Every training row at once: inputs by name, the teacher's outputs, optional labels."""
+    """Every training row at once: inputs by name, the teacher's outputs, optional labels, and
+    for transformers the teacher's last hidden state per token (fp16, [rows, seq, hidden])."""
 
     inputs: dict[str, torch.Tensor]
     targets: torch.Tensor
     labels: torch.Tensor | None = None
+    token_targets: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -46,18 +51,26 @@ class TrainData:
         labels = self.labels[idx] if self.labels is not None else None
         return inputs, self.targets[idx], labels
 
+    def tokens(self, idx: torch.Tensor, length: int) -> torch.Tensor | None:
+        if self.token_targets is None:
+            return None
+        return self.token_targets[idx, :length].float()
+
     def save(self, path: Path) -> None:
         blob: dict[str, torch.Tensor] = {f"inputs.{k}": v for k, v in self.inputs.items()}
         blob["targets"] = self.targets
         if self.labels is not None:
             blob["labels"] = self.labels
+        if self.token_targets is not None:
+            blob["token_targets"] = self.token_targets
         torch.save(blob, path)
 
     @classmethod
     def load(cls, path: Path) -> TrainData:
         blob = torch.load(path, weights_only=True)
         inputs = {k.split(".", 1)[1]: v for k, v in blob.items() if k.startswith("inputs.")}
-        return cls(inputs=inputs, targets=blob["targets"], labels=blob.get("labels"))
+        return cls(inputs=inputs, targets=blob["targets"], labels=blob.get("labels"),
+                   token_targets=blob.get("token_targets"))
 
 
 def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -68,17 +81,50 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tensors])
 
 
+def _pad_cat3(tensors: list[torch.Tensor]) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (0, 0, 0, width - t.shape[1])) for t in tensors])
+
+
 @torch.no_grad()
-def collect(batches: list, teacher: nn.Module) -> TrainData:
-    """Turn the pipeline's batches into rows with the teacher's outputs (run once, in eval)."""
+def collect(batches: list, teacher: nn.Module, *, tokens: bool = True) -> TrainData:
+    """Turn the pipeline's batches into rows with the teacher's outputs (run once, in eval).
+
+    With ``tokens`` and a transformer teacher (a ``backbone`` attribute), the last hidden state
+    of every token is kept too: a few hundred sentences give a few thousand token targets,
+    far more signal for a student than one embedding per sentence.
+    """
     if not batches:
         raise ValueError("no training rows")
     names = list(batches[0].inputs)
     inputs = {n: _pad_cat([b.inputs[n] for b in batches]) for n in names}
-    targets = torch.cat([teacher(**b.inputs).detach().float() for b in batches])
+    backbone = getattr(teacher, "backbone", None)
+    width = inputs[ATTENTION_MASK].shape[1] if ATTENTION_MASK in inputs else 0
+    hidden = getattr(getattr(backbone, "config", None), "hidden_size", 0)
+    keep_tokens = (tokens and backbone is not None and width > 0
+                   and len(inputs[ATTENTION_MASK]) * width * hidden <= MAX_TOKEN_TARGET_ELEMENTS)
+    states: list[torch.Tensor] = []
+    handle = None
+    if keep_tokens:
+        # a hook removed right after, so the teacher computes each batch once and is unchanged
+        handle = backbone.register_forward_hook(
+            lambda _m, _a, out: states.append(out[0].detach().half()))
+    try:
+        targets = torch.cat([teacher(**b.inputs).detach().float() for b in batches])
+    finally:
+        if handle is not None:
+            handle.remove()
     have_labels = all(b.labels is not None for b in batches)
     labels = torch.cat([b.labels for b in batches]).long() if have_labels else None
-    return TrainData(inputs=inputs, targets=targets, labels=labels)
+    return TrainData(inputs=inputs, targets=targets, labels=labels,
+                     token_targets=_pad_cat3(states) if keep_tokens else None)
+
+
+def token_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between the student's and the teacher's last hidden state, over real tokens."""
+    cos = F.cosine_similarity(student.float(), teacher, dim=-1)
+    m = mask.to(cos.dtype)
+    return ((1.0 - cos) * m).sum() / m.sum().clamp(min=1.0)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, *,
@@ -132,6 +178,8 @@ class TrainConfig:
     seed: int = 0
     warmup_fraction: float = 0.1
     """Share of the steps with a linearly rising learning rate, then linear decay to zero."""
+    token_weight: float = 1.0
+    """Weight of the per-token hidden-state loss where the data carries token targets."""
 
 
 def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0,
@@ -163,21 +211,40 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
     module.eval()
+    inner = getattr(module, "module", module)  # under DDP the model is .module
+    backbone = getattr(inner, "backbone", None)
+    captured: list[torch.Tensor] = []
+    handle = None
+    width = getattr(getattr(backbone, "config", None), "hidden_size", None)
+    if (data.token_targets is not None and cfg.token_weight > 0
+            and width == data.token_targets.shape[-1]):
+        handle = backbone.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
     history: list[float] = []
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(data), generator=gen)
-        mine = perm[rank::world][:per_rank]
-        losses = []
-        for start in range(0, per_rank, cfg.batch_size):
-            inputs, targets, labels = data.rows(mine[start:start + cfg.batch_size])
-            with torch.enable_grad():
-                out = module(**inputs)
-                loss = kd_loss(out, targets, labels, task=cfg.task,
-                               temperature=cfg.temperature, alpha=cfg.alpha)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        history.append(sum(losses) / len(losses))
+    try:
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(data), generator=gen)
+            mine = perm[rank::world][:per_rank]
+            losses = []
+            for start in range(0, per_rank, cfg.batch_size):
+                idx = mine[start:start + cfg.batch_size]
+                inputs, targets, labels = data.rows(idx)
+                with torch.enable_grad():
+                    captured.clear()
+                    out = module(**inputs)
+                    loss = kd_loss(out, targets, labels, task=cfg.task,
+                                   temperature=cfg.temperature, alpha=cfg.alpha)
+                    if handle is not None and captured:
+                        mask = inputs[ATTENTION_MASK]
+                        want = data.tokens(idx, mask.shape[1])
+                        assert want is not None
+                        loss = loss + cfg.token_weight * token_loss(captured[-1], want, mask)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+            history.append(sum(losses) / len(losses))
+    finally:
+        if handle is not None:
+            handle.remove()
     return history

@@ -120,6 +120,16 @@ def test_classifier_soft_and_hard_targets(tmp_path: Path) -> None:
     assert out.notes["distill_loss"][-1] < out.notes["distill_loss"][0]
 
 
+def test_token_loss_counts_real_tokens_only() -> None:
+    t = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    s = t.clone()
+    s[0, 3:] = -t[0, 3:]  # padding positions differ: must not count
+    assert float(_ddp_train.token_loss(s, t, mask)) == pytest.approx(0.0, abs=1e-6)
+    s[1, 0] = -t[1, 0]  # one real token opposite: 1 - (-1) = 2 over 8 real tokens
+    assert float(_ddp_train.token_loss(s, t, mask)) == pytest.approx(2 / 8, abs=1e-5)
+
+
 def test_kd_loss_mixes_soft_and_hard() -> None:
     s = torch.tensor([[2.0, 0.0, -1.0]])
     t = torch.tensor([[2.0, 0.0, -1.0]])
@@ -171,6 +181,9 @@ def test_job_files_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(rebuilt(**x), teacher(**x))
     loaded = _ddp_train.TrainData.load(tmp_path / "data.pt")
     torch.testing.assert_close(loaded.targets, data.targets)
+    # the teacher's per-token states travel too: [rows, seq, hidden] in fp16
+    assert data.token_targets is not None and data.token_targets.shape == (16, 10, 32)
+    torch.testing.assert_close(loaded.token_targets, data.token_targets)
     assert describe_student(rebuilt)["head"] == {"in_features": 32, "out_features": 3}
     cmd = torchrun_command(tmp_path, 2)
     assert "--nproc_per_node=2" in cmd and "leanserve.compression._ddp_distill" in cmd
