@@ -106,13 +106,27 @@ class PolicySettings:
     target_utilisation: float = 0.9
     """Share of the capacity at the SLO to plan for; the rest absorbs noise between decisions."""
     breach_factor: float = 1.5
-    """When p95 exceeds the SLO, scale to at least this multiple of the current capacity."""
+    """When p95 exceeds the SLO, scale to at least min(this, p95/SLO) x the ready capacity."""
+    breach_min_factor: float = 1.1
+    """... and at least this multiple, however small the overshoot."""
     startup_seconds: float = 30.0
     """How long a new replica takes to serve; the trend is projected this far (+1 interval)."""
     trend_window_seconds: float = 60.0
     """History used to estimate the load trend (least squares over the window)."""
     switch_penalty: float = 0.03
     """Cost of changing a replica, as a share of its hourly price, when ranking mixes."""
+    stabilization_startups: float = 3.0
+    """Scale down only to the most capacity desired within this many start-up times, when that
+    is longer than scaleDownStabilizationSeconds: a replica given up takes a start-up to return,
+    so releasing it on a shorter dip than that buys a violation for a few cents."""
+    adaptive_headroom: bool = True
+    """Size the headroom from the observed volatility instead of target_utilisation."""
+    min_headroom: float = 0.05
+    """Headroom above the planned load even on a perfectly steady rate."""
+    volatility_z: float = 2.0
+    """Headroom per unit of relative rate noise (std between observations / mean)."""
+    max_headroom: float = 0.5
+    volatility_window_seconds: float = 120.0
 
 
 DEFAULT_SETTINGS = PolicySettings()
@@ -296,6 +310,30 @@ def _trend(history: Sequence[HistoryEntry], now: float, rate: float, window: flo
     return sum((t - mt) * (r - mr) for t, r in pts) / var
 
 
+def _utilisation(history: Sequence[HistoryEntry], now: float, rate: float,
+                 settings: PolicySettings) -> tuple[float, float | None]:
+    """Target utilisation from the observed volatility: (utilisation, relative noise or None).
+
+    Noise = std of successive rate differences / sqrt(2) (insensitive to a steady trend) over
+    the mean rate in the window; headroom = min_headroom + volatility_z x noise, capped. Too
+    little history: the fixed target_utilisation.
+    """
+    if not settings.adaptive_headroom:
+        return settings.target_utilisation, None
+    rs = [h.rate for h in history if h.rate is not None
+          and now - settings.volatility_window_seconds <= h.time < now]
+    rs.append(rate)
+    mean = sum(rs) / len(rs)
+    if len(rs) < 4 or mean <= 0:
+        return settings.target_utilisation, None
+    diffs = [b - a for a, b in itertools.pairwise(rs)]
+    md = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - md) ** 2 for d in diffs) / (len(diffs) - 1)) / math.sqrt(2)
+    cv = sd / mean
+    headroom = min(settings.max_headroom, settings.min_headroom + settings.volatility_z * cv)
+    return 1.0 / (1.0 + headroom), cv
+
+
 def _prune(history: Sequence[HistoryEntry], now: float, keep: float) -> tuple[HistoryEntry, ...]:
     return tuple(h for h in history if now - keep <= h.time <= now)
 
@@ -311,7 +349,9 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     known = observed.current if observed.current is not None else (
         previous.replicas if previous is not None else None)
     history = previous.history if previous is not None else ()
-    keep = max(target.scale_down_stabilization_seconds, settings.trend_window_seconds)
+    keep = max(target.scale_down_stabilization_seconds, settings.trend_window_seconds,
+               settings.stabilization_startups * settings.startup_seconds,
+               settings.volatility_window_seconds)
     history = _prune(history, now, keep)
 
     if known is None:
@@ -345,33 +385,39 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     slope = _trend(history, now, rate, settings.trend_window_seconds)
     horizon = settings.startup_seconds + target.interval_seconds
     demand = rate + max(0.0, slope) * horizon
-    required = demand / settings.target_utilisation
+    util, cv = _utilisation(history, now, rate, settings)
+    required = demand / util
+    factor = 1.0
     if breach:
-        required = max(required, capacity(current, pools) * settings.breach_factor)
+        # the ready replicas produced that p95: their capacity is evidently too small; step up
+        # in proportion to the overshoot (p95 grows steeply near saturation), at least
+        # breach_min_factor, at most breach_factor; replicas already starting count toward it,
+        # so a breach that lasts a start-up does not compound every interval
+        assert p95 is not None
+        factor = min(settings.breach_factor, max(settings.breach_min_factor, p95 / slo))
+        required = max(required, ready_cap * factor)
     at_risk = breach or rate > ready_cap
 
+    # scale-down stabilization on capacity (HPA's rule, per capacity instead of per pool): plan
+    # for no less than the highest capacity desired within the window, but never grow because
+    # of it; which pools provide it is then the cheapest mix again, so a shrinking load
+    # releases the expensive replicas first and the mix does not ratchet into many small ones
+    window = max(target.scale_down_stabilization_seconds,
+                 settings.stabilization_startups * settings.startup_seconds)
+    window_start = now - window
+    recent = [capacity(h.as_dict(), pools) for h in history
+              if h.time >= window_start and h.rate is not None]
+    plan = required
+    if recent and not breach:
+        plan = max(required, min(max(recent), capacity(current, pools)))
     fresh, feasible = cheapest_mix(required, pools, target, current, settings.switch_penalty)
-
-    # scale-down stabilization: a pool shrinks only to the highest count desired within the
-    # window (and never grows because of it); when those kept replicas cover the need, no new
-    # ones are added; otherwise top them up at the lowest cost rather than swap pools
-    window_start = now - target.scale_down_stabilization_seconds
-    floor = {n: min(current[n], fresh[n]) for n in names}
-    for h in history:
-        if h.time >= window_start and h.rate is not None:
-            for n, v in h.replicas:
-                if n in floor:
-                    floor[n] = max(floor[n], min(v, current[n]))
-    if capacity(floor, pools) + 1e-9 >= required and feasible:
-        final = dict(floor)
-    elif all(floor[n] <= fresh[n] for n in names):
-        final = dict(fresh)
-    else:
-        final, ok = cheapest_mix(required, pools, target, current, settings.switch_penalty,
-                                 lower=floor)
+    if plan > required + 1e-9:
+        final, ok = cheapest_mix(plan, pools, target, current, settings.switch_penalty)
         if not ok:
             final = dict(fresh)
-    held_by_window = any(final[n] > fresh[n] for n in names)
+    else:
+        final = dict(fresh)
+    held_by_window = capacity(final, pools) > capacity(fresh, pools) + 1e-9
     held_by_breach = False
     if breach:
         for n in names:
@@ -429,14 +475,15 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
         parts.append(f"p95 {p95:.0f} ms {'>' if breach else '<='} SLO {slo:g} ms")
     else:
         parts.append("p95 unknown")
-    parts.append(f"need {required:.1f} req/s at {settings.target_utilisation:.0%} utilisation"
-                 + (f" (p95 breach: >= {settings.breach_factor:g}x current)" if breach else ""))
+    parts.append(f"need {required:.1f} req/s at {util:.0%} utilisation"
+                 + ("" if cv is None else f" (rate noise {cv:.1%})")
+                 + (f" (p95 breach: >= {factor:.2g}x ready capacity)" if breach else ""))
     parts.append(f"cheapest {_fmt(fresh)}" + ("" if feasible else
                  f" (cannot meet it within maxReplicas={target.max_replicas}, "
                  f"maxHourlyCost={target.max_hourly_cost})"))
     if held_by_window:
         parts.append(f"keeping replicas desired within the "
-                     f"{target.scale_down_stabilization_seconds:g}s scale-down stabilization "
+                     f"{window:g}s scale-down stabilization "
                      "window")
     if held_by_breach:
         parts.append("no scale-down while p95 is above the SLO")

@@ -384,6 +384,71 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     return Simulation(trace, pools, target, runs)
 
 
+@dataclass(frozen=True)
+class ReactiveBound:
+    """What perfect knowledge of the present buys with the same start-up delay (see below)."""
+
+    attainment: float
+    """Best SLO attainment of the family at a cost <= max_cost_ratio x the oracle."""
+    cost_ratio: float
+    headroom: float
+    hold_seconds: float
+    cheapest_at_99: float | None
+    """Lowest cost / oracle of a member reaching 99% attainment (None: none does)."""
+
+
+def reactive_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
+                   cfg: SimConfig | None = None, max_cost_ratio: float = 1.15,
+                   headrooms: Sequence[float] = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 2.0, 3.0),
+                   holds: Sequence[float] = (0.0, 30.0, 60.0, 120.0, 300.0)) -> ReactiveBound:
+    """An upper bound on what causal policies of the reactive kind can attain at a given cost.
+
+    A replica serving at t was asked for at t - startup or earlier, so its owner knew the load
+    only up to then. The ideal reactive policy knows that load exactly (no metric window, no
+    lag, no noise), provisions ``headroom`` x the peak of the last ``hold_seconds`` before
+    t - startup, swaps pools for free and pays nothing for starting replicas: every one of
+    those is in its favour. Over a grid of headroom and hold, returns the best attainment at
+    <= max_cost_ratio x the oracle's cost, same ticks and same SLO test (load <= ready
+    capacity) as every contender. When even that is below 99%, no policy of this kind meets
+    both targets on the trace: the load moves faster than a replica starts.
+    """
+    cfg = cfg or SimConfig()
+    dt = target.interval_seconds
+    n = max(1, math.ceil(trace.duration / dt - 1e-9))
+    loads = [trace.at(trace.times[0] + i * dt) for i in range(n)]
+    mix_cache: dict[float, tuple[float, float]] = {}
+
+    def priced(need: float) -> tuple[float, float]:
+        key = round(need, 3)
+        if key not in mix_cache:
+            mix = cheapest_mix(key, pools, target)[0]
+            mix_cache[key] = (capacity(mix, pools), hourly_cost(mix, pools))
+        return mix_cache[key]
+
+    oracle = sum(priced(x)[1] for x in loads)
+    lag = math.ceil(cfg.startup_seconds / dt - 1e-9)
+    best: tuple[float, float, float, float] | None = None
+    cheapest99: float | None = None
+    for hold in holds:
+        w = round(hold / dt)
+        for h in headrooms:
+            met, cost = 0, 0.0
+            for i in range(n):
+                j = max(0, i - lag)
+                cap, price = priced(h * max(loads[max(0, j - w):j + 1]))
+                met += loads[i] <= cap + 1e-9
+                cost += price
+            att, ratio = met / n, cost / oracle if oracle > 0 else 1.0
+            if ratio <= max_cost_ratio + 1e-9 and (best is None or (att, -ratio) > (best[0],
+                                                                                    -best[1])):
+                best = (att, ratio, h, hold)
+            if att >= 0.99 and (cheapest99 is None or ratio < cheapest99):
+                cheapest99 = ratio
+    if best is None:
+        return ReactiveBound(0.0, math.inf, math.nan, math.nan, cheapest99)
+    return ReactiveBound(best[0], best[1], best[2], best[3], cheapest99)
+
+
 def plot(sim: Simulation, path: Path, title: str = "") -> None:
     """simulation.png: load vs capacity, leanserve's replicas per pool, cumulative cost."""
     import matplotlib

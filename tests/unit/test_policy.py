@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from leanserve.autoscaling.errors import PolicyError
 from leanserve.autoscaling.policy import (
     Observation,
+    PolicySettings,
     PoolCapacity,
     Reason,
     Target,
@@ -70,18 +71,27 @@ def test_missing_metrics_hold_and_unknown(bad):
     assert "metrics unavailable" in d.reason
 
 
-def test_scale_down_waits_for_stabilization_window():
+@pytest.mark.parametrize(("startups", "window"), [
+    (0.0, 20),   # the spec's scaleDownStabilizationSeconds alone
+    (3.0, 90),   # default: never shorter than 3 start-ups (a released replica takes one to return)
+])
+def test_scale_down_waits_for_stabilization_window(startups, window):
+    settings = PolicySettings(stabilization_startups=startups, startup_seconds=30,
+                              adaptive_headroom=False)
     cur = {"cpu-small": 0, "cpu-large": 3}
-    prev = decide(obs(0, 450.0, 50, cur), POOLS, TARGET, None, 0)
+    prev = decide(obs(0, 450.0, 50, cur), POOLS, TARGET, None, 0, settings)
     assert prev.replicas == cur
     seen = []
-    for t in range(5, 60, 5):
-        d = decide(obs(t, 30.0, 20, dict(prev.replicas)), POOLS, TARGET, prev, t)
+    reasons = []
+    for t in range(5, window + 40, 5):
+        d = decide(obs(t, 30.0, 20, dict(prev.replicas)), POOLS, TARGET, prev, t, settings)
         seen.append((t, d.replicas["cpu-large"], d.code))
+        reasons.append(d.reason)
         prev = d
-    # within 20 s of the 450 req/s desire the large replicas stay
-    assert all(n == 3 for t, n, _ in seen if t < 20)
-    assert any(c is Reason.STABILIZING for t, _, c in seen if t < 20)
+    assert any(f"{window}s scale-down stabilization" in r for r in reasons)
+    # within the window of the 450 req/s desire the large replicas stay
+    assert all(n == 3 for t, n, _ in seen if t < window)
+    assert any(c is Reason.STABILIZING for t, _, c in seen if t < window)
     # afterwards it goes to the cheapest mix for 30 req/s: one small replica
     assert prev.replicas == {"cpu-small": 1, "cpu-large": 0}
 
