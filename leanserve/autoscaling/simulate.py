@@ -46,7 +46,7 @@ from typing import Any
 from leanserve.autoscaling.errors import TraceError
 from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.autoscaling.policy import (
-    DEFAULT_SETTINGS,
+    TUNED_SETTINGS,
     Decision,
     Observation,
     PolicySettings,
@@ -143,7 +143,7 @@ class SimConfig:
     keda_threshold_share: float = 0.8
     keda_polling_seconds: float = 30.0
     keda_cooldown_seconds: float = 300.0
-    settings: PolicySettings = field(default_factory=lambda: DEFAULT_SETTINGS)
+    settings: PolicySettings = field(default_factory=lambda: TUNED_SETTINGS)
     """leanserve's policy settings (its startup_seconds is set to this config's)."""
 
 

@@ -76,8 +76,7 @@ def test_missing_metrics_hold_and_unknown(bad):
     (3.0, 90),   # default: never shorter than 3 start-ups (a released replica takes one to return)
 ])
 def test_scale_down_waits_for_stabilization_window(startups, window):
-    settings = PolicySettings(stabilization_startups=startups, startup_seconds=30,
-                              adaptive_headroom=False)
+    settings = PolicySettings(stabilization_startups=startups, startup_seconds=30)
     cur = {"cpu-small": 0, "cpu-large": 3}
     prev = decide(obs(0, 450.0, 50, cur), POOLS, TARGET, None, 0, settings)
     assert prev.replicas == cur
