@@ -27,14 +27,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.test_operator_emulator import (  # noqa: E402
+from leanserve.operator.constants import Label
+from leanserve.operator.kube import Kinds
+from tests.integration.test_operator_emulator import (
     NS,
     emulator,
     model_body,
 )
-
-from leanserve.operator.constants import Label  # noqa: E402
-from leanserve.operator.kube import Kinds  # noqa: E402
 
 TARGET_MIB = 200
 

@@ -116,7 +116,7 @@ class Cluster:
     async def children(self, kind: Kinds, name: str = "minilm") -> list[dict[str, Any]]:
         return await self.kube.list(kind, NS, {Label.MODEL.value: name})
 
-    async def wait(self, what: str, probe: Callable[[], Any], timeout: float = 20.0) -> Any:
+    async def wait(self, what: str, probe: Callable[[], Any], timeout: float = 45.0) -> Any:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -283,7 +283,8 @@ async def test_lifecycle_from_apply_to_serving_edits_and_deletion() -> None:
         svc = await c.wait("Service minilm", lambda: c.get(Kinds.SERVICE, "minilm"))
         assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == \
             {"http": 8000, "grpc": 8001, "metrics": 8002}
-        assert await c.get(Kinds.PDB, "minilm") is not None
+        pdb = await c.wait("the PodDisruptionBudget", lambda: c.get(Kinds.PDB, "minilm"))
+        assert pdb["spec"]["selector"] == {"matchLabels": svc["spec"]["selector"]}
         assert await c.wait("ServiceMonitor", lambda: c.kube.get(Kinds.SERVICE_MONITOR, NS,
                                                                  "minilm"))
         cm = await c.wait_phase("Deploying")
