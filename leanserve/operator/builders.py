@@ -34,6 +34,7 @@ from leanserve.operator.constants import (
     Port,
 )
 from leanserve.operator.settings import OperatorSettings
+from leanserve.serving.server import TRITON_METRICS_ARGS
 
 HASH_LENGTH = 10
 MAX_NAME = 63
@@ -324,6 +325,7 @@ def build_deployment(owner: Owner, spec: CompressedModelSpec, pool: NodePool, *,
         "command": ["tritonserver"],
         "args": [f"--model-repository={repo}", f"--http-port={Port.HTTP.value}",
                  f"--grpc-port={Port.GRPC.value}", f"--metrics-port={Port.METRICS.value}",
+                 *TRITON_METRICS_ARGS,  # the p95 summaries the autoscaler reads
                  "--strict-readiness=true", "--exit-on-error=true"],
         "ports": [{"name": "http", "containerPort": Port.HTTP.value},
                   {"name": "grpc", "containerPort": Port.GRPC.value},
