@@ -172,6 +172,16 @@ def test_gpu_pool_gets_a_gpu_limit_and_tolerations() -> None:
     assert d["metadata"]["name"] == "minilm-gpu-t4"
 
 
+def test_tritonserver_exports_the_p95_summary_the_autoscaler_reads() -> None:
+    spec = VARIANTS["pvc"]
+    d = builders.build_deployment(OWNER, spec, spec.node_pools[0], artifact_uri="pvc://m/r",
+                                  artifact_sha="x", replicas=1, monitor=MonitorKind.NONE,
+                                  settings=SETTINGS)
+    args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--metrics-config=summary_latencies=true" in args
+    assert any(a.startswith("--metrics-config=summary_quantiles=") and "0.95" in a for a in args)
+
+
 @pytest.mark.parametrize(("uri", "field"), [
     ("data/sentences.jsonl", "spec.data.uri"),
     ("pvc://models/../etc", "spec.data.uri"),
