@@ -1,11 +1,18 @@
 """Distillation: a smaller student trained to reproduce the teacher.
 
-The student is either ``studentLayers`` encoder layers taken from the teacher, evenly spaced
-(their weights copied, so training starts close to the teacher), or an explicit ``student``
+The student is either ``studentLayers`` encoder layers taken from the teacher (chosen by
+greedily dropping the layers whose removal costs least on a few training rows; weights copied,
+so training starts close to the teacher), or an explicit ``student``
 config (layers, width, MLP width, heads; weights copied where shapes still match, fresh init
 elsewhere). It learns with the seeds' loss (``_ddp_train.kd_loss``): soft targets at temperature
 T weighted by alpha plus hard labels where the data has them, or the teacher's embeddings
-(cosine + MSE) for embedding models.
+(cosine + MSE) for embedding models; plus, for transformers of the teacher's width, the
+teacher's last hidden state per token (``_ddp_train.token_loss``).
+
+Measured on all-MiniLM-L6-v2 with examples/data/sentences.jsonl (300 training sentences, 100
+held out): 3 of 6 layers start at mean cosine 0.770 to the teacher (layers 0, 4, 5) and reach
+0.866-0.868 after 2 epochs (lr 2e-4, batch 16), far from a 0.99 gate: a 3-layer student needs
+much more text than 300 sentences.
 
 The teacher's outputs are computed once here; training then needs only tensors. With
 ``workers`` > 1 it runs under torch.distributed DDP in ``workers`` processes launched by torchrun
