@@ -16,8 +16,10 @@ much more text than 300 sentences.
 
 The teacher's outputs are computed once here; training then needs only tensors. With
 ``workers`` > 1 it runs under torch.distributed DDP in ``workers`` processes launched by torchrun
-(``leanserve.compression._ddp_distill``, the same entry point an Indexed Job runs in the
-cluster), exchanging the student and the data through files in ``ctx.workdir``.
+(``leanserve.compression._ddp_distill``), exchanging the student and the data through files in
+``ctx.workdir``. In the cluster every pod of the operator's Indexed Job runs ``leanserve
+compress`` with MASTER_ADDR/WORLD_SIZE/RANK set; there each pod joins the group in process with
+the same training code (``_ddp_distill.train_in_group``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leanserve.api.spec import DistillStep, Task
-from leanserve.compression import _ddp_train
+from leanserve.compression import _ddp_distill, _ddp_train
 from leanserve.compression.modules import TextEncoder
 from leanserve.compression.prune import describe, field, transformer_layers
 from leanserve.compression.registry import (
@@ -314,21 +316,34 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                         f"{len(data)} training rows (allowed: at most {len(data)})")
     tc = _train_config(cfg, ctx)
     started = time.monotonic()
+    cluster = _ddp_distill.environment() if cfg.workers > 1 else None
     if cfg.workers == 1:
         torch.manual_seed(ctx.seed)
         for p in student.parameters():
             p.requires_grad_(True)
         losses = _ddp_train.train(student, data, tc)
+        mode = "in-process"
+    elif cluster is not None:
+        rank, world = cluster
+        if world != cfg.workers:
+            raise StepError(f"{field(ctx, 'distill', 'workers')}: {cfg.workers} workers, but "
+                            f"this pod belongs to a group of WORLD_SIZE={world} (allowed: "
+                            "the same workers on every distill step of a spec)")
+        # Every pod built this same student from the same rows: train it together in process.
+        losses, _ = _ddp_distill.train_in_group(student, data, tc, rank, world)
+        mode = f"pods (rank {rank})"
     else:
         job = Path(ctx.workdir) / "distill-job"
         write_job(job, student, data, tc, threads=max(1, ctx.threads // cfg.workers))
         result = run_torchrun(job, cfg.workers)
         student.load_state_dict(load_file(str(job / "trained.safetensors")))
         losses = result["losses"]
+        mode = "torchrun"
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    notes.update({"distill_workers": cfg.workers, "distill_epochs": cfg.epochs,
+    notes.update({"distill_workers": cfg.workers, "distill_mode": mode,
+                  "distill_epochs": cfg.epochs,
                   "distill_rows": len(data),
                   "distill_loss": [round(x, 5) for x in losses],
                   "distill_seconds": round(time.monotonic() - started, 1)})

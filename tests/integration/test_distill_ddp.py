@@ -51,7 +51,7 @@ def test_two_workers_train_the_student(tmp_path: Path) -> None:
     out = distill(Model(module=teacher), cfg, ctx)
     result = json.loads((tmp_path / "distill-job" / "result.json").read_text())
     assert result["world_size"] == 2 and result["backend"] == "gloo"
-    assert out.notes["distill_workers"] == 2
+    assert out.notes["distill_workers"] == 2 and out.notes["distill_mode"] == "torchrun"
     losses = out.notes["distill_loss"]
     assert len(losses) == 6 and losses[-1] < losses[0]
     # rank 0's weights were loaded back and improve on the untrained student
@@ -68,3 +68,71 @@ def test_worker_failure_is_reported_and_reaped(tmp_path: Path) -> None:
     with pytest.raises(DistillError, match="DDP training with 2 workers failed"):
         run_torchrun(tmp_path, 2, timeout_s=120)
     assert not (tmp_path / "trained.safetensors").exists()
+
+
+POD_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from leanserve.api.spec import DistillStep, Task
+from leanserve.compression.distill import distill
+from leanserve.compression.registry import Context, Model
+sys.path.insert(0, sys.argv[2])
+from test_distill_ddp import rows, tiny_text
+torch.set_num_threads(1)
+out_dir = Path(sys.argv[1])
+teacher = tiny_text()
+ctx = Context(task=Task.FEATURE_EXTRACTION, train=rows(), teacher=teacher, workdir=out_dir)
+cfg = DistillStep(student_layers=2, epochs=3, learning_rate=1e-3, batch_size=8, workers=2)
+out = distill(Model(module=teacher), cfg, ctx)
+save_file(dict(out.module.state_dict()), str(out_dir / "student.safetensors"))
+(out_dir / "notes.json").write_text(json.dumps(out.notes))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_indexed_job_pods_train_together_in_process(tmp_path: Path) -> None:
+    """What each pod of the operator's Indexed Job does: `leanserve compress` with
+    MASTER_ADDR/WORLD_SIZE and the completion index set, joining DDP without torchrun."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    port = _free_port()
+    procs = []
+    try:
+        for index in range(2):
+            pod = tmp_path / f"pod{index}"
+            pod.mkdir()
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "WORLD_SIZE": "2", "JOB_COMPLETION_INDEX": str(index), "OMP_NUM_THREADS": "1"}
+            env.pop("RANK", None)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", POD_SCRIPT, str(pod), str(Path(__file__).parent)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outputs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    notes = [json.loads((tmp_path / f"pod{i}" / "notes.json").read_text()) for i in range(2)]
+    assert [n["distill_mode"] for n in notes] == ["pods (rank 0)", "pods (rank 1)"]
+    assert notes[0]["distill_loss"] == notes[1]["distill_loss"]  # averaged over both ranks
+    a, b = (load_file(str(tmp_path / f"pod{i}" / "student.safetensors")) for i in range(2))
+    assert a.keys() == b.keys()
+    for key in a:  # DDP kept the two replicas identical
+        torch.testing.assert_close(a[key], b[key])
+    # no torchrun job directory: nothing travelled through files
+    assert not (tmp_path / "pod0" / "distill-job").exists()
