@@ -93,8 +93,8 @@ def _unscript(sm: torch.jit.ScriptModule, where: str) -> nn.Module:
     if kind not in _SIMPLE_LAYERS:
         raise StepError(
             f"spec.model: the TorchScript submodule {where} ({kind}) cannot be rebuilt for "
-            f"editing (allowed: a Sequential of {', '.join(sorted(_SIMPLE_LAYERS))}); "
-            "export the model as a Sequential or as ONNX-free eager weights")
+            f"editing (allowed: a Sequential of {', '.join(sorted(_SIMPLE_LAYERS))}); save the "
+            "model as such a Sequential, or use format huggingface for transformers")
     eager = _SIMPLE_LAYERS[kind](sm)
     state = {k: v.detach().clone() for k, v in sm.state_dict().items()}
     eager.load_state_dict(state)

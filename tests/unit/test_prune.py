@@ -214,3 +214,32 @@ def test_channel_sparsity_that_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(StepError, match=r"prune\.sparsity: 0\.9 removes all 8 channels"):
         prune(Model(module=ctx.teacher), PruneStep(method="structured", granularity="channel",
                                                    sparsity=0.9), ctx)
+
+
+class _Doubled(nn.Module):
+    """A scripted model that is not a plain chain of standard layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * 2
+
+
+def test_unrebuildable_torchscript_is_refused(tmp_path: Path) -> None:
+    teacher = ImageClassifier(torch.jit.script(_Doubled()))
+    ctx = ctx_for(teacher, Task.IMAGE_CLASSIFICATION, image_batches(), tmp_path)
+    with pytest.raises(StepError, match=r"^spec\.model: the TorchScript submodule net "
+                                        r"\(_Doubled\) cannot be rebuilt"):
+        prune(Model(module=teacher), PruneStep(method="magnitude", sparsity=0.5), ctx)
+
+
+def test_scripted_chain_is_rebuilt_exactly(tmp_path: Path) -> None:
+    teacher = tiny_cnn(scripted=True)
+    batches = image_batches()
+    ctx = ctx_for(teacher, Task.IMAGE_CLASSIFICATION, batches, tmp_path)
+    out = prune(Model(module=teacher), PruneStep(method="magnitude", sparsity=0.0), ctx)
+    assert not any(isinstance(m, torch.jit.ScriptModule) for m in out.module.modules())
+    x = batches[0].inputs
+    torch.testing.assert_close(out.module(**x), teacher(**x))
