@@ -52,7 +52,7 @@ def test_report_schema(text_run) -> None:
     base = report["baseline"]
     assert {"size_bytes", "quality", "latency_ms", "throughput_rps"} <= set(base)
     assert set(base["latency_ms"]) == {"p50", "p95"} and base["quality"] == pytest.approx(1.0)
-    assert [c["name"] for c in report["candidates"]][0] == report["selected"]
+    assert next(c["name"] for c in report["candidates"]) == report["selected"]
     for c in report["candidates"]:
         assert set(c) >= CANDIDATE_KEYS
 
