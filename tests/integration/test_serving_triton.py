@@ -58,14 +58,18 @@ def reference(onnx_path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
 
 
-def test_http_outputs_equal_onnxruntime(server: LocalTriton, serving_tiny_onnx: Path) -> None:
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_outputs_equal_onnxruntime(server: LocalTriton, serving_tiny_onnx: Path,
+                                   protocol: str) -> None:
+    import tritonclient.grpc as tg
     import tritonclient.http as th
 
-    ids, mask = token_inputs(3, 12, seed=1)
-    client = th.InferenceServerClient(server.http_url)
+    lib, url = (th, server.http_url) if protocol == "http" else (tg, server.grpc_url)
+    ids, mask = token_inputs(3, 12, seed=1) if protocol == "http" else token_inputs(2, 20, seed=2)
+    client = lib.InferenceServerClient(url)
     try:
-        inputs = [th.InferInput("input_ids", list(ids.shape), "INT64"),
-                  th.InferInput("attention_mask", list(mask.shape), "INT64")]
+        inputs = [lib.InferInput("input_ids", list(ids.shape), "INT64"),
+                  lib.InferInput("attention_mask", list(mask.shape), "INT64")]
         inputs[0].set_data_from_numpy(ids)
         inputs[1].set_data_from_numpy(mask)
         got = client.infer("tiny", inputs).as_numpy("embedding")
@@ -73,22 +77,6 @@ def test_http_outputs_equal_onnxruntime(server: LocalTriton, serving_tiny_onnx: 
         client.close()
     np.testing.assert_allclose(got, reference(serving_tiny_onnx, ids, mask), atol=1e-5)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)  # normalized embeddings
-
-
-def test_grpc_outputs_equal_onnxruntime(server: LocalTriton, serving_tiny_onnx: Path) -> None:
-    import tritonclient.grpc as tg
-
-    ids, mask = token_inputs(2, 20, seed=2)
-    client = tg.InferenceServerClient(server.grpc_url)
-    try:
-        inputs = [tg.InferInput("input_ids", list(ids.shape), "INT64"),
-                  tg.InferInput("attention_mask", list(mask.shape), "INT64")]
-        inputs[0].set_data_from_numpy(ids)
-        inputs[1].set_data_from_numpy(mask)
-        got = client.infer("tiny", inputs).as_numpy("embedding")
-    finally:
-        client.close()
-    np.testing.assert_allclose(got, reference(serving_tiny_onnx, ids, mask), atol=1e-5)
 
 
 def test_text_ensemble_tokenizes_like_the_model(server: LocalTriton, serving_tiny_onnx: Path,
