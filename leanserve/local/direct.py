@@ -28,12 +28,17 @@ class _Sample:
     queue_us: float
 
 
+def _http_text(url: str, timeout: float) -> str:
+    return requests.get(url, timeout=timeout).text
+
+
 @dataclass
 class DirectSource:
     platform: Endpoints
     model: str
     clock: Callable[[], float]
     timeout: float = 2.0
+    fetch: Callable[[str, float], str] = _http_text
     _last: dict[str, _Sample] = field(default_factory=dict)
 
     def read(self) -> Reading:
@@ -44,8 +49,8 @@ class DirectSource:
         seen = 0
         for _pool, target in self.platform.metrics_targets():
             try:
-                text = requests.get(f"http://{target}/metrics", timeout=self.timeout).text
-            except requests.RequestException as exc:
+                text = self.fetch(f"http://{target}/metrics", self.timeout)
+            except (requests.RequestException, OSError) as exc:
                 problems.append(f"{target}: {type(exc).__name__}")
                 continue
             success, queue_us, p95 = self._parse(text)
@@ -77,9 +82,11 @@ class DirectSource:
             for s in family.samples:
                 if s.labels.get("model") != self.model:
                     continue
-                if s.name == "nv_inference_request_success":
+                # the parser names counter samples <family>_total; Triton's carry no suffix
+                name = s.name.removesuffix("_total")
+                if name == "nv_inference_request_success":
                     success = (success or 0.0) + s.value
-                elif s.name == "nv_inference_queue_duration_us":
+                elif name == "nv_inference_queue_duration_us":
                     queue += s.value
                 elif s.name == "nv_inference_request_summary_us" and \
                         s.labels.get("quantile") == "0.95":

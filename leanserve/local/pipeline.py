@@ -137,7 +137,7 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
                 prom.set_targets(groups)
 
         platform.on_change = retarget
-        first = min(pools, key=lambda p: p.hourly_price / p.capacity_rps)
+        first = min(pools, key=lambda p: p.price_per_rps)
         start_replicas = {p.name: 0 for p in pools}
         start_replicas[first.name] = max(1, target.min_replicas)
         say(f"starting {start_replicas[first.name]} tritonserver replica(s) in pool {first.name}")

@@ -1,0 +1,49 @@
+"""LocalPlatform with real tritonserver replicas, read by the direct-scrape metric source:
+what `leanserve run` falls back to without Prometheus."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from leanserve.api.spec import Task
+from leanserve.local.direct import DirectSource
+from leanserve.local.platform import LocalPlatform
+from leanserve.serving.loadgen import LoadSpec, run_load
+from leanserve.serving.repository import write_model_repository
+
+pytestmark = pytest.mark.integration
+
+
+def test_replicas_start_serve_report_metrics_and_stop(tmp_path: Path,
+                                                      serving_tiny_onnx: Path) -> None:
+    import numpy as np
+
+    repo = write_model_repository(serving_tiny_onnx, tmp_path / "repo", "tiny",
+                                  task=Task.FEATURE_EXTRACTION, max_batch_size=8,
+                                  max_queue_delay_us=500, backend="python")
+    plat = LocalPlatform(repo, tmp_path / "logs")
+    try:
+        plat.scale("tiny", {"small": 2})
+        plat.wait_ready(120)
+        assert plat.ready_replicas("tiny") == {"small": 2}, plat.errors
+        source = DirectSource(plat, "tiny", clock=time.monotonic)
+        assert source.read().request_rate is None  # first scrape: no rate yet, not zero
+        ids = np.full((1, 12), 1000, dtype=np.int64)
+        payload = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        result = run_load([u for _p, u in plat.endpoints()], [payload],
+                          LoadSpec(model="tiny", rate=40.0, duration_s=3.0))
+        assert result["errors"] == 0 and result["requests"] > 60
+        reading = source.read()
+        assert reading.request_rate is not None and reading.request_rate > 5
+        assert reading.p95_ms is not None and reading.p95_ms > 0
+        pids = [r.server.pid for r in plat._replicas]
+        plat.scale("tiny", {"small": 1})
+        assert plat.current_replicas("tiny") == {"small": 1}
+    finally:
+        plat.stop_all()
+    for pid in pids:
+        assert pid is None or not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z"
