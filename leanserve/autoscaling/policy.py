@@ -372,8 +372,8 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     rate = observed.request_rate
     if not _valid(rate):
         held = fit_limits(current, pools, target, prefer=current)
-        why = ("metrics unavailable (no request rate: Prometheus unreachable, empty or NaN "
-               f"result); holding {_fmt(held)}")
+        why = (f"{Reason.METRICS_UNAVAILABLE.value}: no request rate (Prometheus unreachable, "
+               f"empty or NaN result); holding {_fmt(held)}")
         entry = HistoryEntry(now, tuple(held.items()), None)
         return Decision(now, held, why, Reason.METRICS_UNAVAILABLE, None,
                         capacity(held, pools), hourly_cost(held, pools), None,
@@ -463,6 +463,11 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     cap = capacity(final, pools)
     up = any(final[n] > current[n] for n in names)
     down = any(final[n] < current[n] for n in names)
+    if up and down:
+        # a pool swap: name it by what it does to capacity (a swap to fewer, cheaper replicas
+        # at falling load is a scale-down, not "ScaleUp: load 0 req/s")
+        cur_cap = capacity(current, pools)
+        up, down = cap + 1e-9 >= cur_cap, cap + 1e-9 < cur_cap
     if not feasible or limited:
         code = Reason.LIMITED
     elif at_risk and up:

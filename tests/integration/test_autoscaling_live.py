@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,14 @@ import yaml
 from leanserve.autoscaling.exporter import LeanserveMetrics
 from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
 from leanserve.autoscaling.platform import InMemoryPlatform
-from leanserve.autoscaling.policy import PoolCapacity, Reason, Target, decide
+from leanserve.autoscaling.policy import (
+    DEFAULT_SETTINGS,
+    Decision,
+    PoolCapacity,
+    Reason,
+    Target,
+    decide,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -189,53 +197,120 @@ def load(url: str, rate: float, stop: threading.Event) -> None:
         t.join(timeout=30)
 
 
-@pytest.mark.xfail(reason="known flake under CPU load: the scale-down assertions depend on "
-                   "timing of the 5 s rate window; investigate", strict=False)
+def early_scale_downs(decisions: list[Decision], window_s: float,
+                      utilisation: float) -> list[str]:
+    """Capacity drops that came less than ``window_s`` after more capacity was last desired.
+
+    From the recorded decisions alone: decision j desired ``desired_rps / utilisation`` of
+    capacity; a decision i that lowers capacity to C must come at least ``window_s`` after the
+    last decision that desired more than C. One line per violation.
+    """
+    out = []
+    for i in range(1, len(decisions)):
+        d, before = decisions[i], decisions[i - 1]
+        if d.capacity_rps + 1e-9 >= before.capacity_rps:
+            continue
+        wanted_more = [e.time for e in decisions[:i] if e.desired_rps is not None
+                       and e.desired_rps / utilisation > d.capacity_rps + 1e-9]
+        if wanted_more and d.time - max(wanted_more) < window_s - 1e-6:
+            out.append(f"t={d.time:.2f}: capacity {before.capacity_rps:g} -> "
+                       f"{d.capacity_rps:g} req/s only {d.time - max(wanted_more):.2f}s after "
+                       f"more was desired (window {window_s:g}s): {d.reason}")
+    return out
+
+
+def test_early_scale_down_check_catches_violations():
+    # the checker itself: a drop 2 s after a higher desire within a 4 s window is reported
+    def dec(t: float, cap: float, want: float) -> Decision:
+        return Decision(t, {"cpu-small": 1}, "x", Reason.STEADY, want, cap, 0.1, True)
+
+    ok = [dec(0, 60, 50), dec(2, 60, 10), dec(4, 60, 10), dec(5, 15, 10)]
+    bad = [dec(0, 60, 50), dec(2, 15, 10)]
+    assert early_scale_downs(ok, 4, 1.0) == []
+    assert len(early_scale_downs(bad, 4, 1.0)) == 1
+
+
 def test_policy_scales_up_under_load_then_down(triton, exporter, prometheus):
+    """Real load -> Triton -> Prometheus -> policy: up under load, back to minReplicas after.
+
+    Phases end on what was observed, not on fixed sleeps (bounded by deadlines), so a slow
+    machine makes the test longer, not different: the load runs until Prometheus has reported it
+    for several decisions; the cool-down runs until the policy rests at minReplicas at zero load.
+    What is asserted is what a user would see: capacity follows the measured load up at once,
+    never drops within the stabilization window of a higher desire, and returns to the minimum.
+    """
     metrics, _ = exporter
     pools = [PoolCapacity("cpu-small", 15.0, 0.10), PoolCapacity("cpu-large", 60.0, 0.38)]
     target = Target(latency_p95_ms=100, min_replicas=1, max_replicas=6, max_hourly_cost=2.0,
                     interval_seconds=1, scale_down_stabilization_seconds=4)
+    minimum = {"cpu-small": 1, "cpu-large": 0}
+    # replicas on this platform serve at once: project the load trend one scrape ahead, not
+    # the 30 s of a Kubernetes pod start (which would provision for 8x the load on a ramp)
+    settings = replace(DEFAULT_SETTINGS, startup_seconds=1.0)
     plat = InMemoryPlatform([p.name for p in pools], clock=time.monotonic, startup_seconds=0)
-    plat.set_ready(MODEL, {"cpu-small": 1, "cpu-large": 0})
+    plat.set_ready(MODEL, minimum)
     src = PrometheusSource(prometheus, Queries(MODEL, "5s"), clock=time.time)
     stop = threading.Event()
     loader = threading.Thread(target=load, args=(f"127.0.0.1:{triton['http']}", 40.0, stop))
-    prev = None
-    decisions = []
+    prev: Decision | None = None
+    loaded: list[tuple[float | None, Decision]] = []
+    after: list[tuple[float | None, Decision]] = []
+
+    def step(into: list[tuple[float | None, Decision]]) -> Decision:
+        nonlocal prev
+        o, reading = observe(src, plat, MODEL)
+        d = decide(o, pools, target, prev, time.monotonic(), settings)
+        plat.scale(MODEL, d.replicas)
+        metrics.record(MODEL, d, target, plat.current_replicas(MODEL),
+                       plat.ready_replicas(MODEL), reading.request_rate, reading.p95_ms)
+        into.append((o.request_rate, d))
+        prev = d
+        time.sleep(target.interval_seconds)
+        return d
+
     loader.start()
-    t_end_load = time.monotonic() + 15
     try:
-        while time.monotonic() < t_end_load + 20:
-            if time.monotonic() >= t_end_load:
-                stop.set()
-            o, reading = observe(src, plat, MODEL)
-            d = decide(o, pools, target, prev, time.monotonic())
-            plat.scale(MODEL, d.replicas)
-            metrics.record(MODEL, d, target, plat.current_replicas(MODEL),
-                           plat.ready_replicas(MODEL), reading.request_rate, reading.p95_ms)
-            decisions.append((time.monotonic() < t_end_load, o.request_rate, d))
-            prev = d
-            time.sleep(1)
+        t0 = time.monotonic()
+        # load: at least 12 s, and until 6 decisions have read a rate above 25 req/s
+        while time.monotonic() - t0 < 90:
+            step(loaded)
+            seen = sum(1 for r, _ in loaded if r is not None and r > 25)
+            if seen >= 6 and time.monotonic() - t0 >= 12:
+                break
+        stop.set()
+        loader.join(timeout=30)
+        t_end_load = time.monotonic()
+        # cool-down: until 3 decisions in a row rest at the minimum with zero measured load
+        while time.monotonic() - t_end_load < 60:
+            step(after)
+            tail = after[-3:]
+            if len(tail) == 3 and all(r == 0 and d.replicas == minimum for r, d in tail):
+                break
     finally:
         stop.set()
         loader.join(timeout=30)
-    during = [d for loaded, _, d in decisions if loaded]
-    peak = max(d.capacity_rps for d in during)
-    assert peak >= 40 / 0.9 - 1e-6, [d.reason for d in during]
-    assert any(d.code in (Reason.SCALE_UP, Reason.SLO_AT_RISK) for d in during)
-    rates = [r for loaded, r, _ in decisions if loaded and r is not None]
-    assert max(rates) > 25  # Prometheus saw the real load
-    final = decisions[-1][2]
-    assert final.replicas == {"cpu-small": 1, "cpu-large": 0}, final.reason
-    assert final.code is not Reason.METRICS_UNAVAILABLE
-    # scale-down waits for the stabilization window: either a decision says so, or the first
-    # decision with less capacity than the peak comes at least one window after the load ended
-    after = [d for loaded, _, d in decisions if not loaded]
-    first_drop = next(d for d in after if d.capacity_rps < peak)
-    assert any(d.code is Reason.STABILIZING for d in after) or \
-        first_drop.time - t_end_load >= target.scale_down_stabilization_seconds, \
-        [d.reason for d in after]
+
+    every = [d for _, d in loaded + after]
+    trace = "\n".join(f"{d.time - t_end_load:+6.1f}s rate={r} {d.reason}"
+                      for r, d in loaded + after)
+    print(trace)  # shown with -s, and by pytest on failure
+    rates = [r for r, _ in loaded if r is not None]
+    # Prometheus saw the real load, and the policy scaled up for it at once
+    assert rates and max(rates) > 25, trace
+    assert max(d.capacity_rps for _, d in loaded) > pools[0].capacity_rps, trace
+    assert any(d.code in (Reason.SCALE_UP, Reason.SLO_AT_RISK) for _, d in loaded), trace
+    for r, d in loaded:
+        if r is not None:
+            assert d.capacity_rps + 1e-9 >= r / settings.target_utilisation, (r, d.reason)
+    # back to minReplicas on the cheapest pool once the load is gone, from real (zero) metrics
+    assert after[-1][1].replicas == minimum and after[-1][0] == 0, trace
+    assert after[-1][1].code is not Reason.METRICS_UNAVAILABLE
+    # never scaled down within the stabilization window of a higher desire (whole run)
+    early = early_scale_downs(every, target.scale_down_stabilization_seconds,
+                              settings.target_utilisation)
+    assert not early, "\n".join(early) + "\n" + trace
+    # every decision explains itself
+    assert all(d.reason.startswith(d.code.value) for d in every)
 
 
 def _promql_from_dashboard() -> list[str]:
