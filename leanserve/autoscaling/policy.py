@@ -161,6 +161,8 @@ class HistoryEntry:
     time: float
     replicas: tuple[tuple[str, int], ...]
     rate: float | None
+    demand: float | None = None
+    """Load (req/s) the decision planned for, before headroom; None: unknown."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.replicas)
@@ -412,8 +414,15 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     window = max(target.scale_down_stabilization_seconds,
                  settings.stabilization_startups * settings.startup_seconds)
     window_start = now - window
-    recent = [capacity(h.as_dict(), pools) for h in history
-              if h.time >= window_start and h.rate is not None]
+    # with volatility headroom, the window holds the highest *demand* seen in it at today's
+    # headroom, not the capacities desired then: those carry each moment's own headroom, and
+    # their maximum picks whichever moment's noise estimate was highest (noise counted twice)
+    if cv is not None:
+        recent = [h.demand / util for h in history
+                  if h.time >= window_start and h.demand is not None]
+    else:
+        recent = [capacity(h.as_dict(), pools) for h in history
+                  if h.time >= window_start and h.rate is not None]
     plan = required
     if recent and not breach:
         plan = max(required, min(max(recent), capacity(current, pools)))
@@ -434,7 +443,9 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     # make-before-break: keep shrinking pools until the new replicas are ready
     held_for_ready = False
     ready_after = sum(min(final[p.name], ready[p.name]) * p.capacity_rps for p in pools)
-    if ready_after + 1e-9 < min(demand, required) and any(final[n] < current[n] for n in names):
+    # (against the need with headroom, not the bare demand: a swap that drops the ready
+    # capacity to exactly the load leaves no room for noise for a whole start-up)
+    if ready_after + 1e-9 < required and any(final[n] < current[n] for n in names):
         for n in names:
             if final[n] < current[n]:
                 final[n] = current[n]
@@ -507,7 +518,7 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
                      "replica, adding what fits")
     parts.append(f"-> {_fmt(final)} (${cost:.2f}/h, {cap:.0f} req/s)")
     reason = f"{code.value}: " + "; ".join(parts)
-    entry = HistoryEntry(now, tuple(fresh.items()), rate)
+    entry = HistoryEntry(now, tuple(fresh.items()), rate, demand)
     return Decision(now, final, reason, code, demand, cap, cost, slo_met, (*history, entry))
 
 
