@@ -417,12 +417,10 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     # with volatility headroom, the window holds the highest *demand* seen in it at today's
     # headroom, not the capacities desired then: those carry each moment's own headroom, and
     # their maximum picks whichever moment's noise estimate was highest (noise counted twice)
-    if cv is not None:
-        recent = [h.demand / util for h in history
-                  if h.time >= window_start and h.demand is not None]
-    else:
-        recent = [capacity(h.as_dict(), pools) for h in history
-                  if h.time >= window_start and h.rate is not None]
+    # (entries without a demand, e.g. restored from an older status, count as their mix)
+    recent = [h.demand / util if cv is not None and h.demand is not None
+              else capacity(h.as_dict(), pools)
+              for h in history if h.time >= window_start and h.rate is not None]
     plan = required
     if recent and not breach:
         plan = max(required, min(max(recent), capacity(current, pools)))

@@ -187,3 +187,14 @@ def test_properties(rate, p95, cur, max_r, budget, min_r):
         if within:
             assert capacity(d.replicas, POOLS) >= capacity(cur, POOLS) - 1e-9
             assert all(d.replicas[k] >= cur[k] for k in cur) or d.code is Reason.LIMITED
+
+
+def test_swap_keeps_old_replicas_until_ready_capacity_covers_the_headroom():
+    # 74 req/s on 2 small + 1 large ready (250 req/s): the cheapest mix for 74/0.9 = 82 req/s
+    # is 3 small. Dropping the large now would leave 2 ready smalls (80 req/s): above the bare
+    # load, below the need with headroom, for a whole start-up. The large stays until the
+    # third small serves (make-before-break against 82 req/s, not 74)
+    cur = {"cpu-small": 2, "cpu-large": 1}
+    d = decide(obs(0, 74.0, 30.0, cur), POOLS, TARGET, None, 0)
+    assert d.replicas == {"cpu-small": 3, "cpu-large": 1}
+    assert "until new ones are ready" in d.reason
