@@ -411,10 +411,16 @@ def build_monitor(owner: Owner, kind: MonitorKind) -> dict[str, Any] | None:
 
 
 def build_event(owner: Owner, *, reason: str, message: str, warning: bool,
-                now: datetime, seq: int = 0) -> dict[str, Any]:
-    """A core/v1 Event about the CompressedModel, named explicitly (no generateName needed)."""
+                now: datetime, seq: int = 0, key: str = "") -> dict[str, Any]:
+    """A core/v1 Event about the CompressedModel, named explicitly (no generateName needed).
+
+    With a ``key`` (the operator passes a digest of the status the transition starts from) the
+    name depends on the transition, not the clock: posting the same transition twice — a retry
+    after a failed status write, two reconciles racing on one stale body — is a 409, not a
+    duplicate Event.
+    """
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    unique = hashlib.sha256(f"{owner.uid}/{reason}/{now.isoformat()}/{seq}".encode())
+    unique = hashlib.sha256(f"{owner.uid}/{reason}/{key or now.isoformat()}/{seq}".encode())
     return {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"name": f"{owner.name}.{unique.hexdigest()[:16]}",

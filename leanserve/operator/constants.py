@@ -59,8 +59,13 @@ class Reason(str, enum.Enum):
     WITHIN_BUDGET = "WithinBudget"
     OVER_BUDGET = "OverBudget"
     NO_BUDGET = "NoBudget"
-    PHASE_CHANGED = "PhaseChanged"
     DELETING = "Deleting"
+
+
+# Condition reasons that mean something is wrong: their Events are type Warning.
+PROBLEM_REASONS = frozenset(r.value for r in (
+    Reason.INVALID_SPEC, Reason.JOB_FAILED, Reason.REPORT_MISSING, Reason.NO_CANDIDATE_PASSED,
+    Reason.REPLICAS_UNAVAILABLE, Reason.NO_POOL_MEETS_SLO, Reason.OVER_BUDGET))
 
 
 class Port(int, enum.Enum):

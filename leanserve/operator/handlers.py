@@ -9,12 +9,15 @@ LeanserveErrors become kopf's TemporaryError (retry) or PermanentError only here
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import kopf
 
 from leanserve.api.load import SpecError, parse
@@ -42,6 +45,19 @@ class Runtime:
     kube: KubeClient | None = None
     autoscale: Callable[..., Any] | None = None  # leanserve.operator.autoscale.step when wired
     _monitor: tuple[float, MonitorKind] | None = field(default=None, repr=False)
+    # kopf runs the change handlers and the resync timer of one object in separate tasks: one
+    # lock per object serializes its reconciles. The status this process last wrote stands in
+    # for a body the watch has not caught up with yet (a cache only: a restarted operator
+    # starts from the cluster's status).
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict, repr=False)
+    _written: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._locks.pop((namespace, name), None)
+        self._written.pop((namespace, name), None)
 
     @property
     def client(self) -> KubeClient:
@@ -139,6 +155,7 @@ def deployment_observation(pool: str, d: dict[str, Any]) -> planner.DeploymentOb
 
 
 async def observe(rt: Runtime, res: planner.Resource) -> planner.Observed:
+    """Read what the plan depends on, and nothing more (each call is one API request)."""
     kube, owner = rt.client, res.owner
     if res.spec is None:
         return planner.Observed()
@@ -153,6 +170,12 @@ async def observe(rt: Runtime, res: planner.Resource) -> planner.Observed:
                     "conditions") or []):
                 pods = await kube.list(Kinds.POD, owner.namespace, {Label.JOB_NAME.value: jp.name})
             job_obs = job_observation(job, pods)
+    # Serving children matter once there is an artifact to serve (from an earlier recipe, or
+    # the Job that just succeeded); a model still compressing its first recipe has none.
+    serving = bool((res.status.get("artifact") or {}).get("uri")) or (
+        job_obs is not None and job_obs.state is JobState.SUCCEEDED)
+    if not serving:
+        return planner.Observed(job=job_obs)
     deployments = await kube.list(Kinds.DEPLOYMENT, owner.namespace, {
         Label.MODEL.value: owner.name, Label.COMPONENT.value: Component.SERVING.value})
     by_pool = {}
@@ -166,8 +189,21 @@ async def observe(rt: Runtime, res: planner.Resource) -> planner.Observed:
 # ------------------------------------------------------------------------------ applying
 
 
+def transition_key(status: dict[str, Any]) -> str:
+    """A digest of the status a transition starts from: the Events' names derive from it."""
+    seen = {"phase": status.get("phase"), "conditions": status.get("conditions"),
+            "generation": status.get("observedGeneration")}
+    return hashlib.sha256(json.dumps(seen, sort_keys=True, default=str).encode()).hexdigest()
+
+
 async def apply(rt: Runtime, res: planner.Resource, desired: planner.Desired,
                 current_status: dict[str, Any]) -> None:
+    """Children first, then the transition's Events, then the status that records it.
+
+    Events go before the status: if the status write fails, the retry plans the same
+    transition from the same status, its Events get the same names and the API answers 409 for
+    those already posted, so an Event is neither lost nor doubled.
+    """
     kube, owner = rt.client, res.owner
     for obj in desired.ensure:
         if await kube.ensure(obj) and obj["kind"] == "Job":
@@ -176,30 +212,54 @@ async def apply(rt: Runtime, res: planner.Resource, desired: planner.Desired,
         await kube.apply(obj)
     for kind, name in desired.delete:
         await kube.delete(Kinds.named(kind), owner.namespace, name)
+    now, key = rt.clock(), transition_key(dict(res.status))
+    for i, ev in enumerate(desired.events):
+        await kube.ensure(builders.build_event(owner, reason=ev.reason, message=ev.message,
+                                               warning=ev.warning, now=now, seq=i, key=key))
     if not contains(current_status, desired.status):
         await kube.patch(Kinds.COMPRESSED_MODEL, owner.namespace, owner.name,
                          {"status": desired.status}, sub="status")
-    now = rt.clock()
-    for i, ev in enumerate(desired.events):
-        await kube.create(builders.build_event(owner, reason=ev.reason, message=ev.message,
-                                               warning=ev.warning, now=now, seq=i))
+    rt._written[(owner.namespace, owner.name)] = desired.status
+
+
+def _progress(status: dict[str, Any]) -> tuple[Any, Any]:
+    """What only the operator writes and every transition changes: phase and conditions."""
+    return status.get("phase"), status.get("conditions")
 
 
 async def reconcile(rt: Runtime, body: kopf.Body | dict[str, Any], logger: Any) -> None:
     """One level-triggered pass: parse, observe, plan, apply. Safe to repeat at any time."""
-    if (body.get("metadata") or {}).get("deletionTimestamp"):
+    meta = body.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
         return
+    async with rt.lock(meta.get("namespace") or "default", meta.get("name", "")):
+        await _reconcile(rt, body, logger)
+
+
+async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any], logger: Any) -> None:
     res = to_resource(body)
+    key = (res.owner.namespace, res.owner.name)
+    stored = dict(res.status)
+    written = rt._written.pop(key, None)
+    if written is not None and _progress(stored) != _progress(written):
+        # The body predates this process's last status write (the watch lags): plan from what
+        # was written, so a transition is not planned and announced twice.
+        res = replace(res, status={**stored, **written})
     try:
         observed = await observe(rt, res)
         desired = planner.plan(res, observed, rt.clock(), rt.settings)
-        await apply(rt, res, desired, res.status)
+        await apply(rt, res, desired, stored)
     except ApiError as exc:
         rt.metrics.errors.labels(kind=f"api{exc.status}").inc()
         rt.metrics.reconciles.labels(outcome="error").inc()
         if exc.status in (400, 403, 422):
             raise kopf.PermanentError(str(exc)) from None
         raise kopf.TemporaryError(str(exc), delay=5) from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # A slow or restarting API server: retry soon, not after kopf's default minute.
+        rt.metrics.errors.labels(kind="network").inc()
+        rt.metrics.reconciles.labels(outcome="error").inc()
+        raise kopf.TemporaryError(f"API request failed: {exc!r}", delay=2) from None
     except OperatorError as exc:
         rt.metrics.errors.labels(kind=type(exc).__name__).inc()
         rt.metrics.reconciles.labels(outcome="error").inc()
@@ -231,6 +291,7 @@ async def cleanup(rt: Runtime, body: kopf.Body | dict[str, Any], logger: Any) ->
         for obj in await rt.client.list(kind, ns, {Label.MODEL.value: name}):
             removed += await rt.client.delete(kind, ns, obj["metadata"]["name"])
     rt.metrics.observe_phase(ns, name, None)
+    rt.forget(ns, name)
     logger.info(f"deleted {removed} child object(s) of {name}")
 
 

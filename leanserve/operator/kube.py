@@ -153,10 +153,10 @@ class KubeClient:
         return created or {}
 
     async def ensure(self, obj: Mapping[str, Any]) -> bool:
-        """Create when absent; never change an existing one. True when it was created."""
-        meta = obj["metadata"]
-        if await self.get(Kinds.of(obj), meta["namespace"], meta["name"]) is not None:
-            return False
+        """Create when absent; never change an existing one. True when it was created.
+
+        One request either way: POST, and 409 AlreadyExists means it is there (no GET first).
+        """
         try:
             await self.create(obj)
         except ConflictError:

@@ -17,7 +17,7 @@ from typing import Any
 from leanserve.api.spec import CompressedModelSpec, ConditionStatus, ConditionType, NodePool, Phase
 from leanserve.operator import builders, handback
 from leanserve.operator.builders import Owner
-from leanserve.operator.constants import JobState, MonitorKind, Port, Reason
+from leanserve.operator.constants import PROBLEM_REASONS, JobState, MonitorKind, Port, Reason
 from leanserve.operator.settings import OperatorSettings
 
 
@@ -93,7 +93,8 @@ class Conditions:
         self._now = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         self._generation = generation
         self._out: dict[str, dict[str, Any]] = {}
-        self.changed: list[dict[str, Any]] = []
+        self.changed: list[dict[str, Any]] = []  # status changed (lastTransitionTime moves)
+        self.news: list[dict[str, Any]] = []  # an existing condition changed status or reason
 
     def set(self, ctype: ConditionType, status: ConditionStatus, reason: Reason | str,
             message: str) -> None:
@@ -105,6 +106,8 @@ class Conditions:
                 else self._now, "observedGeneration": self._generation}
         if not same:
             self.changed.append(cond)
+        if prev is not None and (not same or prev.get("reason") != cond["reason"]):
+            self.news.append(cond)  # an existing condition moved: status or reason
         self._out[ctype.value] = cond
 
     def keep(self, ctype: ConditionType, default: tuple[ConditionStatus, Reason, str]) -> None:
@@ -318,17 +321,29 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
 
 def _finish(out: Desired, prev: Mapping[str, Any], status: dict[str, Any], conds: Conditions,
             phase: Phase, message: str) -> Desired:
+    """Seal the status and announce what changed.
+
+    Every phase transition is one Event whose reason is the new Ready reason (Compressing,
+    JobFailed, InvalidSpec, RollingOut, Serving, ...), type Warning for Failed and Degraded. An
+    existing condition that changes status or reason is an Event too, unless the phase Event
+    already says it (Compressed -> JobFailed repeats Compressing -> Failed); conditions that
+    merely appear, Ready itself and Unknown states are no news.
+    """
     status["phase"] = phase.value
     status["conditions"] = conds.as_list()
     old_phase = prev.get("phase") or Phase.PENDING.value
+    ready = next(c for c in status["conditions"] if c["type"] == ConditionType.READY.value)
+    announced = ""
     if old_phase != phase.value:
-        out.events.append(EventIntent(Reason.PHASE_CHANGED.value,
-                                      f"{old_phase} -> {phase.value}: {message}",
+        announced = ready["reason"]
+        out.events.append(EventIntent(announced, f"{old_phase} -> {phase.value}: {message}",
                                       warning=phase in (Phase.FAILED, Phase.DEGRADED)))
-    for c in conds.changed:
-        # Ready repeats the phase event; a condition merely appearing as Unknown is no news.
-        if c["type"] != ConditionType.READY.value and c["status"] != U.value:
-            out.events.append(EventIntent(c["reason"], f"{c['type']}={c['status']}: {c['message']}",
-                                          warning=c["status"] == F.value))
+    for c in conds.news:
+        if c["type"] == ConditionType.READY.value or c["status"] == U.value or \
+                c["reason"] == announced:
+            continue
+        out.events.append(EventIntent(c["reason"], f"{c['type']}={c['status']}: {c['message']}",
+                                      warning=c["status"] == F.value and
+                                      c["reason"] in PROBLEM_REASONS))
     out.status = status
     return out

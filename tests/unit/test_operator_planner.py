@@ -79,8 +79,12 @@ def test_plan_matrix(case: str) -> None:
     assert d.status["observedGeneration"] == 3
     ready = conds(d)["Ready"]
     assert ready[0] == ("True" if phase == "Serving" else "False")
-    changed = status.get("phase", "Pending") != phase
-    assert [e.reason for e in d.events].count("PhaseChanged") == int(changed)
+    old = status.get("phase", "Pending")
+    transitions = [e for e in d.events if e.message.startswith(f"{old} -> {phase}:")]
+    assert len(transitions) == int(old != phase)
+    for e in transitions:  # the phase Event carries the new Ready reason
+        assert e.reason == conds(d)["Ready"][1]
+        assert e.warning == (phase in ("Failed", "Degraded"))
 
 
 def test_failed_job_message_has_reason_and_logs() -> None:
@@ -91,7 +95,24 @@ def test_failed_job_message_has_reason_and_logs() -> None:
     c = next(x for x in d.status["conditions"] if x["type"] == "Compressed")
     assert c["reason"] == "JobFailed"
     assert "BackoffLimitExceeded" in c["message"] and "ValueError: bad data" in c["message"]
-    assert any(e.warning for e in d.events)
+    assert [(e.reason, e.warning) for e in d.events] == [("JobFailed", True)]
+
+
+def test_every_transition_posts_one_event_failed_as_warning() -> None:
+    """Pending -> Compressing -> Failed: one Event each; the reason change of Compressed
+    (Compressing -> JobFailed, status False both times) is what the Failed Event says."""
+    first = planner.plan(Resource(OWNER, 1, SPEC), Observed(), NOW, S)
+    assert [(e.reason, e.warning) for e in first.events] == [("Compressing", False)]
+    assert first.events[0].message.startswith("Pending -> Compressing:")
+    failed = Observed(job=JobObservation(JP.name, JobState.FAILED, "DeadlineExceeded"))
+    second = planner.plan(Resource(OWNER, 1, SPEC, (), first.status), failed,
+                          NOW + timedelta(minutes=1), S)
+    assert [(e.reason, e.warning) for e in second.events] == [("JobFailed", True)]
+    assert second.events[0].message.startswith("Compressing -> Failed: ")
+    assert "DeadlineExceeded" in second.events[0].message
+    again = planner.plan(Resource(OWNER, 1, SPEC, (), second.status), failed,
+                         NOW + timedelta(minutes=2), S)
+    assert again.events == []  # the same failure seen again is no new Event
 
 
 def test_invalid_spec_plans_no_children() -> None:
