@@ -43,8 +43,19 @@ def output_name(task: Task) -> str:
     return "embedding" if task is Task.FEATURE_EXTRACTION else "logits"
 
 
-def export_onnx(module: nn.Module, example: Batch, path: Path, task: Task) -> Path:
-    """Export ``module`` (called by keyword) with dynamic batch (and sequence) axes."""
+def export_onnx(module: nn.Module, example: Batch, path: Path, task: Task, *,
+                pack: bool = False) -> Path:
+    """Export ``module`` (called by keyword) with dynamic batch (and sequence) axes.
+
+    With ``pack`` a BERT-like text encoder is exported in its padding-free form
+    (``packed.PackedEncoder``: token-wise layers on real tokens only) when it fits and gives
+    the module's outputs on ``example``; otherwise the plain graph is exported."""
+    if pack:
+        from leanserve.compression.packed import packable
+
+        packed = packable(module)
+        if packed is not None and _same_outputs(module, packed, example):
+            module = packed
     names = input_names(task)
     missing = [n for n in names if n not in example.inputs]
     if missing:
@@ -75,6 +86,21 @@ def export_onnx(module: nn.Module, example: Batch, path: Path, task: Task) -> Pa
     return path
 
 
+def _same_outputs(a: nn.Module, b: nn.Module, example: Batch, tol: float = 1e-4) -> bool:
+    with torch.no_grad():
+        try:
+            x, y = a.eval()(**example.inputs), b.eval()(**example.inputs)
+        except Exception:  # a structure packing misread: keep the plain graph
+            return False
+    return x.shape == y.shape and float((x - y).abs().max()) <= tol
+
+
+def is_packed(path: Path) -> bool:
+    """Whether an exported graph is the padding-free form (it gathers the real tokens)."""
+    return any(n.op_type == "NonZero" for n in onnx.load(str(path),
+                                                         load_external_data=False).graph.node)
+
+
 def session(path: Path, threads: int = 2):
     import onnxruntime as ort
 
@@ -103,12 +129,14 @@ class OptimizeResult:
 
 def optimize(path: Path, out: Path, *, bert: tuple[int, int] | None, check: Batch,
              attention: bool = True, tol: float = 1e-3, threads: int = 2) -> OptimizeResult:
-    """ONNX Runtime's transformer fusions for BERT-like graphs (others: copied as they are;
-    the session's own graph optimizations apply at load time anyway)."""
+    """ONNX Runtime's transformer fusions for BERT-like graphs (``bert`` = (heads, hidden));
+    with ``bert`` None the graph is copied as it is (the session's own graph optimizations
+    apply at load time anyway)."""
     if bert is None:
         if out != path:
             shutil.copyfile(path, out)
-        return OptimizeResult(out, {}, "no transformer fusions (not a BERT-like model)")
+        return OptimizeResult(out, {}, "no offline transformer fusions (ORT's own graph "
+                              "optimizations apply at session load)")
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 

@@ -35,6 +35,10 @@ S3_ROOT_ENV = "LEANSERVE_S3_ROOT"
 """Where s3:// buckets were synced to by the Job's init container ($LEANSERVE_S3_ROOT/BUCKET)."""
 
 
+TRAIN_SPLIT = "train"
+"""A jsonl row with ``"split": "train"`` is used for training and calibration, never held out."""
+
+
 class LoadError(CompressionError):
     """The model or the data named by the spec cannot be read; the message names the field."""
 
@@ -258,6 +262,8 @@ class Rows:
     texts: list[str] | None = None
     x: np.ndarray | None = None
     labels: np.ndarray | None = None
+    train_only: np.ndarray | None = None
+    """Bool per row: True for rows marked ``"split": "train"`` (never held out)."""
 
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else (
@@ -268,6 +274,7 @@ class Rows:
             texts=[self.texts[i] for i in idx] if self.texts is not None else None,
             x=self.x[idx] if self.x is not None else None,
             labels=self.labels[idx] if self.labels is not None else None,
+            train_only=self.train_only[idx] if self.train_only is not None else None,
         )
 
 
@@ -294,6 +301,7 @@ def load_data(uri: str, task: Task, base_dir: Path | None) -> Rows:
 def _load_jsonl(path: Path, uri: str) -> Rows:
     texts: list[str] = []
     labels: list[int] = []
+    train_only: list[bool] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -303,12 +311,18 @@ def _load_jsonl(path: Path, uri: str) -> Rows:
             raise LoadError(f"{DATA_URI}: {uri!r} line {n} is not JSON") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise LoadError(f"{DATA_URI}: {uri!r} line {n} has no \"text\" string")
+        split_name = obj.get("split")
+        if split_name not in (None, TRAIN_SPLIT):
+            raise LoadError(f"{DATA_URI}: {uri!r} line {n}: \"split\" is {split_name!r} "
+                            f"(allowed: \"{TRAIN_SPLIT}\" for training-only rows, or no key)")
+        train_only.append(split_name == TRAIN_SPLIT)
         texts.append(obj["text"])
         if "label" in obj:
             labels.append(int(obj["label"]))
     if labels and len(labels) != len(texts):
         raise LoadError(f"{DATA_URI}: {uri!r}: some rows have a label and some do not")
-    return Rows(texts=texts, labels=np.asarray(labels, dtype=np.int64) if labels else None)
+    return Rows(texts=texts, labels=np.asarray(labels, dtype=np.int64) if labels else None,
+                train_only=np.asarray(train_only, dtype=bool) if any(train_only) else None)
 
 
 def _load_npz(path: Path, uri: str) -> Rows:
@@ -328,13 +342,22 @@ def _load_npz(path: Path, uri: str) -> Rows:
 
 
 def split(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows]:
-    """(train, eval), deterministic for a seed; each part gets at least one row."""
-    n = len(rows)
+    """(train, eval), deterministic for a seed; each part gets at least one row.
+
+    Rows marked ``"split": "train"`` always train; ``eval_fraction`` of the *other* rows is
+    held out, drawn exactly as if the marked rows were not in the file (so adding training-only
+    text never changes which rows evaluate quality).
+    """
+    fixed = rows.train_only if rows.train_only is not None else np.zeros(len(rows), bool)
+    pool = np.flatnonzero(~fixed)
+    n = len(pool)
     if n < 2:
-        raise LoadError(f"{DATA_URI}: has {n} row(s); at least 2 are needed (train and eval)")
+        raise LoadError(f"{DATA_URI}: has {n} row(s) that may be held out; at least 2 are "
+                        "needed (train and eval)")
     perm = np.random.default_rng(seed).permutation(n)
     n_eval = min(n - 1, max(1, round(n * eval_fraction)))
-    return rows.take(np.sort(perm[n_eval:])), rows.take(np.sort(perm[:n_eval]))
+    train = np.sort(np.concatenate([pool[perm[n_eval:]], np.flatnonzero(fixed)]))
+    return rows.take(train), rows.take(np.sort(pool[perm[:n_eval]]))
 
 
 def batches(rows: Rows, *, tokenizer: Any, max_length: int, batch_size: int = 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,31 @@ def test_split_is_deterministic_disjoint_and_complete(tmp_path: Path) -> None:
     assert len(ev1) == 10 and len(tr1) == 30
     assert sorted(tr1.texts + ev1.texts) == sorted(rows.texts)
     assert ev1.texts != ev3.texts
+
+
+def test_train_only_rows_are_never_held_out_and_leave_the_eval_rows_unchanged(
+        tmp_path: Path) -> None:
+    plain = write_jsonl(tmp_path / "d.jsonl", 40)
+    lines = plain.read_text().splitlines()
+    extra = [json.dumps({"text": f"extra sentence {i}", "label": 0, "split": "train"})
+             for i in range(25)]
+    # training-only rows interleaved anywhere: the held-out rows are those of the plain file
+    mixed = tmp_path / "m.jsonl"
+    mixed.write_text("\n".join(extra[:10] + lines[:20] + extra[10:] + lines[20:]) + "\n")
+    _, ev_plain = split(load_data(str(plain), Task.FEATURE_EXTRACTION, None), 0.25, seed=3)
+    rows = load_data(str(mixed), Task.FEATURE_EXTRACTION, None)
+    tr, ev = split(rows, 0.25, seed=3)
+    assert ev.texts == ev_plain.texts
+    assert len(tr) == 30 + 25 and all(f"extra sentence {i}" in tr.texts for i in range(25))
+    assert not set(tr.texts) & set(ev.texts)
+
+
+def test_unknown_split_value_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b", "split": "eval"})
+                   + "\n")
+    with pytest.raises(LoadError, match=r"spec\.data\.uri: .* line 2: \"split\" is 'eval'"):
+        load_data(str(bad), Task.FEATURE_EXTRACTION, None)
 
 
 def test_npz_images_get_a_channel_axis_and_batch(tmp_path: Path) -> None:

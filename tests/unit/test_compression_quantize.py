@@ -15,14 +15,22 @@ from test_compression_fixtures import TinyCNN, sentences, tiny_hf_dir
 from leanserve.api.spec import ModelFormat, QuantizeMethod, QuantizeStep, Task
 from leanserve.compression import techniques
 from leanserve.compression.evaluate import mean_cosine
-from leanserve.compression.export import export_onnx, optimize, run_onnx, session
+from leanserve.compression.export import (
+    export_onnx,
+    is_packed,
+    optimize,
+    run_onnx,
+    session,
+)
 from leanserve.compression.loading import Rows, batches, load_model
 from leanserve.compression.modules import ImageClassifier
+from leanserve.compression.packed import packable
 from leanserve.compression.quantize import (
     fake_binary,
     fake_int4,
     fake_power_of_two,
     fake_quantize,
+    smooth_activations,
 )
 from leanserve.compression.registry import Batch, Context, Model, Stage, lookup
 
@@ -89,6 +97,28 @@ def test_static_int8_calibrates_on_at_most_the_samples_asked(tiny, tmp_path: Pat
     assert out.notes["calibration_rows"] == 5
     ops = {n.op_type for n in onnx.load(str(out.onnx_path)).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_smoothing_keeps_the_float_function(tiny, tmp_path: Path) -> None:
+    _, data, base, ref, _ = tiny
+    out = tmp_path / "smoothed.onnx"
+    n = smooth_activations(base, out, data[:2], tmp_path)
+    assert n > 0
+    muls = [nd for nd in onnx.load(str(out)).graph.node if nd.name.endswith("__smooth")]
+    assert len(muls) == n
+    got = run_onnx(session(out), data[1])
+    assert np.max(np.abs(got - ref)) < 1e-4
+
+
+def test_int8_dynamic_keeps_the_graph_closer_on_training_rows(tiny, tmp_path: Path) -> None:
+    m, data, base, _, _ = tiny
+    cfg = QuantizeStep(method=QuantizeMethod.INT8_DYNAMIC, per_channel=True)
+    out = lookup(cfg).transform(Model(onnx_path=base), cfg, _ctx(m, data, tmp_path))
+    plain, smoothed = out.notes["train_error_plain"], out.notes["train_error_smoothed"]
+    has_muls = any(nd.name.endswith("__smooth")
+                   for nd in onnx.load(str(out.onnx_path)).graph.node)
+    assert out.notes["smoothing"].startswith("kept off") != has_muls
+    assert (smoothed <= plain) if has_muls else (smoothed >= plain)
 
 
 def test_int8_weight_only_stores_int8_weights(tiny, tmp_path: Path) -> None:
@@ -192,3 +222,31 @@ def test_bert_fusions_were_applied(tiny) -> None:
     _, _, base, _, _ = tiny
     ops = {n.op_type for n in onnx.load(str(base)).graph.node}
     assert "SkipLayerNormalization" in ops
+
+
+@pytest.mark.parametrize("ids", [
+    [[2, 9, 10, 11, 3, 0, 0], [2, 12, 13, 3, 0, 0, 0], [2, 14, 15, 16, 17, 18, 3]],
+    [[2, 9, 10, 3]],  # one row, no padding
+])
+def test_padding_free_export_equals_the_module(ids, tiny, tmp_path: Path) -> None:
+    m, data, _, _, _ = tiny
+    path = export_onnx(m.module, data[0], tmp_path / "packed.onnx", Task.FEATURE_EXTRACTION,
+                       pack=True)
+    assert is_packed(path)
+    sess = session(path)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["embedding"]
+    t = torch.tensor(ids)
+    b = Batch(inputs={"input_ids": t, "attention_mask": (t > 0).long()})
+    with torch.no_grad():
+        ref = m.module(**b.inputs).numpy()
+        assert np.allclose(packable(m.module)(**b.inputs).numpy(), ref, atol=1e-5)
+    assert np.allclose(run_onnx(sess, b), ref, atol=1e-4)
+
+
+def test_padding_free_needs_a_bert_text_encoder(tmp_path: Path) -> None:
+    cnn = ImageClassifier(TinyCNN().eval())
+    assert packable(cnn) is None
+    x = Batch(inputs={"pixel_values": torch.randn(2, 1, 8, 8)})
+    path = export_onnx(cnn, x, tmp_path / "cnn.onnx", Task.IMAGE_CLASSIFICATION, pack=True)
+    assert not is_packed(path)

@@ -1,0 +1,133 @@
+"""Padding removal for BERT-like encoders: token-wise layers run on real tokens only.
+
+Why: a batch of sentences is padded to its longest row, and a plain BERT graph runs every
+projection, LayerNorm and GELU on the padding too. On examples/minilm-cpu.yaml's held-out rows
+a batch of 32 is 39% padding. Only attention needs the [batch, sequence] layout; every other
+op is per token. ``PackedEncoder`` computes the same function as ``TextEncoder`` with the hidden
+states kept packed as [1, tokens, hidden] (real tokens only) between layers: the projections
+(query/key/value, attention output, FFN) run on the real tokens, and the query/key/value are
+scattered back into [batch, sequence] only for the attention product and softmax. This is the
+"remove padding" idea of FasterTransformer/ByteTransformer and of ONNX Runtime's packed
+attention on GPU, written as plain ONNX ops (NonZero, CumSum, Gather), so ONNX Runtime's CPU
+provider runs it and its dynamic int8 quantizer sees ordinary MatMuls.
+
+Packing needs no scatter: ``pack`` gathers the real rows (NonZero of the flattened mask);
+``unpack`` gathers, for every padded position, the packed row of its own token (the running
+count of real tokens); padding positions get a copy of a real row, which attention's mask and
+the pooling's mask ignore. The result is exact up to float
+summation order; ``export.export_onnx(..., pack=True)`` checks it against the unpacked module
+and falls back to the plain graph when a model does not fit (``PackError``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from leanserve.compression.modules import TextEncoder
+from leanserve.compression.registry import CompressionError
+
+
+class PackError(CompressionError):
+    """The model's structure is not the BERT layout packing knows (the plain export is used)."""
+
+
+def _layers(encoder: TextEncoder) -> list[nn.Module]:
+    backbone = encoder.backbone
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if layers is None or getattr(backbone, "embeddings", None) is None:
+        raise PackError("not a BERT-like backbone (no embeddings / encoder.layer)")
+    config = getattr(backbone, "config", None)
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        raise PackError("relative position embeddings are not supported by packing")
+    if getattr(config, "is_decoder", False):
+        raise PackError("decoder models are not packed")
+    for layer in layers:
+        att = getattr(getattr(layer, "attention", None), "self", None)
+        if att is None or not all(hasattr(att, n) for n in ("query", "key", "value")):
+            raise PackError("attention layers are not BERT's query/key/value layout")
+        if getattr(layer, "crossattention", None) is not None:
+            raise PackError("cross-attention layers are not packed")
+        for path in ("attention.output.dense", "attention.output.LayerNorm",
+                     "intermediate.dense", "output.dense", "output.LayerNorm"):
+            obj: object = layer
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if obj is None:
+                raise PackError(f"layer has no {path}")
+    return list(layers)
+
+
+class PackedEncoder(nn.Module):
+    """``TextEncoder``'s function with token-wise work on real tokens only (shares weights)."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        super().__init__()
+        self.layers = _layers(encoder)
+        self.encoder = encoder
+        self.head_size = int(getattr(self.layers[0].attention.self, "attention_head_size",
+                                     0)) or (encoder.backbone.config.hidden_size
+                                             // encoder.backbone.config.num_attention_heads)
+
+    def _attention(self, layer: nn.Module, h: torch.Tensor, unpack, bias: torch.Tensor,
+                   shape: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        att = layer.attention.self
+        batch, seq = shape
+        heads = att.query.out_features // self.head_size
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # packed [1, T, H'] -> [B, heads, S, d]
+            return unpack(x).reshape(batch, seq, heads, self.head_size).transpose(1, 2)
+
+        q, k, v = split(att.query(h)), split(att.key(h)), split(att.value(h))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_size) + bias
+        ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return ctx.transpose(1, 2).reshape(batch * seq, heads * self.head_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        batch, seq = input_ids.shape[0], input_ids.shape[1]
+        flat = attention_mask.reshape(-1)
+        real = torch.nonzero(flat).reshape(-1)  # [T] positions of real tokens
+        source = (torch.cumsum(flat, 0) - 1).clamp(min=0)  # packed row of each position
+
+        def pack(x: torch.Tensor) -> torch.Tensor:  # [B*S, H] -> [1, T, H]
+            return torch.index_select(x, 0, real).unsqueeze(0)
+
+        def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, T, H] -> [B*S, H]
+            # Padding positions get a copy of a real row: finite, masked out of attention
+            # keys by ``bias``, never packed back, and zeroed by the pooling mask.
+            return torch.index_select(x.squeeze(0), 0, source)
+
+        bias = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(
+            torch.float32).min
+        emb = enc.backbone.embeddings(input_ids=input_ids)
+        h = pack(emb.reshape(batch * seq, -1))
+        for layer in self.layers:
+            ctx = pack(self._attention(layer, h, unpack, bias, (batch, seq)))
+            out = layer.attention.output
+            h = out.LayerNorm(out.dense(ctx) + h)
+            inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
+            h = layer.output.LayerNorm(layer.output.dense(inter) + h)
+        hidden = unpack(h).reshape(batch, seq, -1)
+        if enc.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if enc.head is not None:
+            return enc.head(pooled)
+        if enc.normalize:
+            pooled = nn.functional.normalize(pooled, p=2.0, dim=1)
+        return pooled
+
+
+def packable(module: nn.Module) -> PackedEncoder | None:
+    """The packed form of ``module`` when it is a BERT-like ``TextEncoder``, else None."""
+    if not isinstance(module, TextEncoder):
+        return None
+    try:
+        return PackedEncoder(module).eval()
+    except PackError:
+        return None
