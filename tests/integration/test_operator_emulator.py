@@ -213,7 +213,7 @@ def _drop(log: list[Any], request: Any) -> None:
 @asynccontextmanager
 async def emulator(monitoring: bool = False, *, stock: bool = False) -> AsyncIterator[Cluster]:
     """A fresh emulator with the operator's resources declared (``stock``: kmock's own class)."""
-    cls = kmock.KubernetesEmulator if stock else ForgetfulEmulator
+    cls = type("StockEmulator", (kmock.KubernetesEmulator,), {}) if stock else ForgetfulEmulator
     async with cls() as k, kmock.Server(k) as srv:
         for res, info in {**RESOURCES, **(MONITORING if monitoring else {})}.items():
             k.resources[res] = kmock.ResourceInfo(
