@@ -108,7 +108,10 @@ def main() -> int:
     med = {k: float(np.median(v)) for k, v in times.items()}
 
     seq = bench_batch.inputs[next(iter(bench_batch.inputs))].shape
-    print(f"\n{loaded.name}: batch {BATCH} (input shape {list(seq)}), {THREADS} threads, "
+    mask = bench_batch.inputs.get("attention_mask")
+    real = (f", {100 * float(mask.float().mean()):.0f}% real tokens / "
+            f"{100 - 100 * float(mask.float().mean()):.0f}% padding" if mask is not None else "")
+    print(f"\n{loaded.name}: batch {BATCH} (input shape {list(seq)}{real}), {THREADS} threads, "
           f"{args.rounds} interleaved rounds, quality = {metric.value} to PyTorch fp32 on "
           f"{len(held_rows)} held-out rows\n")
     head = (f"{'model':<22}{'ms/batch':>10}{'rows/s':>9}{'vs torch':>10}{'vs ort-int8':>12}"

@@ -13,7 +13,7 @@ the held-out rows stay the hand-written sentences.
 The file starts with sentences.jsonl's rows unchanged and in order (so the held-out rows are
 exactly the ones a spec on sentences.jsonl holds out), then the generated rows.
 
-    python examples/data/make_corpus.py [--rows 4000] [--seed 0]
+    python examples/data/make_corpus.py [--rows 2000] [--seed 0]
 
 Deterministic for a seed; no network, no downloaded text.
 """
@@ -226,7 +226,7 @@ def make(rows: int, seed: int) -> list[dict[str, object]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=4000)
+    ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()

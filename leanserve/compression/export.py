@@ -7,6 +7,11 @@ EmbedLayerNormalization fused); the dynamo exporter needs a version down-convers
 for opset 17, writes external data, and its graph is not matched by the fusions. Models are
 loaded with eager attention for the same reason (SDPA exports a pattern the fuser skips).
 
+The pipeline exports BERT-like text encoders padding-free (``packed.py``, ``pack=True``) and,
+by default, leaves ORT's offline BERT fusions off (``pipeline.Settings.transformer_fusions``):
+int8 of the fused graph was slower than int8 of the plain one, and ORT applies its
+Gelu/LayerNorm/SkipLayerNorm fusions when a session loads the graph anyway.
+
 Every optimization is checked: the optimized graph must give the same outputs as the exported
 one on a real batch, otherwise the unoptimized graph is kept and the note says why.
 """

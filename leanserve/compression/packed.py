@@ -61,29 +61,47 @@ def _layers(encoder: TextEncoder) -> list[nn.Module]:
 
 
 class PackedEncoder(nn.Module):
-    """``TextEncoder``'s function with token-wise work on real tokens only (shares weights)."""
+    """``TextEncoder``'s function with token-wise work on real tokens only.
+
+    Built from the final weights at export time: each layer's query, key and value
+    projections become one [hidden -> 3 x hidden'] projection (one GEMM and one unpack instead
+    of three) with the attention scale 1/sqrt(head size) folded into the query part.
+    """
 
     def __init__(self, encoder: TextEncoder) -> None:
         super().__init__()
         self.layers = _layers(encoder)
         self.encoder = encoder
+        config = encoder.backbone.config
         self.head_size = int(getattr(self.layers[0].attention.self, "attention_head_size",
-                                     0)) or (encoder.backbone.config.hidden_size
-                                             // encoder.backbone.config.num_attention_heads)
+                                     0)) or config.hidden_size // config.num_attention_heads
+        scale = 1.0 / math.sqrt(self.head_size)
+        fused = []
+        with torch.no_grad():
+            for layer in self.layers:
+                att = layer.attention.self
+                parts = [(att.query, scale), (att.key, 1.0), (att.value, 1.0)]
+                lin = nn.Linear(att.query.in_features, sum(p.out_features for p, _ in parts))
+                lin.weight.copy_(torch.cat([p.weight * k for p, k in parts]))
+                lin.bias.copy_(torch.cat([p.bias * k for p, k in parts]))
+                fused.append(lin)
+        self.qkv = nn.ModuleList(fused)
 
-    def _attention(self, layer: nn.Module, h: torch.Tensor, unpack, bias: torch.Tensor,
+    def _attention(self, index: int, h: torch.Tensor, unpack, bias: torch.Tensor,
                    shape: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        att = layer.attention.self
         batch, seq = shape
-        heads = att.query.out_features // self.head_size
+        width = self.qkv[index].out_features // 3
+        heads = width // self.head_size
+        qkv = unpack(self.qkv[index](h))  # [B*S, 3 x width]
 
-        def split(x: torch.Tensor) -> torch.Tensor:  # packed [1, T, H'] -> [B, heads, S, d]
-            return unpack(x).reshape(batch, seq, heads, self.head_size).transpose(1, 2)
+        def part(i: int) -> torch.Tensor:  # [B, heads, S, d]
+            x = qkv[:, i * width:(i + 1) * width]
+            return x.reshape(batch, seq, heads, self.head_size).transpose(1, 2)
 
-        q, k, v = split(att.query(h)), split(att.key(h)), split(att.value(h))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_size) + bias
+        q, k, v = part(0), part(1), part(2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) + bias
         ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
-        return ctx.transpose(1, 2).reshape(batch * seq, heads * self.head_size)
+        return ctx.transpose(1, 2).reshape(batch * seq, width)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         enc = self.encoder
@@ -104,8 +122,8 @@ class PackedEncoder(nn.Module):
             torch.float32).min
         emb = enc.backbone.embeddings(input_ids=input_ids)
         h = pack(emb.reshape(batch * seq, -1))
-        for layer in self.layers:
-            ctx = pack(self._attention(layer, h, unpack, bias, (batch, seq)))
+        for i, layer in enumerate(self.layers):
+            ctx = pack(self._attention(i, h, unpack, bias, (batch, seq)))
             out = layer.attention.output
             h = out.LayerNorm(out.dense(ctx) + h)
             inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
