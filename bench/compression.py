@@ -9,7 +9,8 @@ the same process with 2 threads, batch 32 of held-out rows (tokens up to maxSequ
   (no fusions, default settings: what Hugging Face Optimum does);
 - every candidate's artifact, the selected one marked.
 Timing rounds are interleaved (one call of each model per round, median over rounds) so load
-from other processes hits all models alike. Prints speed ratios, cosine (or accuracy) to the
+from other processes hits all models alike, with a short pause before each call so one model's
+spinning thread pool never slows the next. Prints speed ratios, cosine (or accuracy) to the
 fp32 outputs on all held-out rows, size ratios, and the issue's targets as met or MISSED.
 """
 
@@ -35,6 +36,7 @@ from leanserve.compression.pipeline import Settings, compress
 
 THREADS = 2
 BATCH = 32
+PAUSE_S = 0.05
 
 
 def main() -> int:
@@ -102,6 +104,10 @@ def main() -> int:
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(args.rounds):
         for name, c in contenders.items():
+            # Let the previous model's thread pool stop spinning first: ORT's (and OpenMP's)
+            # idle threads busy-wait after a call, and on 2 cores they would slow whichever
+            # model runs next (measured: 30% slower calls without the pause, order-biased).
+            time.sleep(PAUSE_S)
             start = time.perf_counter()
             c["call"]()
             times[name].append(time.perf_counter() - start)

@@ -46,8 +46,10 @@ def _layers(encoder: TextEncoder) -> list[nn.Module]:
         raise PackError("decoder models are not packed")
     for layer in layers:
         att = getattr(getattr(layer, "attention", None), "self", None)
-        if att is None or not all(hasattr(att, n) for n in ("query", "key", "value")):
-            raise PackError("attention layers are not BERT's query/key/value layout")
+        if att is None or not all(isinstance(getattr(att, n, None), nn.Linear)
+                                  for n in ("query", "key", "value")):
+            raise PackError("attention layers are not BERT's query/key/value Linear layout "
+                            "(e.g. factorized by lowRank)")
         if getattr(layer, "crossattention", None) is not None:
             raise PackError("cross-attention layers are not packed")
         for path in ("attention.output.dense", "attention.output.LayerNorm",
@@ -147,5 +149,5 @@ def packable(module: nn.Module) -> PackedEncoder | None:
         return None
     try:
         return PackedEncoder(module).eval()
-    except PackError:
-        return None
+    except (PackError, AttributeError, TypeError, RuntimeError):
+        return None  # a layout packing does not know: the plain export is used

@@ -27,7 +27,9 @@ Where each method runs, and why:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,11 +163,25 @@ def smooth_activations(src: Path, out: Path, batches: list, workdir: Path,
     return len(inserted)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's quantizer logs advice and shape-inference misses on the root logger (e.g. for
+    NonZero in the padding-free graph); none of it is actionable for a user."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
 def _quantize_dynamic(src: Path, out: Path, per_channel: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         # DefaultTensorType: fused contrib ops (Attention, BiasGelu) have no ONNX shape inference
         quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8,
                          per_channel=per_channel,
