@@ -3,6 +3,7 @@ I/O, stays close to the fp32 model, and its size is what the method promises."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -244,7 +245,13 @@ def test_padding_free_export_equals_the_module(ids, tiny, tmp_path: Path) -> Non
     assert np.allclose(run_onnx(sess, b), ref, atol=1e-4)
 
 
-def test_padding_free_needs_a_bert_text_encoder(tmp_path: Path) -> None:
+def test_padding_free_needs_a_bert_text_encoder(tiny, tmp_path: Path) -> None:
+    m = tiny[0]
+    factorized = copy.deepcopy(m.module)
+    att = factorized.backbone.encoder.layer[0].attention.self
+    att.query = torch.nn.Sequential(torch.nn.Linear(att.query.in_features, 4),
+                                    torch.nn.Linear(4, att.query.out_features))
+    assert packable(factorized) is None  # lowRank's factorized layers: plain export
     cnn = ImageClassifier(TinyCNN().eval())
     assert packable(cnn) is None
     x = Batch(inputs={"pixel_values": torch.randn(2, 1, 8, 8)})
