@@ -80,7 +80,9 @@ def test_defaults_match_the_design() -> None:
     assert spec.serving.max_batch_size == 32 and spec.serving.max_queue_delay_microseconds == 1000
     assert spec.autoscaling.scale_down_stabilization_seconds == 300
     step = spec.compression.candidates[1].steps[0]
-    assert step.kind == "prune" and step.config.sparsity == 0.3
+    raw = doc["spec"]["compression"]["candidates"][1]["steps"][0]["prune"]
+    assert step.kind == "prune" and step.config.sparsity == raw["sparsity"]
+    assert step.config.iterations == raw.get("iterations", 1)  # default when not given
 
 
 def test_crd_in_deploy_matches_the_models() -> None:
