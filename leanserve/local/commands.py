@@ -66,6 +66,10 @@ def summary_table(report: dict[str, Any]) -> Table:
                       f"{v['capacity_rps']:.1f} rps / ${v['per_million_requests']:.3f}"
                       + ("" if v.get("measured") else " (derived)"))
     t.add_row("chosen pool", cost["chosen_pool"])
+    local = report.get("local", {})
+    if local:
+        t.add_row("local replica (1 core): capacity at SLO / max replicas",
+                  f"{local['replica']['capacity_rps']:.1f} rps / {local['max_replicas']}")
     decisions = report["autoscaling"]
     peak = max((sum(d["replicas"].values()) for d in decisions), default=0)
     t.add_row("autoscaler decisions / peak replicas", f"{len(decisions)} / {peak}")

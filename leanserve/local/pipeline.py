@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from leanserve.local.direct import DirectSource
 from leanserve.local.platform import LocalPlatform
 from leanserve.local.prometheus import LocalPrometheus, prometheus_binary
 from leanserve.local.report import render_html, timeline_png
+from leanserve.serving.profile import available_cores
 from leanserve.serving.server import free_port
 
 Say = Callable[[str], None]
@@ -51,8 +52,9 @@ class RunSettings:
 
     load_seconds: float = 60.0
     """Length of the load burst (rising, then falling)."""
-    peak_factor: float = 1.5
-    """Peak offered load as a multiple of one replica's measured capacity at the SLO."""
+    peak_factor: float = 0.9
+    """Peak offered load as a share of what all local replicas (one per core) serve at the
+    SLO: more than one replica can serve, so the autoscaler has to scale up to meet it."""
     cooldown_seconds: float | None = None
     """Observation after the burst, to see the scale-down (default: the stabilization window
     plus three intervals)."""
@@ -109,19 +111,26 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
     report["profile"] = profile
     pools_from_profile(profile, spec)  # every pool priced, or a clear error
     report["cost"] = _costs(profile, spec)
-    # On one machine every pool's replica runs on these same cores, so locally each pool gets
-    # the capacity measured here; the cluster's pool choice above uses the derived figures.
-    local_rps = float(profile["capacity_rps"])
+    # On one machine every pool's replicas share these cores. A local replica is therefore one
+    # core's worth of the best config (one instance, one thread), measured here, and at most
+    # one replica per core runs; the cluster's pool choice above uses the profile's figures.
+    replica = _local_replica(repo, profile, spec, logs, say)
+    local_rps = replica["capacity_rps"]
     pools = [PoolCapacity(p.name, local_rps, p.hourly_price) for p in spec.node_pools]
-    report["local_pools"] = {p.name: {"capacity_rps": p.capacity_rps,
-                                      "hourly_price": p.hourly_price} for p in pools}
+    local_max = max(1, min(spec.autoscaling.max_replicas, available_cores()))
+    local_spec = spec.model_copy(update={"autoscaling": spec.autoscaling.model_copy(update={
+        "max_replicas": local_max,
+        "min_replicas": min(spec.autoscaling.min_replicas, local_max)})})
+    report["local"] = {"replica": replica, "max_replicas": local_max,
+                       "pools": {p.name: {"capacity_rps": p.capacity_rps,
+                                          "hourly_price": p.hourly_price} for p in pools}}
 
-    target = Target.from_spec(spec)
+    target = Target.from_spec(local_spec)
     model = _served_model(repo)
     state = RunState()
     with ExitStack() as stack:
         stack.enter_context(_sigterm_as_interrupt())
-        platform = LocalPlatform(_best_repository(repo, profile, workdir), logs)
+        platform = LocalPlatform(_local_repository(repo, replica["config"], workdir), logs)
         stack.callback(platform.stop_all)
         prom, source_note = _metrics_source(stack, workdir, settings, say)
         exporter = LeanserveMetrics()
@@ -152,14 +161,15 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
                   else DirectSource(platform, model, clock=time.time))
         report["metrics_source"] = source_note
 
-        peak = max(1.0, settings.peak_factor * local_rps)
+        peak = max(1.0, settings.peak_factor * local_rps * local_max)
         schedule = burst(peak, settings.load_seconds)
         cooldown = settings.cooldown_seconds
         if cooldown is None:
             cooldown = spec.autoscaling.scale_down_stabilization_seconds + \
                 3 * spec.autoscaling.interval_seconds
         say(f"load burst: {settings.load_seconds:.0f} s rising to {peak:.1f} req/s "
-            f"(~{settings.peak_factor:g}x one replica), then {cooldown:.0f} s of quiet")
+            f"({settings.peak_factor:g}x what {local_max} one-core replicas serve at the SLO), "
+            f"then {cooldown:.0f} s of quiet")
         payloads = _payloads(platform, model,
                              int(profile.get("measured_on", {}).get("sequence_length", 32)))
         stop = threading.Event()
@@ -175,7 +185,7 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
         while time.monotonic() < end:
             time.sleep(max(0.0, min(interval, end - time.monotonic())))
             obs, reading = observe(source, platform, model)  # stamped with wall time
-            decision = decide(obs, pools, spec, previous, obs.time)
+            decision = decide(obs, pools, local_spec, previous, obs.time)
             platform.scale(model, decision.replicas)
             exporter.record(model, decision, target, actual=platform.current_replicas(model),
                             ready=platform.ready_replicas(model),
@@ -220,15 +230,26 @@ def _served_model(repo: Path) -> str:
     return primary_model(repo).name
 
 
-def _best_repository(repo: Path, profile: dict[str, Any], workdir: Path) -> Path:
-    """A local copy of the repository with the profile's best config applied, so that every
-    replica serves what the profiler measured."""
+def _local_replica(repo: Path, profile: dict[str, Any], spec: Any, logs: Path,
+                   say: Say) -> dict[str, Any]:
+    """Capacity at the SLO of one local replica: the best config on one core."""
+    from leanserve.serving.profile import SearchSettings, measure_config
+    from leanserve.serving.repository import ServingConfig, primary_model
+
+    best = ServingConfig.from_json(profile["config"])
+    one_core = replace(best, instance_count=1, intra_op_threads=1)
+    say(f"measuring one local replica ({one_core.label}, one thread)")
+    return measure_config(primary_model(repo), one_core, spec.slo.latency_p95_ms,
+                          SearchSettings.quick(), logs / "local-replica", note=say)
+
+
+def _local_repository(repo: Path, config: dict[str, Any], workdir: Path) -> Path:
+    """A local (python-backend) copy of the repository serving ``config``."""
     from leanserve.serving.profile import apply_profile_config
     from leanserve.serving.repository import to_local_repository
 
     dest = to_local_repository(repo, workdir / "serving_repository")
-    if profile.get("config"):
-        apply_profile_config(dest, profile)
+    apply_profile_config(dest, {"config": config})
     return dest
 
 
