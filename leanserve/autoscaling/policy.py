@@ -12,8 +12,12 @@ What it does, in order:
    current replicas, SLOMet Unknown, reason MetricsUnavailable. Missing data is never zero load.
 2. Demand = the observed rate, raised by its recent upward trend projected over the start-up
    time of a replica (new replicas serve only after they start, so scale for where load will be).
-3. Required capacity = demand / target utilisation; when p95 is above the SLO the capacity
-   estimate is evidently too optimistic, so at least ``breach_factor`` x the current capacity.
+3. Required capacity = demand / target utilisation (or, with adaptive headroom, x 1 + the
+   headroom the observed noise or the policy's own past forecast errors call for); when p95 is
+   above the SLO the capacity estimate is evidently too optimistic, so at least
+   ``breach_factor`` x the current capacity. With ``censored_saturation`` a rate observed during
+   a breach is read as what it is, a lower bound set by saturated replicas: it is kept out of
+   the trend and noise estimates and the breach factor applies to it as well.
 4. The cheapest integer mix of replicas over the pools that provides it within minReplicas,
    maxReplicas and maxHourlyCost (a small exhaustive search; a tiny switching penalty keeps the
    current mix when another is only marginally cheaper, so the policy does not churn pools).
@@ -127,16 +131,37 @@ class PolicySettings:
     """Headroom per unit of relative rate noise (std between observations / mean)."""
     max_headroom: float = 0.5
     volatility_window_seconds: float = 120.0
+    censored_saturation: bool = False
+    """Treat rates observed while p95 was above the SLO as censored: the replicas were
+    saturated, so the served rate they report is a lower bound on the load, set by capacity.
+    Such rates are left out of the trend and noise estimates (their rise while new replicas
+    come up is capacity arriving, not load growing), and a breach scales to breach_factor x
+    the observed rate as well as x the ready capacity."""
+    forecast_headroom: bool = False
+    """With adaptive_headroom: size the headroom from how wrong this policy's own forecasts were
+    (the demand planned at t against the rate observed at t + start-up + interval, over the
+    volatility window): mean + volatility_z x std of the relative errors. That one figure covers
+    noise, trend error and ramps, instead of adding a noise term to a trend term."""
+    trend_z: float = 0.0
+    """Project only the part of the trend slope that stands this many standard errors above
+    zero: on a noisy flat rate the least-squares slope is noise, and projecting its positive
+    half over the start-up horizon buys headroom twice (the noise headroom already covers it)."""
 
 
 DEFAULT_SETTINGS = PolicySettings()
 """Spec-faithful: the scale-down window is exactly scaleDownStabilizationSeconds, fixed headroom."""
 
-TUNED_SETTINGS = PolicySettings(stabilization_startups=3.0, adaptive_headroom=True)
-"""What bench/autoscaling.py measures (the simulator's default): a scale-down window of at least
-three replica start-ups and headroom from the observed volatility. Opt-in for the operator and
-the local platform (their callers pass ``settings``), whose tests and short local runs rely on
-the spec's own window."""
+TUNED_SETTINGS = PolicySettings(
+    stabilization_startups=2.0, adaptive_headroom=True, forecast_headroom=True, volatility_z=1.5,
+    censored_saturation=True, trend_z=1.0, breach_factor=2.0)
+"""What bench/autoscaling.py measures (the simulator's default), one object for every trace:
+a scale-down window of at least two replica start-ups; headroom from the errors of the policy's
+own forecasts over the start-up horizon (mean + 1.5 std: the window already holds the highest
+recent demand, so the headroom need not cover the tail alone); only the part of the trend that
+stands one standard error above noise projected; saturated observations treated as censored,
+and a deep breach doubling (as HPA's default scale-up does). Opt-in for the operator and the
+local platform (their callers pass ``settings``), whose tests and short local runs rely on the
+spec's own window and fixed headroom."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +188,8 @@ class HistoryEntry:
     rate: float | None
     demand: float | None = None
     """Load (req/s) the decision planned for, before headroom; None: unknown."""
+    censored: bool = False
+    """The rate was observed while p95 was above the SLO (a lower bound on the load)."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.replicas)
@@ -303,24 +330,73 @@ def _valid(x: float | None) -> bool:
     return x is not None and math.isfinite(x) and x >= 0
 
 
-def _trend(history: Sequence[HistoryEntry], now: float, rate: float, window: float) -> float:
-    """Least-squares slope (req/s per s) of the rate over the window, 0 with too few points."""
+def _usable(h: HistoryEntry, settings: PolicySettings) -> bool:
+    return h.rate is not None and not (settings.censored_saturation and h.censored)
+
+
+def _fit(history: Sequence[HistoryEntry], now: float, rate: float, window: float,
+         settings: PolicySettings) -> tuple[float, float, float] | None:
+    """(slope, its standard error, mean rate) by least squares over the window; None: < 3 points."""
     pts = [(h.time, h.rate) for h in history
-           if h.rate is not None and now - window <= h.time < now]
+           if _usable(h, settings) and now - window <= h.time < now]
     pts.append((now, rate))
-    if len(pts) < 3 or rate < sum(r for _, r in pts) / len(pts):
-        return 0.0  # not rising now: a past rise is no reason to provision ahead
     n = len(pts)
+    if n < 3:
+        return None
     mt = sum(t for t, _ in pts) / n
     mr = sum(r for _, r in pts) / n
     var = sum((t - mt) ** 2 for t, _ in pts)
     if var <= 0:
-        return 0.0
-    return sum((t - mt) * (r - mr) for t, r in pts) / var
+        return None
+    slope = sum((t - mt) * (r - mr) for t, r in pts) / var
+    res = sum((r - mr - slope * (t - mt)) ** 2 for t, r in pts) / (n - 2)
+    return slope, math.sqrt(res / var), mr
+
+
+def _trend(history: Sequence[HistoryEntry], now: float, rate: float, window: float,
+           settings: PolicySettings = DEFAULT_SETTINGS) -> float:
+    """Least-squares slope (req/s per s) of the rate over the window, 0 with too few points.
+
+    With ``trend_z`` the slope is shrunk by that many standard errors (never below 0).
+    """
+    fit = _fit(history, now, rate, window, settings)
+    if fit is None or rate < fit[2]:
+        return 0.0  # not rising now: a past rise is no reason to provision ahead
+    slope, se, _ = fit
+    if settings.trend_z > 0:
+        slope = max(0.0, slope - settings.trend_z * se)
+    return slope
+
+
+def _forecast_utilisation(history: Sequence[HistoryEntry], now: float, rate: float,
+                          settings: PolicySettings, horizon: float) -> tuple[float, float | None]:
+    """Utilisation from the relative errors of past forecasts over the start-up horizon."""
+    seen = [(h.time, h.rate) for h in history if _usable(h, settings)]
+    seen.append((now, rate))
+    errs = []
+    tol = horizon * 0.1 + 1e-9
+    j = 0
+    for h in history:
+        if (h.demand is None or h.demand <= 0 or not _usable(h, settings)
+                or h.time < now - settings.volatility_window_seconds):
+            continue
+        want = h.time + horizon
+        while j + 1 < len(seen) and seen[j + 1][0] <= want + tol:
+            j += 1
+        t_seen, r_seen = seen[j]
+        if abs(t_seen - want) <= tol:
+            errs.append((r_seen - h.demand) / h.demand)
+    if len(errs) < 4:
+        return settings.target_utilisation, None
+    mean = sum(errs) / len(errs)
+    sd = math.sqrt(sum((e - mean) ** 2 for e in errs) / (len(errs) - 1))
+    headroom = min(settings.max_headroom,
+                   max(settings.min_headroom, mean + settings.volatility_z * sd))
+    return 1.0 / (1.0 + headroom), sd
 
 
 def _utilisation(history: Sequence[HistoryEntry], now: float, rate: float,
-                 settings: PolicySettings) -> tuple[float, float | None]:
+                 settings: PolicySettings, horizon: float = 0.0) -> tuple[float, float | None]:
     """Target utilisation from the observed volatility: (utilisation, relative noise or None).
 
     Noise = std of successive rate differences / sqrt(2) (insensitive to a steady trend) over
@@ -329,7 +405,9 @@ def _utilisation(history: Sequence[HistoryEntry], now: float, rate: float,
     """
     if not settings.adaptive_headroom:
         return settings.target_utilisation, None
-    rs = [h.rate for h in history if h.rate is not None
+    if settings.forecast_headroom:
+        return _forecast_utilisation(history, now, rate, settings, horizon)
+    rs = [h.rate for h in history if _usable(h, settings)
           and now - settings.volatility_window_seconds <= h.time < now]
     rs.append(rate)
     mean = sum(rs) / len(rs)
@@ -391,10 +469,13 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     else:
         slo_met = None
 
-    slope = _trend(history, now, rate, settings.trend_window_seconds)
+    if settings.censored_saturation and breach:
+        slope = 0.0  # a censored rate says nothing of the trend; the breach rule sizes this
+    else:
+        slope = _trend(history, now, rate, settings.trend_window_seconds, settings)
     horizon = settings.startup_seconds + target.interval_seconds
     demand = rate + max(0.0, slope) * horizon
-    util, cv = _utilisation(history, now, rate, settings)
+    util, cv = _utilisation(history, now, rate, settings, horizon)
     required = demand / util
     factor = 1.0
     if breach:
@@ -405,6 +486,8 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
         assert p95 is not None
         factor = min(settings.breach_factor, max(settings.breach_min_factor, p95 / slo))
         required = max(required, ready_cap * factor)
+        if settings.censored_saturation:
+            required = max(required, rate * factor)
     at_risk = breach or rate > ready_cap
 
     # scale-down stabilization on capacity (HPA's rule, per capacity instead of per pool): plan
@@ -516,7 +599,7 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
                      "replica, adding what fits")
     parts.append(f"-> {_fmt(final)} (${cost:.2f}/h, {cap:.0f} req/s)")
     reason = f"{code.value}: " + "; ".join(parts)
-    entry = HistoryEntry(now, tuple(fresh.items()), rate, demand)
+    entry = HistoryEntry(now, tuple(fresh.items()), rate, demand, breach)
     return Decision(now, final, reason, code, demand, cap, cost, slo_met, (*history, entry))
 
 
