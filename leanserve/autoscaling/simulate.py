@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,37 +348,48 @@ class Simulation:
 
 
 def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
-             cfg: SimConfig | None = None, extra: dict[str, Controller] | None = None
-             ) -> Simulation:
-    """Run leanserve, static, hpa, keda and oracle (plus any ``extra`` controllers)."""
+             cfg: SimConfig | None = None, extra: dict[str, Controller] | None = None,
+             only: Collection[str] = POLICIES) -> Simulation:
+    """Run leanserve, static, hpa, keda and oracle (plus any ``extra`` controllers).
+
+    ``only`` names the contenders to run (a sensitivity sweep needs leanserve and the oracle).
+    """
+    unknown = set(only) - set(POLICIES)
+    if unknown:
+        raise TraceError(f"simulate: unknown policies {sorted(unknown)}; known: {POLICIES}")
     cfg = cfg or SimConfig()
     settings = PolicySettings(**{**cfg.settings.__dict__, "startup_seconds": cfg.startup_seconds})
     cfg = SimConfig(**{**cfg.__dict__, "settings": settings})
     pools = list(pools)
     runs: dict[str, PolicyRun] = {}
-    runs["leanserve"] = _simulate("leanserve", trace, pools, target, cfg,
-                                  LeanserveController(pools, target, settings))
+    if "leanserve" in only:
+        runs["leanserve"] = _simulate("leanserve", trace, pools, target, cfg,
+                                      LeanserveController(pools, target, settings))
     peak = max(trace.rates)
-    static_mix = cheapest_mix(peak / settings.target_utilisation, pools, target)[0]
-    runs["static"] = _simulate("static", trace, pools, target, cfg, None,
-                               fixed=lambda _t, _l: static_mix)
-    runs["static"].note = f"peak {peak:g} req/s at {settings.target_utilisation:.0%}"
+    if "static" in only:
+        static_mix = cheapest_mix(peak / settings.target_utilisation, pools, target)[0]
+        runs["static"] = _simulate("static", trace, pools, target, cfg, None,
+                                   fixed=lambda _t, _l: static_mix)
+        runs["static"].note = f"peak {peak:g} req/s at {settings.target_utilisation:.0%}"
     hp = _hpa_pool(pools)
     max_r = target.affordable(hp)
-    hpa = HPAController(hp, cfg.hpa_target * hp.capacity_rps, target.min_replicas, max_r, cfg,
-                        pods_metric=True, period=cfg.hpa_sync_seconds,
-                        down_window=cfg.hpa_scale_down_window_seconds)
-    runs["hpa"] = _simulate("hpa", trace, pools, target, cfg, hpa)
-    runs["hpa"].note = f"pool {hp.name}, target {cfg.hpa_target:.0%}"
-    keda = HPAController(hp, cfg.keda_threshold_share * hp.capacity_rps, target.min_replicas,
-                         max_r, cfg, pods_metric=False, period=cfg.keda_polling_seconds,
-                         down_window=cfg.hpa_scale_down_window_seconds)
-    runs["keda"] = _simulate("keda", trace, pools, target, cfg, keda)
-    runs["keda"].note = (f"pool {hp.name}, threshold {cfg.keda_threshold_share * hp.capacity_rps:g}"
-                         " req/s per replica")
-    runs["oracle"] = _simulate("oracle", trace, pools, target, cfg, None,
-                               fixed=lambda _t, load: cheapest_mix(load, pools, target)[0])
-    runs["oracle"].note = "knows the load, no start-up: a cost lower bound"
+    if "hpa" in only:
+        hpa = HPAController(hp, cfg.hpa_target * hp.capacity_rps, target.min_replicas, max_r,
+                            cfg, pods_metric=True, period=cfg.hpa_sync_seconds,
+                            down_window=cfg.hpa_scale_down_window_seconds)
+        runs["hpa"] = _simulate("hpa", trace, pools, target, cfg, hpa)
+        runs["hpa"].note = f"pool {hp.name}, target {cfg.hpa_target:.0%}"
+    if "keda" in only:
+        keda = HPAController(hp, cfg.keda_threshold_share * hp.capacity_rps, target.min_replicas,
+                             max_r, cfg, pods_metric=False, period=cfg.keda_polling_seconds,
+                             down_window=cfg.hpa_scale_down_window_seconds)
+        runs["keda"] = _simulate("keda", trace, pools, target, cfg, keda)
+        runs["keda"].note = (f"pool {hp.name}, threshold "
+                             f"{cfg.keda_threshold_share * hp.capacity_rps:g} req/s per replica")
+    if "oracle" in only:
+        runs["oracle"] = _simulate("oracle", trace, pools, target, cfg, None,
+                                   fixed=lambda _t, load: cheapest_mix(load, pools, target)[0])
+        runs["oracle"].note = "knows the load, no start-up: a cost lower bound"
     for k, ctl in (extra or {}).items():
         runs[k] = _simulate(k, trace, pools, target, cfg, ctl)
     return Simulation(trace, pools, target, runs)
