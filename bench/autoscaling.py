@@ -145,9 +145,9 @@ def main() -> int:
         source = f"profile {args.profile.name}"
         print(f"capacities from the serving profiler: {args.profile}")
         for name, entry in profile["pools"].items():
-            how = "measured" if entry.get("measured") else "DERIVED, not measured"
-            print(f"  {name}: {entry.get('capacity_rps')} req/s per replica ({how}: "
-                  f"{entry.get('basis', '')})")
+            how = "MEASURED" if entry.get("measured") else "DERIVED, not measured"
+            print(f"  {name}: {entry.get('capacity_rps')} req/s per replica [{how}] "
+                  f"{entry.get('basis', '')}")
     target = Target.from_spec(spec)
     if args.max_replicas:
         target = dataclasses.replace(target, max_replicas=args.max_replicas)
@@ -190,8 +190,13 @@ def main() -> int:
         print(f"{name:8} reactive bound (load known up to t-start-up, free swaps): best "
               f"{rb.attainment:.2%} at <={MAX_VS_ORACLE:g}x oracle ({rb.cost_ratio:.3f}x, "
               f"headroom {rb.headroom:g}, hold {rb.hold_seconds:g}s); cheapest at >=99%: {c99}")
+        # the HPA pair of targets: what the same ideal reactive family attains at 0.75x HPA's cost
+        rb_hpa = reactive_bound(tr, pools, target, cfg, max_cost_ratio=MAX_VS_HPA * s["hpa"][
+            "cost"] / s["oracle"]["cost"])
+        print(f"{name:8} reactive bound at <={MAX_VS_HPA:g}x hpa's cost: best "
+              f"{rb_hpa.attainment:.2%} (hpa attains {s['hpa']['slo_attainment']:.2%})")
         print()
-        rows.append((name, s, rb))
+        rows.append((name, s, rb, rb_hpa))
 
     print(f"acceptance (replica start-up {args.startup_seconds:g}s, {source}):")
     hdr = (f"| {'trace':8} | {'SLO att.':>8} | {'cost/oracle':>11} | {'cost/HPA':>8} | "
@@ -199,7 +204,7 @@ def main() -> int:
     print(hdr)
     n_pass = n_all = 0
     verdicts = []
-    for name, s, rb in rows:
+    for name, s, rb, rb_hpa in rows:
         ls, hpa, orc = s["leanserve"], s["hpa"], s["oracle"]
         c = checks(s)
         n_pass += sum(c.values())
@@ -208,14 +213,26 @@ def main() -> int:
         print(f"| {name:8} | {ls['slo_attainment']:8.2%} | {ls['cost'] / orc['cost']:11.3f} | "
               f"{ls['cost'] / hpa['cost']:8.3f} | {hpa['slo_attainment']:8.2%} | "
               f"{rb.attainment:7.2%} | {verdict}")
-        if rb.attainment < TARGET_ATTAINMENT:
-            verdicts.append(f"{name}: infeasible for a reactive policy at this start-up "
-                            f"(bound {rb.attainment:.2%} at <={MAX_VS_ORACLE:g}x oracle)")
-        elif all(c.values()):
-            verdicts.append(f"{name}: all targets met")
+        # the targets come in pairs (attainment at a cost); a pair the ideal reactive family
+        # cannot reach at that cost is named infeasible, not blamed on the policy
+        k99, kor, khpa, katt = list(c)
+        if c[k99] and c[kor]:
+            verdicts.append(f"{name}: {k99} and {kor}: met")
+        elif rb.attainment < TARGET_ATTAINMENT:
+            verdicts.append(f"{name}: {k99} and {kor}: infeasible for a reactive policy at this "
+                            f"start-up (bound {rb.attainment:.2%})")
         else:
-            verdicts.append(f"{name}: reachable (bound {rb.attainment:.2%}) but missed: "
-                            + ", ".join(k for k, v in c.items() if not v))
+            verdicts.append(f"{name}: {k99} and {kor}: MISSED, reachable (bound "
+                            f"{rb.attainment:.2%})")
+        if c[khpa] and c[katt]:
+            verdicts.append(f"{name}: {khpa} and {katt}: met")
+        elif rb_hpa.attainment < hpa["slo_attainment"]:
+            verdicts.append(f"{name}: {khpa} and {katt}: infeasible for a reactive policy at "
+                            f"this start-up (bound {rb_hpa.attainment:.2%} at {MAX_VS_HPA:g}x "
+                            f"hpa's cost, hpa {hpa['slo_attainment']:.2%})")
+        else:
+            verdicts.append(f"{name}: {khpa} and {katt}: MISSED, reachable (bound "
+                            f"{rb_hpa.attainment:.2%} at {MAX_VS_HPA:g}x hpa's cost)")
     for v in verdicts:
         print("  " + v)
     print(f"{n_pass}/{n_all} targets pass")

