@@ -168,6 +168,10 @@ class QuantizeStep(Model):
     per_channel: bool = Field(False, description="One scale per output channel.")
     calibration_samples: int = Field(256, ge=1, le=100_000,
                                      description="Rows used to calibrate (int8-static).")
+    embedding_bits: int = Field(8, ge=4, le=8, multiple_of=4,
+                                description="Bits per weight of token-embedding tables "
+                                            "(int8-dynamic): 8, or 4 with one scale per "
+                                            "block of 64 weights.")
 
 
 class PruneStep(Model):

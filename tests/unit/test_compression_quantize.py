@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from test_compression_fixtures import TinyCNN, sentences, tiny_hf_dir
 
 from leanserve.api.spec import ModelFormat, QuantizeMethod, QuantizeStep, Task
+from leanserve.compression import quantize as quantize_mod
 from leanserve.compression import techniques
 from leanserve.compression.evaluate import mean_cosine
 from leanserve.compression.export import (
@@ -31,9 +32,11 @@ from leanserve.compression.quantize import (
     fake_int4,
     fake_power_of_two,
     fake_quantize,
+    gemm_as_matmul,
+    quantize_embeddings,
     smooth_activations,
 )
-from leanserve.compression.registry import Batch, Context, Model, Stage, lookup
+from leanserve.compression.registry import Batch, Context, Model, Stage, StepError, lookup
 
 techniques.load_all()
 
@@ -257,3 +260,73 @@ def test_padding_free_needs_a_bert_text_encoder(tiny, tmp_path: Path) -> None:
     x = Batch(inputs={"pixel_values": torch.randn(2, 1, 8, 8)})
     path = export_onnx(cnn, x, tmp_path / "cnn.onnx", Task.IMAGE_CLASSIFICATION, pack=True)
     assert not is_packed(path)
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_padding_free_graph_escapes_the_skip_layer_norm_fusion(tiny, tmp_path: Path) -> None:
+    """The packed graph keeps hidden states 2-D, which ORT's SkipLayerNormFusion does not match
+    (its CPU kernel measured ~6x slower than Add + LayerNormalization): after ORT's own session
+    optimizations the graph still has plain LayerNormalization, no SkipLayerNormalization."""
+    import onnxruntime as ort
+
+    m, data, _, _, _ = tiny
+    path = export_onnx(m.module, data[0], tmp_path / "packed.onnx", Task.FEATURE_EXTRACTION,
+                       pack=True)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = _ops(tmp_path / "optimized.onnx")
+    assert "SkipLayerNormalization" not in ops
+    assert ops.count("LayerNormalization") >= 2 * 2  # two per layer of the tiny BERT
+
+
+def test_gemm_as_matmul_keeps_the_function(tiny, tmp_path: Path) -> None:
+    m, data, _, _, _ = tiny
+    path = export_onnx(m.module, data[0], tmp_path / "packed.onnx", Task.FEATURE_EXTRACTION,
+                       pack=True)
+    assert "Gemm" in _ops(path)  # Linear on [tokens, hidden] exports as Gemm
+    n = gemm_as_matmul(path, tmp_path / "mm.onnx")
+    assert n == _ops(path).count("Gemm") and "Gemm" not in _ops(tmp_path / "mm.onnx")
+    before, after = session(path), session(tmp_path / "mm.onnx")
+    for b in data[:2]:
+        assert np.allclose(run_onnx(after, b), run_onnx(before, b), atol=1e-5)
+
+
+def test_embedding_table_at_4_bits(tiny, tmp_path: Path) -> None:
+    m, data, _, _, _ = tiny
+    base = export_onnx(m.module, data[0], tmp_path / "plain.onnx", Task.FEATURE_EXTRACTION)
+    ref = run_onnx(session(base), data[1])
+    out = tmp_path / "q4.onnx"
+    assert quantize_embeddings(base, out, 4, min_rows=1) == 3  # word, position, token type
+    model = onnx.load(str(out))
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized"
+                and "word_embeddings" in n.input[0])
+    table = next(t for t in model.graph.initializer if t.name == node.input[0])
+    fp32 = next(t for t in onnx.load(str(base)).graph.initializer if t.name == node.input[0])
+    assert table.data_type == onnx.TensorProto.UINT8
+    assert list(table.dims) == [fp32.dims[0], fp32.dims[1] // 2]  # two weights per byte
+    got = run_onnx(session(out), data[1])
+    assert mean_cosine(got, ref) > 0.99
+    with pytest.raises(StepError, match="embeddingBits"):
+        quantize_embeddings(base, tmp_path / "q3.onnx", 3)
+
+
+def test_int8_dynamic_with_4_bit_tables_is_smaller(tiny, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    m, data, _, _, _ = tiny
+    base = export_onnx(m.module, data[0], tmp_path / "packed.onnx", Task.FEATURE_EXTRACTION,
+                       pack=True)
+    ref = run_onnx(session(base), data[1])
+    monkeypatch.setattr(quantize_mod, "MIN_VOCAB_ROWS", 1)  # the tiny tables count
+    fn = lookup(QuantizeStep(method=QuantizeMethod.INT8_DYNAMIC, embedding_bits=4))
+    sizes = {}
+    for bits in (8, 4):
+        cfg = QuantizeStep(method=QuantizeMethod.INT8_DYNAMIC, embedding_bits=bits)
+        out = fn.transform(Model(onnx_path=base), cfg, _ctx(m, data, tmp_path / str(bits)))
+        sizes[bits] = weight_bytes(out.onnx_path)
+        assert mean_cosine(run_onnx(session(out.onnx_path), data[1]), ref) > 0.95
+        assert out.notes.get("embedding_tables_4bit") == (3 if bits == 4 else None)
+    assert sizes[4] < sizes[8]
