@@ -29,6 +29,7 @@ What it does, in order:
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import math
@@ -146,6 +147,33 @@ class PolicySettings:
     """Project only the part of the trend slope that stands this many standard errors above
     zero: on a noisy flat rate the least-squares slope is noise, and projecting its positive
     half over the start-up horizon buys headroom twice (the noise headroom already covers it)."""
+    breach_on_measured_capacity: bool = False
+    """Scale a breach from the capacity that produced the p95, not from today's ready capacity.
+    The p95 (and the rate) describe the last interval; replicas that became ready since did not
+    serve in it. Multiplying the *new* ready capacity by the overshoot of the *old* one
+    compounds a breach that is already fixed: at the end of every burst the policy jumps to the
+    budget's ceiling for a start-up. The capacity that produced it is the lower of the ready
+    capacity now and at the previous decision."""
+    jump_memory_seconds: float = 0.0
+    """Remember the largest jump of the load seen over this long (0: off) and size a saturated
+    breach by it. A saturated replica reports the rate it can serve, not the load: once p95 is
+    beyond what ``breach_factor`` answers, the overshoot says nothing of how far the load went,
+    and stepping up breach_factor at a time costs a whole start-up per step. The load's own
+    recent history does say it: a jump is an uncensored rate over the lowest uncensored rate of
+    the ``jump_span_seconds`` before it, and a saturated breach plans for the last uncensored
+    rate before it times the largest jump remembered (at most ``max_jump_factor``), at the
+    current headroom. Traffic that jumped 6x twenty minutes ago is the best evidence of what a
+    saturated breach hides now; a load that never jumped is left to breach_factor. The jump
+    multiplies the rate it jumped from, not the ready capacity: capacity already carries
+    headroom, and multiplying it too overshoots every burst by that headroom times the jump."""
+    jump_span_seconds: float = 120.0
+    hold_breach_seconds: float = 0.0
+    """With censored_saturation and volatility headroom: for this long after a breach, the
+    scale-down window holds the load the breach response planned for, not the censored rate
+    (0: off). Otherwise the window forgets the breach the moment it ends, and the first rates
+    after it (still averaged over saturated samples, a metric window behind) release the
+    capacity that just ended it."""
+    max_jump_factor: float = 8.0
 
 
 DEFAULT_SETTINGS = PolicySettings()
@@ -153,13 +181,16 @@ DEFAULT_SETTINGS = PolicySettings()
 
 TUNED_SETTINGS = PolicySettings(
     stabilization_startups=2.0, adaptive_headroom=True, forecast_headroom=True, volatility_z=1.5,
-    censored_saturation=True, trend_z=1.0, breach_factor=2.0)
+    censored_saturation=True, trend_z=1.0, breach_factor=2.0, breach_on_measured_capacity=True,
+    jump_memory_seconds=1800.0, hold_breach_seconds=30.0)
 """What bench/autoscaling.py measures (the simulator's default), one object for every trace:
 a scale-down window of at least two replica start-ups; headroom from the errors of the policy's
 own forecasts over the start-up horizon (mean + 1.5 std: the window already holds the highest
 recent demand, so the headroom need not cover the tail alone); only the part of the trend that
 stands one standard error above noise projected; saturated observations treated as censored,
-and a deep breach doubling (as HPA's default scale-up does). Opt-in for the operator and the
+and a deep breach doubling (as HPA's default scale-up does) the capacity that produced it, or,
+when the load jumped within the last half hour, planning for that jump at once; the window holds
+a breach's plan for a start-up after it. Opt-in for the operator and the
 local platform (their callers pass ``settings``), whose tests and short local runs rely on the
 spec's own window and fixed headroom."""
 
@@ -190,6 +221,10 @@ class HistoryEntry:
     """Load (req/s) the decision planned for, before headroom; None: unknown."""
     censored: bool = False
     """The rate was observed while p95 was above the SLO (a lower bound on the load)."""
+    ready_capacity: float | None = None
+    """Capacity at the SLO of the replicas ready when the decision was taken; None: unknown."""
+    breach_demand: float | None = None
+    """Load a breach response planned for (hold_breach_seconds); None: no breach or off."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.replicas)
@@ -368,6 +403,27 @@ def _trend(history: Sequence[HistoryEntry], now: float, rate: float, window: flo
     return slope
 
 
+def _largest_jump(history: Sequence[HistoryEntry], now: float,
+                  settings: PolicySettings) -> float:
+    """Largest uncensored rate / lowest uncensored rate in the jump span before it, over the
+    jump memory (1.0: no jump seen). A sliding-window minimum keeps it linear in the history."""
+    start = now - settings.jump_memory_seconds
+    span = settings.jump_span_seconds
+    seen = [(h.time, h.rate) for h in history
+            if h.rate is not None and _usable(h, settings) and start - span <= h.time]
+    best = 1.0
+    window: collections.deque[tuple[float, float]] = collections.deque()  # rising minima
+    for t, r in seen:
+        while window and window[0][0] < t - span:
+            window.popleft()
+        if t >= start and window and window[0][1] > 0:
+            best = max(best, r / window[0][1])
+        while window and window[-1][1] >= r:
+            window.pop()
+        window.append((t, r))
+    return best
+
+
 def _forecast_utilisation(history: Sequence[HistoryEntry], now: float, rate: float,
                           settings: PolicySettings, horizon: float) -> tuple[float, float | None]:
     """Utilisation from the relative errors of past forecasts over the start-up horizon.
@@ -427,6 +483,14 @@ def _utilisation(history: Sequence[HistoryEntry], now: float, rate: float,
     return 1.0 / (1.0 + headroom), cv
 
 
+def _held_demand(h: HistoryEntry, now: float, settings: PolicySettings) -> float:
+    """The load a past entry holds in the scale-down window (see hold_breach_seconds)."""
+    assert h.demand is not None
+    if h.breach_demand is not None and now - h.time <= settings.hold_breach_seconds:
+        return max(h.demand, h.breach_demand)
+    return h.demand
+
+
 def _prune(history: Sequence[HistoryEntry], now: float, keep: float) -> tuple[HistoryEntry, ...]:
     return tuple(h for h in history if now - keep <= h.time <= now)
 
@@ -444,7 +508,8 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     history = previous.history if previous is not None else ()
     keep = max(target.scale_down_stabilization_seconds, settings.trend_window_seconds,
                settings.stabilization_startups * settings.startup_seconds,
-               settings.volatility_window_seconds)
+               settings.volatility_window_seconds,
+               settings.jump_memory_seconds + settings.jump_span_seconds)
     history = _prune(history, now, keep)
 
     if known is None:
@@ -484,6 +549,7 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     util, cv = _utilisation(history, now, rate, settings, horizon)
     required = demand / util
     factor = 1.0
+    jump_note = ""
     if breach:
         # the ready replicas produced that p95: their capacity is evidently too small; step up
         # in proportion to the overshoot (p95 grows steeply near saturation), at least
@@ -491,9 +557,24 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
         # so a breach that lasts a start-up does not compound every interval
         assert p95 is not None
         factor = min(settings.breach_factor, max(settings.breach_min_factor, p95 / slo))
-        required = max(required, ready_cap * factor)
+        jump_need = 0.0
+        if settings.jump_memory_seconds > 0 and p95 / slo >= settings.breach_factor:
+            jump = min(settings.max_jump_factor, _largest_jump(history, now, settings))
+            level = next((h.rate for h in reversed(history)
+                          if h.rate is not None and _usable(h, settings)), None)
+            if level is not None and jump > 1.0:
+                jump_need = level * jump / util
+                jump_note = (f"; saturated: load jumped up to {jump:.1f}x within "
+                             f"{settings.jump_memory_seconds:g}s, planning {level * jump:.0f} "
+                             f"req/s from {level:.0f}")
+        base_cap = ready_cap
+        if settings.breach_on_measured_capacity and history \
+                and history[-1].ready_capacity is not None:
+            base_cap = min(ready_cap, history[-1].ready_capacity)
+        required = max(required, base_cap * factor)
         if settings.censored_saturation:
             required = max(required, rate * factor)
+        required = max(required, jump_need)
     at_risk = breach or rate > ready_cap
 
     # scale-down stabilization on capacity (HPA's rule, per capacity instead of per pool): plan
@@ -507,7 +588,8 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     # headroom, not the capacities desired then: those carry each moment's own headroom, and
     # their maximum picks whichever moment's noise estimate was highest (noise counted twice)
     # (entries without a demand, e.g. restored from an older status, count as their mix)
-    recent = [h.demand / util if cv is not None and h.demand is not None
+    recent = [_held_demand(h, now, settings) / util
+              if cv is not None and h.demand is not None
               else capacity(h.as_dict(), pools)
               for h in history if h.time >= window_start and h.rate is not None]
     plan = required
@@ -587,7 +669,8 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
         parts.append("p95 unknown")
     parts.append(f"need {required:.1f} req/s at {util:.0%} utilisation"
                  + ("" if cv is None else f" (rate noise {cv:.1%})")
-                 + (f" (p95 breach: >= {factor:.2g}x ready capacity)" if breach else ""))
+                 + (f" (p95 breach: >= {factor:.2g}x ready capacity{jump_note})"
+                    if breach else ""))
     parts.append(f"cheapest {_fmt(fresh)}" + ("" if feasible else
                  f" (cannot meet it within maxReplicas={target.max_replicas}, "
                  f"maxHourlyCost={target.max_hourly_cost})"))
@@ -605,7 +688,10 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
                      "replica, adding what fits")
     parts.append(f"-> {_fmt(final)} (${cost:.2f}/h, {cap:.0f} req/s)")
     reason = f"{code.value}: " + "; ".join(parts)
-    entry = HistoryEntry(now, tuple(fresh.items()), rate, demand, breach)
+    planned = None
+    if breach and settings.hold_breach_seconds > 0 and settings.censored_saturation:
+        planned = max(demand, required * util)
+    entry = HistoryEntry(now, tuple(fresh.items()), rate, demand, breach, ready_cap, planned)
     return Decision(now, final, reason, code, demand, cap, cost, slo_met, (*history, entry))
 
 
