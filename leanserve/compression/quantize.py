@@ -187,10 +187,13 @@ def _quiet() -> Iterator[None]:
 def _quantize_dynamic(src: Path, out: Path, per_channel: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # the 4-bit tables' scale lookups stay fp32 (quantize_embeddings)
+    keep = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
+            if "__q4_" in n.name]
     with _quiet():
         # DefaultTensorType: fused contrib ops (Attention, BiasGelu) have no ONNX shape inference
         quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8,
-                         per_channel=per_channel,
+                         per_channel=per_channel, nodes_to_exclude=keep,
                          extra_options={"DefaultTensorType": TensorProto.FLOAT})
 
 
@@ -202,14 +205,54 @@ MIN_VOCAB_ROWS = 1024
 """Gather tables with at least this many rows are vocabularies (position tables stay int8)."""
 
 
+NIBBLES = "leanserve_nibbles"
+"""The shared 256 x 2 decoding table: byte -> (low nibble - 8, high nibble - 8)."""
+
+
+def _nibbles() -> onnx.TensorProto:
+    byte = np.arange(256)
+    return numpy_helper.from_array(
+        np.stack([byte & 15, byte >> 4], axis=1).astype(np.float32) - 8.0, NIBBLES)
+
+
+def _nibble_lookup(prefix: str, table: str, scales: str, ids: str, output: str, width: int,
+                   block: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Standard ONNX ops for ``output = table4[ids]`` with ``table`` the packed nibbles
+    [rows, width / 2] and ``scales`` [rows, width / block]: gather the packed rows, decode
+    every byte into its two centred nibbles through a 256-entry table, scale every block.
+    Only the gathered rows are touched."""
+    def n(name: str) -> str:
+        return f"{prefix}_{name}"
+
+    consts = {n("blocks"): np.array([-1, width // block, block], np.int64),
+              n("block_scales"): np.array([-1, width // block, 1], np.int64),
+              n("width"): np.array([width], np.int64)}
+    nodes = [
+        helper.make_node("Gather", [table, ids], [n("rows")], axis=0),  # [..., width / 2]
+        helper.make_node("Cast", [n("rows")], [n("bytes")], to=TensorProto.INT32),
+        helper.make_node("Gather", [NIBBLES, n("bytes")], [n("pairs")], axis=0),
+        helper.make_node("Reshape", [n("pairs"), n("blocks")], [n("centred")]),
+        helper.make_node("Gather", [scales, ids], [n("row_scales")], axis=0),
+        helper.make_node("Reshape", [n("row_scales"), n("block_scales")], [n("s")]),
+        helper.make_node("Mul", [n("centred"), n("s")], [n("values")]),
+        helper.make_node("Shape", [ids], [n("ids_shape")]),
+        helper.make_node("Concat", [n("ids_shape"), n("width")], [n("shape")], axis=0),
+        helper.make_node("Reshape", [n("values"), n("shape")], [output]),
+    ]
+    for i, node in enumerate(nodes):
+        node.name = f"{prefix}_{i}"  # _quantize_dynamic leaves nodes named *__q4_* alone
+    return nodes, [numpy_helper.from_array(v, name) for name, v in consts.items()]
+
+
 def quantize_embeddings(src: Path, out: Path, bits: int = 4, *,
                         min_rows: int | None = None) -> int:
     """Store vocabulary tables (``Gather`` on a constant [rows >= MIN_VOCAB_ROWS, width]
-    table) as ``bits``-bit integers with one scale per ``block`` weights of a row, read by ONNX
-    Runtime's ``GatherBlockQuantized`` contrib op (com.microsoft): the table is half of
-    MiniLM's weights, and a lookup touches one row, so the table's precision costs memory,
-    not time. Symmetric rounding, nibbles packed low first with the default zero point
-    2^(bits-1). Returns how many tables were rewritten."""
+    table) as ``bits``-bit integers with one fp32 scale per EMBEDDING_BLOCK weights of a row.
+    The table is half of MiniLM's weights and a lookup reads one row, so its precision costs
+    memory, not time. Symmetric rounding; two weights per byte, low nibble first, zero point
+    8. The lookup is written in standard ONNX ops (``_nibble_lookup``) rather than ONNX
+    Runtime's GatherBlockQuantized contrib op, which older runtimes (the ORT inside Triton
+    24.08, CUDA before ORT 1.23) lack. Returns how many tables were rewritten."""
     if bits != 4:
         raise StepError(f"quantize.embeddingBits: {bits}-bit tables are not supported (4 or 8)")
     least = MIN_VOCAB_ROWS if min_rows is None else min_rows
@@ -217,36 +260,37 @@ def quantize_embeddings(src: Path, out: Path, bits: int = 4, *,
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     used = _uses(graph)
+    order: list[onnx.NodeProto] = []
     n = 0
-    for i, node in enumerate(graph.node):
+    for node in graph.node:
         t = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"),
                     0)
-        if (t is None or axis != 0 or len(t.dims) != 2 or t.dims[0] < least
+        # blocks are powers of two >= 16 that divide the row
+        block = None if t is None or len(t.dims) != 2 else next(
+            (b for b in (EMBEDDING_BLOCK, 32, 16) if t.dims[1] % b == 0), None)
+        if (t is None or block is None or axis != 0 or t.dims[0] < least
                 or t.data_type != TensorProto.FLOAT or used[t.name] > 1):
-            continue
-        # the op's blocks are powers of two >= 16 that divide the row
-        block = next((b for b in (EMBEDDING_BLOCK, 32, 16) if t.dims[1] % b == 0), None)
-        if block is None:
+            order.append(node)
             continue
         w = numpy_helper.to_array(t)
         rows, width = w.shape
         blocks = w.reshape(rows, width // block, block)
-        top = 2 ** (bits - 1)
-        scale = np.maximum(np.abs(blocks).max(-1), 1e-12) / (top - 1)
-        q = (np.clip(np.round(blocks / scale[..., None]), -top, top - 1) + top).astype(np.uint8)
+        scale = np.maximum(np.abs(blocks).max(-1), 1e-12) / 7
+        q = (np.clip(np.round(blocks / scale[..., None]), -8, 7) + 8).astype(np.uint8)
         q = q.reshape(rows, width)
-        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-        t.CopyFrom(numpy_helper.from_array(packed, t.name))
+        t.CopyFrom(numpy_helper.from_array((q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8),
+                                           t.name))
         scales = numpy_helper.from_array(scale.astype(np.float32), f"{t.name}__scales")
-        graph.initializer.append(scales)
-        graph.node[i].CopyFrom(helper.make_node(
-            "GatherBlockQuantized", [t.name, node.input[1], scales.name], list(node.output),
-            name=f"{node.name or node.output[0]}__q{bits}", domain="com.microsoft", bits=bits,
-            block_size=block, gather_axis=0, quantize_axis=1))
+        nodes, consts = _nibble_lookup(f"{t.name}__q4", t.name, scales.name, node.input[1],
+                                       node.output[0], width, block)
+        graph.initializer.extend([scales, *consts])
+        order.extend(nodes)
         n += 1
-    if n and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if n:
+        graph.initializer.append(_nibbles())
+    del graph.node[:]
+    graph.node.extend(order)
     onnx.save(model, str(out))
     return n
 
