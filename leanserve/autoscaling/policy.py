@@ -17,7 +17,10 @@ What it does, in order:
    above the SLO the capacity estimate is evidently too optimistic, so at least
    ``breach_factor`` x the current capacity. With ``censored_saturation`` a rate observed during
    a breach is read as what it is, a lower bound set by saturated replicas: it is kept out of
-   the trend and noise estimates and the breach factor applies to it as well.
+   the trend and noise estimates and the breach factor applies to it as well. With
+   ``jump_memory_seconds`` a saturated breach plans for the largest jump the load made recently
+   instead, and ``burst_headroom`` keeps more headroom while a burst that came back is
+   remembered.
 4. The cheapest integer mix of replicas over the pools that provides it within minReplicas,
    maxReplicas and maxHourlyCost (a small exhaustive search; a tiny switching penalty keeps the
    current mix when another is only marginally cheaper, so the policy does not churn pools).
@@ -170,6 +173,7 @@ class PolicySettings:
     capacity or the censored rate: those carry headroom and saturation, and multiplying them
     too overshoots every burst by that much times the jump."""
     jump_span_seconds: float = 120.0
+    """How far back from a rate to look for the level it jumped from."""
     burst_headroom: float = 0.0
     """With forecast_headroom and jump_memory_seconds: the least headroom while a burst is
     remembered (0: off). A burst is a jump of at least ``burst_min_jump`` after which the load
@@ -179,7 +183,9 @@ class PolicySettings:
     window, smoother than the intervals the SLO is judged on. A level shift (a step that stays)
     is not a burst and buys no headroom."""
     burst_min_jump: float = 1.5
+    """Smallest jump that counts as a burst (noise on a steady rate stays well below it)."""
     burst_return: float = 0.2
+    """How close (relative) to the level it jumped from the load must come back."""
     hold_breach_seconds: float = 0.0
     """With censored_saturation and volatility headroom: for this long after a breach, the
     scale-down window holds the load the breach response planned for, not the censored rate
@@ -187,6 +193,7 @@ class PolicySettings:
     after it (still averaged over saturated samples, a metric window behind) release the
     capacity that just ended it."""
     max_jump_factor: float = 8.0
+    """The most a remembered jump may multiply a saturated breach's plan by."""
 
 
 DEFAULT_SETTINGS = PolicySettings()
@@ -422,8 +429,9 @@ def _jumps(history: Sequence[HistoryEntry], now: float,
            settings: PolicySettings) -> tuple[float, float]:
     """(largest jump, largest burst) over the jump memory; 1.0 where none was seen.
 
-    A jump is an uncensored rate over the lowest uncensored rate of the jump span before it (a
-    sliding-window minimum keeps that linear in the history). A burst is a jump of at least
+    A jump is a rate (censored or not: either is a lower bound on the load) over the lowest
+    uncensored rate of the jump span before it (a sliding-window minimum keeps that linear in
+    the history). A burst is a jump of at least
     ``burst_min_jump`` after which the rate came back to within ``burst_return`` of the level it
     jumped from: the load went up and returned, rather than moving to a new level.
     """
