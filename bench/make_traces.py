@@ -9,7 +9,14 @@ Four shapes an autoscaler must handle, each two hours at 10 s resolution, reques
 - step: plateaus of 15 minutes at different levels (deploys, batch jobs, failovers);
 - spike: a low base with short sharp spikes (5-8x in 10 s, decaying over about two minutes).
 
-Usage: python bench/make_traces.py [--out bench/traces]
+``--seed-offset N`` adds N to every generator's seed: the same four shapes, other draws. The
+held-out traces in bench/traces-heldout/ were made with ``--seed-offset 100`` and are NEVER used
+for tuning (leanserve.autoscaling.policy's TUNED_SETTINGS was tuned on bench/traces/ only); they
+exist to check whether that tuning generalises or overfits. Default 0 rewrites bench/traces/
+byte for byte.
+
+Usage: python bench/make_traces.py [--out bench/traces] [--seed-offset 0]
+    python bench/make_traces.py --out bench/traces-heldout --seed-offset 100
 """
 
 from __future__ import annotations
@@ -76,13 +83,16 @@ def spike(seed: int = 4) -> np.ndarray:
 
 
 TRACES = {"diurnal": diurnal, "bursty": bursty, "step": step, "spike": spike}
+SEEDS = {"diurnal": 1, "bursty": 2, "step": 3, "spike": 4}
+"""Each generator's seed for bench/traces/ (offset 0); a held-out set adds one offset to all."""
 
 
-def write(out: Path) -> list[Path]:
+def write(out: Path, seed_offset: int = 0) -> list[Path]:
+    """Write the four traces under ``out``, each generated with its seed + ``seed_offset``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fn in TRACES.items():
-        rates = np.maximum(0.0, fn())
+        rates = np.maximum(0.0, fn(SEEDS[name] + seed_offset))
         p = out / f"{name}.csv"
         lines = ["time_s,requests_per_s"]
         lines += [f"{t:.0f},{r:.2f}" for t, r in zip(_times(), rates, strict=True)
@@ -95,8 +105,13 @@ def write(out: Path) -> list[Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "traces")
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="add N to every generator's seed (100: the held-out traces in "
+                         "bench/traces-heldout/, never used for tuning)")
     args = ap.parse_args()
-    for p in write(args.out):
+    if args.seed_offset < 0:
+        ap.error(f"--seed-offset {args.seed_offset}: must be >= 0 (seeds are non-negative)")
+    for p in write(args.out, args.seed_offset):
         print(p)
 
 
