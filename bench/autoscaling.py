@@ -81,7 +81,14 @@ def main() -> int:
         write_outputs,
     )
     from leanserve.autoscaling.errors import AutoscalingError
-    from leanserve.autoscaling.policy import Target, capacity, cheapest_mix, pools_from_profile
+    from leanserve.autoscaling.policy import (
+        DEFAULT_SETTINGS,
+        TUNED_SETTINGS,
+        Target,
+        capacity,
+        cheapest_mix,
+        pools_from_profile,
+    )
     from leanserve.autoscaling.simulate import (
         POLICIES,
         SimConfig,
@@ -102,6 +109,9 @@ def main() -> int:
     ap.add_argument("--peak-share", type=float, default=0.6)
     ap.add_argument("--startup-seconds", type=float, default=30.0,
                     help="seconds from asking for a replica until it serves")
+    ap.add_argument("--settings", choices=("tuned", "default"), default="tuned",
+                    help="leanserve's policy settings: TUNED_SETTINGS (the simulator's default) "
+                         "or the spec-faithful DEFAULT_SETTINGS")
     ap.add_argument("--no-sensitivity", action="store_true",
                     help="skip the start-up sensitivity table")
     ap.add_argument("--max-replicas", type=int, default=20,
@@ -154,14 +164,16 @@ def main() -> int:
     if args.max_hourly_cost:
         target = dataclasses.replace(target, max_hourly_cost=args.max_hourly_cost)
     top = capacity(cheapest_mix(1e12, pools, target)[0], pools)
-    cfg = SimConfig(startup_seconds=args.startup_seconds)
+    settings = TUNED_SETTINGS if args.settings == "tuned" else DEFAULT_SETTINGS
+    cfg = SimConfig(startup_seconds=args.startup_seconds, settings=settings)
     print("pools: " + ", ".join(f"{p.name} {p.capacity_rps:g} req/s ${p.hourly_price:g}/h"
                                 for p in pools))
     print(f"SLO p95<={target.latency_p95_ms:g} ms, replicas {target.min_replicas}.."
           f"{target.max_replicas}, budget ${target.budget:g}/h, interval "
           f"{target.interval_seconds:g}s, scale-down window "
           f"{target.scale_down_stabilization_seconds:g}s, replica start-up "
-          f"{args.startup_seconds:g}s; traces peak at {args.peak_share:.0%} of {top:g} req/s")
+          f"{args.startup_seconds:g}s; traces peak at {args.peak_share:.0%} of {top:g} req/s; "
+          f"leanserve settings: {args.settings.upper()}_SETTINGS; traces from {args.traces}")
 
     traces: dict[str, Trace] = {}
     for csv in sorted(args.traces.glob("*.csv")):
@@ -243,7 +255,7 @@ def main() -> int:
               f"att at <={MAX_VS_ORACLE:g}x oracle):")
         print(f"| {'start-up':>8} | " + " | ".join(f"{n:^27}" for n in traces))
         for st in SENSITIVITY_STARTUPS:
-            c2 = SimConfig(startup_seconds=st)
+            c2 = SimConfig(startup_seconds=st, settings=settings)
             cells = []
             for tr in traces.values():
                 sr = simulate(tr, pools, target, c2, only=("leanserve", "oracle")).summary()
