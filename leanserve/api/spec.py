@@ -94,6 +94,9 @@ class Importance(str, enum.Enum):
     L2 = "l2"
     TAYLOR = "taylor"
     GRADIENT_NORM = "gradient-norm"
+    ACTIVATION = "activation"
+    """Transformer units: rms of the unit's activations on training rows x the norm of its
+    outgoing weights (Wanda's score, per unit)."""
 
 
 class QualityMetric(str, enum.Enum):
@@ -183,6 +186,9 @@ class PruneStep(Model):
     iterations: int = Field(1, ge=1, le=100, description="Pruning steps to reach the sparsity.")
     fine_tune_epochs: int = Field(0, ge=0, le=100,
                                   description="Epochs of fine-tuning between pruning steps.")
+    reconstruct: bool = Field(False, description="Transformers: refit the Linear after the "
+                              "removed neurons or heads by least squares on training "
+                              "activations, so each layer keeps its output.")
 
 
 class StudentConfig(Model):

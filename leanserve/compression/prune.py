@@ -14,6 +14,14 @@ smaller dense model that runs faster on any runtime:
   torch-pruning's DepGraph, which fixes up every dependent layer (BatchNorm, the Linear after a
   Flatten, ...).
 
+Reconstruction (``reconstruct``, transformers): removing units changes what the Linear after
+them (FFN output, attention output) receives; its weights and bias are refit by ridge least
+squares so that, on real-token activations of the training rows, it reproduces the unpruned
+layer's output from the kept units alone (the layer-wise reconstruction of Kwon et al., "A Fast
+Post-Training Pruning Framework for Transformers", 2022; the bias absorbs the removed units'
+mean as in FLAP). Layers are pruned in order, each on the activations of the already pruned
+layers before it, so errors do not compound unseen. No gradient step, no labels.
+
 Importance: ``l1``/``l2`` weight norms, ``taylor`` |w * dL/dw| and ``gradient-norm`` |dL/dw|,
 with gradients of the loss against the teacher's outputs on a few training batches. An
 optional schedule reaches the sparsity in ``iterations`` steps with ``fineTuneEpochs`` of
@@ -282,16 +290,30 @@ def _grad(p: torch.Tensor) -> torch.Tensor | None:
     return None if p.grad is None else p.grad.detach()
 
 
-def _ffn_scores(layer: nn.Module, importance: Importance) -> torch.Tensor:
+def _activation_scores(after: nn.Linear, x: torch.Tensor | None) -> torch.Tensor:
+    """Per input column of ``after``: rms of what it receives x the norm of its weights."""
+    if x is None:
+        raise StepError("activation importance needs the layer's activations")
+    return x.float().pow(2).mean(0).sqrt() * after.weight.detach().norm(dim=0)
+
+
+def _ffn_scores(layer: nn.Module, importance: Importance,
+                x: torch.Tensor | None = None) -> torch.Tensor:
     up, down = layer.intermediate.dense, layer.output.dense
+    if importance is Importance.ACTIVATION:
+        return _activation_scores(down, x)
     s = _score(up.weight, _grad(up.weight), importance).sum(1)
     s = s + _score(down.weight, _grad(down.weight), importance).sum(0)
     return s
 
 
-def _head_scores(layer: nn.Module, importance: Importance) -> torch.Tensor:
+def _head_scores(layer: nn.Module, importance: Importance,
+                 x: torch.Tensor | None = None) -> torch.Tensor:
     att = layer.attention.self
     heads, size = att.num_attention_heads, att.attention_head_size
+    if importance is Importance.ACTIVATION:
+        per_dim = _activation_scores(layer.attention.output.dense, x)
+        return per_dim.view(heads, size).pow(2).sum(1).sqrt()
     total = torch.zeros(heads)
     for lin in (att.query, att.key, att.value):
         total += _score(lin.weight, _grad(lin.weight), importance).sum(1).view(heads, size).sum(1)
@@ -300,24 +322,85 @@ def _head_scores(layer: nn.Module, importance: Importance) -> torch.Tensor:
     return total
 
 
-def _prune_ffn(layer: nn.Module, keep_n: int, importance: Importance) -> int:
-    scores = _ffn_scores(layer, importance)
+RECONSTRUCT_TOKENS = 16384
+"""Real-token activations collected per layer for the least-squares refit."""
+RIDGE = 1e-4
+"""Ridge term of the refit, relative to the mean diagonal of the Gram matrix."""
+
+Refit = Callable[[nn.Linear, torch.Tensor], nn.Linear]
+"""(the Linear after the pruned units, kept input columns) -> the Linear to use instead."""
+
+
+def _slice_inputs(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    return _slice_linear(layer, keep, 1)
+
+
+def layer_inputs(module: nn.Module, linear: nn.Linear, ctx: Context,
+                 limit: int = RECONSTRUCT_TOKENS) -> torch.Tensor:
+    """What ``linear`` receives inside ``module`` on the training rows, real tokens only."""
+    rows: list[torch.Tensor] = []
+    mask: list[torch.Tensor | None] = [None]
+
+    def grab(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach()
+        m = mask[0]
+        if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
+            rows.append(x[m.bool()])
+        else:
+            rows.append(x.reshape(-1, x.shape[-1]))
+
+    handle = linear.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            for batch in ctx.train:
+                mask[0] = batch.inputs.get("attention_mask")
+                module(**batch.inputs)
+                if sum(len(r) for r in rows) >= limit:
+                    break
+    finally:
+        handle.remove()
+    if not rows:
+        raise StepError("spec.data: prune.reconstruct needs training rows")
+    return torch.cat(rows)[:limit]
+
+
+def refit(layer: nn.Linear, keep: torch.Tensor, x: torch.Tensor) -> nn.Linear:
+    """``layer`` restricted to input columns ``keep``, with weights and bias refit by ridge least
+    squares so that on inputs ``x`` [N, in] it gives what the full layer gave."""
+    x64 = x.double()
+    target = x64 @ layer.weight.detach().double().T  # [N, out], the bias is refit below
+    if layer.bias is not None:
+        target = target + layer.bias.detach().double()
+    a = torch.cat([x64[:, keep], torch.ones(len(x64), 1, dtype=torch.float64)], dim=1)
+    gram = a.T @ a
+    gram += RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
+    solution = torch.linalg.solve(gram, a.T @ target)  # [kept + 1, out]
+    new = nn.Linear(len(keep), layer.out_features, bias=True)
+    new.weight = nn.Parameter(solution[:-1].T.contiguous().float())
+    new.bias = nn.Parameter(solution[-1].contiguous().float())
+    return new
+
+
+def _prune_ffn(layer: nn.Module, keep_n: int, importance: Importance,
+               next_layer: Refit = _slice_inputs, x: torch.Tensor | None = None) -> int:
+    scores = _ffn_scores(layer, importance, x)
     keep = torch.topk(scores, keep_n).indices.sort().values
     removed = scores.numel() - keep_n
     layer.intermediate.dense = _slice_linear(layer.intermediate.dense, keep, 0)
-    layer.output.dense = _slice_linear(layer.output.dense, keep, 1)
+    layer.output.dense = next_layer(layer.output.dense, keep)
     return removed
 
 
-def _prune_heads(layer: nn.Module, keep_n: int, importance: Importance) -> int:
+def _prune_heads(layer: nn.Module, keep_n: int, importance: Importance,
+                 next_layer: Refit = _slice_inputs, x: torch.Tensor | None = None) -> int:
     att = layer.attention.self
     heads, size = att.num_attention_heads, att.attention_head_size
-    scores = _head_scores(layer, importance)
+    scores = _head_scores(layer, importance, x)
     keep_heads = torch.topk(scores, keep_n).indices.sort().values
     keep = (keep_heads[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
     for name in ("query", "key", "value"):
         setattr(att, name, _slice_linear(getattr(att, name), keep, 0))
-    layer.attention.output.dense = _slice_linear(layer.attention.output.dense, keep, 1)
+    layer.attention.output.dense = next_layer(layer.attention.output.dense, keep)
     # transformers reshapes with -1 heads, but keep the attributes true for anyone reading them.
     att.num_attention_heads = keep_n
     att.all_head_size = keep_n * size
@@ -342,14 +425,24 @@ def _transformer_structured(module: nn.Module, layers: list[nn.Module], cfg: Pru
                        else lay.intermediate.dense.out_features)
             if keep_n < current:
                 fn = _prune_heads if by_heads else _prune_ffn
-                removed += fn(lay, keep_n, cfg.importance)
+                after = lay.attention.output.dense if by_heads else lay.output.dense
+                x = (layer_inputs(module, after, ctx)
+                     if cfg.reconstruct or cfg.importance is Importance.ACTIVATION else None)
+                if cfg.reconstruct:
+                    removed += fn(lay, keep_n, cfg.importance,
+                                  lambda linear, keep, x=x: refit(linear, keep, x), x)
+                else:
+                    removed += fn(lay, keep_n, cfg.importance, x=x)
         module.zero_grad(set_to_none=True)
         fine_tune(module, ctx, cfg.fine_tune_epochs)
     unit = "heads" if by_heads else "neurons"
     kept = [(lay.attention.self.num_attention_heads if by_heads
              else lay.intermediate.dense.out_features) for lay in layers]
-    return {f"removed_{unit}": removed, f"kept_{unit}_per_layer": kept,
-            "sparsity": round(removed / sum(sizes), 4)}
+    notes: dict[str, Any] = {f"removed_{unit}": removed, f"kept_{unit}_per_layer": kept,
+                             "sparsity": round(removed / sum(sizes), 4)}
+    if cfg.reconstruct:
+        notes["reconstructed"] = "least squares on training activations"
+    return notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,6 +527,16 @@ def prune(model: Model, cfg: PruneStep, ctx: Context) -> Model:
                         "(put prune before any ONNX quantization step)")
     module = editable_copy(model.module, ctx)
     layers = transformer_layers(module)
+    if cfg.reconstruct and (layers is None or cfg.method is PruneMethod.MAGNITUDE):
+        got = "magnitude pruning" if layers is not None else describe(module)
+        raise StepError(f"{field(ctx, 'prune', 'reconstruct')}: reconstruction refits a "
+                        f"transformer's layers after structured pruning (got {got}); "
+                        "remove reconstruct or use method: structured on a transformer")
+    if cfg.importance is Importance.ACTIVATION and (layers is None
+                                                    or cfg.method is PruneMethod.MAGNITUDE):
+        raise StepError(f"{field(ctx, 'prune', 'importance')}: activation importance ranks a "
+                        "transformer's neurons or heads for structured pruning "
+                        "(allowed here: l1, l2, taylor, gradient-norm)")
     if cfg.method is PruneMethod.MAGNITUDE:
         notes = _magnitude(module, cfg, ctx)
     elif layers is not None:
