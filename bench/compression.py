@@ -7,7 +7,9 @@ the same process with 2 threads, batch 32 of held-out rows (tokens up to maxSequ
 - PyTorch fp32: the uncompressed torch module (the sentence-transformers computation);
 - ORT plain dynamic int8: onnxruntime.quantization.quantize_dynamic on the plain fp32 export
   (no fusions, default settings: what Hugging Face Optimum does);
-- every candidate's artifact, the selected one marked.
+- every candidate's artifact, the selected one marked;
+- each technique alone: every step of a multi-step candidate run as a candidate of its own (a
+  second compress() run, never selectable), so a combination's gain can be told apart.
 Timing rounds are interleaved (one call of each model per round, median over rounds) so load
 from other processes hits all models alike, with a short pause before each call so one model's
 spinning thread pool never slows the next. Prints speed ratios, cosine (or accuracy) to the
@@ -17,6 +19,7 @@ fp32 outputs on all held-out rows, size ratios, and the issue's targets as met o
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leanserve.api.load import load_one
+from leanserve.api.load import LoadedSpec, load_one, parse
 from leanserve.api.spec import QualityMetric
 from leanserve.compression.benchmark import take_rows
 from leanserve.compression.evaluate import mean_cosine
@@ -39,11 +42,31 @@ BATCH = 32
 PAUSE_S = 0.05
 
 
+def single_steps(loaded: LoadedSpec) -> LoadedSpec | None:
+    """The spec with one candidate per distinct step of its multi-step candidates that is not
+    a candidate of its own already, named ``alone-<kind>-<n>`` (None when there is none)."""
+    raw = copy.deepcopy(loaded.raw)
+    cands = raw["spec"]["compression"]["candidates"]
+    singles = [c["steps"][0] for c in cands if len(c["steps"]) == 1]  # measured already
+    seen: list[dict] = []
+    for cand in cands:
+        if len(cand["steps"]) > 1:
+            seen += [st for st in cand["steps"] if st not in seen and st not in singles]
+    if not seen:
+        return None
+    raw["spec"]["compression"]["candidates"] = [
+        {"name": f"alone-{next(iter(st))}-{i}".lower(), "steps": [st]}
+        for i, st in enumerate(seen, start=1)]
+    return LoadedSpec(parse(raw), loaded.base_dir, raw)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("spec", nargs="?", default="examples/minilm-cpu.yaml")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--no-alone", action="store_true",
+                    help="skip the run of each technique alone")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     warnings.simplefilter("ignore")
@@ -53,6 +76,12 @@ def main() -> int:
     t0 = time.perf_counter()
     report = compress(loaded, out, settings=Settings(threads=THREADS))
     print(f"compress(): {time.perf_counter() - t0:.0f} s, report in {out / 'report.json'}")
+    alone = None if args.no_alone else single_steps(loaded)
+    alone_report: dict = {"candidates": []}
+    if alone is not None:
+        t0 = time.perf_counter()
+        alone_report = compress(alone, out / "alone", settings=Settings(threads=THREADS))
+        print(f"compress() of each technique alone: {time.perf_counter() - t0:.0f} s")
 
     settings = Settings()
     model = load_model(spec.model.uri, spec.model.format, spec.model.task, loaded.base_dir)
@@ -92,6 +121,10 @@ def main() -> int:
     for c in report["candidates"]:
         if c["artifact"]:
             sessions[c["name"]] = out / c["artifact"]
+    for c in alone_report["candidates"]:
+        by_name[c["name"]] = c
+        if c["artifact"]:
+            sessions[c["name"]] = out / "alone" / c["artifact"]
     for name, path in sessions.items():
         sess = session(path, THREADS)
         outputs = np.concatenate([run_onnx(sess, b) for b in held])
