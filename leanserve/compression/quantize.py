@@ -109,6 +109,12 @@ def _activation_ranges(src: Path, names: list[str], batches: list, workdir: Path
     return ranges
 
 
+def _load(src: Path) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto], dict[str, int]]:
+    """The model, its initializers by name, and how many node inputs read each tensor."""
+    model = onnx.load(str(src))
+    return model, {t.name: t for t in model.graph.initializer}, _uses(model.graph)
+
+
 def _uses(graph: onnx.GraphProto) -> dict[str, int]:
     """How many node inputs read each tensor (a weight read twice cannot be rewritten alone)."""
     used: dict[str, int] = {}
@@ -256,10 +262,8 @@ def quantize_embeddings(src: Path, out: Path, bits: int = 4, *,
     if bits != 4:
         raise StepError(f"quantize.embeddingBits: {bits}-bit tables are not supported (4 or 8)")
     least = MIN_VOCAB_ROWS if min_rows is None else min_rows
-    model = onnx.load(str(src))
+    model, inits, used = _load(src)
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    used = _uses(graph)
     order: list[onnx.NodeProto] = []
     n = 0
     for node in graph.node:
@@ -301,10 +305,8 @@ def gemm_as_matmul(src: Path, out: Path) -> int:
     int8 fusions (DynamicQuantizeMatMul with the bias folded in) know. The exporter writes a
     Linear on a 2-D input (the padding-free graph's [tokens, hidden]) as Gemm. Returns how
     many nodes were rewritten (0: ``out`` is a copy of ``src``)."""
-    model = onnx.load(str(src))
+    model, inits, used = _load(src)
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    used = _uses(graph)
     order: list[onnx.NodeProto] = []
     n = 0
     for node in graph.node:

@@ -9,6 +9,7 @@ the replica count read back the capacity the policy asked for.
 from __future__ import annotations
 
 import pytest
+from test_autoscaling_tuned import run as run_decisions
 
 from leanserve.autoscaling.policy import (
     DEFAULT_SETTINGS,
@@ -30,16 +31,9 @@ WINDOW = Target(latency_p95_ms=100, min_replicas=1, max_replicas=1000, max_hourl
 
 def run(rates: list[float], p95s: list[float], target: Target, st_: PolicySettings,
         start: int = 100) -> list[Decision]:
-    """Decisions every interval; whatever the policy asks for is ready at the next one."""
-    prev: Decision | None = None
-    cur = {"unit": start}
-    out = []
-    for i, (rate, p95) in enumerate(zip(rates, p95s, strict=True)):
-        t = i * target.interval_seconds
-        d = decide(Observation(t, rate, p95, None, cur, cur), UNIT, target, prev, t, st_)
-        out.append(d)
-        prev, cur = d, dict(d.replicas)
-    return out
+    """Decisions every interval on the 1 req/s pool; what the policy asks for is ready at the
+    next one."""
+    return run_decisions(rates, list(p95s), UNIT, target, st_, {"unit": start})
 
 
 def test_default_settings_leave_the_burst_behaviour_off():
