@@ -153,10 +153,17 @@ def test_gate_passes_at_equality_and_scores() -> None:
     assert score(QualityMetric.ACCURACY, logits, logits, np.array([1, 1])) == 0.5
 
 
-def test_select_prefers_throughput_then_size() -> None:
-    base = {"passed": True, "error": None}
+def test_select_prefers_throughput_then_quality_then_size() -> None:
+    base = {"passed": True, "error": None, "quality_drop": 0.005}
     cands = [{**base, "name": "a", "throughput_rps": 10, "size_bytes": 5},
              {**base, "name": "b", "throughput_rps": 10, "size_bytes": 3},
              {**base, "name": "c", "throughput_rps": 99, "size_bytes": 1, "passed": False}]
     assert select(cands) == "b"
     assert select([cands[2]]) is None
+    # within the noise of the benchmark (5%), the one that keeps more quality
+    near = [{**base, "name": "fast", "throughput_rps": 100, "size_bytes": 1},
+            {**base, "name": "exact", "throughput_rps": 96, "size_bytes": 2, "quality_drop": 0.001}]
+    assert select(near) == "exact"
+    # clearly faster wins whatever its quality (it passed the gate)
+    near[1]["throughput_rps"] = 90
+    assert select(near) == "fast"
