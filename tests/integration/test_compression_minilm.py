@@ -1,7 +1,8 @@
-"""The real MiniLM path: package:// model, spec data, padding-free export, two candidates, gate.
+"""The real MiniLM path: package:// model, spec data, padding-free export, three candidates,
+gate.
 
-Small on purpose (48 rows of the example sentences, two ONNX-stage candidates, a short
-benchmark) so it runs in about a minute on 2 cores; bench/compression.py runs the full spec.
+Small on purpose (48 rows of the example sentences, a short benchmark) so it runs in about a
+minute on 2 cores; bench/compression.py runs the full spec.
 """
 
 from __future__ import annotations
@@ -27,21 +28,33 @@ def test_minilm_compresses_and_gates(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     doc["spec"]["data"]["uri"] = "data.jsonl"
     doc["spec"]["compression"]["candidates"] = [
-        {"name": "int8", "steps": [{"quantize": {"method": "int8-dynamic", "perChannel": True}}]},
+        {"name": "int8", "steps": [{"quantize": {"method": "int8-dynamic", "perChannel": True,
+                                                 "embeddingBits": 4}}]},
         {"name": "low-rank", "steps": [{"lowRank": {"rankRatio": 0.05}}]},
+        {"name": "pruned", "steps": [{"prune": {"method": "structured", "sparsity": 0.0625,
+                                                "importance": "activation",
+                                                "reconstruct": True}}]},
     ]
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(doc))
     settings = Settings(bench=BenchSettings(warmup=1, iterations_b1=5, iterations_bn=2))
     report = compress(load_one(tmp_path / "spec.yaml"), tmp_path / "out", settings=settings)
 
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["selected"] == "int8"
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["selected"] in (
+        "int8", "pruned")
     assert report["baseline"]["notes"]["graph"].startswith("padding-free")
     by = {c["name"]: c for c in report["candidates"]}
     int8 = by["int8"]
     # per-channel dynamic int8 keeps MiniLM's embeddings within the 0.01 cosine gate
     assert int8["error"] is None and int8["passed"] and int8["quality"] >= 0.99
     assert int8["notes"]["graph"].startswith("padding-free")
-    assert int8["size_bytes"] < 0.3 * report["baseline"]["size_bytes"]
+    # int8 layers and a 4-bit vocabulary table: under a fifth of the fp32 file
+    assert int8["size_bytes"] < 0.21 * report["baseline"]["size_bytes"]
+    assert int8["notes"]["embedding_tables_4bit"] == 1
+    # 96 of 1536 FFN neurons per layer removed, the next layer refit by least squares
+    pruned = by["pruned"]
+    assert pruned["error"] is None and pruned["notes"]["reconstructed"]
+    assert pruned["notes"]["kept_neurons_per_layer"] == [1440] * 6
+    assert pruned["quality"] >= 0.98
     # 5% of the rank destroys the embeddings: the gate must catch it
     low = by["low-rank"]
     assert low["error"] is None and not low["passed"] and low["quality_drop"] > 0.01
