@@ -458,7 +458,6 @@ def _jumps(history: Sequence[HistoryEntry], now: float,
             window.append((t, r))
     burst = 1.0
     tol = 1.0 + settings.burst_return
-    j = 0
     for i, level, ratio in sorted(rises, key=lambda x: -x[2]):
         if ratio <= burst:
             break

@@ -33,6 +33,11 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return self.readout(hidden, attention_mask)
+
+    def readout(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooling, then the head or the normalization, of the last hidden states
+        [batch, sequence, hidden] (shared with the padding-free form of this encoder)."""
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:

@@ -136,17 +136,7 @@ class PackedEncoder(nn.Module):
             h = out.LayerNorm(out.dense(ctx) + h)
             inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
             h = layer.output.LayerNorm(layer.output.dense(inter) + h)
-        hidden = unpack(h).reshape(batch, seq, -1)
-        if enc.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        if enc.head is not None:
-            return enc.head(pooled)
-        if enc.normalize:
-            pooled = nn.functional.normalize(pooled, p=2.0, dim=1)
-        return pooled
+        return enc.readout(unpack(h).reshape(batch, seq, -1), attention_mask)
 
 
 def packable(module: nn.Module) -> PackedEncoder | None:
