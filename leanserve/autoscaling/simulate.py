@@ -37,6 +37,7 @@ Contenders (each starts warm, sized for the first observation):
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -395,6 +396,26 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     return Simulation(trace, pools, target, runs)
 
 
+def _tick_loads(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg: SimConfig
+                ) -> tuple[list[float], Callable[[float], tuple[float, float]], int]:
+    """The bounds' common ground: the load at every tick (the simulator's ticks), a cached
+    ``need -> (capacity, hourly cost)`` of the cheapest mix covering it (what the oracle pays)
+    and the start-up in ticks."""
+    dt = target.interval_seconds
+    n = max(1, math.ceil(trace.duration / dt - 1e-9))
+    loads = [trace.at(trace.times[0] + i * dt) for i in range(n)]
+    cache: dict[float, tuple[float, float]] = {}
+
+    def priced(need: float) -> tuple[float, float]:
+        key = round(need, 3)
+        if key not in cache:
+            mix = cheapest_mix(key, pools, target)[0]
+            cache[key] = (capacity(mix, pools), hourly_cost(mix, pools))
+        return cache[key]
+
+    return loads, priced, math.ceil(cfg.startup_seconds / dt - 1e-9)
+
+
 @dataclass(frozen=True)
 class ReactiveBound:
     """What perfect knowledge of the present buys with the same start-up delay (see below)."""
@@ -424,24 +445,13 @@ def reactive_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     both targets on the trace: the load moves faster than a replica starts.
     """
     cfg = cfg or SimConfig()
-    dt = target.interval_seconds
-    n = max(1, math.ceil(trace.duration / dt - 1e-9))
-    loads = [trace.at(trace.times[0] + i * dt) for i in range(n)]
-    mix_cache: dict[float, tuple[float, float]] = {}
-
-    def priced(need: float) -> tuple[float, float]:
-        key = round(need, 3)
-        if key not in mix_cache:
-            mix = cheapest_mix(key, pools, target)[0]
-            mix_cache[key] = (capacity(mix, pools), hourly_cost(mix, pools))
-        return mix_cache[key]
-
+    loads, priced, lag = _tick_loads(trace, pools, target, cfg)
+    n = len(loads)
     oracle = sum(priced(x)[1] for x in loads)
-    lag = math.ceil(cfg.startup_seconds / dt - 1e-9)
     best: tuple[float, float, float, float] | None = None
     cheapest99: float | None = None
     for hold in holds:
-        w = round(hold / dt)
+        w = round(hold / target.interval_seconds)
         for h in headrooms:
             met, cost = 0, 0.0
             for i in range(n):
@@ -458,6 +468,98 @@ def reactive_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     if best is None:
         return ReactiveBound(0.0, math.inf, math.nan, math.nan, cheapest99)
     return ReactiveBound(best[0], best[1], best[2], best[3], cheapest99)
+
+
+@dataclass(frozen=True)
+class RiseBound:
+    """What sudden rises of the load cost any policy that cannot foresee when they start."""
+
+    rises: int
+    """Rises counted: ticks whose load exceeds ``rise_ratio`` x the peak of the start-up before."""
+    lag_ticks: int
+    """Ticks a replica asked for takes to serve (the start-up over the interval, rounded up)."""
+    unabsorbed_attainment: float
+    """Attainment ceiling when no rise is provisioned for in advance (rise ticks only)."""
+    min_cost_ratio: float
+    """Least cost / the oracle's at which ``attainment`` is reachable at all (see rise_bound)."""
+    attainment: float
+
+
+def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
+               cfg: SimConfig | None = None, attainment: float = 0.99,
+               rise_ratio: float = 1.15) -> RiseBound:
+    """A lower bound on cost at a given SLO attainment for any policy, reactive or not, that
+    cannot tell in advance when a rise of the load starts. No policy family is assumed.
+
+    The argument. A replica serving at tick i was asked for by tick i - lag. So the capacity
+    during the first ``lag`` ticks of a rise (at tick i, load above ``rise_ratio`` x the peak of
+    the ``lag`` ticks before) was fixed before the rise began, and any window tick whose load
+    exceeds it misses the SLO. A policy that cannot tell when the rise comes (the trace
+    generator draws burst and spike starts at random; steps come unannounced) and still wants
+    capacity c in that window must hold c throughout the stretch before it, since the previous
+    rise's window ended; holding it for only a share p of that stretch catches a rise whose
+    start is uniform there with probability p, at p times the cost, so a mix is allowed (the
+    relaxation only lowers the bound). The bound is the least total cost, priced by the same
+    cheapest mix the oracle pays, of choosing such a level per rise so that the window
+    violations fit in (1 - attainment) of all ticks. In the policy's favour: load noise is
+    ignored outside the windows (any capacity >= the load there costs at least the oracle), a
+    violating tick counts as free, and violations left over in the budget are spent on the
+    dearest ticks of the trace. A min_cost_ratio above the target ratio means no such policy
+    meets both targets on this trace at this start-up.
+    """
+    cfg = cfg or SimConfig()
+    loads, priced, lag = _tick_loads(trace, pools, target, cfg)
+    n = len(loads)
+    base = [priced(x)[1] for x in loads]
+    oracle = sum(base)
+    budget = math.floor((1 - attainment) * n + 1e-9)
+    lag = max(1, lag)
+    # rises, non-overlapping: (start of the stretch the policy was blind in, the rise's tick)
+    rises: list[tuple[int, int]] = []
+    i, stretch = lag, 0
+    while i < n:
+        if loads[i] > rise_ratio * max(loads[i - lag:i]) + 1e-9:
+            rises.append((stretch, i))
+            stretch = i + lag
+            i += lag
+        else:
+            i += 1
+    # per rise, the lower convex hull of (window violations, extra cost) over the levels c
+    # worth holding (0, or one of the window's loads), from the cheapest option down
+    hulls: list[list[tuple[int, float]]] = []
+    for start, i in rises:
+        window = range(i, min(n, i + lag))
+        best: dict[int, float] = {}
+        for c in {0.0, *(loads[k] for k in window)}:
+            v = sum(loads[k] > c + 1e-9 for k in window)
+            cost = (sum(priced(max(loads[k], c))[1] - base[k] for k in range(start, i))
+                    - sum(base[k] for k in window if loads[k] > c + 1e-9))
+            best[v] = min(cost, best.get(v, math.inf))
+        cheapest = min(best.items(), key=lambda vc: (vc[1], vc[0]))
+        hull = [cheapest]
+        while True:
+            v0, c0 = hull[-1]
+            fewer = [(v, c) for v, c in best.items() if v < v0]
+            if not fewer:
+                break
+            hull.append(min(fewer, key=lambda vc: ((vc[1] - c0) / (v0 - vc[0]), vc[0])))
+        hulls.append(hull)
+    violations = float(sum(h[0][0] for h in hulls))
+    extra = sum(h[0][1] for h in hulls)
+    steps = sorted(((b[1] - a[1]) / (a[0] - b[0]), a[0] - b[0], b[1] - a[1])
+                   for h in hulls for a, b in itertools.pairwise(h))
+    for _slope, dv, dc in steps:
+        if violations <= budget + 1e-9:
+            break
+        take = min(1.0, (violations - budget) / dv)
+        violations -= take * dv
+        extra += take * dc
+    left = int(budget - violations + 1e-9)
+    if left > 0:
+        extra -= sum(sorted(base)[-left:])
+    unabsorbed = sum(h[0][0] for h in hulls)
+    ratio = (oracle + extra) / oracle if oracle > 0 else 1.0
+    return RiseBound(len(rises), lag, 1 - unabsorbed / n, max(0.0, ratio), attainment)
 
 
 def plot(sim: Simulation, path: Path, title: str = "") -> None:

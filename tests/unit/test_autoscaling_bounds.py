@@ -1,0 +1,58 @@
+"""The two bounds bench/autoscaling.py judges feasibility by, on traces small enough to work out
+by hand: one pool of 100 req/s replicas at $1/h, 5 s ticks, a 30 s start-up (6 ticks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from leanserve.autoscaling.policy import PoolCapacity, Target
+from leanserve.autoscaling.simulate import SimConfig, Trace, reactive_bound, rise_bound
+
+POOL = [PoolCapacity("p", 100.0, 1.0)]
+TARGET = Target(latency_p95_ms=100, min_replicas=1, max_replicas=20, interval_seconds=5,
+                scale_down_stabilization_seconds=20)
+CFG = SimConfig(startup_seconds=30)
+
+
+def _step(low: float = 100.0, high: float = 300.0) -> Trace:
+    """10 minutes at ``low``, then 10 minutes at ``high``: 240 ticks, one rise at tick 120."""
+    return Trace((0.0, 600.0), (low, high))
+
+
+def test_rise_bound_prices_an_unforeseeable_step():
+    rb = rise_bound(_step(), POOL, TARGET, CFG, attainment=0.99)
+    assert (rb.rises, rb.lag_ticks) == (1, 6)
+    # not provisioned for, the step misses the SLO for the 6 ticks its new replicas take
+    assert rb.unabsorbed_attainment == pytest.approx(1 - 6 / 240)
+    # 99% of 240 ticks allows 2 misses, so 4 of the 6 must be covered: holding 300 req/s
+    # (3 replicas instead of 1) through the 120 blind ticks before costs 240 replica-ticks,
+    # a share 4/6 of that (the rise's start is unforeseeable) less the 6 window ticks' cost
+    # taken as free: 480 oracle replica-ticks + (-18 + 4/6 * 258) = 480 + 154
+    assert rb.min_cost_ratio == pytest.approx((480 + 154) / 480)
+
+
+def test_rise_bound_is_the_oracle_without_rises_and_looser_with_a_short_start_up():
+    flat = rise_bound(_step(250.0, 250.0), POOL, TARGET, CFG)
+    assert flat.rises == 0 and flat.unabsorbed_attainment == 1.0
+    # with no rise to pay for, the budget's two misses are taken as free: just below the oracle
+    assert flat.min_cost_ratio == pytest.approx((240 * 3 - 2 * 3) / (240 * 3))
+    fast = rise_bound(_step(), POOL, TARGET, SimConfig(startup_seconds=5))
+    slow = rise_bound(_step(), POOL, TARGET, CFG)
+    assert fast.lag_ticks == 1
+    assert fast.min_cost_ratio < 1.0 < slow.min_cost_ratio
+
+
+def test_rise_bound_ignores_rises_below_the_ratio():
+    assert rise_bound(_step(100.0, 110.0), POOL, TARGET, CFG, rise_ratio=1.15).rises == 0
+    assert rise_bound(_step(100.0, 110.0), POOL, TARGET, CFG, rise_ratio=1.05).rises == 1
+
+
+def test_reactive_bound_on_a_step_misses_the_start_up_or_pays_for_headroom():
+    rb = reactive_bound(_step(), POOL, TARGET, CFG, max_cost_ratio=1.15)
+    # at <= 1.15x the oracle no headroom covers a 3x step: its 6 start-up ticks are missed
+    assert rb.attainment == pytest.approx(1 - 6 / 240)
+    assert rb.cost_ratio <= 1.15
+    # covering it takes 3x headroom: over the whole trace, dearer than the oracle by far
+    assert rb.cheapest_at_99 is not None and rb.cheapest_at_99 > 2.0
+    easy = reactive_bound(_step(), POOL, TARGET, CFG, max_cost_ratio=5.0)
+    assert easy.attainment == 1.0
