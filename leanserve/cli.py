@@ -185,11 +185,16 @@ def simulate(
     spec: Annotated[Path, typer.Option(help="CompressedModel YAML.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
     profile: Annotated[Path | None, typer.Option(help="Serving profile JSON.")] = None,
+    startup_seconds: Annotated[float, typer.Option(
+        help="Seconds from asking for a replica until it serves (pod scheduling, image pull, "
+             "model load).", min=0)] = 30.0,
 ) -> None:
-    """Replay a load trace against leanserve's policy, static, HPA, KEDA and an oracle."""
+    """Replay a load trace against leanserve's policy, static, HPA, KEDA and an oracle, and say
+    what SLO attainment the trace allows at this start-up (rise and reactive bounds)."""
     from leanserve.autoscaling.commands import simulate_command
 
-    simulate_command(trace=trace, spec=spec, profile=profile, out=out, console=console)
+    simulate_command(trace=trace, spec=spec, profile=profile, out=out, console=console,
+                     startup_seconds=startup_seconds)
 
 
 @app.command()

@@ -11,7 +11,16 @@ from typing import Any
 
 from leanserve.autoscaling.errors import PolicyError
 from leanserve.autoscaling.policy import PoolCapacity, Target, pools_from_profile
-from leanserve.autoscaling.simulate import POLICIES, Simulation, load_trace, plot, simulate
+from leanserve.autoscaling.simulate import (
+    POLICIES,
+    SimConfig,
+    Simulation,
+    load_trace,
+    plot,
+    reactive_bound,
+    rise_bound,
+    simulate,
+)
 
 # Documented estimate used only when no profile is given: requests/s one replica of a small
 # transformer encoder (MiniLM-class, int8, sequence 128) serves within a ~100 ms p95, per CPU core
@@ -60,9 +69,40 @@ def read_profile(path: Path) -> dict[str, Any]:
     return data
 
 
-def write_outputs(sim: Simulation, out: Path, title: str) -> dict[str, Any]:
+# What the bounds are asked: the attainment and the cost over the oracle's that bench/autoscaling.py
+# holds leanserve to (issue 6's targets).
+BOUND_ATTAINMENT = 0.99
+BOUND_COST_RATIO = 1.15
+
+
+def bounds(sim: Simulation, cfg: SimConfig) -> dict[str, Any]:
+    """simulation.json's ``bounds``: what the trace allows any policy at this start-up.
+
+    ``rise``: the least cost over the oracle's at which BOUND_ATTAINMENT is reachable for a policy
+    that cannot foresee when a rise of the load starts (simulate.rise_bound). ``reactive``: the
+    best attainment an ideal reactive policy reaches at <= BOUND_COST_RATIO x the oracle's cost
+    (simulate.reactive_bound).
+    """
+    rise = rise_bound(sim.trace, sim.pools, sim.target, cfg, attainment=BOUND_ATTAINMENT,
+                      rise_ratio=BOUND_COST_RATIO)
+    rb = reactive_bound(sim.trace, sim.pools, sim.target, cfg, max_cost_ratio=BOUND_COST_RATIO)
+    return {
+        "startup_seconds": cfg.startup_seconds,
+        "rise": {"attainment": rise.attainment, "min_cost_ratio": round(rise.min_cost_ratio, 4),
+                 "rises": rise.rises, "lag_intervals": rise.lag_ticks,
+                 "unabsorbed_attainment": round(rise.unabsorbed_attainment, 4)},
+        "reactive": {"max_cost_ratio": BOUND_COST_RATIO, "attainment": round(rb.attainment, 4),
+                     "cost_ratio": round(rb.cost_ratio, 4),
+                     "cheapest_ratio_at_99": (None if rb.cheapest_at_99 is None
+                                              else round(rb.cheapest_at_99, 4))},
+    }
+
+
+def write_outputs(sim: Simulation, out: Path, title: str,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """simulation.json (the summary, leanserve's decisions and ``extra``) and simulation.png."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = sim.summary()
+    summary = {**sim.summary(), **(extra or {})}
     summary["decisions"] = [d.to_dict() for d in sim.runs["leanserve"].decisions[:2000]]
     (out / "simulation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot(sim, out / "simulation.png", title)
@@ -70,7 +110,7 @@ def write_outputs(sim: Simulation, out: Path, title: str) -> dict[str, Any]:
 
 
 def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path,
-                     console: Any) -> None:
+                     console: Any, startup_seconds: float = 30.0) -> None:
     """Replay TRACE against the spec's pools; write simulation.json and simulation.png."""
     from rich.table import Table
 
@@ -90,8 +130,9 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
             f"({ESTIMATED_RPS_PER_GPU:g} per GPU), not measured; run `leanserve profile` "
             "for real figures[/bold yellow]", highlight=False)
     target = Target.from_spec(loaded.spec)
-    sim = simulate(tr, pools, target)
-    summary = write_outputs(sim, out, f"{trace.name} ({source})")
+    cfg = SimConfig(startup_seconds=startup_seconds)
+    sim = simulate(tr, pools, target, cfg)
+    summary = write_outputs(sim, out, f"{trace.name} ({source})", {"bounds": bounds(sim, cfg)})
     table = Table(title=f"{trace.name}: {len(sim.runs['leanserve'].met)} intervals of "
                         f"{target.interval_seconds:g}s, SLO p95<={target.latency_p95_ms:g}ms, "
                         f"{source}")
@@ -103,4 +144,11 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
         table.add_row(name, f"{s['cost']:.4f}", f"{s['slo_attainment']:.2%}",
                       f"{s['replica_minutes']:.1f}", f"{s['cost'] / oracle:.2f}x", s["note"])
     console.print(table)
+    b = summary["bounds"]
+    console.print(
+        f"with a {startup_seconds:g}s replica start-up: {b['rise']['rises']} rises of the load "
+        f"above {BOUND_COST_RATIO:g}x within a start-up; a policy that cannot foresee them needs "
+        f">= {b['rise']['min_cost_ratio']:.2f}x the oracle's cost for "
+        f"{BOUND_ATTAINMENT:.0%} SLO attainment; an ideal reactive policy reaches "
+        f"{b['reactive']['attainment']:.2%} at <= {BOUND_COST_RATIO:g}x", highlight=False)
     console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")

@@ -56,3 +56,36 @@ def test_reactive_bound_on_a_step_misses_the_start_up_or_pays_for_headroom():
     assert rb.cheapest_at_99 is not None and rb.cheapest_at_99 > 2.0
     easy = reactive_bound(_step(), POOL, TARGET, CFG, max_cost_ratio=5.0)
     assert easy.attainment == 1.0
+
+
+def test_simulate_command_writes_the_contract_and_the_bounds(tmp_path):
+    """`leanserve simulate` on a committed trace with the measured profile: simulation.json has
+    every contender of DESIGN.md section 6, the bounds at the start-up asked for, and the PNG."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from leanserve.cli import app
+
+    root = Path(__file__).resolve().parents[2]
+    args = ["simulate", "--trace", str(root / "bench/traces/step.csv"),
+            "--spec", str(root / "examples/minilm-cpu.yaml"),
+            "--profile", str(root / "bench/profiles/minilm-cpu.json")]
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--startup-seconds", "10"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "simulation.json").read_text())
+    assert set(data["policies"]) == {"leanserve", "static", "hpa", "keda", "oracle"}
+    for run in data["policies"].values():
+        assert run["cost"] > 0 and 0 <= run["slo_attainment"] <= 1 and run["replica_minutes"] > 0
+    assert data["bounds"]["startup_seconds"] == 10
+    assert data["bounds"]["rise"]["lag_intervals"] == 2  # 10 s at the spec's 5 s interval
+    assert data["bounds"]["rise"]["rises"] >= 4  # the trace's four up-steps at least
+    assert (out / "simulation.png").stat().st_size > 0
+    assert "rises of the load" in result.output
+
+    bad = CliRunner().invoke(app, [*args[:2], str(tmp_path / "none.csv"), *args[3:],
+                                   "--out", str(out)])
+    assert bad.exit_code == 1
+    assert "no such file" in bad.output and "Traceback" not in bad.output
