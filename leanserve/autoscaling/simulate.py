@@ -36,6 +36,7 @@ Contenders (each starts warm, sized for the first observation):
 
 from __future__ import annotations
 
+import bisect
 import csv
 import itertools
 import math
@@ -396,24 +397,53 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     return Simulation(trace, pools, target, runs)
 
 
+def mix_prices(pools: Sequence[PoolCapacity], target: Target
+               ) -> Callable[[float], tuple[float, float]]:
+    """``need -> (capacity, hourly cost)`` of ``cheapest_mix(need)``, by table lookup.
+
+    The bounds price hundreds of thousands of needs; cheapest_mix searches every mix each call.
+    Every mix within the limits is enumerated once, sorted by capacity, and each suffix keeps its
+    cheapest member (the most capacity among equals, as cheapest_mix does), so a need is one
+    binary search. A need beyond every mix gets the one with the most capacity, as in
+    cheapest_mix.
+    """
+    mixes = []
+    for counts in itertools.product(*(range(target.affordable(p) + 1) for p in pools)):
+        total = sum(counts)
+        cost = sum(n * p.hourly_price for n, p in zip(counts, pools, strict=True))
+        if target.min_replicas <= total <= target.max_replicas and cost <= target.budget + 1e-9:
+            mixes.append((sum(n * p.capacity_rps for n, p in zip(counts, pools, strict=True)),
+                          cost))
+    if not mixes:  # nothing affordable: cheapest_mix's own fallback, at any need
+        mix = cheapest_mix(0.0, pools, target)[0]
+        fixed = (capacity(mix, pools), hourly_cost(mix, pools))
+        return lambda _need: fixed
+    mixes.sort()
+    caps = [c for c, _ in mixes]
+    best: list[tuple[float, float]] = [mixes[-1]] * len(mixes)
+    for j in range(len(mixes) - 2, -1, -1):
+        c, cost = mixes[j]
+        nxt = best[j + 1]
+        best[j] = (c, cost) if (cost, -c) < (nxt[1], -nxt[0]) else nxt
+    top = max(caps)
+    at_top = min((cost for c, cost in mixes if c == top))
+
+    def priced(need: float) -> tuple[float, float]:
+        j = bisect.bisect_left(caps, max(0.0, need) - 1e-9)
+        return best[j] if j < len(caps) else (top, at_top)
+
+    return priced
+
+
 def _tick_loads(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg: SimConfig
                 ) -> tuple[list[float], Callable[[float], tuple[float, float]], int]:
-    """The bounds' common ground: the load at every tick (the simulator's ticks), a cached
-    ``need -> (capacity, hourly cost)`` of the cheapest mix covering it (what the oracle pays)
-    and the start-up in ticks."""
+    """The bounds' common ground: the load at every tick (the simulator's ticks), the capacity
+    and hourly cost of the cheapest mix covering a need (what the oracle pays) and the start-up
+    in ticks."""
     dt = target.interval_seconds
     n = max(1, math.ceil(trace.duration / dt - 1e-9))
     loads = [trace.at(trace.times[0] + i * dt) for i in range(n)]
-    cache: dict[float, tuple[float, float]] = {}
-
-    def priced(need: float) -> tuple[float, float]:
-        key = round(need, 3)
-        if key not in cache:
-            mix = cheapest_mix(key, pools, target)[0]
-            cache[key] = (capacity(mix, pools), hourly_cost(mix, pools))
-        return cache[key]
-
-    return loads, priced, math.ceil(cfg.startup_seconds / dt - 1e-9)
+    return loads, mix_prices(pools, target), math.ceil(cfg.startup_seconds / dt - 1e-9)
 
 
 @dataclass(frozen=True)
@@ -472,7 +502,7 @@ def reactive_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
 
 @dataclass(frozen=True)
 class RiseBound:
-    """What sudden rises of the load cost any policy that cannot foresee when they start."""
+    """What sudden rises and noise of the load cost any policy that cannot foresee them."""
 
     rises: int
     """Rises counted: ticks whose load exceeds ``rise_ratio`` x the peak of the start-up before."""
@@ -483,29 +513,59 @@ class RiseBound:
     min_cost_ratio: float
     """Least cost / the oracle's at which ``attainment`` is reachable at all (see rise_bound)."""
     attainment: float
+    noise: float
+    """Relative noise of the load (robust std of the trace around its running median; 0: off)."""
+    headroom: float
+    """The noise headroom of the cheapest way found (0 without noise)."""
+
+
+MIN_RESIDUALS = 20
+"""Fewer trace points than this away from the rises say nothing of the noise: none is assumed."""
+
+
+def _noise(trace: Trace, skip: Callable[[float], bool]) -> tuple[list[float], list[float]]:
+    """(sorted relative residuals of the trace around its 5-point running median, the median at
+    every trace point): the part of the load no policy can foresee from its neighbours. Points
+    ``skip`` names (near the rises, which the bound prices on their own) give no residual."""
+    rates = trace.rates
+    med = []
+    for j in range(len(rates)):
+        near = sorted(rates[max(0, j - 2):j + 3])
+        med.append(near[len(near) // 2])
+    res = sorted(r / m - 1 for t, r, m in zip(trace.times, rates, med, strict=True)
+                 if m > 0 and not skip(t))
+    return res, med
 
 
 def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
                cfg: SimConfig | None = None, attainment: float = 0.99,
-               rise_ratio: float = 1.15) -> RiseBound:
+               rise_ratio: float = 1.15, noise: bool = True) -> RiseBound:
     """A lower bound on cost at a given SLO attainment for any policy, reactive or not, that
-    cannot tell in advance when a rise of the load starts. No policy family is assumed.
+    cannot tell in advance when a rise of the load starts, nor the load's noise. No policy
+    family is assumed.
 
-    The argument. A replica serving at tick i was asked for by tick i - lag. So the capacity
-    during the first ``lag`` ticks of a rise (at tick i, load above ``rise_ratio`` x the peak of
-    the ``lag`` ticks before) was fixed before the rise began, and any window tick whose load
+    Rises. A replica serving at tick i was asked for by tick i - lag, so the capacity during
+    the first ``lag`` ticks of a rise (at tick i, load above ``rise_ratio`` x the peak of the
+    ``lag`` ticks before) was fixed before the rise began, and any window tick whose load
     exceeds it misses the SLO. A policy that cannot tell when the rise comes (the trace
     generator draws burst and spike starts at random; steps come unannounced) and still wants
     capacity c in that window must hold c throughout the stretch before it, since the previous
     rise's window ended; holding it for only a share p of that stretch catches a rise whose
-    start is uniform there with probability p, at p times the cost, so a mix is allowed (the
-    relaxation only lowers the bound). The bound is the least total cost, priced by the same
-    cheapest mix the oracle pays, of choosing such a level per rise so that the window
-    violations fit in (1 - attainment) of all ticks. In the policy's favour: load noise is
-    ignored outside the windows (any capacity >= the load there costs at least the oracle), a
-    violating tick counts as free, and violations left over in the budget are spent on the
-    dearest ticks of the trace. A min_cost_ratio above the target ratio means no such policy
-    meets both targets on this trace at this start-up.
+    start is uniform there with probability p, at p times the cost, so mixes are allowed.
+
+    Noise (``noise``). Outside the rise windows the load is its running median (5 points, given
+    to the policy for free) times 1 + e, with e drawn from the trace's own residuals around that
+    median: a capacity of median x (1 + h), fixed before e is drawn, misses with the share of
+    residuals above h. One headroom h is chosen for the whole trace (the cheapest found on a
+    grid), a stretch held for a rise at c counts max(c, median x (1 + h)). Residuals within two
+    trace points of a rise window are left out: the rise is priced already.
+
+    The bound is the least cost, priced by the same cheapest mix the oracle pays, of choosing
+    the headroom and a level per rise so that the expected misses fit in (1 - attainment) of all
+    ticks. In the policy's favour: the median is known exactly, the residuals' tail is the
+    trace's own (no tail beyond the largest seen), a missed tick counts as free, and misses left
+    in the budget are spent on the dearest ticks of the trace. A min_cost_ratio above the target
+    ratio means no such policy meets both targets on this trace at this start-up.
     """
     cfg = cfg or SimConfig()
     loads, priced, lag = _tick_loads(trace, pools, target, cfg)
@@ -524,42 +584,82 @@ def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
             i += lag
         else:
             i += 1
-    # per rise, the lower convex hull of (window violations, extra cost) over the levels c
-    # worth holding (0, or one of the window's loads), from the cheapest option down
-    hulls: list[list[tuple[int, float]]] = []
-    for start, i in rises:
-        window = range(i, min(n, i + lag))
-        best: dict[int, float] = {}
-        for c in {0.0, *(loads[k] for k in window)}:
-            v = sum(loads[k] > c + 1e-9 for k in window)
-            cost = (sum(priced(max(loads[k], c))[1] - base[k] for k in range(start, i))
-                    - sum(base[k] for k in window if loads[k] > c + 1e-9))
-            best[v] = min(cost, best.get(v, math.inf))
-        cheapest = min(best.items(), key=lambda vc: (vc[1], vc[0]))
-        hull = [cheapest]
-        while True:
-            v0, c0 = hull[-1]
-            fewer = [(v, c) for v, c in best.items() if v < v0]
-            if not fewer:
+    windows = {k for _, i in rises for k in range(i, min(n, i + lag))}
+    stretches = {k for s, i in rises for k in range(s, i)}
+    dt = target.interval_seconds
+    residuals: list[float] = []
+    med: list[float] = []
+    if noise:
+        step = trace.duration / max(1, len(trace.times))
+        near = {k + d for k in windows
+                for d in range(-math.ceil(2 * step / dt), math.ceil(2 * step / dt) + 1)}
+        residuals, med = _noise(trace, lambda t: round((t - trace.times[0]) / dt) in near)
+    if noise and len(residuals) >= MIN_RESIDUALS:
+        smooth = Trace(trace.times, tuple(med))
+        mids = [smooth.at(trace.times[0] + k * dt) for k in range(n)]
+        sigma = 1.4826 * sorted(abs(e) for e in residuals)[len(residuals) // 2]
+        headrooms = [x / 200 for x in range(61)]  # 0 to 30% in 0.5% steps
+    else:  # off, or too few points to tell noise from shape: no noise (the policy's favour)
+        residuals, mids, sigma, headrooms = [], loads, 0.0, [0.0]
+
+    def tail(h: float) -> float:
+        """Share of residuals above h: the chance a capacity of median x (1 + h) misses."""
+        return (len(residuals) - bisect.bisect_right(residuals, h + 1e-12)) / len(residuals) \
+            if residuals else 0.0
+
+    rest = [k for k in range(n) if k not in windows and k not in stretches]
+    best: tuple[float, float] | None = None  # (extra cost, headroom)
+    for h in headrooms:
+        q = tail(h)
+        misses = q * len(rest)
+        extra = sum(priced(mids[k] * (1 + h))[1] - base[k] for k in rest)
+        hulls = []
+        for start, i in rises:
+            window = range(i, min(n, i + lag))
+            options: dict[float, float] = {}
+            for c in {0.0, *(loads[k] for k in window)}:
+                miss = sum(loads[k] > c + 1e-9 for k in window) + sum(
+                    tail(max(h, c / mids[k] - 1 if mids[k] > 0 else h)) for k in range(start, i))
+                cost = (sum(priced(max(mids[k] * (1 + h), c))[1] - base[k]
+                            for k in range(start, i))
+                        - sum(base[k] for k in window if loads[k] > c + 1e-9))
+                options[miss] = min(cost, options.get(miss, math.inf))
+            hulls.append(_lower_hull(options))
+        misses += sum(hull[0][0] for hull in hulls)
+        extra += sum(hull[0][1] for hull in hulls)
+        steps = sorted(((b[1] - a[1]) / (a[0] - b[0]), a[0] - b[0], b[1] - a[1])
+                       for hull in hulls for a, b in itertools.pairwise(hull))
+        for _slope, dv, dc in steps:
+            if misses <= budget + 1e-9:
                 break
-            hull.append(min(fewer, key=lambda vc: ((vc[1] - c0) / (v0 - vc[0]), vc[0])))
-        hulls.append(hull)
-    violations = float(sum(h[0][0] for h in hulls))
-    extra = sum(h[0][1] for h in hulls)
-    steps = sorted(((b[1] - a[1]) / (a[0] - b[0]), a[0] - b[0], b[1] - a[1])
-                   for h in hulls for a, b in itertools.pairwise(h))
-    for _slope, dv, dc in steps:
-        if violations <= budget + 1e-9:
-            break
-        take = min(1.0, (violations - budget) / dv)
-        violations -= take * dv
-        extra += take * dc
-    left = int(budget - violations + 1e-9)
-    if left > 0:
-        extra -= sum(sorted(base)[-left:])
-    unabsorbed = sum(h[0][0] for h in hulls)
+            take = min(1.0, (misses - budget) / dv)
+            misses -= take * dv
+            extra += take * dc
+        if misses > budget + 1e-9:
+            continue  # this headroom misses too often whatever is held for the rises
+        left = int(budget - misses + 1e-9)
+        if left > 0:
+            extra -= sum(sorted(base)[-left:])
+        if best is None or extra < best[0]:
+            best = (extra, h)
+    unabsorbed = sum(1 for _, i in rises for k in range(i, min(n, i + lag))
+                     if loads[k] > max(loads[i - lag:i]) + 1e-9)
+    extra, h = best if best is not None else (math.inf, math.nan)
     ratio = (oracle + extra) / oracle if oracle > 0 else 1.0
-    return RiseBound(len(rises), lag, 1 - unabsorbed / n, max(0.0, ratio), attainment)
+    return RiseBound(len(rises), lag, 1 - unabsorbed / n, max(0.0, ratio), attainment,
+                     sigma, h)
+
+
+def _lower_hull(options: dict[float, float]) -> list[tuple[float, float]]:
+    """From {misses: cost}, the cheapest option and then, towards fewer misses, the lower convex
+    hull: each step the one with the least extra cost per miss saved."""
+    hull = [min(options.items(), key=lambda mc: (mc[1], mc[0]))]
+    while True:
+        m0, c0 = hull[-1]
+        fewer = [(m, c) for m, c in options.items() if m < m0 - 1e-12]
+        if not fewer:
+            return hull
+        hull.append(min(fewer, key=lambda mc: ((mc[1] - c0) / (m0 - mc[0]), mc[0])))
 
 
 def plot(sim: Simulation, path: Path, title: str = "") -> None:

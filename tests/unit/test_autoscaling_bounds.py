@@ -20,7 +20,7 @@ def _step(low: float = 100.0, high: float = 300.0) -> Trace:
 
 
 def test_rise_bound_prices_an_unforeseeable_step():
-    rb = rise_bound(_step(), POOL, TARGET, CFG, attainment=0.99)
+    rb = rise_bound(_step(), POOL, TARGET, CFG, attainment=0.99, noise=False)
     assert (rb.rises, rb.lag_ticks) == (1, 6)
     # not provisioned for, the step misses the SLO for the 6 ticks its new replicas take
     assert rb.unabsorbed_attainment == pytest.approx(1 - 6 / 240)
@@ -32,7 +32,7 @@ def test_rise_bound_prices_an_unforeseeable_step():
 
 
 def test_rise_bound_is_the_oracle_without_rises_and_looser_with_a_short_start_up():
-    flat = rise_bound(_step(250.0, 250.0), POOL, TARGET, CFG)
+    flat = rise_bound(_step(250.0, 250.0), POOL, TARGET, CFG, noise=False)
     assert flat.rises == 0 and flat.unabsorbed_attainment == 1.0
     # with no rise to pay for, the budget's two misses are taken as free: just below the oracle
     assert flat.min_cost_ratio == pytest.approx((240 * 3 - 2 * 3) / (240 * 3))
@@ -45,6 +45,44 @@ def test_rise_bound_is_the_oracle_without_rises_and_looser_with_a_short_start_up
 def test_rise_bound_ignores_rises_below_the_ratio():
     assert rise_bound(_step(100.0, 110.0), POOL, TARGET, CFG, rise_ratio=1.15).rises == 0
     assert rise_bound(_step(100.0, 110.0), POOL, TARGET, CFG, rise_ratio=1.05).rises == 1
+
+
+def _noisy_step(sigma: float, seed: int = 0) -> Trace:
+    """_step's two plateaus at 10 s points, each point times 1 + N(0, sigma) noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    times = tuple(float(t) for t in range(0, 1200, 10))
+    level = [100.0 if t < 600 else 300.0 for t in times]
+    return Trace(times, tuple(float(x * rng.normal(1.0, sigma)) for x in level))
+
+
+def test_rise_bound_charges_the_headroom_unforeseeable_noise_needs():
+    quiet = rise_bound(_noisy_step(0.0), POOL, TARGET, CFG)
+    noisy = rise_bound(_noisy_step(0.05), POOL, TARGET, CFG)
+    assert quiet.noise == 0.0 and quiet.headroom == 0.0
+    assert quiet.min_cost_ratio == pytest.approx(
+        rise_bound(_noisy_step(0.0), POOL, TARGET, CFG, noise=False).min_cost_ratio)
+    # the trace's own residuals put the noise near what made it, and covering it costs more
+    assert 0.02 < noisy.noise < 0.08
+    assert noisy.headroom > 0
+    assert noisy.min_cost_ratio > rise_bound(_noisy_step(0.05), POOL, TARGET, CFG,
+                                             noise=False).min_cost_ratio
+    # a trace of two points says nothing of noise: none is assumed
+    assert rise_bound(_step(), POOL, TARGET, CFG).noise == 0.0
+
+
+def test_mix_prices_is_cheapest_mix_by_lookup():
+    from leanserve.autoscaling.policy import capacity, cheapest_mix, hourly_cost
+    from leanserve.autoscaling.simulate import mix_prices
+
+    pools = [PoolCapacity("small", 433.7, 0.10), PoolCapacity("large", 1734.8, 0.38)]
+    for target in (Target(100, 1, 20, 5.0), Target(100, 3, 6, 1.2), Target(100, 0, 4)):
+        priced = mix_prices(pools, target)
+        for need in [0.0, 1.0, 433.7, 433.71, 1734.8, 2000.0, 5000.0, 9000.0, 1e9,
+                     *(x * 97.3 for x in range(200))]:
+            mix = cheapest_mix(need, pools, target)[0]
+            assert priced(need) == pytest.approx((capacity(mix, pools), hourly_cost(mix, pools)))
 
 
 def test_reactive_bound_on_a_step_misses_the_start_up_or_pays_for_headroom():
