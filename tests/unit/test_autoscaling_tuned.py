@@ -182,3 +182,50 @@ def test_simulator_start_up_reaches_the_policy():
                        only=("leanserve",)).summary()["policies"]["leanserve"]["slo_attainment"]
            for s in (5.0, 60.0)}
     assert att[60.0] < att[5.0]
+
+
+def _seeds_bench():
+    """bench/autoscaling_seeds.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    if "autoscaling_seeds" in sys.modules:
+        return sys.modules["autoscaling_seeds"]
+    spec = importlib.util.spec_from_file_location("autoscaling_seeds",
+                                                  ROOT / "bench/autoscaling_seeds.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["autoscaling_seeds"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seeds_bench_judges_pairs_as_the_single_draw_bench():
+    # a pair is met, infeasible (a bound rules it out) or MISSED (no bound does); the oracle
+    # pair is ruled out by the rise bound (> 1.15x) or the reactive bound (< 99%)
+    seeds = _seeds_bench()
+
+    def summary(att: float, vs_oracle: float, vs_hpa: float, hpa_att: float) -> dict:
+        return {"leanserve": {"slo_attainment": att, "cost": vs_oracle},
+                "oracle": {"cost": 1.0}, "hpa": {"slo_attainment": hpa_att,
+                                                 "cost": vs_oracle / vs_hpa}}
+
+    def judged(s: dict, bound: float, bound_hpa: float, rise: float, rise_hpa: float) -> list:
+        base = {"bound": bound, "bound_hpa": bound_hpa, "rise": rise, "rise_hpa": rise_hpa}
+        return seeds.verdicts("t", s, base)
+
+    good = summary(0.995, 1.10, 0.70, 0.99)
+    assert judged(good, 0.5, 0.5, 9.0, 9.0) == [("t oracle pair", "met"), ("t HPA pair", "met")]
+    bad = summary(0.98, 1.20, 0.80, 0.975)
+    assert [v for _, v in judged(bad, 0.995, 0.98, 1.0, 1.0)] == ["MISSED", "MISSED"]
+    assert [v for _, v in judged(bad, 0.995, 0.97, 1.3, 1.0)] == ["infeasible", "infeasible"]
+    assert [v for _, v in judged(bad, 0.985, 0.98, 1.0, 9.0)] == ["infeasible", "infeasible"]
+
+
+def test_seeds_bench_overrides_one_setting_at_a_time():
+    seeds = _seeds_bench()
+    st_ = seeds._settings("tuned", ["volatility_z=2.5", "censored_saturation=false"])
+    assert st_.volatility_z == 2.5 and not st_.censored_saturation
+    assert st_.burst_headroom == TUNED_SETTINGS.burst_headroom
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        seeds._settings("default", ["no_such_knob=1"])
