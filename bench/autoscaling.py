@@ -272,7 +272,8 @@ def main() -> int:
         c99 = "none" if rb.cheapest_at_99 is None else f"{rb.cheapest_at_99:.2f}x oracle"
         print(f"{name:8} reactive bound (load known up to t-start-up, free swaps): best "
               f"{rb.attainment:.2%} at <={MAX_VS_ORACLE:g}x oracle ({rb.cost_ratio:.3f}x, "
-              f"headroom {rb.headroom:g}, hold {rb.hold_seconds:g}s); cheapest at >=99%: {c99}")
+              f"headroom {rb.headroom:g}, hold {rb.hold_seconds:g}s, trend "
+              f"{rb.trend_seconds:g}s x{rb.trend_gain:g}); cheapest at >=99%: {c99}")
         print(f"{name:8} rise bound (any policy that cannot foresee when a rise starts, nor the "
               f"noise): {rise.rises} rises above {MAX_VS_ORACLE:g}x the last start-up's peak, "
               f"each missing up to {rise.lag_ticks} intervals unless provisioned for in advance "

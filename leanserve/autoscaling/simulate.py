@@ -397,46 +397,63 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     return Simulation(trace, pools, target, runs)
 
 
-def mix_prices(pools: Sequence[PoolCapacity], target: Target
-               ) -> Callable[[float], tuple[float, float]]:
+class MixPrices:
     """``need -> (capacity, hourly cost)`` of ``cheapest_mix(need)``, by table lookup.
 
     The bounds price hundreds of thousands of needs; cheapest_mix searches every mix each call.
     Every mix within the limits is enumerated once, sorted by capacity, and each suffix keeps its
     cheapest member (the most capacity among equals, as cheapest_mix does), so a need is one
-    binary search. A need beyond every mix gets the one with the most capacity, as in
-    cheapest_mix.
+    binary search (``many`` does a numpy array of them at once). A need beyond every mix gets
+    the one with the most capacity, as in cheapest_mix.
     """
-    mixes = []
-    for counts in itertools.product(*(range(target.affordable(p) + 1) for p in pools)):
-        total = sum(counts)
-        cost = sum(n * p.hourly_price for n, p in zip(counts, pools, strict=True))
-        if target.min_replicas <= total <= target.max_replicas and cost <= target.budget + 1e-9:
-            mixes.append((sum(n * p.capacity_rps for n, p in zip(counts, pools, strict=True)),
-                          cost))
-    if not mixes:  # nothing affordable: cheapest_mix's own fallback, at any need
-        mix = cheapest_mix(0.0, pools, target)[0]
-        fixed = (capacity(mix, pools), hourly_cost(mix, pools))
-        return lambda _need: fixed
-    mixes.sort()
-    caps = [c for c, _ in mixes]
-    best: list[tuple[float, float]] = [mixes[-1]] * len(mixes)
-    for j in range(len(mixes) - 2, -1, -1):
-        c, cost = mixes[j]
-        nxt = best[j + 1]
-        best[j] = (c, cost) if (cost, -c) < (nxt[1], -nxt[0]) else nxt
-    top = max(caps)
-    at_top = min((cost for c, cost in mixes if c == top))
 
-    def priced(need: float) -> tuple[float, float]:
-        j = bisect.bisect_left(caps, max(0.0, need) - 1e-9)
-        return best[j] if j < len(caps) else (top, at_top)
+    def __init__(self, pools: Sequence[PoolCapacity], target: Target) -> None:
+        import numpy as np
 
-    return priced
+        mixes = []
+        for counts in itertools.product(*(range(target.affordable(p) + 1) for p in pools)):
+            total = sum(counts)
+            cost = sum(n * p.hourly_price for n, p in zip(counts, pools, strict=True))
+            if target.min_replicas <= total <= target.max_replicas \
+                    and cost <= target.budget + 1e-9:
+                mixes.append((sum(n * p.capacity_rps
+                                  for n, p in zip(counts, pools, strict=True)), cost))
+        if not mixes:  # nothing affordable: cheapest_mix's own fallback, at any need
+            mix = cheapest_mix(0.0, pools, target)[0]
+            mixes = [(capacity(mix, pools), hourly_cost(mix, pools))]
+        mixes.sort()
+        best = list(mixes)
+        for j in range(len(mixes) - 2, -1, -1):
+            c, cost = mixes[j]
+            nxt = best[j + 1]
+            best[j] = (c, cost) if (cost, -c) < (nxt[1], -nxt[0]) else nxt
+        top = mixes[-1][0]
+        # one past the end: beyond every mix, the most capacity at its least cost
+        best.append((top, min(cost for c, cost in mixes if c == top)))
+        self._caps = [c for c, _ in mixes]
+        self._best = best
+        self._caps_np = np.array(self._caps)
+        self._best_cap = np.array([c for c, _ in best])
+        self._best_cost = np.array([c for _, c in best])
+
+    def __call__(self, need: float) -> tuple[float, float]:
+        return self._best[bisect.bisect_left(self._caps, max(0.0, need) - 1e-9)]
+
+    def many(self, needs: Any) -> tuple[Any, Any]:
+        """(capacities, hourly costs) for a numpy array of needs."""
+        import numpy as np
+
+        j = np.searchsorted(self._caps_np, np.maximum(0.0, needs) - 1e-9, side="left")
+        return self._best_cap[j], self._best_cost[j]
+
+
+def mix_prices(pools: Sequence[PoolCapacity], target: Target) -> MixPrices:
+    """The price table of cheapest_mix for these pools and limits (see MixPrices)."""
+    return MixPrices(pools, target)
 
 
 def _tick_loads(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg: SimConfig
-                ) -> tuple[list[float], Callable[[float], tuple[float, float]], int]:
+                ) -> tuple[list[float], MixPrices, int]:
     """The bounds' common ground: the load at every tick (the simulator's ticks), the capacity
     and hourly cost of the cheapest mix covering a need (what the oracle pays) and the start-up
     in ticks."""
@@ -457,47 +474,71 @@ class ReactiveBound:
     hold_seconds: float
     cheapest_at_99: float | None
     """Lowest cost / oracle of a member reaching 99% attainment (None: none does)."""
+    trend_seconds: float = 0.0
+    """Window of the trend the best member projects (0: none)."""
+    trend_gain: float = 0.0
+    """How much of that trend it projects over the start-up (1: the least-squares line)."""
+
+
+TREND_MEMBERS = ((0.0, 0.0), (60.0, 1.0), (120.0, 1.0), (120.0, 1.5), (240.0, 1.0))
+"""(window seconds, gain) of the trend projections the reactive family tries; (0, 0): none."""
 
 
 def reactive_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
                    cfg: SimConfig | None = None, max_cost_ratio: float = 1.15,
-                   headrooms: Sequence[float] = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 2.0, 3.0),
-                   holds: Sequence[float] = (0.0, 30.0, 60.0, 120.0, 300.0)) -> ReactiveBound:
+                   headrooms: Sequence[float] = (1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.15,
+                                                 1.2, 1.3, 1.5, 2.0, 3.0),
+                   holds: Sequence[float] = (0.0, 30.0, 60.0, 120.0, 300.0),
+                   trends: Sequence[tuple[float, float]] = TREND_MEMBERS) -> ReactiveBound:
     """An upper bound on what causal policies of the reactive kind can attain at a given cost.
 
     A replica serving at t was asked for at t - startup or earlier, so its owner knew the load
     only up to then. The ideal reactive policy knows that load exactly (no metric window, no
-    lag, no noise), provisions ``headroom`` x the peak of the last ``hold_seconds`` before
-    t - startup, swaps pools for free and pays nothing for starting replicas: every one of
-    those is in its favour. Over a grid of headroom and hold, returns the best attainment at
-    <= max_cost_ratio x the oracle's cost, same ticks and same SLO test (load <= ready
-    capacity) as every contender. When even that is below 99%, no policy of this kind meets
-    both targets on the trace: the load moves faster than a replica starts.
+    lag, no noise) and provisions ``headroom`` x the larger of the peak of the last
+    ``hold_seconds`` before t - startup and the least-squares line through the last
+    ``trend_seconds`` of load projected to t (``gain`` times its rise); it swaps pools for free
+    and pays nothing for starting replicas: every one of those is in its favour. Over the grid
+    of headroom, hold and trend, returns the best attainment at <= max_cost_ratio x the
+    oracle's cost, same ticks and same SLO test (load <= ready capacity) as every contender.
+    When even that is below 99%, no policy of this kind meets both targets on the trace: the
+    load moves faster than a replica starts.
     """
+    import numpy as np
+
     cfg = cfg or SimConfig()
     loads, priced, lag = _tick_loads(trace, pools, target, cfg)
     n = len(loads)
-    oracle = sum(priced(x)[1] for x in loads)
-    best: tuple[float, float, float, float] | None = None
+    load = np.asarray(loads, dtype=float)
+    oracle = float(priced.many(load)[1].sum())
+    known = np.maximum(0, np.arange(n) - lag)  # the last tick known when asking for tick i
+    dt = target.interval_seconds
+    best: tuple[float, float, float, float, float, float] | None = None
     cheapest99: float | None = None
-    for hold in holds:
-        w = round(hold / target.interval_seconds)
-        for h in headrooms:
-            met, cost = 0, 0.0
-            for i in range(n):
-                j = max(0, i - lag)
-                cap, price = priced(h * max(loads[max(0, j - w):j + 1]))
-                met += loads[i] <= cap + 1e-9
-                cost += price
-            att, ratio = met / n, cost / oracle if oracle > 0 else 1.0
-            if ratio <= max_cost_ratio + 1e-9 and (best is None or (att, -ratio) > (best[0],
-                                                                                    -best[1])):
-                best = (att, ratio, h, hold)
-            if att >= 0.99 and (cheapest99 is None or ratio < cheapest99):
-                cheapest99 = ratio
+    for window, gain in trends:
+        w = round(window / dt)
+        projected = np.zeros(n)
+        if w >= 2 and gain > 0:
+            x = np.arange(w) - (w - 1) / 2
+            for j in range(w - 1, n):
+                y = load[j - w + 1:j + 1]
+                slope = float(x @ y) / float(x @ x)
+                projected[j] = y.mean() + gain * max(0.0, slope) * ((w - 1) / 2 + lag)
+        for hold in holds:
+            k = round(hold / dt)
+            peak = np.array([load[max(0, j - k):j + 1].max() for j in range(n)])
+            base = np.maximum(peak, projected)[known]
+            for h in headrooms:
+                caps, costs = priced.many(h * base)
+                att = float(np.mean(load <= caps + 1e-9))
+                ratio = float(costs.sum()) / oracle if oracle > 0 else 1.0
+                if ratio <= max_cost_ratio + 1e-9 and (best is None or (att, -ratio) > (
+                        best[0], -best[1])):
+                    best = (att, ratio, h, hold, window if gain > 0 else 0.0, gain)
+                if att >= 0.99 and (cheapest99 is None or ratio < cheapest99):
+                    cheapest99 = ratio
     if best is None:
         return ReactiveBound(0.0, math.inf, math.nan, math.nan, cheapest99)
-    return ReactiveBound(best[0], best[1], best[2], best[3], cheapest99)
+    return ReactiveBound(best[0], best[1], best[2], best[3], cheapest99, best[4], best[5])
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ def test_mix_prices_is_cheapest_mix_by_lookup():
     from leanserve.autoscaling.policy import capacity, cheapest_mix, hourly_cost
     from leanserve.autoscaling.simulate import mix_prices
 
+    np = pytest.importorskip("numpy")
+
     pools = [PoolCapacity("small", 433.7, 0.10), PoolCapacity("large", 1734.8, 0.38)]
     for target in (Target(100, 1, 20, 5.0), Target(100, 3, 6, 1.2), Target(100, 0, 4)):
         priced = mix_prices(pools, target)
@@ -83,6 +85,10 @@ def test_mix_prices_is_cheapest_mix_by_lookup():
                      *(x * 97.3 for x in range(200))]:
             mix = cheapest_mix(need, pools, target)[0]
             assert priced(need) == pytest.approx((capacity(mix, pools), hourly_cost(mix, pools)))
+        needs = np.array([0.0, 433.7, 433.71, 5000.0, 1e9, *(x * 97.3 for x in range(200))])
+        caps, costs = priced.many(needs)
+        assert [(c, k) for c, k in zip(caps, costs, strict=True)] == pytest.approx(
+            [priced(x) for x in needs])
 
 
 def test_reactive_bound_on_a_step_misses_the_start_up_or_pays_for_headroom():
@@ -127,3 +133,16 @@ def test_simulate_command_writes_the_contract_and_the_bounds(tmp_path):
                                    "--out", str(out)])
     assert bad.exit_code == 1
     assert "no such file" in bad.output and "Traceback" not in bad.output
+
+
+def test_reactive_bound_projects_a_ramp_it_would_otherwise_trail():
+    """On a steady ramp the peak of the past is always a start-up behind; the family's trend
+    members project the line and meet the ramp at a lower cost than headroom alone."""
+    times = tuple(float(t) for t in range(0, 3600, 10))
+    ramp = Trace(times, tuple(100.0 + 0.5 * t for t in times))
+    flat_only = reactive_bound(ramp, POOL, TARGET, CFG, max_cost_ratio=1.15, trends=((0.0, 0.0),))
+    with_trend = reactive_bound(ramp, POOL, TARGET, CFG, max_cost_ratio=1.15)
+    assert with_trend.attainment >= flat_only.attainment
+    assert with_trend.attainment == 1.0 and with_trend.trend_seconds > 0
+    assert with_trend.cheapest_at_99 is not None and flat_only.cheapest_at_99 is not None
+    assert with_trend.cheapest_at_99 < flat_only.cheapest_at_99
