@@ -36,7 +36,6 @@ import collections
 import enum
 import itertools
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -195,38 +194,6 @@ class PolicySettings:
     capacity that just ended it."""
     max_jump_factor: float = 8.0
     """The most a remembered jump may multiply a saturated breach's plan by."""
-    headroom_quantile: float = 0.0
-    """With forecast_headroom: the headroom is this quantile of the relative forecast errors
-    over the volatility window (0: mean + volatility_z x their spread). Sized to the SLO target
-    directly: a 0.99 quantile of how far the load came above the plan is the headroom that
-    would have covered 99% of those intervals, whatever the errors' shape (burst errors are
-    skewed: a mean and a spread describe them badly)."""
-    release_on_fall: bool = False
-    """While no jump (>= burst_min_jump) is remembered: the scale-down window holds each past
-    demand less what the load has fallen since, at the part of its slope that stands
-    ``fall_z`` standard errors below zero. The window holds capacity through dips that come
-    back; a fall that stands out of the noise is not such a dip, and holding the demand of two
-    start-ups ago through it pays for load that has gone."""
-    fall_z: float = 2.0
-    """release_on_fall: standard errors a fall must stand below zero (see _fall_rate)."""
-    level_demand: bool = False
-    """Plan from the load's level (the least-squares line over the trend window, at now) rather
-    than from the last observed rate, unless that rate stands more than ``volatility_z`` noise
-    deviations above the line (a jump, not noise). The last rate carries one draw of noise;
-    planning from it, and holding the highest of those draws in the scale-down window, makes
-    the capacity follow the noise: replicas added on a high draw and released on a low one are
-    paid through a start-up each time without ever serving much. The level moves only with the
-    load, so the headroom, not the noise, decides the capacity."""
-    metrics_window_seconds: float = 0.0
-    """The window the observed rate is averaged over (the ``rate(...[window])`` range of the
-    metric query); > 0: with adaptive headroom, add the noise of the per-interval load, read
-    from it, to the headroom (0: off). The SLO is judged per interval, but an averaged rate is
-    smoother than the load it averages, so forecast errors measured on averaged rates leave
-    most of the per-interval noise out. Successive averages over k intervals differ by 1/k of
-    the difference of two intervals' loads k apart, so the per-interval noise is k / sqrt(2)
-    x the spread of successive rate differences; the headroom is then mean + volatility_z x
-    the forecast errors' spread and that noise combined (independent errors add in
-    quadrature)."""
 
 
 DEFAULT_SETTINGS = PolicySettings()
@@ -425,9 +392,8 @@ def _usable(h: HistoryEntry, settings: PolicySettings) -> bool:
 
 
 def _fit(history: Sequence[HistoryEntry], now: float, rate: float, window: float,
-         settings: PolicySettings) -> tuple[float, float, float, float] | None:
-    """(slope, its standard error, mean rate, mean time) by least squares over the window;
-    None: < 3 points."""
+         settings: PolicySettings) -> tuple[float, float, float] | None:
+    """(slope, its standard error, mean rate) by least squares over the window; None: < 3 points."""
     pts = [(h.time, h.rate) for h in history
            if _usable(h, settings) and now - window <= h.time < now]
     pts.append((now, rate))
@@ -441,7 +407,7 @@ def _fit(history: Sequence[HistoryEntry], now: float, rate: float, window: float
         return None
     slope = sum((t - mt) * (r - mr) for t, r in pts) / var
     res = sum((r - mr - slope * (t - mt)) ** 2 for t, r in pts) / (n - 2)
-    return slope, math.sqrt(res / var), mr, mt
+    return slope, math.sqrt(res / var), mr
 
 
 def _trend(history: Sequence[HistoryEntry], now: float, rate: float, window: float,
@@ -453,82 +419,10 @@ def _trend(history: Sequence[HistoryEntry], now: float, rate: float, window: flo
     fit = _fit(history, now, rate, window, settings)
     if fit is None or rate < fit[2]:
         return 0.0  # not rising now: a past rise is no reason to provision ahead
-    slope, se, _, _ = fit
+    slope, se, _ = fit
     if settings.trend_z > 0:
         slope = max(0.0, slope - settings.trend_z * se)
     return slope
-
-
-def _quantile(xs: Sequence[float], q: float) -> float:
-    """The q-quantile of xs by linear interpolation between order statistics."""
-    s = sorted(xs)
-    pos = min(1.0, max(0.0, q)) * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def _rate_noise(history: Sequence[HistoryEntry], now: float, rate: float | None,
-                settings: PolicySettings, interval: float) -> tuple[float, float] | None:
-    """(spread of successive rate differences / sqrt(2), mean rate) over the volatility window;
-    None: fewer than 4 differences of successive intervals or no load.
-
-    The first is the noise of one observed rate when successive rates are independent draws;
-    a linear trend moves every difference alike and drops out of the spread.
-    """
-    pts = [(h.time, h.rate) for h in history if _usable(h, settings)
-           and now - settings.volatility_window_seconds <= h.time < now]
-    if rate is not None:
-        pts.append((now, rate))
-    diffs = [b - a for (ta, a), (tb, b) in itertools.pairwise(pts) if tb - ta <= 1.5 * interval]
-    if len(diffs) < 4:
-        return None
-    mean = sum(r for _, r in pts) / len(pts)
-    if mean <= 0:
-        return None
-    md = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - md) ** 2 for d in diffs) / (len(diffs) - 1))
-    return sd / math.sqrt(2), mean
-
-
-def _interval_noise(history: Sequence[HistoryEntry], now: float, rate: float | None,
-                    settings: PolicySettings, interval: float) -> float | None:
-    """Relative noise of the per-interval load, read from averaged rates (see
-    ``metrics_window_seconds``); None: off or too little history."""
-    if settings.metrics_window_seconds <= 0 or interval <= 0:
-        return None
-    got = _rate_noise(history, now, rate, settings, interval)
-    if got is None:
-        return None
-    sd, mean = got
-    # averages over k intervals: successive ones differ by (load_t - load_{t-k}) / k, whose
-    # spread is sqrt(2) x the per-interval noise / k; sd above is that spread / sqrt(2)
-    k = max(1.0, settings.metrics_window_seconds / interval)
-    return k * sd / mean
-
-
-def _level(history: Sequence[HistoryEntry], now: float, rate: float,
-           settings: PolicySettings, interval: float) -> float:
-    """The load's level now (see ``level_demand``): the least-squares line over the trend window
-    at now, kept within volatility_z noise deviations of the observed rate."""
-    fit = _fit(history, now, rate, settings.trend_window_seconds, settings)
-    noise = _rate_noise(history, now, None, settings, interval)
-    if fit is None or noise is None:
-        return rate
-    slope, _, mr, mt = fit
-    band = settings.volatility_z * noise[0]
-    return min(rate + band, max(rate - band, mr + slope * (now - mt)))
-
-
-def _fall_rate(history: Sequence[HistoryEntry], now: float, rate: float,
-               settings: PolicySettings) -> float:
-    """How fast (req/s per s, >= 0) the load falls beyond doubt: the part of the least-squares
-    slope over the trend window below zero by more than ``fall_z`` standard errors."""
-    fit = _fit(history, now, rate, settings.trend_window_seconds, settings)
-    if fit is None:
-        return 0.0
-    slope, se, _, _ = fit
-    return max(0.0, -(slope + settings.fall_z * se))
 
 
 def _jumps(history: Sequence[HistoryEntry], now: float,
@@ -575,36 +469,15 @@ def _jumps(history: Sequence[HistoryEntry], now: float,
     return best, burst
 
 
-def _bursting(history: Sequence[HistoryEntry], now: float, settings: PolicySettings) -> bool:
-    """A burst (see ``burst_headroom``) is remembered: the load may burst again."""
-    return (settings.burst_headroom > 0 and settings.jump_memory_seconds > 0
-            and _jumps(history, now, settings)[1] > 1.0)
-
-
-def _quantile_window(settings: PolicySettings, interval: float) -> float:
-    """Seconds of forecast errors the headroom quantile is read from: enough forecasts (one per
-    interval) that two of them lie above the quantile, and no fewer than the volatility window."""
-    if settings.headroom_quantile <= 0 or interval <= 0:
-        return 0.0
-    tail = max(1e-3, 1.0 - settings.headroom_quantile)
-    return max(settings.volatility_window_seconds, 2.0 / tail * interval)
-
-
 def _forecast_utilisation(history: Sequence[HistoryEntry], now: float, rate: float | None,
-                          settings: PolicySettings, horizon: float,
-                          interval: float = 0.0, bursting: bool = False
-                          ) -> tuple[float, float | None, bool]:
-    """(utilisation, spread of the errors, whether the headroom quantile sized it) from the
-    relative errors of past forecasts over the start-up horizon.
+                          settings: PolicySettings, horizon: float) -> tuple[float, float | None]:
+    """Utilisation from the relative errors of past forecasts over the start-up horizon.
 
     Censored rates (seen during a breach) are left out on both ends: a forecast made while
     saturated was of a capped rate, and an error against a capped rate is only a lower bound.
     (Counting the latter anyway was measured: every saturation episode then inflates the
     headroom for a whole window, +5-7% cost on the bursty, spike and step traces for no gain.)
     """
-    quantile = settings.headroom_quantile > 0 and not bursting
-    window = (_quantile_window(settings, interval) if quantile
-              else settings.volatility_window_seconds)
     seen = [(h.time, h.rate) for h in history if _usable(h, settings)]
     if rate is not None:
         seen.append((now, rate))
@@ -613,7 +486,7 @@ def _forecast_utilisation(history: Sequence[HistoryEntry], now: float, rate: flo
     j = 0
     for h in history:
         if (h.demand is None or h.demand <= 0 or not _usable(h, settings)
-                or h.time < now - window):
+                or h.time < now - settings.volatility_window_seconds):
             continue
         want = h.time + horizon
         while j + 1 < len(seen) and seen[j + 1][0] <= want + tol:
@@ -622,60 +495,45 @@ def _forecast_utilisation(history: Sequence[HistoryEntry], now: float, rate: flo
         if abs(t_seen - want) <= tol:
             errs.append((r_seen - h.demand) / h.demand)
     if len(errs) < 4:
-        return settings.target_utilisation, None, False
+        return settings.target_utilisation, None
     mean = sum(errs) / len(errs)
     sd = math.sqrt(sum((e - mean) ** 2 for e in errs) / (len(errs) - 1))
-    # a quantile read from fewer forecasts than one expected above it is the sample's maximum
-    quantile = quantile and len(errs) * (1.0 - settings.headroom_quantile) >= 1.0
-    per_interval = _interval_noise(history, now, rate, settings, interval)
-    if quantile:
-        need = _quantile(errs, settings.headroom_quantile)
-        if per_interval is not None:
-            # the load of one interval is further from the plan than the averaged rate the
-            # errors were read from: at least the per-interval noise's own quantile
-            z = statistics.NormalDist().inv_cdf(settings.headroom_quantile)
-            need = max(need, z * per_interval)
-    else:
-        if per_interval is not None:
-            sd = math.hypot(sd, per_interval)
-        need = mean + settings.volatility_z * sd
     floor = settings.min_headroom
-    if bursting:
+    if settings.burst_headroom > 0 and settings.jump_memory_seconds > 0 \
+            and _jumps(history, now, settings)[1] > 1.0:
         floor = max(floor, settings.burst_headroom)
-    headroom = min(settings.max_headroom, max(floor, need))
-    return 1.0 / (1.0 + headroom), sd, quantile
+    headroom = min(settings.max_headroom, max(floor, mean + settings.volatility_z * sd))
+    return 1.0 / (1.0 + headroom), sd
 
 
 def _utilisation(history: Sequence[HistoryEntry], now: float, rate: float,
                  settings: PolicySettings, horizon: float = 0.0,
-                 censored_now: bool = False, interval: float = 0.0,
-                 bursting: bool = False) -> tuple[float, float | None, bool]:
-    """Target utilisation from the observed volatility: (utilisation, relative noise or None,
-    whether the headroom quantile sized it).
+                 censored_now: bool = False) -> tuple[float, float | None]:
+    """Target utilisation from the observed volatility: (utilisation, relative noise or None).
 
     Noise = std of successive rate differences / sqrt(2) (insensitive to a steady trend) over
     the mean rate in the window; headroom = min_headroom + volatility_z x noise, capped. Too
     little history: the fixed target_utilisation.
     """
     if not settings.adaptive_headroom:
-        return settings.target_utilisation, None, False
+        return settings.target_utilisation, None
     if settings.forecast_headroom:
         # the rate now, when censored, is left out like every other censored rate (counting it
         # inflated the headroom of the very breach response that is sized from it)
         return _forecast_utilisation(history, now, None if censored_now else rate,
-                                     settings, horizon, interval, bursting)
+                                     settings, horizon)
     rs = [h.rate for h in history if _usable(h, settings)
           and now - settings.volatility_window_seconds <= h.time < now]
     rs.append(rate)
     mean = sum(rs) / len(rs)
     if len(rs) < 4 or mean <= 0:
-        return settings.target_utilisation, None, False
+        return settings.target_utilisation, None
     diffs = [b - a for a, b in itertools.pairwise(rs)]
     md = sum(diffs) / len(diffs)
     sd = math.sqrt(sum((d - md) ** 2 for d in diffs) / (len(diffs) - 1)) / math.sqrt(2)
     cv = sd / mean
     headroom = min(settings.max_headroom, settings.min_headroom + settings.volatility_z * cv)
-    return 1.0 / (1.0 + headroom), cv, False
+    return 1.0 / (1.0 + headroom), cv
 
 
 def _held_demand(h: HistoryEntry, now: float, settings: PolicySettings) -> float:
@@ -704,9 +562,7 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     keep = max(target.scale_down_stabilization_seconds, settings.trend_window_seconds,
                settings.stabilization_startups * settings.startup_seconds,
                settings.volatility_window_seconds,
-               settings.jump_memory_seconds + settings.jump_span_seconds,
-               _quantile_window(settings, target.interval_seconds)
-               + settings.startup_seconds + target.interval_seconds)
+               settings.jump_memory_seconds + settings.jump_span_seconds)
     history = _prune(history, now, keep)
 
     if known is None:
@@ -742,15 +598,9 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     else:
         slope = _trend(history, now, rate, settings.trend_window_seconds, settings)
     horizon = settings.startup_seconds + target.interval_seconds
-    # load that burst recently may burst again: the smooth-load rules (level, quantile) wait
-    bursting = _bursting(history, now, settings)
-    base = rate
-    if settings.level_demand and not bursting and not (settings.censored_saturation and breach):
-        base = _level(history, now, rate, settings, target.interval_seconds)
-    demand = base + max(0.0, slope) * horizon
-    util, cv, by_quantile = _utilisation(history, now, rate, settings, horizon,
-                                         settings.censored_saturation and breach,
-                                         target.interval_seconds, bursting)
+    demand = rate + max(0.0, slope) * horizon
+    util, cv = _utilisation(history, now, rate, settings, horizon,
+                            settings.censored_saturation and breach)
     required = demand / util
     factor = 1.0
     jump_note = ""
@@ -787,20 +637,12 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     # releases the expensive replicas first and the mix does not ratchet into many small ones
     window = max(target.scale_down_stabilization_seconds,
                  settings.stabilization_startups * settings.startup_seconds)
-    fall = (_fall_rate(history, now, rate, settings)
-            if settings.release_on_fall and not breach and not bursting
-            and _jumps(history, now, settings)[0] < settings.burst_min_jump else 0.0)
-    if by_quantile:
-        # the headroom already covers the target share of the load's dips and rises; holding
-        # the highest demand of a longer window as well buys the same insurance twice
-        window = target.scale_down_stabilization_seconds
     window_start = now - window
     # with volatility headroom, the window holds the highest *demand* seen in it at today's
     # headroom, not the capacities desired then: those carry each moment's own headroom, and
     # their maximum picks whichever moment's noise estimate was highest (noise counted twice)
     # (entries without a demand, e.g. restored from an older status, count as their mix)
-    recent = [(_held_demand(h, now, settings)
-               - fall * max(0.0, now - h.time - settings.startup_seconds)) / util
+    recent = [_held_demand(h, now, settings) / util
               if cv is not None and h.demand is not None
               else capacity(h.as_dict(), pools)
               for h in history if h.time >= window_start and h.rate is not None]
