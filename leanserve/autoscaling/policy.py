@@ -214,7 +214,22 @@ window holds a breach's plan for a start-up after it; and at least 16% headroom 
 that came back (load up 1.5x, then back within 20%) is remembered. Measured side by side by
 bench/autoscaling.py; the start-up sensitivity table there shows what holds at other start-up
 times. Opt-in for the operator and the local platform (their callers pass ``settings``), whose
-tests and short local runs rely on the spec's own window and fixed headroom."""
+tests and short local runs rely on the spec's own window and fixed headroom.
+
+Tuned on bench/traces/ (seed offset 0) alone, so bench/autoscaling_seeds.py measures it on other
+draws of the same four shapes (30 s start-up; issue 6). Offset 0 meets every pair no bound rules
+out but diurnal's HPA pair (4/5); the development offsets 0, 200, 300, 400 meet 28/64 targets
+and 10 of 18 feasible pairs, the held-out offsets 100, 500-900 38/96 and 12 of 25: what is
+missed there is diurnal's oracle pair (99% at 1.14-1.16x oracle, knife-edge on either side),
+diurnal's HPA pair (HPA attains 100%) and, on some draws, bursty's HPA pair. Each knob still
+earns its place on the development offsets: switched off one at a time, jump memory (5/14
+feasible pairs met), the breach hold (6/14), a one-start-up window (8/14), breach_factor 1.5
+(8/14), burst_headroom (9/14) and scaling a breach from today's capacity (9/14) all lose pairs
+(then 10/14; the bounds have since grown the feasible set to 18). Measured and not adopted
+(none met more feasible pairs without losing one on offset 0): headroom as a quantile of the
+forecast errors, planning from the level of the load instead of its last rate, adding the
+per-interval noise read through the metric window, and releasing sooner on a significant
+fall (see the issue-6 experiment commits in the history of this file)."""
 
 
 @dataclass(frozen=True)
