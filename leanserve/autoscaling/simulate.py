@@ -558,6 +558,9 @@ class RiseBound:
     """Relative noise of the load (robust std of the trace around its running median; 0: off)."""
     headroom: float
     """The noise headroom of the cheapest way found (0 without noise)."""
+    startup_share: float = 0.0
+    """The least start-up spend (replicas paid for while starting), as a share of the oracle's
+    cost, included in min_cost_ratio."""
 
 
 MIN_RESIDUALS = 20
@@ -600,6 +603,10 @@ def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     residuals above h. One headroom h is chosen for the whole trace (the cheapest found on a
     grid), a stretch held for a rise at c counts max(c, median x (1 + h)). Residuals within two
     trace points of a rise window are left out: the rise is priced already.
+
+    Start-ups. Replicas are paid for while they start (every contender but the oracle is), and
+    the ready capacity must climb from the warm start to the busiest tick it serves: at least
+    that climb, at the cheapest price per req/s, for a start-up each.
 
     The bound is the least cost, priced by the same cheapest mix the oracle pays, of choosing
     the headroom and a level per rise so that the expected misses fit in (1 - attainment) of all
@@ -686,9 +693,18 @@ def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     unabsorbed = sum(1 for _, i in rises for k in range(i, min(n, i + lag))
                      if loads[k] > max(loads[i - lag:i]) + 1e-9)
     extra, h = best if best is not None else (math.inf, math.nan)
-    ratio = (oracle + extra) / oracle if oracle > 0 else 1.0
+    # start-ups: a replica is paid for from when it is asked for, ``lag`` ticks before it serves
+    # (the simulator's physics for every contender but the oracle). Whatever the path, the ready
+    # capacity has to climb from the warm start to the load of the busiest tick it does not miss
+    # (misses spent on the busiest ticks), and the cheapest capacity per req/s starting for lag
+    # ticks is the least that climb costs.
+    warm = priced(loads[0] / cfg.settings.target_utilisation)[0]
+    peak = sorted(loads)[-(budget + 1)] if budget < n else 0.0
+    per_rps = min(p.price_per_rps for p in pools)
+    startup = max(0.0, peak - warm) * per_rps * lag
+    ratio = (oracle + extra + startup) / oracle if oracle > 0 else 1.0
     return RiseBound(len(rises), lag, 1 - unabsorbed / n, max(0.0, ratio), attainment,
-                     sigma, h)
+                     sigma, h, startup / oracle if oracle > 0 else 0.0)
 
 
 def _lower_hull(options: dict[float, float]) -> list[tuple[float, float]]:

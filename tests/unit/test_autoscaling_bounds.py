@@ -27,8 +27,11 @@ def test_rise_bound_prices_an_unforeseeable_step():
     # 99% of 240 ticks allows 2 misses, so 4 of the 6 must be covered: holding 300 req/s
     # (3 replicas instead of 1) through the 120 blind ticks before costs 240 replica-ticks,
     # a share 4/6 of that (the rise's start is unforeseeable) less the 6 window ticks' cost
-    # taken as free: 480 oracle replica-ticks + (-18 + 4/6 * 258) = 480 + 154
-    assert rb.min_cost_ratio == pytest.approx((480 + 154) / 480)
+    # taken as free: 480 oracle replica-ticks + (-18 + 4/6 * 258) = 480 + 154; and climbing
+    # from the warm start (2 replicas for 100 req/s at 90%) to 300 req/s starts one replica,
+    # paid for the 6 ticks it starts: + 6
+    assert rb.min_cost_ratio == pytest.approx((480 + 154 + 6) / 480)
+    assert rb.startup_share == pytest.approx(6 / 480)
 
 
 def test_rise_bound_is_the_oracle_without_rises_and_looser_with_a_short_start_up():
@@ -146,3 +149,31 @@ def test_reactive_bound_projects_a_ramp_it_would_otherwise_trail():
     assert with_trend.attainment == 1.0 and with_trend.trend_seconds > 0
     assert with_trend.cheapest_at_99 is not None and flat_only.cheapest_at_99 is not None
     assert with_trend.cheapest_at_99 < flat_only.cheapest_at_99
+
+
+def test_bench_judges_all_four_targets_together():
+    """bench/autoscaling.py asks one run for max(99%, HPA's attainment) at min(1.15x oracle,
+    0.75x HPA's cost), and names that infeasible when a bound rules it out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench/autoscaling.py"
+    spec = importlib.util.spec_from_file_location("bench_autoscaling", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def summary(att: float, vs_oracle: float, hpa_att: float, hpa_vs_oracle: float) -> dict:
+        return {"leanserve": {"slo_attainment": att, "cost": vs_oracle},
+                "oracle": {"cost": 1.0},
+                "hpa": {"slo_attainment": hpa_att, "cost": hpa_vs_oracle}}
+
+    # HPA at 100% for 1.6x the oracle: together, 100% at <= min(1.15, 0.75 * 1.6 = 1.2)
+    s = summary(0.997, 1.14, 1.0, 1.6)
+    assert bench.joint_targets(s) == pytest.approx((1.0, 1.15))
+    assert bench.joint_verdict(s, bound=1.0, rise=1.16)[0] == "infeasible"
+    assert "any policy" in bench.joint_verdict(s, bound=1.0, rise=1.16)[1]
+    assert bench.joint_verdict(s, bound=0.998, rise=1.10)[0] == "infeasible"
+    assert bench.joint_verdict(s, bound=1.0, rise=1.10)[0] == "MISSED"
+    met = summary(1.0, 1.10, 1.0, 1.6)
+    assert bench.joint_verdict(met, bound=0.0, rise=9.0) == ("met", "met")
