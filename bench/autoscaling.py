@@ -343,7 +343,8 @@ def main() -> int:
                         + joint_verdict(s, rb_joint.attainment, rise_joint.min_cost_ratio)[1])
     for v in verdicts:
         print("  " + v)
-    print(f"{n_pass}/{n_all} targets pass")
+    print(f"{n_pass}/{n_all} targets pass (other draws of the same shapes: "
+          "python3 bench/autoscaling_seeds.py)")
 
     if not args.no_sensitivity:
         print()
