@@ -155,6 +155,44 @@ def joint_verdict(s: dict[str, Any], bound: float, rise: float) -> tuple[str, st
     return "MISSED", f"MISSED, reachable (bound {bound:.2%} at {cost:.3f}x oracle)"
 
 
+@dataclasses.dataclass(frozen=True)
+class TraceBounds:
+    """Every bound the verdicts of one trace need (see pair_verdicts and joint_verdict)."""
+
+    reactive: Any
+    """reactive_bound at <= 1.15x the oracle's cost."""
+    rise: Any
+    """rise_bound at 99%."""
+    reactive_hpa: Any
+    """reactive_bound at <= 0.75x HPA's cost."""
+    rise_hpa: Any
+    """rise_bound at HPA's attainment."""
+    reactive_joint: Any
+    """reactive_bound at joint_targets' cost."""
+    rise_joint: Any
+    """rise_bound at joint_targets' attainment."""
+
+
+def trace_bounds(trace: Any, pools: Any, target: Any, cfg: Any, s: dict[str, Any]
+                 ) -> TraceBounds:
+    """The bounds for one trace, given HPA's and the oracle's summaries ``s``; a joint bound
+    that asks what a pair's bound asked already (HPA at or below 99%, HPA's allowance above
+    1.15x) is that bound, not computed again."""
+    from leanserve.autoscaling.simulate import reactive_bound, rise_bound
+
+    rb = reactive_bound(trace, pools, target, cfg, max_cost_ratio=MAX_VS_ORACLE)
+    rise = rise_bound(trace, pools, target, cfg, attainment=TARGET_ATTAINMENT)
+    rb_hpa = reactive_bound(trace, pools, target, cfg, max_cost_ratio=hpa_allowance(s))
+    rise_hpa = rise_bound(trace, pools, target, cfg, attainment=s["hpa"]["slo_attainment"])
+    att, cost = joint_targets(s)
+    return TraceBounds(
+        rb, rise, rb_hpa, rise_hpa,
+        rb if cost == MAX_VS_ORACLE else rb_hpa if cost == hpa_allowance(s)
+        else reactive_bound(trace, pools, target, cfg, max_cost_ratio=cost),
+        rise if att == TARGET_ATTAINMENT else rise_hpa if att == s["hpa"]["slo_attainment"]
+        else rise_bound(trace, pools, target, cfg, attainment=att))
+
+
 def measure_startup(repo: Path, runs: int) -> list[float]:
     """Seconds from LocalTriton.start() until the server is ready, ``runs`` times; each server
     is stopped (and reaped) before the next starts."""
@@ -286,8 +324,8 @@ def main() -> int:
     for name, tr in traces.items():
         sim = simulate(tr, pools, target, cfg)
         s = write_outputs(sim, args.out / name, f"{name} ({source})")["policies"]
-        rb = reactive_bound(tr, pools, target, cfg, max_cost_ratio=MAX_VS_ORACLE)
-        rise = rise_bound(tr, pools, target, cfg, attainment=TARGET_ATTAINMENT)
+        b = trace_bounds(tr, pools, target, cfg, s)
+        rb, rise = b.reactive, b.rise
         for pol in POLICIES:
             r = s[pol]
             print(f"{name:8} {pol:10} {r['cost']:9.4f} {r['slo_attainment']:9.2%} "
@@ -304,17 +342,13 @@ def main() -> int:
               f"({rise.unabsorbed_attainment:.2%} if none is), noise {rise.noise:.1%}; "
               f"{TARGET_ATTAINMENT:.0%} needs >= {rise.min_cost_ratio:.3f}x oracle "
               f"(headroom {rise.headroom:.1%})")
-        # the HPA pair of targets: what the same ideal reactive family attains at 0.75x HPA's cost
-        rb_hpa = reactive_bound(tr, pools, target, cfg, max_cost_ratio=MAX_VS_HPA * s["hpa"][
-            "cost"] / s["oracle"]["cost"])
-        rise_hpa = rise_bound(tr, pools, target, cfg, attainment=s["hpa"]["slo_attainment"])
+        rb_hpa, rise_hpa = b.reactive_hpa, b.rise_hpa
         print(f"{name:8} reactive bound at <={MAX_VS_HPA:g}x hpa's cost: best "
               f"{rb_hpa.attainment:.2%} (hpa attains {s['hpa']['slo_attainment']:.2%}); rise "
               f"bound: hpa's attainment needs >= {rise_hpa.min_cost_ratio:.3f}x oracle, "
               f"{MAX_VS_HPA:g}x hpa's cost is {hpa_allowance(s):.3f}x")
         att, cost = joint_targets(s)
-        rise_joint = rise_bound(tr, pools, target, cfg, attainment=att)
-        rb_joint = reactive_bound(tr, pools, target, cfg, max_cost_ratio=cost)
+        rise_joint, rb_joint = b.rise_joint, b.reactive_joint
         print(f"{name:8} all four targets at once: >= {att:.2%} at <= {cost:.3f}x oracle; rise "
               f"bound {rise_joint.min_cost_ratio:.3f}x (start-ups "
               f"{rise_joint.startup_share:.1%}), reactive bound {rb_joint.attainment:.2%}")

@@ -88,23 +88,16 @@ def _key(setup: Setup, name: str, rates: tuple[float, ...]) -> str:
 
 
 def _baselines(trace: Any, pools: list[Any], target: Any, cfg: Any) -> dict[str, Any]:
-    """HPA's and the oracle's summaries, both reactive bounds and the rise bound's least cost
-    at 99% (settings-independent)."""
-    from leanserve.autoscaling.simulate import reactive_bound, rise_bound, simulate
+    """HPA's and the oracle's summaries and what bench/autoscaling.py's verdicts read of its
+    bounds (settings-independent)."""
+    from leanserve.autoscaling.simulate import simulate
 
     s = simulate(trace, pools, target, cfg, only=("hpa", "oracle")).summary()["policies"]
-    rb = reactive_bound(trace, pools, target, cfg, max_cost_ratio=bench.MAX_VS_ORACLE)
-    rb_hpa = reactive_bound(trace, pools, target, cfg, max_cost_ratio=bench.MAX_VS_HPA
-                            * s["hpa"]["cost"] / s["oracle"]["cost"])
-    rise = rise_bound(trace, pools, target, cfg, attainment=bench.TARGET_ATTAINMENT)
-    rise_hpa = rise_bound(trace, pools, target, cfg, attainment=s["hpa"]["slo_attainment"])
-    att, cost = bench.joint_targets({"hpa": s["hpa"], "oracle": s["oracle"]})
-    rise_joint = rise_bound(trace, pools, target, cfg, attainment=att)
-    rb_joint = reactive_bound(trace, pools, target, cfg, max_cost_ratio=cost)
-    return {"hpa": s["hpa"], "oracle": s["oracle"], "bound": rb.attainment,
-            "bound_hpa": rb_hpa.attainment, "rise": rise.min_cost_ratio,
-            "rise_hpa": rise_hpa.min_cost_ratio,
-            "rise_joint": rise_joint.min_cost_ratio, "bound_joint": rb_joint.attainment}
+    b = bench.trace_bounds(trace, pools, target, cfg, s)
+    return {"hpa": s["hpa"], "oracle": s["oracle"], "bound": b.reactive.attainment,
+            "bound_hpa": b.reactive_hpa.attainment, "rise": b.rise.min_cost_ratio,
+            "rise_hpa": b.rise_hpa.min_cost_ratio, "rise_joint": b.rise_joint.min_cost_ratio,
+            "bound_joint": b.reactive_joint.attainment}
 
 
 def run_trace(setup: Setup, folder: Path, name: str, settings: Any,

@@ -447,11 +447,6 @@ class MixPrices:
         return self._best_cap[j], self._best_cost[j]
 
 
-def mix_prices(pools: Sequence[PoolCapacity], target: Target) -> MixPrices:
-    """The price table of cheapest_mix for these pools and limits (see MixPrices)."""
-    return MixPrices(pools, target)
-
-
 def _tick_loads(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg: SimConfig
                 ) -> tuple[list[float], MixPrices, int]:
     """The bounds' common ground: the load at every tick (the simulator's ticks), the capacity
@@ -460,7 +455,7 @@ def _tick_loads(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg
     dt = target.interval_seconds
     n = max(1, math.ceil(trace.duration / dt - 1e-9))
     loads = [trace.at(trace.times[0] + i * dt) for i in range(n)]
-    return loads, mix_prices(pools, target), math.ceil(cfg.startup_seconds / dt - 1e-9)
+    return loads, MixPrices(pools, target), math.ceil(cfg.startup_seconds / dt - 1e-9)
 
 
 @dataclass(frozen=True)
@@ -514,6 +509,8 @@ def reactive_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     dt = target.interval_seconds
     best: tuple[float, float, float, float, float, float] | None = None
     cheapest99: float | None = None
+    peaks = {hold: np.array([load[max(0, j - round(hold / dt)):j + 1].max() for j in range(n)])
+             for hold in holds}  # the peak of the last ``hold`` seconds at every tick
     for window, gain in trends:
         w = round(window / dt)
         projected = np.zeros(n)
@@ -524,9 +521,7 @@ def reactive_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
                 slope = float(x @ y) / float(x @ x)
                 projected[j] = y.mean() + gain * max(0.0, slope) * ((w - 1) / 2 + lag)
         for hold in holds:
-            k = round(hold / dt)
-            peak = np.array([load[max(0, j - k):j + 1].max() for j in range(n)])
-            base = np.maximum(peak, projected)[known]
+            base = np.maximum(peaks[hold], projected)[known]
             for h in headrooms:
                 caps, costs = priced.many(h * base)
                 att = float(np.mean(load <= caps + 1e-9))
@@ -656,6 +651,7 @@ def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
             if residuals else 0.0
 
     rest = [k for k in range(n) if k not in windows and k not in stretches]
+    dearest = sorted(base, reverse=True)
     best: tuple[float, float] | None = None  # (extra cost, headroom)
     for h in headrooms:
         q = tail(h)
@@ -685,9 +681,7 @@ def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
             extra += take * dc
         if misses > budget + 1e-9:
             continue  # this headroom misses too often whatever is held for the rises
-        left = int(budget - misses + 1e-9)
-        if left > 0:
-            extra -= sum(sorted(base)[-left:])
+        extra -= sum(dearest[:int(budget - misses + 1e-9)])
         if best is None or extra < best[0]:
             best = (extra, h)
     unabsorbed = sum(1 for _, i in rises for k in range(i, min(n, i + lag))
@@ -699,7 +693,7 @@ def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     # (misses spent on the busiest ticks), and the cheapest capacity per req/s starting for lag
     # ticks is the least that climb costs.
     warm = priced(loads[0] / cfg.settings.target_utilisation)[0]
-    peak = sorted(loads)[-(budget + 1)] if budget < n else 0.0
+    peak = sorted(loads, reverse=True)[budget] if budget < n else 0.0
     per_rps = min(p.price_per_rps for p in pools)
     startup = max(0.0, peak - warm) * per_rps * lag
     ratio = (oracle + extra + startup) / oracle if oracle > 0 else 1.0

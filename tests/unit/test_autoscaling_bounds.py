@@ -75,15 +75,15 @@ def test_rise_bound_charges_the_headroom_unforeseeable_noise_needs():
     assert rise_bound(_step(), POOL, TARGET, CFG).noise == 0.0
 
 
-def test_mix_prices_is_cheapest_mix_by_lookup():
+def test_mix_prices_are_cheapest_mix_by_lookup():
     from leanserve.autoscaling.policy import capacity, cheapest_mix, hourly_cost
-    from leanserve.autoscaling.simulate import mix_prices
+    from leanserve.autoscaling.simulate import MixPrices
 
     np = pytest.importorskip("numpy")
 
     pools = [PoolCapacity("small", 433.7, 0.10), PoolCapacity("large", 1734.8, 0.38)]
     for target in (Target(100, 1, 20, 5.0), Target(100, 3, 6, 1.2), Target(100, 0, 4)):
-        priced = mix_prices(pools, target)
+        priced = MixPrices(pools, target)
         for need in [0.0, 1.0, 433.7, 433.71, 1734.8, 2000.0, 5000.0, 9000.0, 1e9,
                      *(x * 97.3 for x in range(200))]:
             mix = cheapest_mix(need, pools, target)[0]
@@ -155,12 +155,14 @@ def test_bench_judges_all_four_targets_together():
     """bench/autoscaling.py asks one run for max(99%, HPA's attainment) at min(1.15x oracle,
     0.75x HPA's cost), and names that infeasible when a bound rules it out."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "bench/autoscaling.py"
     spec = importlib.util.spec_from_file_location("bench_autoscaling", path)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
 
     def summary(att: float, vs_oracle: float, hpa_att: float, hpa_vs_oracle: float) -> dict:
