@@ -24,6 +24,7 @@ the same training code (``_ddp_distill.train_in_group``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -53,6 +54,13 @@ from leanserve.compression.registry import (
 
 DDP_TIMEOUT_S = 3600.0
 """Hard limit on a torchrun distillation; the process group is killed past it."""
+
+FINISH_GRACE_S = 30.0
+"""How long workers may still run after rank 0 wrote result.json. Rank 0 writes it after the
+last all-reduce and barrier, so by then every rank has trained; a rank still alive this long
+after is stuck tearing the process group down (seen with gloo on CPU: a rank waits in its
+teardown for a peer that has exited, and torchrun waits for it forever). It is stopped and the
+result stands."""
 
 JOB_FILES = ("student.json", "student.safetensors", "data.pt", "train.json")
 
@@ -267,26 +275,61 @@ def torchrun_command(job: Path, workers: int) -> list[str]:
             "--standalone", "-m", "leanserve.compression._ddp_distill", "--job", str(job)]
 
 
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid``, from /proc (empty where there is no /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun's process group and each worker's: torchrun starts every worker in a
+    session of its own, so killing the launcher's group alone leaves them running."""
+    workers = _children(pid)
+    for group in (pid, *workers):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    for worker in workers:  # one that is not its group's leader
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(worker, signal.SIGKILL)
+
+
 def run_torchrun(job: Path, workers: int, timeout_s: float = DDP_TIMEOUT_S) -> dict[str, Any]:
     """Run the DDP job with ``workers`` local processes; returns rank 0's result.
 
-    The whole process group is killed on timeout or error, so no worker outlives the call.
+    The launcher and every worker are killed on timeout, on error, and when workers outlive
+    rank 0's result by FINISH_GRACE_S, so no worker outlives the call.
     """
     result = job / "result.json"
     result.unlink(missing_ok=True)
     log = job / "torchrun.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    deadline = time.monotonic() + timeout_s
+    finished_at: float | None = None
     with log.open("wb") as out:
         proc = subprocess.Popen(torchrun_command(job, workers), stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
+            while (code := proc.poll()) is None:
+                now = time.monotonic()
+                if finished_at is None and result.exists():
+                    finished_at = now
+                if now >= deadline or (finished_at is not None
+                                       and now - finished_at >= FINISH_GRACE_S):
+                    break
+                time.sleep(0.2)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_tree(proc.pid)
                 proc.wait()
+    if code is None and finished_at is not None:
+        return json.loads(result.read_text())  # trained; a rank hung in its teardown
     lines = log.read_text(errors="replace").strip().splitlines()
     errors = [ln for ln in lines if "Error" in ln and "Traceback" not in ln]
     tail = " | ".join(errors[-1:] or lines[-3:]) + f" (full log: {log})"

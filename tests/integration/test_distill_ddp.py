@@ -70,6 +70,47 @@ def test_worker_failure_is_reported_and_reaped(tmp_path: Path) -> None:
     assert not (tmp_path / "trained.safetensors").exists()
 
 
+HUNG_TEARDOWN = """
+import json, os, subprocess, sys, time
+from pathlib import Path
+job = Path(sys.argv[1])
+# a "worker" in a session of its own (as torchrun starts them) that never exits
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                          start_new_session=True)
+(job / "worker.pid").write_text(str(worker.pid))
+(job / "result.json").write_text(json.dumps({"losses": [1.0], "world_size": 2}))
+time.sleep(600)  # the launcher waits for its worker forever
+"""
+
+
+def test_a_worker_hung_after_the_result_is_stopped_and_the_result_kept(tmp_path, monkeypatch):
+    """Rank 0 wrote result.json, but a worker hangs in its teardown and the launcher waits
+    for it: the call returns the result after the grace period, and neither the launcher nor
+    the worker (in its own session) outlives it."""
+    import sys
+    import time
+
+    from leanserve.compression import distill as distill_mod
+
+    script = tmp_path / "launcher.py"
+    script.write_text(HUNG_TEARDOWN)
+    monkeypatch.setattr(distill_mod, "torchrun_command",
+                        lambda job, workers: [sys.executable, str(script), str(job)])
+    monkeypatch.setattr(distill_mod, "FINISH_GRACE_S", 1.0)
+    t0 = time.monotonic()
+    got = run_torchrun(tmp_path, 2, timeout_s=120)
+    assert got == {"losses": [1.0], "world_size": 2}
+    assert time.monotonic() - t0 < 60
+    pid = int((tmp_path / "worker.pid").read_text())
+    stat = Path(f"/proc/{pid}/stat")
+    for _ in range(50):  # SIGKILLed: gone, or a zombie until something reaps it
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"worker {pid} outlived run_torchrun")
+
+
 POD_SCRIPT = """
 import json, sys
 from pathlib import Path
