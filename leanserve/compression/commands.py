@@ -58,7 +58,10 @@ def report_table(report: dict[str, Any]) -> Table:
         gate = ("[red]error[/red]: " + c["error"]) if c["error"] else (
             "[green]pass[/green]" if c["passed"] else "[red]fail[/red]")
         name = c["name"] + (" *" if c["name"] == report["selected"] else "")
-        t.add_row(name, _fmt(c["size_bytes"] and c["size_bytes"] / 1e6, ".1f"),
+        size = _fmt(c["size_bytes"] and c["size_bytes"] / 1e6, ".1f")
+        if c.get("packed_size_bytes"):
+            size += f" (packed {c['packed_size_bytes'] / 1e6:.1f})"
+        t.add_row(name, size,
                   _fmt(c["quality"], ".4f"), _fmt(c["quality_drop"], ".4f"),
                   _fmt(lat.get("p50"), ".2f"), _fmt(lat.get("p95"), ".2f"),
                   _fmt(c["throughput_rps"], ".0f"), _fmt(c["speedup"], ".2f"), gate)

@@ -213,7 +213,8 @@ def _prepare(loaded: LoadedSpec, stage: Path, s: Settings) -> _Run:
 def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
     result: dict[str, Any] = {
         "name": cand.name, "steps": [st.to_wire() for st in cand.steps],
-        "size_bytes": None, "quality": None, "quality_drop": None, "latency_ms": None,
+        "size_bytes": None, "packed_size_bytes": None, "quality": None, "quality_drop": None,
+        "latency_ms": None,
         "throughput_rps": None, "speedup": None, "passed": False, "artifact": None,
         "error": None, "notes": {},
     }
@@ -230,8 +231,11 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
             run.model.tokenizer.save_pretrained(str(art_dir / TOKENIZER))
         result["artifact"] = f"{ARTIFACTS}/{cand.name}/{MODEL_FILE}"
         result["notes"] = _jsonable(model.notes)
-        result["size_bytes"] = model.packed_bytes or art.stat().st_size
-        result["file_bytes"] = art.stat().st_size
+        # size_bytes is the file that is served; a fake-quantized scheme (int4, binary,
+        # power-of-two) stores fp32 values, so what a packed file would hold is reported apart
+        # and never selected on.
+        result["size_bytes"] = art.stat().st_size
+        result["packed_size_bytes"] = model.packed_bytes
         outputs = predict(art, run.eval, run.settings.threads)
         quality = score(run.gate.metric, outputs, run.reference, run.labels)
         result.update(quality=quality, quality_drop=run.gate.drop(quality),
