@@ -39,13 +39,17 @@ def labels_of(batches: list[Batch]) -> np.ndarray | None:
     return np.concatenate([b.labels.numpy() for b in batches])  # type: ignore[union-attr]
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` to the same row of ``b``."""
+    num = (a * b).sum(1)
+    return num / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         raise EvaluationError(f"output shape {list(a.shape)} differs from the baseline's "
                               f"{list(b.shape)}")
-    num = (a * b).sum(1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(num / np.maximum(den, 1e-12)))
+    return float(np.mean(row_cosines(a, b)))
 
 
 def score(metric: QualityMetric, outputs: np.ndarray, reference: np.ndarray,

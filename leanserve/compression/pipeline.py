@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from leanserve.api.load import LoadedSpec
 from leanserve.api.spec import Candidate, Task
 from leanserve.compression import techniques
 from leanserve.compression.benchmark import BenchSettings, benchmark
-from leanserve.compression.evaluate import Gate, labels_of, predict, score
+from leanserve.compression.evaluate import Gate, labels_of, predict, row_cosines, score
 from leanserve.compression.export import export_onnx, is_packed, optimize
 from leanserve.compression.loading import (
     LoadedModel,
@@ -59,6 +60,9 @@ REPOSITORY = "model_repository"
 PARETO = "pareto.png"
 MODEL_FILE = "model.onnx"
 TOKENIZER = "tokenizer"
+# The exported baseline must give the torch model's outputs: float reordering moves a cosine by
+# ~1e-7, an export error by far more.
+EXPORT_MIN_COSINE = 0.9999
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,7 @@ def _prepare(loaded: LoadedSpec, stage: Path, s: Settings) -> _Run:
         opt = optimize(exported, base_path, bert=model.bert if s.transformer_fusions else None,
                        check=held[0], attention=s.fuse_attention, threads=s.threads)
         reference = predict(base_path, held, s.threads)
+        export_cosine = _export_agreement(model.module, held, reference)
     except CompressionError as exc:
         raise CompressionError(f"baseline: {exc}") from None
     except Exception as exc:  # onnxruntime raises its own types for graphs it cannot run
@@ -197,6 +202,7 @@ def _prepare(loaded: LoadedSpec, stage: Path, s: Settings) -> _Run:
     bench = benchmark(base_path, held, s.bench)
     baseline = {"size_bytes": base_path.stat().st_size, "quality": quality,
                 **bench.as_report(), "artifact": f"{BASELINE}/{MODEL_FILE}",
+                "export_min_cosine": export_cosine,
                 "notes": {"graph": ("padding-free (packed tokens); " if is_packed(base_path)
                                     else "") + opt.note, "fused": opt.fused}}
     if model.tokenizer is not None:
@@ -204,6 +210,21 @@ def _prepare(loaded: LoadedSpec, stage: Path, s: Settings) -> _Run:
     return _Run(loaded=loaded, model=model, train=train, eval=held, reference=reference,
                 labels=labels, gate=Gate(metric, spec.quality.max_drop, quality),
                 baseline=baseline, stage_dir=stage, settings=s)
+
+
+def _export_agreement(module: Any, held: list[Batch], reference: np.ndarray) -> float | None:
+    """The worst row cosine between the torch model and the baseline ONNX graph every candidate
+    is judged against: an export error must fail the run, not hide in the reference. None when
+    the model came as ONNX (nothing was exported)."""
+    if module is None:
+        return None
+    with torch.no_grad():
+        ours = np.concatenate([module.eval()(**b.inputs).float().numpy() for b in held])
+    worst = float(row_cosines(ours, reference).min())
+    if not worst >= EXPORT_MIN_COSINE:
+        raise CompressionError(f"the exported ONNX graph differs from the torch model (worst row "
+                               f"cosine {worst:.6f} < {EXPORT_MIN_COSINE}); report this model")
+    return worst
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,6 +145,28 @@ def test_torchscript_cnn_with_accuracy_and_onnx_input(tmp_path: Path) -> None:
     by2 = {c["name"]: c for c in report2["candidates"]}
     assert by2["int8"]["error"] is None
     assert "the model's format is onnx" in by2["pow2"]["error"]
+    # the torchscript baseline was checked against its exported graph; the ONNX input had none
+    assert report["baseline"]["export_min_cosine"] >= 0.9999
+    assert report2["baseline"]["export_min_cosine"] is None
+
+
+def test_an_export_that_changes_the_outputs_fails_the_run() -> None:
+    import numpy as np
+    import torch
+
+    from leanserve.compression.pipeline import _export_agreement
+    from leanserve.compression.registry import Batch
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 4)
+    held = [Batch({"input": torch.randn(5, 8)}), Batch({"input": torch.randn(3, 8)})]
+    with torch.no_grad():
+        exact = np.concatenate([net(**b.inputs).numpy() for b in held])
+    assert _export_agreement(net, held, exact) == pytest.approx(1.0, abs=1e-6)
+    wrong = exact.copy()
+    wrong[6] = -wrong[6]  # one row of eight flipped: the mean would still look fine-ish
+    with pytest.raises(CompressionError, match="differs from the torch model"):
+        _export_agreement(net, held, wrong)
 
 
 def test_gate_passes_at_equality_and_scores() -> None:
