@@ -44,14 +44,25 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _test(fig: dict[str, Any] | None) -> str:
+    """The test split's figure: never used to gate or select, shown so a user can check it."""
+    if not fig:
+        return "-"
+    if "accuracy" in fig:
+        lo, hi = fig["ci95"]
+        return f"{fig['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{fig['mean']:.4f}/{fig['p5']:.4f}/{fig['worst']:.4f}"
+
+
 def report_table(report: dict[str, Any]) -> Table:
     t = Table(title=f"{report['model']}: {report['metric']} gate, max drop {report['max_drop']:g}")
-    for col in ("candidate", "size MB", "quality", "drop", "p50 ms (b1)", "p95 ms (b1)",
-                "rows/s (b32)", "speedup", "gate"):
+    for col in ("candidate", "size MB", "quality", "drop", "test mean/p5/worst", "p50 ms (b1)",
+                "p95 ms (b1)", "rows/s (b32)", "speedup", "gate"):
         t.add_column(col, justify="left" if col in ("candidate", "gate") else "right")
     b = report["baseline"]
     t.add_row("baseline (fp32)", _fmt(b["size_bytes"] / 1e6, ".1f"), _fmt(b["quality"], ".4f"),
-              "-", _fmt(b["latency_ms"]["p50"], ".2f"), _fmt(b["latency_ms"]["p95"], ".2f"),
+              "-", _test(b.get("test")), _fmt(b["latency_ms"]["p50"], ".2f"),
+              _fmt(b["latency_ms"]["p95"], ".2f"),
               _fmt(b["throughput_rps"], ".0f"), "1.00", "")
     for c in report["candidates"]:
         lat = c["latency_ms"] or {}
@@ -62,7 +73,7 @@ def report_table(report: dict[str, Any]) -> Table:
         if c.get("packed_size_bytes"):
             size += f" (packed {c['packed_size_bytes'] / 1e6:.1f})"
         t.add_row(name, size,
-                  _fmt(c["quality"], ".4f"), _fmt(c["quality_drop"], ".4f"),
+                  _fmt(c["quality"], ".4f"), _fmt(c["quality_drop"], ".4f"), _test(c.get("test")),
                   _fmt(lat.get("p50"), ".2f"), _fmt(lat.get("p95"), ".2f"),
                   _fmt(c["throughput_rps"], ".0f"), _fmt(c["speedup"], ".2f"), gate)
     return t

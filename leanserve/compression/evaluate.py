@@ -7,12 +7,18 @@ rows are computed once and every candidate is compared with them:
   logits for a classifier gated on cosine); the baseline scores 1.0 against itself;
 - accuracy: share of held-out rows whose argmax matches the label.
 quality_drop = baseline quality - candidate quality; the gate passes when it is <= maxDrop.
+
+The held-out rows are split in two: the validation split gates (and is what any setting may be
+chosen on), the test split is only reported (``summary``: mean, 5th percentile and worst row, or
+accuracy with its interval), so the figure a user reads was never used to decide anything.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +68,32 @@ def score(metric: QualityMetric, outputs: np.ndarray, reference: np.ndarray,
         raise EvaluationError("spec.quality.metric: accuracy needs labelled rows in spec.data "
                               "(a \"label\" per jsonl row or y in the npz)")
     return float(np.mean(outputs.argmax(1) == labels))
+
+
+def summary(metric: QualityMetric, outputs: np.ndarray, reference: np.ndarray,
+            labels: np.ndarray | None) -> dict[str, Any]:
+    """Quality on a split as a user should read it: for cosine the mean, the 5th percentile and
+    the worst row; for accuracy the share right with its 95% Wilson interval."""
+    n = int(outputs.shape[0])
+    if metric is QualityMetric.COSINE:
+        cos = row_cosines(outputs, reference) if outputs.shape == reference.shape else None
+        if cos is None:
+            raise EvaluationError(f"output shape {list(outputs.shape)} differs from the "
+                                  f"baseline's {list(reference.shape)}")
+        return {"rows": n, "mean": float(cos.mean()), "p5": float(np.percentile(cos, 5)),
+                "worst": float(cos.min())}
+    acc = score(metric, outputs, reference, labels)
+    return {"rows": n, "accuracy": acc, "ci95": list(wilson(acc, n))}
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``p`` observed on ``n`` rows."""
+    if n == 0:
+        return (0.0, 1.0)
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
 
 
 @dataclass(frozen=True)

@@ -360,6 +360,43 @@ def split(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows]:
     return rows.take(train), rows.take(np.sort(pool[perm[:n_eval]]))
 
 
+def split3(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows, Rows]:
+    """(train, validation, test): ``split``'s held-out rows halved at random, deterministic for a
+    seed. Validation chooses settings and gates quality; test is reported and never decides
+    anything. Their union is ``split``'s held-out set, so adding training-only text moves
+    neither."""
+    train, held = split(rows, eval_fraction, seed)
+    if len(held) < 2:
+        raise LoadError(f"{DATA_URI}: {len(held)} held-out row(s); at least 2 are needed "
+                        "(validation and test): add rows or raise spec.data.evalFraction")
+    perm = np.random.default_rng(seed + 1).permutation(len(held))
+    half = (len(held) + 1) // 2
+    return train, held.take(np.sort(perm[:half])), held.take(np.sort(perm[half:]))
+
+
+def long_rows(rows: Rows, *, tokenizer: Any, max_length: int) -> Rows:
+    """Texts of at least 90% of ``max_length`` tokens, each made of consecutive held-out
+    sentences joined (real text, no padding; a small split is cycled through), for the quality
+    figure on long inputs: one per ``max_length`` tokens the rows hold, at least one. Empty for
+    image rows."""
+    if rows.texts is None or not rows.texts:
+        return Rows(texts=[])
+    lengths = [max(1, len(ids)) for ids in
+               tokenizer(rows.texts, add_special_tokens=False)["input_ids"]]
+    budget = max_length - 2  # [CLS] and [SEP]
+    wanted = max(1, sum(lengths) // budget)
+    out: list[str] = []
+    i = 0
+    while len(out) < wanted:
+        current, used = [], 0
+        while used < budget * 0.9:
+            current.append(rows.texts[i % len(rows.texts)])
+            used += lengths[i % len(lengths)]
+            i += 1
+        out.append(" ".join(current))
+    return Rows(texts=out)
+
+
 def batches(rows: Rows, *, tokenizer: Any, max_length: int, batch_size: int = 32
             ) -> list[Batch]:
     """Model-ready batches (padding to the longest row of each batch)."""

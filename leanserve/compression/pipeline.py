@@ -30,10 +30,17 @@ import numpy as np
 import torch
 
 from leanserve.api.load import LoadedSpec
-from leanserve.api.spec import Candidate, Task
+from leanserve.api.spec import Candidate, QualityMetric, Task
 from leanserve.compression import techniques
 from leanserve.compression.benchmark import BenchSettings, benchmark
-from leanserve.compression.evaluate import Gate, labels_of, predict, row_cosines, score
+from leanserve.compression.evaluate import (
+    Gate,
+    labels_of,
+    predict,
+    row_cosines,
+    score,
+    summary,
+)
 from leanserve.compression.export import export_onnx, is_packed, optimize
 from leanserve.compression.loading import (
     LoadedModel,
@@ -41,7 +48,8 @@ from leanserve.compression.loading import (
     batches,
     load_data,
     load_model,
-    split,
+    long_rows,
+    split3,
 )
 from leanserve.compression.registry import (
     Batch,
@@ -107,6 +115,20 @@ Progress = Callable[[Event], None]
 
 
 @dataclass
+class _Reported:
+    """A held-out split that is measured and reported for every candidate, never decided on."""
+
+    metric: QualityMetric
+    batches: list[Batch]
+    reference: Any
+    labels: Any
+
+    def summary(self, onnx_path: Path, threads: int) -> dict[str, Any]:
+        return summary(self.metric, predict(onnx_path, self.batches, threads), self.reference,
+                       self.labels)
+
+
+@dataclass
 class _Run:
     """What every candidate shares."""
 
@@ -114,12 +136,15 @@ class _Run:
     model: LoadedModel
     train: list[Batch]
     eval: list[Batch]
+    """The validation split: the gate (and any setting a step chooses) reads only this."""
     reference: Any
     labels: Any
     gate: Gate
     baseline: dict[str, Any]
     stage_dir: Path
     settings: Settings
+    reported: dict[str, _Reported] = field(default_factory=dict)
+    """``test`` (and ``long_inputs`` for text): reported in the report, never decided on."""
 
     @property
     def task(self) -> Task:
@@ -172,10 +197,13 @@ def _prepare(loaded: LoadedSpec, stage: Path, s: Settings) -> _Run:
     if task.is_text and model.tokenizer is None:
         raise LoadError("spec.model.uri: a text model needs its tokenizer files "
                         "(tokenizer_config.json) beside the model")
-    train_rows, eval_rows = split(rows, spec.data.eval_fraction, s.seed)
+    train_rows, val_rows, test_rows = split3(rows, spec.data.eval_fraction, s.seed)
     kw = {"tokenizer": model.tokenizer, "max_length": spec.model.max_sequence_length,
           "batch_size": s.batch_size}
-    train, held = batches(train_rows, **kw), batches(eval_rows, **kw)
+    train, held, test = (batches(r, **kw) for r in (train_rows, val_rows, test_rows))
+    long = batches(long_rows(test_rows, tokenizer=model.tokenizer,
+                             max_length=spec.model.max_sequence_length), **kw) \
+        if task.is_text else []
 
     base_dir = stage / BASELINE
     base_dir.mkdir()
@@ -199,17 +227,23 @@ def _prepare(loaded: LoadedSpec, stage: Path, s: Settings) -> _Run:
     labels = labels_of(held)
     metric = spec.quality.metric
     quality = score(metric, reference, reference, labels)
+    reported = {"test": _Reported(metric, test, predict(base_path, test, s.threads),
+                                  labels_of(test))}
+    if long:  # joined sentences carry no label: judged against the baseline by cosine
+        reported["long_inputs"] = _Reported(QualityMetric.COSINE, long,
+                                            predict(base_path, long, s.threads), None)
     bench = benchmark(base_path, held, s.bench)
     baseline = {"size_bytes": base_path.stat().st_size, "quality": quality,
                 **bench.as_report(), "artifact": f"{BASELINE}/{MODEL_FILE}",
                 "export_min_cosine": export_cosine,
+                **{name: r.summary(base_path, s.threads) for name, r in reported.items()},
                 "notes": {"graph": ("padding-free (packed tokens); " if is_packed(base_path)
                                     else "") + opt.note, "fused": opt.fused}}
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(base_dir / TOKENIZER))
     return _Run(loaded=loaded, model=model, train=train, eval=held, reference=reference,
                 labels=labels, gate=Gate(metric, spec.quality.max_drop, quality),
-                baseline=baseline, stage_dir=stage, settings=s)
+                baseline=baseline, stage_dir=stage, settings=s, reported=reported)
 
 
 def _export_agreement(module: Any, held: list[Batch], reference: np.ndarray) -> float | None:
@@ -260,7 +294,10 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
         outputs = predict(art, run.eval, run.settings.threads)
         quality = score(run.gate.metric, outputs, run.reference, run.labels)
         result.update(quality=quality, quality_drop=run.gate.drop(quality),
-                      passed=run.gate.passed(quality))
+                      passed=run.gate.passed(quality),
+                      validation=summary(run.gate.metric, outputs, run.reference, run.labels))
+        for name, reported in run.reported.items():
+            result[name] = reported.summary(art, run.settings.threads)
         bench = benchmark(art, run.eval, run.settings.bench)
         result.update(bench.as_report())
         base_rps = run.baseline["throughput_rps"]

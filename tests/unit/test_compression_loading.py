@@ -19,6 +19,7 @@ from leanserve.compression.loading import (
     load_model,
     resolve_uri,
     split,
+    split3,
 )
 
 
@@ -124,6 +125,33 @@ def test_split_is_deterministic_disjoint_and_complete(tmp_path: Path) -> None:
     assert len(ev1) == 10 and len(tr1) == 30
     assert sorted(tr1.texts + ev1.texts) == sorted(rows.texts)
     assert ev1.texts != ev3.texts
+
+
+def test_three_way_split_halves_the_held_out_rows(tmp_path: Path) -> None:
+    rows = load_data(str(write_jsonl(tmp_path / "d.jsonl", 40)), Task.FEATURE_EXTRACTION, None)
+    train, val, test = split3(rows, 0.25, seed=7)
+    _, held = split(rows, 0.25, seed=7)
+    assert len(val) == 5 and len(test) == 5
+    assert sorted(val.texts + test.texts) == sorted(held.texts)
+    assert not set(val.texts) & set(test.texts)
+    assert (train.texts, val.texts, test.texts) == tuple(
+        r.texts for r in split3(rows, 0.25, seed=7))
+    one = load_data(str(write_jsonl(tmp_path / "one.jsonl", 3)), Task.FEATURE_EXTRACTION, None)
+    with pytest.raises(LoadError, match=r"spec\.data\.uri: 1 held-out row\(s\)"):
+        split3(one, 0.25, seed=0)
+
+
+def test_long_rows_join_real_sentences_up_to_the_length(tmp_path: Path) -> None:
+    from leanserve.compression.loading import load_model, long_rows
+
+    tok = load_model(str(tiny_hf_dir(tmp_path)), ModelFormat.HUGGINGFACE,
+                     Task.FEATURE_EXTRACTION, None).tokenizer
+    rows = load_data(str(write_jsonl(tmp_path / "d.jsonl", 6)), Task.FEATURE_EXTRACTION, None)
+    long = long_rows(rows, tokenizer=tok, max_length=64)
+    assert len(long) >= 1
+    assert long.texts[0].startswith(f"{rows.texts[0]} {rows.texts[1]} ")  # the rows, in order
+    for text in long.texts:
+        assert len(tok(text)["input_ids"]) >= 0.9 * 62
 
 
 def test_train_only_rows_are_never_held_out_and_leave_the_eval_rows_unchanged(

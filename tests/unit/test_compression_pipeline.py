@@ -91,6 +91,37 @@ def test_gate_and_selection(text_run) -> None:
     assert by[report["selected"]]["passed"]
 
 
+def test_validation_gates_and_test_and_long_inputs_are_reported(text_run) -> None:
+    report, _, _ = text_run
+    base = report["baseline"]
+    # 40 rows, a quarter held out: 5 validation rows gate, 5 test rows are only reported
+    assert base["test"]["rows"] == 5 and base["test"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert base["long_inputs"]["rows"] >= 1
+    for c in report["candidates"]:
+        if c["error"] is not None:
+            continue
+        assert c["validation"]["rows"] == 5
+        assert c["validation"]["mean"] == pytest.approx(c["quality"])
+        for split in ("validation", "test", "long_inputs"):
+            fig = c[split]
+            assert fig["worst"] <= fig["p5"] <= fig["mean"] <= 1.0 + 1e-6
+
+
+def test_the_table_shows_the_test_split_and_packed_sizes(text_run) -> None:
+    from rich.console import Console
+
+    from leanserve.compression.commands import report_table
+
+    report, _, _ = text_run
+    console = Console(width=250, record=True)
+    console.print(report_table(report))
+    text = console.export_text()
+    assert "test mean/p5/worst" in text
+    by = {c["name"]: c for c in report["candidates"]}
+    assert f"{by['int8']['test']['mean']:.4f}/" in text
+    assert f"(packed {by['binary']['packed_size_bytes'] / 1e6:.1f})" in text
+
+
 def test_files_and_no_staging_left(text_run) -> None:
     report, out, events = text_run
     names = {p.name for p in out.iterdir()}
@@ -167,6 +198,19 @@ def test_an_export_that_changes_the_outputs_fails_the_run() -> None:
     wrong[6] = -wrong[6]  # one row of eight flipped: the mean would still look fine-ish
     with pytest.raises(CompressionError, match="differs from the torch model"):
         _export_agreement(net, held, wrong)
+
+
+def test_accuracy_summary_carries_a_wilson_interval() -> None:
+    import numpy as np
+
+    from leanserve.compression.evaluate import summary, wilson
+
+    logits = np.array([[0.1, 0.9]] * 8 + [[0.9, 0.1]] * 2)
+    fig = summary(QualityMetric.ACCURACY, logits, logits, np.ones(10, int))
+    assert fig["accuracy"] == 0.8 and fig["rows"] == 10
+    lo, hi = fig["ci95"]
+    assert lo < 0.8 < hi and (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson(1.0, 50)[1] == 1.0 and wilson(0.0, 0) == (0.0, 1.0)
 
 
 def test_gate_passes_at_equality_and_scores() -> None:
