@@ -32,7 +32,13 @@ import torch
 from leanserve.api.load import LoadedSpec
 from leanserve.api.spec import Candidate, QualityMetric, Task
 from leanserve.compression import techniques
-from leanserve.compression.benchmark import BenchSettings, benchmark
+from leanserve.compression.benchmark import BenchSettings, benchmark, take_rows
+from leanserve.compression.costs import (
+    candidate_costs,
+    cpu_clock,
+    cpu_price,
+    serving_peak_rss,
+)
 from leanserve.compression.evaluate import (
     Gate,
     labels_of,
@@ -236,6 +242,8 @@ def _prepare(loaded: LoadedSpec, stage: Path, s: Settings) -> _Run:
     baseline = {"size_bytes": base_path.stat().st_size, "quality": quality,
                 **bench.as_report(), "artifact": f"{BASELINE}/{MODEL_FILE}",
                 "export_min_cosine": export_cosine,
+                "peak_rss_bytes": serving_peak_rss(base_path, take_rows(held, s.bench.batch),
+                                                   s.threads),
                 **{name: r.summary(base_path, s.threads) for name, r in reported.items()},
                 "notes": {"graph": ("padding-free (packed tokens); " if is_packed(base_path)
                                     else "") + opt.note, "fused": opt.fused}}
@@ -275,38 +283,45 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
     }
     workdir = run.stage_dir / "work" / cand.name
     workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        model = _apply_steps(run, index, cand, workdir)
-        art_dir = run.stage_dir / ARTIFACTS / cand.name
-        art_dir.mkdir(parents=True)
-        art = art_dir / MODEL_FILE
-        assert model.onnx_path is not None
-        shutil.copyfile(model.onnx_path, art)
-        if run.model.tokenizer is not None:
-            run.model.tokenizer.save_pretrained(str(art_dir / TOKENIZER))
-        result["artifact"] = f"{ARTIFACTS}/{cand.name}/{MODEL_FILE}"
-        result["notes"] = _jsonable(model.notes)
-        # size_bytes is the file that is served; a fake-quantized scheme (int4, binary,
-        # power-of-two) stores fp32 values, so what a packed file would hold is reported apart
-        # and never selected on.
-        result["size_bytes"] = art.stat().st_size
-        result["packed_size_bytes"] = model.packed_bytes
-        outputs = predict(art, run.eval, run.settings.threads)
-        quality = score(run.gate.metric, outputs, run.reference, run.labels)
-        result.update(quality=quality, quality_drop=run.gate.drop(quality),
-                      passed=run.gate.passed(quality),
-                      validation=summary(run.gate.metric, outputs, run.reference, run.labels))
-        for name, reported in run.reported.items():
-            result[name] = reported.summary(art, run.settings.threads)
-        bench = benchmark(art, run.eval, run.settings.bench)
-        result.update(bench.as_report())
-        base_rps = run.baseline["throughput_rps"]
-        result["speedup"] = bench.throughput_rps / base_rps if base_rps else None
-    except Exception as exc:  # recorded in the report: one candidate never stops the others
-        result["error"] = _describe(exc)
-        result["passed"] = False
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with cpu_clock() as spent:
+        try:
+            model = _apply_steps(run, index, cand, workdir)
+            art_dir = run.stage_dir / ARTIFACTS / cand.name
+            art_dir.mkdir(parents=True)
+            art = art_dir / MODEL_FILE
+            assert model.onnx_path is not None
+            shutil.copyfile(model.onnx_path, art)
+            if run.model.tokenizer is not None:
+                run.model.tokenizer.save_pretrained(str(art_dir / TOKENIZER))
+            result["artifact"] = f"{ARTIFACTS}/{cand.name}/{MODEL_FILE}"
+            result["notes"] = _jsonable(model.notes)
+            # size_bytes is the file that is served; a fake-quantized scheme (int4, binary,
+            # power-of-two) stores fp32 values, so what a packed file would hold is reported apart
+            # and never selected on.
+            result["size_bytes"] = art.stat().st_size
+            result["packed_size_bytes"] = model.packed_bytes
+            outputs = predict(art, run.eval, run.settings.threads)
+            quality = score(run.gate.metric, outputs, run.reference, run.labels)
+            result.update(quality=quality, quality_drop=run.gate.drop(quality),
+                          passed=run.gate.passed(quality),
+                          validation=summary(run.gate.metric, outputs, run.reference, run.labels))
+            for name, reported in run.reported.items():
+                result[name] = reported.summary(art, run.settings.threads)
+            bench = benchmark(art, run.eval, run.settings.bench)
+            result.update(bench.as_report())
+            base_rps = run.baseline["throughput_rps"]
+            result["speedup"] = bench.throughput_rps / base_rps if base_rps else None
+        except Exception as exc:  # recorded in the report: one candidate never stops the others
+            result["error"] = _describe(exc)
+            result["passed"] = False
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["cost"] = candidate_costs(spent[0], cpu_price(run.loaded.spec), run.settings.threads,
+                                     run.baseline["throughput_rps"], result["throughput_rps"])
+    if result["artifact"] is not None and result["error"] is None:
+        result["peak_rss_bytes"] = serving_peak_rss(run.stage_dir / result["artifact"],
+                                                    take_rows(run.eval, run.settings.bench.batch),
+                                                    run.settings.threads)
     return result
 
 

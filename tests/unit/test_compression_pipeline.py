@@ -107,6 +107,33 @@ def test_validation_gates_and_test_and_long_inputs_are_reported(text_run) -> Non
             assert fig["worst"] <= fig["p5"] <= fig["mean"] <= 1.0 + 1e-6
 
 
+def test_each_candidate_says_what_it_cost_saves_and_holds_in_memory(text_run) -> None:
+    report, _, _ = text_run
+    base_rps = report["baseline"]["throughput_rps"]
+    assert report["baseline"]["peak_rss_bytes"] > report["baseline"]["size_bytes"]
+    for c in report["candidates"]:
+        cost = c["cost"]
+        assert cost["cpu_seconds"] > 0 and cost["pool"] == "cpu"
+        # the spec's one pool: $0.10 an hour, no cpu request, so one core
+        assert cost["usd"] == pytest.approx(cost["cpu_seconds"] / 3600 * 0.1, rel=0.01)
+        if c["error"] is not None:
+            assert cost["serving"] is None and "peak_rss_bytes" not in c
+            continue
+        assert c["peak_rss_bytes"] > c["size_bytes"]
+        serving = cost["serving"]
+        assert serving["usd_per_million_baseline"] == pytest.approx(
+            0.1 * 2 / (base_rps * 3600) * 1e6)
+        assert serving["saving_per_million"] == pytest.approx(
+            serving["usd_per_million_baseline"] - serving["usd_per_million"])
+        if serving["saving_per_million"] > 0:
+            # the saving on that many requests covers the compression cost, one fewer does not
+            n = cost["payback_requests"]
+            assert n * serving["saving_per_million"] / 1e6 >= cost["usd"]
+            assert (n - 1) * serving["saving_per_million"] / 1e6 < cost["usd"]
+        else:
+            assert cost["payback_requests"] is None
+
+
 def test_the_table_shows_the_test_split_and_packed_sizes(text_run) -> None:
     from rich.console import Console
 
@@ -120,6 +147,9 @@ def test_the_table_shows_the_test_split_and_packed_sizes(text_run) -> None:
     by = {c["name"]: c for c in report["candidates"]}
     assert f"{by['int8']['test']['mean']:.4f}/" in text
     assert f"(packed {by['binary']['packed_size_bytes'] / 1e6:.1f})" in text
+    assert f"{by['int8']['cost']['cpu_seconds']:.0f} cpu-s" in text
+    payback = by["int8"]["cost"]["payback_requests"]
+    assert (f"{payback:,} requests" if payback else "never (saves nothing)") in text
 
 
 def test_files_and_no_staging_left(text_run) -> None:

@@ -1,0 +1,145 @@
+"""What a recipe costs to run, what it saves in serving, and when it pays for itself.
+
+Compression is not free: a distillation can burn CPU-hours, and a candidate that serves 5%
+faster may never earn that back. Every candidate therefore reports
+
+- ``cpu_seconds``: the CPU time its steps, export, evaluation and benchmark took (this process
+  and any worker it started, such as torchrun's), and ``usd`` at the price of a CPU-hour on the
+  pool the Job runs on (the cheapest CPU pool of the spec, per core of its cpu request);
+- ``serving``: the cost of one million requests at the benchmark's throughput on the same cores,
+  for the candidate and for the baseline, and the saving per million;
+- ``payback_requests``: after how many served requests the saving has paid the compression cost
+  (null when it saves nothing);
+- ``peak_rss_bytes``: the peak resident memory of one serving process (ONNX Runtime session with
+  one batch run) beside the file size: fewer parameters do not always mean less memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leanserve.api.spec import Accelerator, CompressedModelSpec
+from leanserve.compression.export import feeds
+from leanserve.compression.registry import Batch
+
+
+@dataclass(frozen=True)
+class CpuPrice:
+    pool: str
+    usd_per_cpu_hour: float
+
+
+def cpu_price(spec: CompressedModelSpec) -> CpuPrice | None:
+    """The price of one core-hour on the cheapest CPU pool (None when the spec has none)."""
+    best: CpuPrice | None = None
+    for pool in spec.node_pools:
+        if pool.accelerator is not Accelerator.NONE:
+            continue
+        cores = _cores(pool.resources.requests.get("cpu") or pool.resources.limits.get("cpu"))
+        price = CpuPrice(pool.name, pool.hourly_price / cores)
+        if best is None or price.usd_per_cpu_hour < best.usd_per_cpu_hour:
+            best = price
+    return best
+
+
+def _cores(quantity: Any) -> float:
+    """Cores of a Kubernetes cpu quantity ("2", "500m", 1.5); 1 when none is given."""
+    if quantity is None:
+        return 1.0
+    text = str(quantity).strip()
+    value = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    return value if value > 0 else 1.0
+
+
+@contextmanager
+def cpu_clock() -> Iterator[list[float]]:
+    """CPU seconds spent inside the block, by this process and by children it waited for."""
+    spent = [0.0]
+    start = time.process_time() + _children()
+    try:
+        yield spent
+    finally:
+        spent[0] = time.process_time() + _children() - start
+
+
+def _children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def per_million(usd_per_hour: float, rps: float | None) -> float | None:
+    if not rps or rps <= 0:
+        return None
+    return usd_per_hour / (rps * 3600.0) * 1e6
+
+
+def candidate_costs(cpu_seconds: float, price: CpuPrice | None, threads: int,
+                    baseline_rps: float | None, rps: float | None) -> dict[str, Any]:
+    """The report's ``cost`` entry of one candidate (see the module docstring)."""
+    out: dict[str, Any] = {"cpu_seconds": cpu_seconds, "usd": None, "pool": None,
+                           "serving": None, "payback_requests": None}
+    if price is None:
+        return out
+    usd = cpu_seconds / 3600.0 * price.usd_per_cpu_hour
+    hourly = price.usd_per_cpu_hour * threads
+    base, ours = per_million(hourly, baseline_rps), per_million(hourly, rps)
+    out.update(usd=usd, pool=price.pool)
+    if base is not None and ours is not None:
+        saving = base - ours
+        out["serving"] = {"usd_per_million_baseline": base, "usd_per_million": ours,
+                          "saving_per_million": saving}
+        if saving > 0:
+            # rounded first so that float noise never adds a request to an exact quotient
+            out["payback_requests"] = int(np.ceil(round(usd / saving * 1e6, 6)))
+    return out
+
+
+_RSS_PROBE = """
+import json, resource, sys
+import numpy as np
+import onnxruntime as ort
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = int(sys.argv[2])
+opts.log_severity_level = 3
+sess = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+names = {i.name for i in sess.get_inputs()}
+feed = {k: v for k, v in np.load(sys.argv[3]).items() if k in names}
+sess.run(None, feed)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+"""
+
+
+def serving_peak_rss(onnx_path: Path, batch: Batch, threads: int,
+                     timeout: float = 120.0) -> int | None:
+    """Peak resident bytes of a fresh process that loads ``onnx_path`` in ONNX Runtime and runs
+    ``batch`` once: what one serving instance of the model holds, interpreter included. None
+    when the probe cannot run (the report says so rather than guessing)."""
+    with tempfile.TemporaryDirectory(prefix="leanserve-rss-") as tmp:
+        inputs = Path(tmp) / "inputs.npz"
+        np.savez(inputs, **feeds(batch))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        try:
+            done = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(onnx_path),
+                                   str(threads), str(inputs)], capture_output=True, text=True,
+                                  timeout=timeout, env=env, check=False)
+        except subprocess.TimeoutExpired:
+            return None
+    if done.returncode != 0:
+        return None
+    try:
+        return int(json.loads(done.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return None

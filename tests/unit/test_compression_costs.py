@@ -1,0 +1,53 @@
+"""Compression cost, serving saving and payback arithmetic (leanserve.compression.costs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from leanserve.api.spec import CompressedModelSpec
+from leanserve.compression.costs import CpuPrice, candidate_costs, cpu_clock, cpu_price
+
+
+def _spec(pools: list[dict]) -> CompressedModelSpec:
+    return CompressedModelSpec.model_validate({
+        "model": {"uri": "file:///m", "format": "onnx", "task": "feature-extraction"},
+        "data": {"uri": "file:///d.jsonl"},
+        "compression": {"candidates": [{"name": "a", "steps": [
+            {"quantize": {"method": "int8-dynamic"}}]}]},
+        "quality": {"metric": "cosine", "maxDrop": 0.01},
+        "nodePools": pools, "slo": {"latencyP95Ms": 100}})
+
+
+def test_the_cheapest_cpu_core_prices_the_job() -> None:
+    spec = _spec([
+        {"name": "small", "hourlyPrice": 0.10, "resources": {"requests": {"cpu": "2"}}},
+        {"name": "large", "hourlyPrice": 0.38, "resources": {"requests": {"cpu": "8"}}},
+        {"name": "milli", "hourlyPrice": 0.03, "resources": {"requests": {"cpu": "500m"}}},
+        {"name": "gpu", "hourlyPrice": 0.01, "accelerator": "nvidia-gpu",
+         "resources": {"limits": {"nvidia.com/gpu": 1}}},
+    ])
+    # per core: 0.05, 0.0475, 0.06; the GPU pool never runs the Job
+    assert cpu_price(spec) == CpuPrice("large", pytest.approx(0.0475))
+
+
+def test_payback_is_the_compression_cost_over_the_saving_per_request() -> None:
+    price = CpuPrice("small", 0.05)
+    # 720 CPU-seconds at $0.05 a core-hour: $0.01; on 2 cores ($0.10/h) 100 rps -> $0.2778 per
+    # million, 200 rps -> $0.1389: a saving of $0.1389 per million pays $0.01 in 72,000 requests
+    cost = candidate_costs(720.0, price, 2, 100.0, 200.0)
+    assert cost["usd"] == pytest.approx(0.01)
+    assert cost["serving"]["usd_per_million_baseline"] == pytest.approx(0.1 / 360000 * 1e6)
+    assert cost["payback_requests"] == 72_000
+    slower = candidate_costs(720.0, price, 2, 100.0, 90.0)
+    assert slower["serving"]["saving_per_million"] < 0 and slower["payback_requests"] is None
+    assert candidate_costs(5.0, None, 2, 100.0, 200.0)["usd"] is None
+
+
+def test_cpu_clock_counts_children_it_waited_for() -> None:
+    with cpu_clock() as spent:
+        subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"],
+                       check=True)
+    assert spent[0] > 0.05
