@@ -1,0 +1,34 @@
+"""examples/data/real_corpus.jsonl is real, varied, training-only text from the allowed sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parents[2] / "examples/data/real_corpus.jsonl"
+
+
+def test_rows_are_training_only_prose_from_the_allowed_sets() -> None:
+    import sys
+
+    sys.path.insert(0, str(CORPUS.parent))
+    try:
+        from make_real_corpus import FORTUNE_SETS
+    finally:
+        sys.path.pop(0)
+    rows = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    assert len(rows) == 20000
+    allowed = {f"fortunes/{name}" for name in FORTUNE_SETS} | {"python-docstrings"}
+    for row in rows:
+        assert row["split"] == "train" and row["source"] in allowed
+        assert 5 <= len(row["text"].split()) <= 60
+    assert len({r["text"].lower() for r in rows}) == len(rows)
+    words = {w.lower().strip(".,;:!?\"'()") for r in rows for w in r["text"].split()}
+    assert len(words) > 15000  # the template corpus had 713
+
+
+def test_no_held_out_sentence_is_in_the_training_corpus() -> None:
+    held = {json.loads(line)["text"].lower()
+            for line in (CORPUS.parent / "sentences.jsonl").read_text().splitlines()}
+    assert not held & {json.loads(line)["text"].lower()
+                       for line in CORPUS.read_text().splitlines()}
