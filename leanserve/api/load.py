@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from leanserve.api.spec import API_VERSION, KIND, CompressedModel, CompressedModelSpec
+from leanserve.api.validators import SECRET_NAME
 
 
 class SpecError(Exception):
@@ -137,8 +138,13 @@ def _describe(err: dict[str, Any], loc: str) -> str:
         key, sign = bounds[kind]
         return f"must be {sign}{ctx[key]}{got}"
     if kind == "string_pattern_mismatch":
+        if ctx.get("pattern") == SECRET_NAME:
+            return f"{value!r} is not a Secret name (allowed: a DNS-1123 subdomain: lowercase " \
+                   "letters, digits, '-' and '.')"
         return f"{value!r} is not a valid name (allowed: lowercase letters, digits and '-', " \
                "starting with a letter)"
+    if kind == "finite_number":
+        return f"must be a finite number{got}"
     if kind == "too_short":
         return f"needs at least {ctx.get('min_length')} item(s)"
     if kind == "too_long":

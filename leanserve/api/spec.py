@@ -11,8 +11,18 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+
+from leanserve.api import validators as v
 
 GROUP = "leanserve.io"
 VERSION = "v1alpha1"
@@ -44,6 +54,7 @@ class Model(BaseModel):
         extra="forbid",
         use_enum_values=False,
         validate_default=True,
+        allow_inf_nan=False,
     )
 
     def to_wire(self) -> dict[str, Any]:
@@ -135,12 +146,19 @@ class ConditionStatus(str, enum.Enum):
 # --------------------------------------------------------------------------------------------
 # spec.model, spec.data, spec.artifacts
 
+Uri = Annotated[str, AfterValidator(v.check_uri), Field(json_schema_extra={
+    "pattern": v.URI_PATTERN, "maxLength": v.MAX_URI, "x-kubernetes-validations": v.URI_CEL})]
+OptionalUri = Annotated[str, AfterValidator(v.check_optional_uri), Field(json_schema_extra={
+    "pattern": v.OPTIONAL_URI_PATTERN, "maxLength": v.MAX_URI,
+    "x-kubernetes-validations": v.URI_CEL})]
+
 
 class ModelSource(Model):
     """The trained model to compress."""
 
-    uri: str = Field(min_length=1, description="file://, pvc://CLAIM/PATH, s3://BUCKET/PATH, "
-                     "package://PACKAGE/PATH or a path relative to the spec file.")
+    uri: Uri = Field(description="file:///PATH, pvc://CLAIM/PATH, package://PACKAGE/PATH or a "
+                     "path relative to the spec file (one machine only). s3:// is not "
+                     "supported yet.")
     format: ModelFormat = Field(ModelFormat.HUGGINGFACE, description="How the model is stored.")
     task: Task = Field(Task.FEATURE_EXTRACTION, description="What the model computes.")
     max_sequence_length: int = Field(128, ge=1, le=8192,
@@ -150,7 +168,8 @@ class ModelSource(Model):
 class DataSource(Model):
     """Calibration, evaluation and distillation data."""
 
-    uri: str = Field(min_length=1, description="jsonl ({\"text\", \"label\"}) or npz (x, y).")
+    uri: Uri = Field(description="jsonl ({\"text\", \"label\"}) or npz (x, y); a URI as "
+                     "spec.model.uri, relative paths resolve against the spec file's folder.")
     eval_fraction: float = Field(0.25, gt=0, lt=1,
                                  description="Share of rows held out to evaluate quality.")
 
@@ -158,8 +177,10 @@ class DataSource(Model):
 class Artifacts(Model):
     """Where compressed models and reports go."""
 
-    uri: str = Field("", description="Default: beside the model, under leanserve/<name>/<hash>/.")
-    secret_name: str = Field("", description="Secret with AWS_* keys for s3:// stores.")
+    uri: OptionalUri = Field("", description="Default: beside the model, under "
+                             "leanserve/<name>/<hash>/.")
+    secret_name: str = Field("", max_length=253, pattern=v.SECRET_NAME,
+                             description="Secret with AWS_* keys for s3:// stores.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,8 +328,10 @@ class Quality(Model):
 
 
 class Serving(Model):
-    image: str = Field("nvcr.io/nvidia/tritonserver:24.08-py3", min_length=1,
-                       description="Triton image.")
+    image: Annotated[str, AfterValidator(v.check_image)] = Field(
+        "nvcr.io/nvidia/tritonserver:24.08-py3", min_length=1,
+        json_schema_extra={"pattern": v.IMAGE_PATTERN, "maxLength": v.MAX_IMAGE},
+        description="Triton image reference.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Triton max_batch_size.")
     max_queue_delay_microseconds: int = Field(1000, ge=0, le=10_000_000,
                                               description="Dynamic batcher queue delay.")
@@ -317,20 +340,22 @@ class Serving(Model):
 # --------------------------------------------------------------------------------------------
 # spec.nodePools, spec.slo, spec.autoscaling
 
-Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+Quantity = Annotated[int | str, BeforeValidator(v.check_quantity), Field(json_schema_extra={
+    "x-kubernetes-int-or-string": True, "pattern": v.QUANTITY_PATTERN, "maxLength": 64})]
+ResourceList = Annotated[dict[str, Quantity], AfterValidator(v.check_resources)]
 
 
 class Toleration(Model):
-    key: str | None = None
+    key: str | None = Field(None, max_length=316)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: str | None = Field(None, max_length=63)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
 
 
 class Resources(Model):
-    requests: dict[str, Quantity] = Field(default_factory=dict)
-    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: ResourceList = Field(default_factory=dict)
+    limits: ResourceList = Field(default_factory=dict)
 
 
 class NodePool(Model):
@@ -351,12 +376,24 @@ class Autoscaling(Model):
         ("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas"),
     ))
 
-    min_replicas: int = Field(1, ge=0, le=1000)
+    min_replicas: int = Field(1, ge=1, le=1000, description="At least 1: nothing activates a "
+                              "replica on the first request, so scale to zero is refused.")
     max_replicas: int = Field(10, ge=1, le=1000)
     max_hourly_cost: float | None = Field(None, gt=0, description="USD per hour, all pools.")
     interval_seconds: int = Field(30, ge=1, le=3600)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
-    prometheus_url: str = Field("http://prometheus-operated.monitoring:9090", min_length=1)
+    prometheus_url: Annotated[str, AfterValidator(v.check_http_url)] = Field(
+        "http://prometheus-operated.monitoring:9090", min_length=1,
+        json_schema_extra={"pattern": v.HTTP_URL_PATTERN, "maxLength": v.MAX_URL},
+        description="http(s) URL of Prometheus's HTTP API.")
+
+    @field_validator("min_replicas", mode="before")
+    @classmethod
+    def _no_scale_to_zero(cls, value: Any) -> Any:
+        if value == 0 and not isinstance(value, bool):
+            raise ValueError("0 (scale to zero) is not supported: nothing activates a replica on "
+                             "the first request (allowed: >= 1)")
+        return value
 
     @model_validator(mode="after")
     def _order(self) -> Autoscaling:
@@ -366,6 +403,13 @@ class Autoscaling(Model):
         return self
 
 
+BUDGET_CEL = (
+    "!has(self.autoscaling) || !has(self.autoscaling.maxHourlyCost) || "
+    "self.nodePools.exists(p, p.hourlyPrice * double(has(self.autoscaling.minReplicas) ? "
+    "self.autoscaling.minReplicas : 1) <= self.autoscaling.maxHourlyCost)")
+"""The budget must pay for minReplicas of at least one pool (the same test as the validator)."""
+
+
 class CompressedModelSpec(Model):
     model_config = ConfigDict(json_schema_extra=_cel(
         ("self.nodePools.all(p, self.nodePools.exists_one(q, q.name == p.name))",
@@ -373,6 +417,8 @@ class CompressedModelSpec(Model):
         ("!has(self.quality) || !has(self.quality.metric) || self.quality.metric != 'accuracy'"
          " || !has(self.model.task) || self.model.task != 'feature-extraction'",
          "quality.metric accuracy needs a classification task"),
+        (BUDGET_CEL, "autoscaling.maxHourlyCost is below the cheapest pool's hourlyPrice x "
+                     "minReplicas"),
     ))
 
     model: ModelSource
@@ -392,6 +438,14 @@ class CompressedModelSpec(Model):
                 self.model.task is Task.FEATURE_EXTRACTION:
             raise ValueError("quality.metric: accuracy needs a classification task "
                              "(allowed for feature-extraction: cosine)")
+        budget, n = self.autoscaling.max_hourly_cost, self.autoscaling.min_replicas
+        if budget is not None and not any(p.hourly_price * n <= budget for p in self.node_pools):
+            cheapest = min(self.node_pools, key=lambda p: p.hourly_price)
+            need = cheapest.hourly_price * n
+            raise ValueError(f"autoscaling.maxHourlyCost: {budget:g} USD/h is below the cheapest "
+                             f"pool's price x minReplicas ({cheapest.name}: "
+                             f"{cheapest.hourly_price:g} x {n} = {need:g} USD/h; allowed: >= "
+                             f"{need:g})")
         return self
 
 
@@ -438,10 +492,14 @@ class CompressedModelStatus(Model):
     cost: CostStatus = Field(default_factory=CostStatus)
 
 
+METADATA_NAME_MAX = 52
+"""Child objects are named <name>-<pool>, <name>-compress-<hash>: a name leaves room for them."""
+
+
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$", max_length=52)
+    name: str = Field(pattern=v.DNS_1035_LABEL, max_length=METADATA_NAME_MAX)
     namespace: str | None = None
 
 
