@@ -9,7 +9,7 @@ Python code reads the snake_case attributes.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     field_validator,
     model_validator,
 )
@@ -55,6 +56,9 @@ class Model(BaseModel):
         use_enum_values=False,
         validate_default=True,
         allow_inf_nan=False,
+        # types as the API server checks them: no true for a number, no "5" for an integer, no
+        # 1.5 for an integer (enum fields, which take their strings, say strict=False)
+        strict=True,
     )
 
     def to_wire(self) -> dict[str, Any]:
@@ -146,6 +150,10 @@ class ConditionStatus(str, enum.Enum):
 # --------------------------------------------------------------------------------------------
 # spec.model, spec.data, spec.artifacts
 
+E = TypeVar("E", bound=enum.Enum)
+Lax = Annotated[E, Strict(False)]
+"""An enum field: its string value is accepted (the models are strict otherwise)."""
+
 Uri = Annotated[str, AfterValidator(v.check_uri), Field(json_schema_extra={
     "pattern": v.URI_PATTERN, "maxLength": v.MAX_URI, "x-kubernetes-validations": v.URI_CEL})]
 OptionalUri = Annotated[str, AfterValidator(v.check_optional_uri), Field(json_schema_extra={
@@ -159,8 +167,9 @@ class ModelSource(Model):
     uri: Uri = Field(description="file:///PATH, pvc://CLAIM/PATH, package://PACKAGE/PATH or a "
                      "path relative to the spec file (one machine only). s3:// is not "
                      "supported yet.")
-    format: ModelFormat = Field(ModelFormat.HUGGINGFACE, description="How the model is stored.")
-    task: Task = Field(Task.FEATURE_EXTRACTION, description="What the model computes.")
+    format: Lax[ModelFormat] = Field(ModelFormat.HUGGINGFACE,
+                                     description="How the model is stored.")
+    task: Lax[Task] = Field(Task.FEATURE_EXTRACTION, description="What the model computes.")
     max_sequence_length: int = Field(128, ge=1, le=8192,
                                      description="Tokens per input for text models.")
 
@@ -188,7 +197,7 @@ class Artifacts(Model):
 
 
 class QuantizeStep(Model):
-    method: QuantizeMethod = Field(description="Quantization scheme.")
+    method: Lax[QuantizeMethod] = Field(description="Quantization scheme.")
     per_channel: bool = Field(False, description="One scale per output channel.")
     calibration_samples: int = Field(256, ge=1, le=100_000,
                                      description="Rows used to calibrate (int8-static).")
@@ -199,10 +208,10 @@ class QuantizeStep(Model):
 
 
 class PruneStep(Model):
-    method: PruneMethod = Field(description="magnitude (unstructured) or structured.")
-    granularity: Granularity = Field(Granularity.NEURON,
+    method: Lax[PruneMethod] = Field(description="magnitude (unstructured) or structured.")
+    granularity: Lax[Granularity] = Field(Granularity.NEURON,
                                      description="What structured pruning removes.")
-    importance: Importance = Field(Importance.L1, description="How parts are ranked.")
+    importance: Lax[Importance] = Field(Importance.L1, description="How parts are ranked.")
     sparsity: float = Field(ge=0, lt=1, description="Share of weights or structures removed.")
     iterations: int = Field(1, ge=1, le=100, description="Pruning steps to reach the sparsity.")
     fine_tune_epochs: int = Field(0, ge=0, le=100,
@@ -321,7 +330,7 @@ class Compression(Model):
 
 
 class Quality(Model):
-    metric: QualityMetric = Field(QualityMetric.COSINE,
+    metric: Lax[QualityMetric] = Field(QualityMetric.COSINE,
                                   description="cosine (to the uncompressed model) or accuracy.")
     max_drop: float = Field(0.01, ge=0, le=1,
                             description="Absolute drop allowed against the baseline.")
@@ -364,7 +373,7 @@ class NodePool(Model):
     tolerations: list[Toleration] = Field(default_factory=list, max_length=16)
     resources: Resources = Field(default_factory=Resources)
     hourly_price: float = Field(gt=0, description="USD for one replica for one hour.")
-    accelerator: Accelerator = Field(Accelerator.NONE, description="none or nvidia-gpu.")
+    accelerator: Lax[Accelerator] = Field(Accelerator.NONE, description="none or nvidia-gpu.")
 
 
 class SLO(Model):
@@ -454,6 +463,8 @@ class CompressedModelSpec(Model):
 
 
 class Condition(Model):
+    model_config = ConfigDict(strict=False)
+
     type: str
     status: ConditionStatus
     reason: str = ""
@@ -463,11 +474,15 @@ class Condition(Model):
 
 
 class ArtifactStatus(Model):
+    model_config = ConfigDict(strict=False)
+
     uri: str = ""
     sha256: str = ""
 
 
 class ServingStatus(Model):
+    model_config = ConfigDict(strict=False)
+
     pool: str = ""
     replicas: int = 0
     ready_replicas: int = 0
@@ -475,12 +490,14 @@ class ServingStatus(Model):
 
 
 class CostStatus(Model):
+    model_config = ConfigDict(strict=False)
+
     hourly: float = 0.0
     per_million_requests: float = 0.0
 
 
 class CompressedModelStatus(Model):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=False)
 
     phase: Phase = Phase.PENDING
     observed_generation: int = 0

@@ -48,6 +48,8 @@ from typing import Any
 from leanserve.autoscaling.errors import TraceError
 from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.autoscaling.policy import (
+    MAX_CAPACITY_RPS,
+    MIN_CAPACITY_RPS,
     TUNED_SETTINGS,
     Decision,
     Observation,
@@ -67,6 +69,9 @@ MAX_TICKS = 50_000
 """At most this many intervals per contender (about a minute of work for all of them): a trace
 with a huge time gap would otherwise replay for hours. A week at 15 s intervals fits."""
 MAX_MIXES = 500_000
+MAX_RATE = 1e9
+"""Requests/s a trace may name (far above any real service; beyond it the arithmetic is not
+meaningful)."""
 """At most this many replica mixes for the bounds' price table (every mix within maxReplicas and
 the budget is enumerated once; more pools and replicas grow it as a product)."""
 
@@ -125,6 +130,9 @@ def load_trace(path: Path) -> Trace:
             raise TraceError(f"trace {path}:{i}: time and rate must be finite")
         if r < 0:
             raise TraceError(f"trace {path}:{i}: requests_per_s must be >= 0, got {r:g}")
+        if r > MAX_RATE:
+            raise TraceError(f"trace {path}:{i}: requests_per_s must be <= {MAX_RATE:g}, "
+                             f"got {r:g}")
         if times and t <= times[-1]:
             raise TraceError(f"trace {path}:{i}: time_s must increase ({t:g} after "
                              f"{times[-1]:g})")
@@ -414,6 +422,13 @@ def check_bounded(trace: Trace, pools: Sequence[PoolCapacity], target: Target) -
     """Refuse, with what to change, a replay whose work has no useful bound: a trace spanning
     more than MAX_TICKS intervals (a huge time gap, or far too long), or pools whose replica
     mixes are more than MAX_MIXES."""
+    if max(trace.rates) > MAX_RATE:
+        raise TraceError(f"trace: a rate of {max(trace.rates):g} requests/s is above "
+                         f"{MAX_RATE:g}")
+    for p in pools:
+        if not MIN_CAPACITY_RPS <= p.capacity_rps <= MAX_CAPACITY_RPS:
+            raise TraceError(f"pool {p.name}: capacity {p.capacity_rps:g} requests/s is out of "
+                             f"range ({MIN_CAPACITY_RPS:g} to {MAX_CAPACITY_RPS:g})")
     n = ticks(trace, target)
     if n > MAX_TICKS:
         gaps = [(b - a, a, b) for a, b in itertools.pairwise(trace.times)]

@@ -248,3 +248,33 @@ def test_compress_disk_full_at_the_report(tiny_spec: Any, tmp_path: Path,
         pipeline.compress(tiny_spec, out, settings=FAST)
     assert disk.failed == 1
     assert not (out / "report.json").exists() and list(out.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# numbers that overflowed the replica arithmetic (found by the fuzz test)
+
+
+def test_rates_and_capacities_out_of_range_are_refused(tmp_path: Path) -> None:
+    from leanserve.autoscaling.errors import PolicyError
+    from leanserve.autoscaling.policy import pools_from_profile
+    from leanserve.autoscaling.simulate import load_trace
+
+    with pytest.raises(TraceError, match=r"t\.csv:3: requests_per_s must be <= 1e\+09"):
+        load_trace(write_trace(tmp_path / "t.csv", [(0, 1), (5, 1e300)]))
+    from leanserve.api import load_one
+
+    spec = load_one(SPEC).spec
+    for cap in (5e-324, 1e-300, 1e300):
+        with pytest.raises(PolicyError, match=r"capacity_rps .* is out of range"):
+            pools_from_profile({"pools": {"cpu-small": {"capacity_rps": cap},
+                                          "cpu-large": {"capacity_rps": 10}}}, spec)
+    with pytest.raises(TraceError, match="out of range"):
+        simulate(Trace((0.0,), (1.0,)), [PoolCapacity("a", 1e-300, 0.1)], Target(100))
+
+
+def test_a_huge_observed_rate_does_not_overflow_the_policy() -> None:
+    from leanserve.autoscaling.policy import cheapest_mix
+
+    pools = [PoolCapacity("a", 1e-6, 0.1), PoolCapacity("b", 10, 0.4)]
+    mix, feasible = cheapest_mix(1.7e308, pools, Target(100, 1, 4))
+    assert not feasible and sum(mix.values()) <= 4

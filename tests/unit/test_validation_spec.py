@@ -421,3 +421,9 @@ def test_every_cel_rule_is_known_and_bounded() -> None:
     spec = SCHEMA["properties"]["spec"]["properties"]
     assert spec["nodePools"]["maxItems"] and spec["compression"]["properties"]["candidates"][
         "maxItems"]
+
+
+def test_s3_can_be_enabled_for_the_code_kept_for_later() -> None:
+    with v.s3_enabled():
+        assert not errors_of(spec_with(spec__model__uri="s3://my-bucket/minilm"))
+    assert errors_of(spec_with(spec__model__uri="s3://my-bucket/minilm"))
