@@ -159,7 +159,8 @@ def _describe(err: dict[str, Any], loc: str) -> str:
         want = kind.removesuffix("_type").removesuffix("_parsing").replace("_", " ")
         want = {"model": "mapping", "dict": "mapping", "list": "list", "int": "integer",
                 "float": "number", "bool": "boolean", "string": "string"}.get(want, want)
-        return f"expected a {want}{got}"
+        article = "an" if want[:1] in "aeiou" else "a"
+        return f"expected {article} {want}{got}"
     return err["msg"] + got
 
 
