@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from leanserve.api.spec import API_VERSION, KIND, CompressedModel, CompressedModelSpec
-from leanserve.api.validators import SECRET_NAME
+from leanserve.api.validators import DNS_1123_LABEL_PATTERN, SECRET_NAME
 
 
 class SpecError(Exception):
@@ -138,6 +138,9 @@ def _describe(err: dict[str, Any], loc: str) -> str:
         key, sign = bounds[kind]
         return f"must be {sign}{ctx[key]}{got}"
     if kind == "string_pattern_mismatch":
+        if ctx.get("pattern") == DNS_1123_LABEL_PATTERN:
+            return f"{value!r} is not a namespace name (allowed: lowercase letters, digits and " \
+                   "'-', starting and ending with a letter or digit)"
         if ctx.get("pattern") == SECRET_NAME:
             return f"{value!r} is not a Secret name (allowed: a DNS-1123 subdomain: lowercase " \
                    "letters, digits, '-' and '.')"

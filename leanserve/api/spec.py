@@ -514,10 +514,27 @@ METADATA_NAME_MAX = 52
 
 
 class ObjectMeta(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """metadata: the name is checked; the other fields of a Kubernetes ObjectMeta are allowed
+    (the operator parses objects from the API server) and anything else is refused, as the API
+    server's strict field validation does."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
     name: str = Field(pattern=v.DNS_1035_LABEL, max_length=METADATA_NAME_MAX)
-    namespace: str | None = None
+    namespace: str | None = Field(None, pattern=v.DNS_1123_LABEL_PATTERN, max_length=63)
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    generate_name: str | None = None
+    self_link: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    creation_timestamp: Any = None
+    deletion_timestamp: Any = None
+    deletion_grace_period_seconds: int | None = None
+    owner_references: list[Any] | None = None
+    finalizers: list[str] | None = None
+    managed_fields: list[Any] | None = None
 
 
 class CompressedModel(Model):

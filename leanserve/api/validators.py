@@ -25,6 +25,8 @@ from urllib.parse import unquote
 
 DNS_1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 DNS_1123_SUBDOMAIN = rf"{DNS_1123_LABEL}(\.{DNS_1123_LABEL})*"
+DNS_1123_LABEL_PATTERN = rf"^{DNS_1123_LABEL}$"
+"""A namespace's name."""
 DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 """metadata.name: it names a Service (DNS-1035: starts with a letter)."""
 SECRET_NAME = rf"^({DNS_1123_SUBDOMAIN})?$"

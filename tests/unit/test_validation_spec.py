@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from leanserve.api import SpecError, parse
 from leanserve.api import validators as v
 from leanserve.api.crd import crd
+from leanserve.api.spec import ObjectMeta
 from leanserve.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -338,6 +339,25 @@ def _cel_failures(schema: dict[str, Any], node: Any) -> list[str]:
 SCHEMA = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
+def _draft4(node: Any) -> Any:
+    """The CRD schema as draft 4 reads it: int-or-string typed, metadata's fields typed."""
+    if isinstance(node, list):
+        return [_draft4(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _draft4(x) for k, x in node.items()}
+    if out.get("x-kubernetes-int-or-string"):
+        out["type"] = ["integer", "string"]
+    return out
+
+
+DRAFT4 = _draft4(SCHEMA)
+DRAFT4["properties"]["metadata"]["properties"].update(
+    namespace={"type": "string"}, labels={"type": "object", "additionalProperties": {
+        "type": "string"}}, annotations={"type": "object", "additionalProperties": {
+            "type": "string"}})
+
+
 def schema_refusals(doc: Any) -> list[str]:
     """What `kubectl apply` (strict field validation) and the API server would refuse, as far as
     an OpenAPI v3 (draft 4) validator, unknown-field and JSON checks and the CEL rules above
@@ -347,9 +367,22 @@ def schema_refusals(doc: Any) -> list[str]:
         return ["not a served CompressedModel"]
     if any(isinstance(x, float) and not math.isfinite(x) for x in _leaves(doc)):
         return ["NaN/Inf cannot be sent as JSON"]
-    out = [e.message for e in jsonschema.Draft4Validator(SCHEMA).iter_errors(doc)]
+    doc = _without_nulls(doc)  # the API server drops null fields that are not nullable
+    out = [e.message for e in jsonschema.Draft4Validator(DRAFT4).iter_errors(doc)]
     out += _unknown_fields(SCHEMA, doc)
+    meta = doc.get("metadata")
+    if isinstance(meta, dict):
+        known = {f.alias or n for n, f in ObjectMeta.model_fields.items()}
+        out += [f"unknown field metadata.{k}" for k in meta if k not in known]
     return out or _cel_failures(SCHEMA, doc)
+
+
+def _without_nulls(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_nulls(x) for k, x in node.items() if x is not None}
+    if isinstance(node, list):
+        return [_without_nulls(x) for x in node]
+    return node
 
 
 def _leaves(node: Any):
