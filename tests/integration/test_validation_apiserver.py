@@ -73,3 +73,33 @@ def test_refusal_names_the_field() -> None:
     doc["spec"]["data"]["uri"] = "pvc://models/../../etc/passwd"
     r = kubectl("apply", "--dry-run=server", "-f", "-", stdin=json.dumps(doc))
     assert r.returncode != 0 and "spec.data.uri" in r.stderr and "'..'" in r.stderr
+
+
+def test_what_leanserve_accepts_the_api_server_accepts() -> None:
+    """Hypothesis mutations of the example: a spec leanserve's validation accepts is never
+    refused by the API server (the CRD is not stricter than `leanserve validate`)."""
+    import sys
+
+    from hypothesis import HealthCheck, given, settings
+
+    sys.path.insert(0, str(ROOT / "tests" / "unit"))
+    from test_validation_fuzz import mutated, python_accepts
+
+    seen = {"accepted": 0}
+
+    @settings(max_examples=150, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(mutated())
+    def check(doc: dict) -> None:
+        try:
+            body = json.dumps(doc, allow_nan=False)
+        except ValueError:
+            return
+        if not python_accepts(doc):
+            return
+        seen["accepted"] += 1
+        r = kubectl("apply", "--dry-run=server", "-f", "-", stdin=body)
+        assert r.returncode == 0, r.stderr
+
+    check()
+    assert seen["accepted"] >= 10
