@@ -9,6 +9,7 @@ Python code reads the snake_case attributes.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -412,6 +413,26 @@ class Autoscaling(Model):
         return self
 
 
+MAX_REPLICA_MIXES = 2_000_000
+"""The autoscaling policy searches every mix of replicas per pool within maxReplicas and the
+budget (exhaustively, which is exact and fast for a few pools); a spec whose mixes are more than
+this would make each decision take seconds to hours, so it is refused."""
+
+
+def replica_mixes(spec: CompressedModelSpec) -> int:
+    """How many replica mixes the pools allow: the product over pools of (most replicas of the
+    pool within maxReplicas and the budget) + 1."""
+    a = spec.autoscaling
+    total = 1
+    for p in spec.node_pools:
+        most = a.max_replicas if a.max_hourly_cost is None else \
+            min(a.max_replicas, math.floor(a.max_hourly_cost / p.hourly_price + 1e-9))
+        total *= most + 1
+        if total > MAX_REPLICA_MIXES:
+            break
+    return total
+
+
 BUDGET_CEL = (
     "!has(self.autoscaling) || !has(self.autoscaling.maxHourlyCost) || "
     "self.nodePools.exists(p, p.hourlyPrice * double(has(self.autoscaling.minReplicas) ? "
@@ -447,6 +468,13 @@ class CompressedModelSpec(Model):
                 self.model.task is Task.FEATURE_EXTRACTION:
             raise ValueError("quality.metric: accuracy needs a classification task "
                              "(allowed for feature-extraction: cosine)")
+        mixes = replica_mixes(self)
+        if mixes > MAX_REPLICA_MIXES:
+            raise ValueError(f"autoscaling.maxReplicas: {len(self.node_pools)} pools of up to "
+                             f"{self.autoscaling.max_replicas} replicas make {mixes:.3g} replica "
+                             f"mixes for the policy to search (allowed: at most "
+                             f"{MAX_REPLICA_MIXES:g}; lower maxReplicas, set maxHourlyCost or use "
+                             "fewer pools)")
         budget, n = self.autoscaling.max_hourly_cost, self.autoscaling.min_replicas
         if budget is not None and not any(p.hourly_price * n <= budget for p in self.node_pools):
             cheapest = min(self.node_pools, key=lambda p: p.hourly_price)

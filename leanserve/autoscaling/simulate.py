@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leanserve.api.spec import MAX_REPLICA_MIXES
 from leanserve.autoscaling.errors import TraceError
 from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.autoscaling.policy import (
@@ -68,12 +69,13 @@ MODEL = "sim"
 MAX_TICKS = 50_000
 """At most this many intervals per contender (about a minute of work for all of them): a trace
 with a huge time gap would otherwise replay for hours. A week at 15 s intervals fits."""
-MAX_MIXES = 500_000
+MAX_MIXES = MAX_REPLICA_MIXES
+"""At most this many replica mixes for the bounds' price table (every mix within maxReplicas and
+the budget is enumerated once; more pools and replicas grow it as a product); a valid spec never
+has more."""
 MAX_RATE = 1e9
 """Requests/s a trace may name (far above any real service; beyond it the arithmetic is not
 meaningful)."""
-"""At most this many replica mixes for the bounds' price table (every mix within maxReplicas and
-the budget is enumerated once; more pools and replicas grow it as a product)."""
 
 
 @dataclass(frozen=True)
