@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from leanserve.api.spec import API_VERSION, KIND, CompressedModel, CompressedModelSpec
-from leanserve.api.validators import DNS_1123_LABEL_PATTERN, SECRET_NAME
+from leanserve.api.validators import DNS_1123_LABEL_PATTERN, LABEL_VALUE_PATTERN, SECRET_NAME
 
 
 class SpecError(Exception):
@@ -141,6 +141,9 @@ def _describe(err: dict[str, Any], loc: str) -> str:
         if ctx.get("pattern") == DNS_1123_LABEL_PATTERN:
             return f"{value!r} is not a namespace name (allowed: lowercase letters, digits and " \
                    "'-', starting and ending with a letter or digit)"
+        if ctx.get("pattern") == LABEL_VALUE_PATTERN:
+            return f"{value!r} is not a label value (allowed: at most 63 letters, digits, '-', " \
+                   "'_' and '.', starting and ending with a letter or digit, or empty)"
         if ctx.get("pattern") == SECRET_NAME:
             return f"{value!r} is not a Secret name (allowed: a DNS-1123 subdomain: lowercase " \
                    "letters, digits, '-' and '.')"

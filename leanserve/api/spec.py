@@ -356,11 +356,31 @@ ResourceList = Annotated[dict[str, Quantity], AfterValidator(v.check_resources)]
 
 
 class Toleration(Model):
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || "
+         "self.value == ''", "a toleration with operator Exists takes no value"),
+    ))
+
     key: str | None = Field(None, max_length=316)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(None, max_length=63)
+    value: str | None = Field(None, max_length=63, pattern=v.LABEL_VALUE_PATTERN)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=0, le=10**9)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, key: str | None) -> str | None:
+        problem = v.label_key_problem(key) if key else None
+        if problem:
+            raise ValueError(problem)
+        return key
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value: a toleration with operator Exists takes no value "
+                             "(allowed: leave value out, or use operator Equal)")
+        return self
 
 
 class Resources(Model):
@@ -370,7 +390,11 @@ class Resources(Model):
 
 class NodePool(Model):
     name: str = Field(pattern=DNS_LABEL, max_length=40, description="Pool name (a DNS label).")
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: Annotated[
+        dict[str, Annotated[str, Field(max_length=63, pattern=v.LABEL_VALUE_PATTERN)]],
+        AfterValidator(v.check_label_keys)] = Field(
+            default_factory=dict, max_length=32,
+            description="Node labels a replica needs (keys are checked by the operator).")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=16)
     resources: Resources = Field(default_factory=Resources)
     hourly_price: float = Field(gt=0, description="USD for one replica for one hour.")

@@ -214,6 +214,35 @@ def check_resources(values: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# labels (nodeSelector) and taints (tolerations)
+
+_LABEL_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+LABEL_VALUE_PATTERN = rf"^({_LABEL_NAME})?$"
+"""A label value: empty, or up to 63 letters, digits, '-', '_' and '.', alphanumeric at both
+ends."""
+LABEL_ALLOWED = ("a label key [PREFIX/]NAME: PREFIX a DNS-1123 subdomain of at most 253 "
+                 "characters, NAME at most 63 letters, digits, '-', '_' and '.', starting and "
+                 "ending with a letter or digit")
+
+
+def label_key_problem(key: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (prefix and len(prefix) <= 253 and re.fullmatch(DNS_1123_SUBDOMAIN, prefix)):
+        return f"{key!r} is not {LABEL_ALLOWED}"
+    if not (name and len(name) <= 63 and re.fullmatch(_LABEL_NAME, name)):
+        return f"{key!r} is not {LABEL_ALLOWED}"
+    return None
+
+
+def check_label_keys(labels: dict[str, str]) -> dict[str, str]:
+    for key in labels:
+        problem = label_key_problem(key)
+        if problem:
+            raise ValueError(problem)
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
 # image references (the distribution reference grammar)
 
 _DOMAIN_PART = r"([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"

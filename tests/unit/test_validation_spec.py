@@ -310,6 +310,8 @@ def _cel(rule: str):
             or s["model"].get("task", "feature-extraction") != "feature-extraction",
         "self.minReplicas <= self.maxReplicas":
             lambda s: s.get("minReplicas", 1) <= s.get("maxReplicas", 10),
+        "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || "
+        "self.value == ''": lambda s: s.get("operator") != "Exists" or not s.get("value"),
         v.DOTDOT_CEL: lambda s: not re.search("(^|/)[.][.](/|$)", s),
         v.ENCODED_CEL: lambda s: not re.search("%(2[eEfF]|5[cC]|25)", s),
     }
@@ -460,3 +462,37 @@ def test_s3_can_be_enabled_for_the_code_kept_for_later() -> None:
     with v.s3_enabled():
         assert not errors_of(spec_with(spec__model__uri="s3://my-bucket/minilm"))
     assert errors_of(spec_with(spec__model__uri="s3://my-bucket/minilm"))
+
+
+@pytest.mark.parametrize(("selector", "why"), [
+    ({"leanserve.io/pool": "cpu"}, None), ({"pool": ""}, None), ({"a.b/c_d.e-f": "x_y.z-1"}, None),
+    ({"Pool Name": "x"}, "is not a label key"), ({"/pool": "x"}, "is not a label key"),
+    ({"UPPER.io/pool": "x"}, "is not a label key"), ({"a/" + "n" * 64: "x"}, "is not a label key"),
+    ({"pool": "a b"}, "is not a label value"), ({"pool": "-x"}, "is not a label value"),
+    ({"pool": "x" * 64}, "too long"),
+])
+def test_node_selector_labels(selector: dict[str, str], why: str | None) -> None:
+    errs = errors_of(spec_with(spec__nodePools__0__nodeSelector=selector))
+    if why is None:
+        assert errs == []
+    else:
+        assert len(errs) == 1 and errs[0].startswith("spec.nodePools.0.nodeSelector") \
+            and why in errs[0], errs
+
+
+@pytest.mark.parametrize(("toleration", "why"), [
+    ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, None),
+    ({"key": "dedicated", "operator": "Equal", "value": "ml", "tolerationSeconds": 30}, None),
+    ({"key": "nvidia.com/gpu", "operator": "Exists", "value": "x"}, "takes no value"),
+    ({"key": "bad key", "operator": "Exists"}, "is not a label key"),
+    ({"key": "k", "operator": "Equal", "value": "a b"}, "is not a label value"),
+    ({"key": "k", "tolerationSeconds": -1}, "must be >= 0"),
+    ({"key": "k", "effect": "Evict"}, "is not allowed"),
+])
+def test_tolerations(toleration: dict[str, Any], why: str | None) -> None:
+    errs = errors_of(spec_with(spec__nodePools__0__tolerations=[toleration]))
+    if why is None:
+        assert errs == []
+    else:
+        assert len(errs) == 1 and errs[0].startswith("spec.nodePools.0.tolerations.0") \
+            and why in errs[0], errs
