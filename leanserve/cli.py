@@ -35,6 +35,7 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_SPEC = "examples/minilm-cpu.yaml"
+MAX_STARTUP_SECONDS = 86_400.0  # a replica that takes more than a day to start is not modelled
 
 
 def friendly(fn: F) -> F:
@@ -197,7 +198,7 @@ def simulate(
     profile: Annotated[Path | None, typer.Option(help="Serving profile JSON.")] = None,
     startup_seconds: Annotated[float, typer.Option(
         help="Seconds from asking for a replica until it serves (pod scheduling, image pull, "
-             "model load).", min=0)] = 30.0,
+             "model load).", min=0, max=MAX_STARTUP_SECONDS)] = 30.0,
 ) -> None:
     """Replay a load trace against leanserve's policy, static, HPA, KEDA and an oracle, and say
     what SLO attainment the trace allows at this start-up (rise and reactive bounds)."""

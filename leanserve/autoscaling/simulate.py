@@ -378,6 +378,9 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
         raise TraceError(f"simulate: unknown policies {sorted(unknown)}; known: {POLICIES}")
     check_bounded(trace, pools, target)
     cfg = cfg or SimConfig()
+    if not 0 <= cfg.startup_seconds <= 86_400:
+        raise TraceError(f"simulate: startup_seconds must be within 0..86400, got "
+                         f"{cfg.startup_seconds!r}")
     settings = PolicySettings(**{**cfg.settings.__dict__, "startup_seconds": cfg.startup_seconds})
     cfg = SimConfig(**{**cfg.__dict__, "settings": settings})
     pools = list(pools)

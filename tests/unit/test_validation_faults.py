@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import resource
 import signal
@@ -278,3 +279,12 @@ def test_a_huge_observed_rate_does_not_overflow_the_policy() -> None:
     pools = [PoolCapacity("a", 1e-6, 0.1), PoolCapacity("b", 10, 0.4)]
     mix, feasible = cheapest_mix(1.7e308, pools, Target(100, 1, 4))
     assert not feasible and sum(mix.values()) <= 4
+
+
+@pytest.mark.parametrize("startup", [1e300, math.inf, math.nan, -1.0])
+def test_start_up_beyond_a_day_is_refused(startup: float) -> None:
+    from leanserve.autoscaling.simulate import SimConfig
+
+    with pytest.raises(TraceError, match=r"startup_seconds must be within 0\.\.86400"):
+        simulate(Trace((0.0, 30.0), (1.0, 2.0)), [PoolCapacity("a", 10, 0.1)],
+                 Target(100, 1, 4, interval_seconds=30), SimConfig(startup_seconds=startup))

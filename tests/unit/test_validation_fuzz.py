@@ -184,16 +184,19 @@ def profile_docs() -> st.SearchStrategy[Any]:
                      json_values)
 
 
-def simulate_cli(tmp: Path, trace_text: str, profile: Any | None) -> tuple[int, str]:
+def simulate_cli(tmp: Path, trace_text: str, profile: Any | None,
+                 startup: str = "30") -> tuple[int, str]:
     (tmp / "t.csv").write_text(trace_text)
     args = ["simulate", "--trace", str(tmp / "t.csv"), "--spec", str(SPEC),
-            "--out", str(tmp / "out")]
+            "--out", str(tmp / "out"), "--startup-seconds", startup]
     if profile is not None:
         (tmp / "p.json").write_text(json.dumps(profile))
         args += ["--profile", str(tmp / "p.json")]
     code, out = run_cli(args)
-    assert code in (0, 1), out
-    if code == 1:
+    assert code in (0, 1, 2), out  # 2: a command-line option out of its range (click)
+    if code == 2:
+        assert "--startup-seconds" in out
+    elif code == 1:
         errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1, out
     else:
@@ -205,13 +208,15 @@ def simulate_cli(tmp: Path, trace_text: str, profile: Any | None) -> tuple[int, 
 
 @settings(max_examples=25, deadline=15_000, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(trace_rows(), st.one_of(st.none(), profile_docs()))
+@given(trace_rows(), st.one_of(st.none(), profile_docs()),
+       st.one_of(st.just(30.0), st.floats(0, 3600), st.sampled_from(
+           [0.0, 86_400.0, 1e300, math.inf, math.nan, -1.0])))
 def test_simulate_fuzzed_traces_and_profiles(rows: list[tuple[float, float]],
-                                             profile: Any | None) -> None:
+                                             profile: Any | None, startup: float) -> None:
     assume(all(math.isfinite(t) for t, _ in rows))
     text = "time_s,requests_per_s\n" + "".join(f"{t!r},{r!r}\n" for t, r in rows)
     with tempfile.TemporaryDirectory() as d:
-        simulate_cli(Path(d), text, profile)
+        simulate_cli(Path(d), text, profile, repr(startup))
 
 
 @settings(max_examples=40, deadline=5000, derandomize=True)
