@@ -140,7 +140,7 @@ def python_accepts(doc: Any) -> bool:
     return True
 
 
-@settings(max_examples=300, deadline=3000, derandomize=True,
+@settings(max_examples=200, deadline=3000, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_example_is_valid_or_clear_errors(doc: dict[str, Any]) -> None:
