@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from leanserve.errors import LeanserveError
 
@@ -34,6 +35,7 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_SPEC = "examples/minilm-cpu.yaml"
+MAX_STARTUP_SECONDS = 86_400.0  # a replica that takes more than a day to start is not modelled
 
 
 def friendly(fn: F) -> F:
@@ -47,10 +49,12 @@ def friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except SpecError as exc:
             for line in exc.errors:
-                err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+                err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False,
+                                  soft_wrap=True)
             raise typer.Exit(1) from None
         except LeanserveError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -63,9 +67,13 @@ def friendly(fn: F) -> F:
 @friendly
 def validate(
     specs: Annotated[list[Path], typer.Argument(help="CompressedModel YAML files.")],
+    check_paths: Annotated[bool, typer.Option(
+        help="Warn about local model and data paths (file://, relative, package://) that do "
+             "not exist; relative paths are resolved against the spec file's folder.")] = True,
 ) -> None:
     """Check CompressedModel specs; print a one-line plan per document or every error."""
     from leanserve.api.load import SpecError, load_file
+    from leanserve.api.paths import missing_paths
 
     failed = False
     for path in specs:
@@ -75,13 +83,16 @@ def validate(
             failed = True
             for line in exc.errors:
                 where = "" if line.startswith(str(path)) else f"{path}: "
-                err_console.print(f"[red]invalid[/red] {where}{line}", highlight=False,
+                err_console.print(f"[red]invalid[/red] {escape(where + line)}", highlight=False,
                                   soft_wrap=True)
             continue
         for item in loaded:
+            for line in missing_paths(item) if check_paths else []:
+                err_console.print(f"[yellow]warning[/yellow] {escape(f'{path}: {line}')}",
+                                  highlight=False, soft_wrap=True)
             s = item.spec
             console.print(
-                f"[green]valid[/green] {path}: {item.name}: "
+                f"[green]valid[/green] {escape(str(path))}: {item.name}: "
                 f"candidates={','.join(c.name for c in s.compression.candidates)} "
                 f"pools={','.join(f'{p.name}(${p.hourly_price:g}/h)' for p in s.node_pools)} "
                 f"slo=p95<={s.slo.latency_p95_ms:g}ms gate={s.quality.metric.value}"
@@ -187,7 +198,7 @@ def simulate(
     profile: Annotated[Path | None, typer.Option(help="Serving profile JSON.")] = None,
     startup_seconds: Annotated[float, typer.Option(
         help="Seconds from asking for a replica until it serves (pod scheduling, image pull, "
-             "model load).", min=0)] = 30.0,
+             "model load).", min=0, max=MAX_STARTUP_SECONDS)] = 30.0,
 ) -> None:
     """Replay a load trace against leanserve's policy, static, HPA, KEDA and an oracle, and say
     what SLO attainment the trace allows at this start-up (rise and reactive bounds)."""

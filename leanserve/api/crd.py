@@ -15,6 +15,7 @@ from leanserve.api.spec import (
     API_VERSION,
     GROUP,
     KIND,
+    METADATA_NAME_MAX,
     PLURAL,
     SHORT_NAME,
     SINGULAR,
@@ -22,6 +23,7 @@ from leanserve.api.spec import (
     CompressedModelSpec,
     CompressedModelStatus,
 )
+from leanserve.api.validators import DNS_1035_LABEL
 
 _DROP = {"title", "$defs"}
 
@@ -93,7 +95,9 @@ def crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # the only restriction a CRD may put on metadata: the name (it names a Service)
+            "metadata": {"type": "object", "properties": {"name": {
+                "type": "string", "pattern": DNS_1035_LABEL, "maxLength": METADATA_NAME_MAX}}},
             "spec": openapi_schema(CompressedModelSpec),
             "status": status,
         },

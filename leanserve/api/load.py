@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from leanserve.api.spec import API_VERSION, KIND, CompressedModel, CompressedModelSpec
+from leanserve.api.validators import DNS_1123_LABEL_PATTERN, LABEL_VALUE_PATTERN, SECRET_NAME
 
 
 class SpecError(Exception):
@@ -137,8 +138,19 @@ def _describe(err: dict[str, Any], loc: str) -> str:
         key, sign = bounds[kind]
         return f"must be {sign}{ctx[key]}{got}"
     if kind == "string_pattern_mismatch":
+        if ctx.get("pattern") == DNS_1123_LABEL_PATTERN:
+            return f"{value!r} is not a namespace name (allowed: lowercase letters, digits and " \
+                   "'-', starting and ending with a letter or digit)"
+        if ctx.get("pattern") == LABEL_VALUE_PATTERN:
+            return f"{value!r} is not a label value (allowed: at most 63 letters, digits, '-', " \
+                   "'_' and '.', starting and ending with a letter or digit, or empty)"
+        if ctx.get("pattern") == SECRET_NAME:
+            return f"{value!r} is not a Secret name (allowed: a DNS-1123 subdomain: lowercase " \
+                   "letters, digits, '-' and '.')"
         return f"{value!r} is not a valid name (allowed: lowercase letters, digits and '-', " \
                "starting with a letter)"
+    if kind == "finite_number":
+        return f"must be a finite number{got}"
     if kind == "too_short":
         return f"needs at least {ctx.get('min_length')} item(s)"
     if kind == "too_long":
@@ -153,7 +165,8 @@ def _describe(err: dict[str, Any], loc: str) -> str:
         want = kind.removesuffix("_type").removesuffix("_parsing").replace("_", " ")
         want = {"model": "mapping", "dict": "mapping", "list": "list", "int": "integer",
                 "float": "number", "bool": "boolean", "string": "string"}.get(want, want)
-        return f"expected a {want}{got}"
+        article = "an" if want[:1] in "aeiou" else "a"
+        return f"expected {article} {want}{got}"
     return err["msg"] + got
 
 

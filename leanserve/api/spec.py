@@ -9,10 +9,22 @@ Python code reads the snake_case attributes.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal
+import math
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+
+from leanserve.api import validators as v
 
 GROUP = "leanserve.io"
 VERSION = "v1alpha1"
@@ -44,6 +56,10 @@ class Model(BaseModel):
         extra="forbid",
         use_enum_values=False,
         validate_default=True,
+        allow_inf_nan=False,
+        # types as the API server checks them: no true for a number, no "5" for an integer, no
+        # 1.5 for an integer (enum fields, which take their strings, say strict=False)
+        strict=True,
     )
 
     def to_wire(self) -> dict[str, Any]:
@@ -135,14 +151,26 @@ class ConditionStatus(str, enum.Enum):
 # --------------------------------------------------------------------------------------------
 # spec.model, spec.data, spec.artifacts
 
+E = TypeVar("E", bound=enum.Enum)
+Lax = Annotated[E, Strict(False)]
+"""An enum field: its string value is accepted (the models are strict otherwise)."""
+
+Uri = Annotated[str, AfterValidator(v.check_uri), Field(json_schema_extra={
+    "pattern": v.URI_PATTERN, "maxLength": v.MAX_URI, "x-kubernetes-validations": v.URI_CEL})]
+OptionalUri = Annotated[str, AfterValidator(v.check_optional_uri), Field(json_schema_extra={
+    "pattern": v.OPTIONAL_URI_PATTERN, "maxLength": v.MAX_URI,
+    "x-kubernetes-validations": v.URI_CEL})]
+
 
 class ModelSource(Model):
     """The trained model to compress."""
 
-    uri: str = Field(min_length=1, description="file://, pvc://CLAIM/PATH, s3://BUCKET/PATH, "
-                     "package://PACKAGE/PATH or a path relative to the spec file.")
-    format: ModelFormat = Field(ModelFormat.HUGGINGFACE, description="How the model is stored.")
-    task: Task = Field(Task.FEATURE_EXTRACTION, description="What the model computes.")
+    uri: Uri = Field(description="file:///PATH, pvc://CLAIM/PATH, package://PACKAGE/PATH or a "
+                     "path relative to the spec file (one machine only). s3:// is not "
+                     "supported yet.")
+    format: Lax[ModelFormat] = Field(ModelFormat.HUGGINGFACE,
+                                     description="How the model is stored.")
+    task: Lax[Task] = Field(Task.FEATURE_EXTRACTION, description="What the model computes.")
     max_sequence_length: int = Field(128, ge=1, le=8192,
                                      description="Tokens per input for text models.")
 
@@ -150,7 +178,8 @@ class ModelSource(Model):
 class DataSource(Model):
     """Calibration, evaluation and distillation data."""
 
-    uri: str = Field(min_length=1, description="jsonl ({\"text\", \"label\"}) or npz (x, y).")
+    uri: Uri = Field(description="jsonl ({\"text\", \"label\"}) or npz (x, y); a URI as "
+                     "spec.model.uri, relative paths resolve against the spec file's folder.")
     eval_fraction: float = Field(0.25, gt=0, lt=1,
                                  description="Share of rows held out to evaluate quality.")
 
@@ -158,8 +187,10 @@ class DataSource(Model):
 class Artifacts(Model):
     """Where compressed models and reports go."""
 
-    uri: str = Field("", description="Default: beside the model, under leanserve/<name>/<hash>/.")
-    secret_name: str = Field("", description="Secret with AWS_* keys for s3:// stores.")
+    uri: OptionalUri = Field("", description="Default: beside the model, under "
+                             "leanserve/<name>/<hash>/.")
+    secret_name: str = Field("", max_length=253, pattern=v.SECRET_NAME,
+                             description="Secret with AWS_* keys for s3:// stores.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +198,7 @@ class Artifacts(Model):
 
 
 class QuantizeStep(Model):
-    method: QuantizeMethod = Field(description="Quantization scheme.")
+    method: Lax[QuantizeMethod] = Field(description="Quantization scheme.")
     per_channel: bool = Field(False, description="One scale per output channel.")
     calibration_samples: int = Field(256, ge=1, le=100_000,
                                      description="Rows used to calibrate (int8-static).")
@@ -178,10 +209,10 @@ class QuantizeStep(Model):
 
 
 class PruneStep(Model):
-    method: PruneMethod = Field(description="magnitude (unstructured) or structured.")
-    granularity: Granularity = Field(Granularity.NEURON,
+    method: Lax[PruneMethod] = Field(description="magnitude (unstructured) or structured.")
+    granularity: Lax[Granularity] = Field(Granularity.NEURON,
                                      description="What structured pruning removes.")
-    importance: Importance = Field(Importance.L1, description="How parts are ranked.")
+    importance: Lax[Importance] = Field(Importance.L1, description="How parts are ranked.")
     sparsity: float = Field(ge=0, lt=1, description="Share of weights or structures removed.")
     iterations: int = Field(1, ge=1, le=100, description="Pruning steps to reach the sparsity.")
     fine_tune_epochs: int = Field(0, ge=0, le=100,
@@ -300,15 +331,17 @@ class Compression(Model):
 
 
 class Quality(Model):
-    metric: QualityMetric = Field(QualityMetric.COSINE,
+    metric: Lax[QualityMetric] = Field(QualityMetric.COSINE,
                                   description="cosine (to the uncompressed model) or accuracy.")
     max_drop: float = Field(0.01, ge=0, le=1,
                             description="Absolute drop allowed against the baseline.")
 
 
 class Serving(Model):
-    image: str = Field("nvcr.io/nvidia/tritonserver:24.08-py3", min_length=1,
-                       description="Triton image.")
+    image: Annotated[str, AfterValidator(v.check_image)] = Field(
+        "nvcr.io/nvidia/tritonserver:24.08-py3", min_length=1,
+        json_schema_extra={"pattern": v.IMAGE_PATTERN, "maxLength": v.MAX_IMAGE},
+        description="Triton image reference.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Triton max_batch_size.")
     max_queue_delay_microseconds: int = Field(1000, ge=0, le=10_000_000,
                                               description="Dynamic batcher queue delay.")
@@ -317,29 +350,55 @@ class Serving(Model):
 # --------------------------------------------------------------------------------------------
 # spec.nodePools, spec.slo, spec.autoscaling
 
-Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+Quantity = Annotated[int | str, BeforeValidator(v.check_quantity), Field(json_schema_extra={
+    "x-kubernetes-int-or-string": True, "pattern": v.QUANTITY_PATTERN, "maxLength": 64})]
+ResourceList = Annotated[dict[str, Quantity], AfterValidator(v.check_resources)]
 
 
 class Toleration(Model):
-    key: str | None = None
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || "
+         "self.value == ''", "a toleration with operator Exists takes no value"),
+    ))
+
+    key: str | None = Field(None, max_length=316)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: str | None = Field(None, max_length=63, pattern=v.LABEL_VALUE_PATTERN)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=0, le=10**9)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, key: str | None) -> str | None:
+        problem = v.label_key_problem(key) if key else None
+        if problem:
+            raise ValueError(problem)
+        return key
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value: a toleration with operator Exists takes no value "
+                             "(allowed: leave value out, or use operator Equal)")
+        return self
 
 
 class Resources(Model):
-    requests: dict[str, Quantity] = Field(default_factory=dict)
-    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: ResourceList = Field(default_factory=dict)
+    limits: ResourceList = Field(default_factory=dict)
 
 
 class NodePool(Model):
     name: str = Field(pattern=DNS_LABEL, max_length=40, description="Pool name (a DNS label).")
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: Annotated[
+        dict[str, Annotated[str, Field(max_length=63, pattern=v.LABEL_VALUE_PATTERN)]],
+        AfterValidator(v.check_label_keys)] = Field(
+            default_factory=dict, max_length=32,
+            description="Node labels a replica needs (keys are checked by the operator).")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=16)
     resources: Resources = Field(default_factory=Resources)
     hourly_price: float = Field(gt=0, description="USD for one replica for one hour.")
-    accelerator: Accelerator = Field(Accelerator.NONE, description="none or nvidia-gpu.")
+    accelerator: Lax[Accelerator] = Field(Accelerator.NONE, description="none or nvidia-gpu.")
 
 
 class SLO(Model):
@@ -351,12 +410,24 @@ class Autoscaling(Model):
         ("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas"),
     ))
 
-    min_replicas: int = Field(1, ge=0, le=1000)
+    min_replicas: int = Field(1, ge=1, le=1000, description="At least 1: nothing activates a "
+                              "replica on the first request, so scale to zero is refused.")
     max_replicas: int = Field(10, ge=1, le=1000)
     max_hourly_cost: float | None = Field(None, gt=0, description="USD per hour, all pools.")
     interval_seconds: int = Field(30, ge=1, le=3600)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
-    prometheus_url: str = Field("http://prometheus-operated.monitoring:9090", min_length=1)
+    prometheus_url: Annotated[str, AfterValidator(v.check_http_url)] = Field(
+        "http://prometheus-operated.monitoring:9090", min_length=1,
+        json_schema_extra={"pattern": v.HTTP_URL_PATTERN, "maxLength": v.MAX_URL},
+        description="http(s) URL of Prometheus's HTTP API.")
+
+    @field_validator("min_replicas", mode="before")
+    @classmethod
+    def _no_scale_to_zero(cls, value: Any) -> Any:
+        if value == 0 and not isinstance(value, bool):
+            raise ValueError("0 (scale to zero) is not supported: nothing activates a replica on "
+                             "the first request (allowed: >= 1)")
+        return value
 
     @model_validator(mode="after")
     def _order(self) -> Autoscaling:
@@ -366,6 +437,33 @@ class Autoscaling(Model):
         return self
 
 
+MAX_REPLICA_MIXES = 2_000_000
+"""The autoscaling policy searches every mix of replicas per pool within maxReplicas and the
+budget (exhaustively, which is exact and fast for a few pools); a spec whose mixes are more than
+this would make each decision take seconds to hours, so it is refused."""
+
+
+def replica_mixes(spec: CompressedModelSpec) -> int:
+    """How many replica mixes the pools allow: the product over pools of (most replicas of the
+    pool within maxReplicas and the budget) + 1."""
+    a = spec.autoscaling
+    total = 1
+    for p in spec.node_pools:
+        most = a.max_replicas if a.max_hourly_cost is None else \
+            min(a.max_replicas, math.floor(a.max_hourly_cost / p.hourly_price + 1e-9))
+        total *= most + 1
+        if total > MAX_REPLICA_MIXES:
+            break
+    return total
+
+
+BUDGET_CEL = (
+    "!has(self.autoscaling) || !has(self.autoscaling.maxHourlyCost) || "
+    "self.nodePools.exists(p, p.hourlyPrice * double(has(self.autoscaling.minReplicas) ? "
+    "self.autoscaling.minReplicas : 1) <= self.autoscaling.maxHourlyCost)")
+"""The budget must pay for minReplicas of at least one pool (the same test as the validator)."""
+
+
 class CompressedModelSpec(Model):
     model_config = ConfigDict(json_schema_extra=_cel(
         ("self.nodePools.all(p, self.nodePools.exists_one(q, q.name == p.name))",
@@ -373,6 +471,8 @@ class CompressedModelSpec(Model):
         ("!has(self.quality) || !has(self.quality.metric) || self.quality.metric != 'accuracy'"
          " || !has(self.model.task) || self.model.task != 'feature-extraction'",
          "quality.metric accuracy needs a classification task"),
+        (BUDGET_CEL, "autoscaling.maxHourlyCost is below the cheapest pool's hourlyPrice x "
+                     "minReplicas"),
     ))
 
     model: ModelSource
@@ -392,6 +492,21 @@ class CompressedModelSpec(Model):
                 self.model.task is Task.FEATURE_EXTRACTION:
             raise ValueError("quality.metric: accuracy needs a classification task "
                              "(allowed for feature-extraction: cosine)")
+        mixes = replica_mixes(self)
+        if mixes > MAX_REPLICA_MIXES:
+            raise ValueError(f"autoscaling.maxReplicas: {len(self.node_pools)} pools of up to "
+                             f"{self.autoscaling.max_replicas} replicas make {mixes:.3g} replica "
+                             f"mixes for the policy to search (allowed: at most "
+                             f"{MAX_REPLICA_MIXES:g}; lower maxReplicas, set maxHourlyCost or use "
+                             "fewer pools)")
+        budget, n = self.autoscaling.max_hourly_cost, self.autoscaling.min_replicas
+        if budget is not None and not any(p.hourly_price * n <= budget for p in self.node_pools):
+            cheapest = min(self.node_pools, key=lambda p: p.hourly_price)
+            need = cheapest.hourly_price * n
+            raise ValueError(f"autoscaling.maxHourlyCost: {budget:g} USD/h is below the cheapest "
+                             f"pool's price x minReplicas ({cheapest.name}: "
+                             f"{cheapest.hourly_price:g} x {n} = {need:g} USD/h; allowed: >= "
+                             f"{need:g})")
         return self
 
 
@@ -400,6 +515,8 @@ class CompressedModelSpec(Model):
 
 
 class Condition(Model):
+    model_config = ConfigDict(strict=False)
+
     type: str
     status: ConditionStatus
     reason: str = ""
@@ -409,11 +526,15 @@ class Condition(Model):
 
 
 class ArtifactStatus(Model):
+    model_config = ConfigDict(strict=False)
+
     uri: str = ""
     sha256: str = ""
 
 
 class ServingStatus(Model):
+    model_config = ConfigDict(strict=False)
+
     pool: str = ""
     replicas: int = 0
     ready_replicas: int = 0
@@ -421,12 +542,14 @@ class ServingStatus(Model):
 
 
 class CostStatus(Model):
+    model_config = ConfigDict(strict=False)
+
     hourly: float = 0.0
     per_million_requests: float = 0.0
 
 
 class CompressedModelStatus(Model):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=False)
 
     phase: Phase = Phase.PENDING
     observed_generation: int = 0
@@ -438,11 +561,32 @@ class CompressedModelStatus(Model):
     cost: CostStatus = Field(default_factory=CostStatus)
 
 
-class ObjectMeta(BaseModel):
-    model_config = ConfigDict(extra="allow")
+METADATA_NAME_MAX = 52
+"""Child objects are named <name>-<pool>, <name>-compress-<hash>: a name leaves room for them."""
 
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$", max_length=52)
-    namespace: str | None = None
+
+class ObjectMeta(BaseModel):
+    """metadata: the name is checked; the other fields of a Kubernetes ObjectMeta are allowed
+    (the operator parses objects from the API server) and anything else is refused, as the API
+    server's strict field validation does."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    name: str = Field(pattern=v.DNS_1035_LABEL, max_length=METADATA_NAME_MAX)
+    namespace: str | None = Field(None, pattern=v.DNS_1123_LABEL_PATTERN, max_length=63)
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    generate_name: str | None = None
+    self_link: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    creation_timestamp: Any = None
+    deletion_timestamp: Any = None
+    deletion_grace_period_seconds: int | None = None
+    owner_references: list[Any] | None = None
+    finalizers: list[str] | None = None
+    managed_fields: list[Any] | None = None
 
 
 class CompressedModel(Model):

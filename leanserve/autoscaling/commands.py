@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from leanserve import fsio
 from leanserve.autoscaling.errors import PolicyError
 from leanserve.autoscaling.policy import PoolCapacity, Target, pools_from_profile
 from leanserve.autoscaling.simulate import (
@@ -100,12 +101,22 @@ def bounds(sim: Simulation, cfg: SimConfig) -> dict[str, Any]:
 
 def write_outputs(sim: Simulation, out: Path, title: str,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """simulation.json (the summary, leanserve's decisions and ``extra``) and simulation.png."""
-    out.mkdir(parents=True, exist_ok=True)
+    """simulation.json (the summary, leanserve's decisions and ``extra``) and simulation.png.
+
+    simulation.json marks a finished simulation: an old one goes first, the plot is written
+    next and the JSON last, each to a temporary file moved into place (leanserve.fsio), so a
+    full disk leaves no half-written or stale simulation.json (WriteError says so)."""
     summary = {**sim.summary(), **(extra or {})}
     summary["decisions"] = [d.to_dict() for d in sim.runs["leanserve"].decisions[:2000]]
-    (out / "simulation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plot(sim, out / "simulation.png", title)
+    text = json.dumps(summary, indent=2) + "\n"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "simulation.json").unlink(missing_ok=True)
+    except OSError as exc:
+        raise fsio.WriteError(fsio.describe(out / "simulation.json", exc)) from None
+    with fsio.atomic_path(out / "simulation.png") as tmp:
+        plot(sim, tmp, title)
+    fsio.write_text(out / "simulation.json", text)
     return summary
 
 

@@ -16,7 +16,12 @@ class PolicyError(AutoscalingError):
 
 
 class MetricsError(AutoscalingError):
-    """Prometheus could not answer (unreachable, HTTP error, bad JSON, query error)."""
+    """Prometheus could not answer (unreachable, HTTP error, bad JSON, query error, an answer
+    of the wrong shape); ``kind`` says which (leanserve.autoscaling.metrics.ERROR_KINDS)."""
+
+    def __init__(self, message: str, kind: str = "unreachable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class TraceError(AutoscalingError):

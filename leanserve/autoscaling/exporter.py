@@ -11,18 +11,23 @@ them. Names (all labelled ``model``; per-pool ones also ``pool``):
 - leanserve_slo_met (1, 0, or NaN when unknown), leanserve_slo_attainment_ratio (share of
   decisions with known latency that met the SLO), leanserve_metrics_available (0 or 1)
 - leanserve_decisions_total{code}, leanserve_last_decision_info{code, reason}
+- leanserve_metrics_errors_total{kind}: Prometheus answers that gave no usable number (unreachable,
+  http, malformed, query, empty, ambiguous, not_finite); pass ``reading`` to ``record``
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
 
 from leanserve.autoscaling.policy import Decision, Reason, Target
+
+if TYPE_CHECKING:
+    from leanserve.autoscaling.metrics import Reading
 
 
 @dataclass
@@ -68,6 +73,9 @@ class LeanserveMetrics:
                                ["model"], registry=r)
         self.decisions = Counter("leanserve_decisions", "Autoscaling decisions by reason code",
                                  ["model", "code"], registry=r)
+        self.metrics_errors = Counter("leanserve_metrics_errors",
+                                      "Prometheus answers that gave no usable number, by kind",
+                                      ["model", "kind"], registry=r)
         self.last = Info("leanserve_last_decision", "The last decision and its reason",
                          ["model"], registry=r)
         self._att: dict[str, _Attainment] = {}
@@ -77,8 +85,12 @@ class LeanserveMetrics:
                ready: Mapping[str, int] | None = None,
                observed_rate: float | None = None,
                observed_p95_ms: float | None = None,
-               hourly_cost: float | None = None) -> None:
-        """Export one decision and what the platform runs (defaults: the decision itself)."""
+               hourly_cost: float | None = None,
+               reading: Reading | None = None) -> None:
+        """Export one decision and what the platform runs (defaults: the decision itself);
+        ``reading`` (the poll the decision was made on) counts its metric errors."""
+        if reading is not None:
+            self.count_metrics_errors(model, reading.error_kinds)
         actual = dict(actual if actual is not None else decision.replicas)
         ready = dict(ready if ready is not None else actual)
         for pool, n in decision.replicas.items():
@@ -106,6 +118,10 @@ class LeanserveMetrics:
         self.decisions.labels(model, decision.code.value).inc()
         self.last.labels(model).info({"code": decision.code.value,
                                       "reason": decision.reason[:500]})
+
+    def count_metrics_errors(self, model: str, kinds: Iterable[str]) -> None:
+        for kind in kinds:
+            self.metrics_errors.labels(model, kind).inc()
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
         """Expose /metrics on a port; returns the server (call .shutdown() to stop)."""

@@ -6,7 +6,13 @@ Why a stated policy for every odd answer (after KEDA's prometheus scaler): an au
 - unreachable, timeout, HTTP error, bad JSON, ``status: error``  -> no data (the reason is kept);
 - an empty result (no series: Triton not scraped yet, wrong labels)  -> no data;
 - more than one series for a query that must give one  -> no data ("ambiguous"), like KEDA;
-- NaN or +-Inf (Triton's summary quantiles are NaN while idle; 0/0 rates)  -> no data.
+- NaN or +-Inf (Triton's summary quantiles are NaN while idle; 0/0 rates)  -> no data;
+- a reply of any other shape (a list where an object belongs, missing keys, a value "abc",
+  labels that are not strings, JSON nested too deep)  -> no data ("malformed"), never an
+  exception out of ``read``.
+
+Each no-data answer has a kind (ERROR_KINDS), counted by the exporter in
+leanserve_metrics_errors_total{model, kind}.
 
 "No data" is None in the Observation, and the policy holds the current replicas with SLOMet
 Unknown (reason MetricsUnavailable). A rate of 0 from series that exist is real zero load.
@@ -98,6 +104,8 @@ class Reading:
     queue_ms: float | None
     rate_by_pool: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    error_kinds: list[str] = field(default_factory=list)
+    """One of ERROR_KINDS per problem (counted in leanserve_metrics_errors_total)."""
 
 
 @dataclass
@@ -111,63 +119,61 @@ class PrometheusSource:
     timeout: float = 5.0
 
     def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
-        """Instant vector as (labels, value) pairs; MetricsError when Prometheus cannot answer."""
+        """Instant vector as (labels, value) pairs; MetricsError (with its ``kind``) when
+        Prometheus cannot answer or answers in a shape other than its documented one. Nothing
+        else escapes: a reply of any shape is either samples or a MetricsError."""
         endpoint = self.url.rstrip("/") + "/api/v1/query"
         try:
             status, body = self.http(endpoint, {"query": expr, "time": f"{self.clock():.3f}"},
                                      self.timeout)
         except MetricsError:
             raise
-        except OSError as exc:
-            raise MetricsError(f"Prometheus unreachable at {self.url}: {exc}") from None
+        except Exception as exc:  # any failure of the transport is "no data", never a crash
+            raise _kind(MetricsError(f"Prometheus unreachable at {self.url}: "
+                                     f"{exc.__class__.__name__}: {_short(exc)}"),
+                        "unreachable") from None
         if status != 200:
-            raise MetricsError(f"Prometheus {self.url} answered HTTP {status} to {expr!r}")
+            raise _kind(MetricsError(f"Prometheus {self.url} answered HTTP {status} to "
+                                     f"{expr!r}"), "http")
         try:
             doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MetricsError(f"Prometheus {self.url} answered non-JSON to {expr!r}") from None
-        if not isinstance(doc, dict) or doc.get("status") != "success":
-            err = doc.get("error") if isinstance(doc, dict) else None
-            raise MetricsError(f"Prometheus query {expr!r} failed: {err or 'bad answer'}")
-        data = doc.get("data") or {}
-        kind = data.get("resultType")
-        result = data.get("result")
-        if kind == "scalar" and isinstance(result, list) and len(result) == 2:
-            return [({}, _float(result[1]))]
-        if kind != "vector" or not isinstance(result, list):
-            raise MetricsError(f"Prometheus query {expr!r}: expected a vector, got {kind}")
-        out = []
-        for item in result:
-            try:
-                out.append((dict(item.get("metric") or {}), _float(item["value"][1])))
-            except (KeyError, IndexError, TypeError):
-                raise MetricsError(f"Prometheus query {expr!r}: malformed sample") from None
-        return out
+        except (ValueError, TypeError, RecursionError):
+            raise _kind(MetricsError(f"Prometheus {self.url} answered non-JSON to {expr!r}"),
+                        "malformed") from None
+        return parse_answer(doc, expr)
 
-    def scalar(self, expr: str, problems: list[str], what: str) -> float | None:
-        """One number or None (empty, several series, NaN/Inf, or an error), noting why."""
+    def scalar(self, expr: str, problems: list[str], what: str,
+               kinds: list[str] | None = None) -> float | None:
+        """One number or None (empty, several series, NaN/Inf, or an error), noting why (and
+        the kind of each problem in ``kinds``)."""
+        kinds = kinds if kinds is not None else []
         try:
             rows = self.query(expr)
         except MetricsError as exc:
             problems.append(f"{what}: {exc}")
+            kinds.append(exc.kind)
             return None
         if not rows:
             problems.append(f"{what}: no data (empty result)")
+            kinds.append("empty")
             return None
         if len(rows) > 1:
             problems.append(f"{what}: {len(rows)} series where one was expected (ambiguous)")
+            kinds.append("ambiguous")
             return None
         v = rows[0][1]
         if not math.isfinite(v):
             problems.append(f"{what}: {v} (not a number)")
+            kinds.append("not_finite")
             return None
         return v
 
     def read(self) -> Reading:
         problems: list[str] = []
-        rate = self.scalar(self.queries.request_rate, problems, "request rate")
-        p95 = self.scalar(self.queries.p95_ms, problems, "p95")
-        queue = self.scalar(self.queries.queue_ms, problems, "queue time")
+        kinds: list[str] = []
+        rate = self.scalar(self.queries.request_rate, problems, "request rate", kinds)
+        p95 = self.scalar(self.queries.p95_ms, problems, "p95", kinds)
+        queue = self.scalar(self.queries.queue_ms, problems, "queue time", kinds)
         by_pool: dict[str, float] = {}
         if rate is not None:
             try:
@@ -176,12 +182,80 @@ class PrometheusSource:
                         by_pool[labels.get("pool", "")] = v
             except MetricsError as exc:
                 problems.append(f"rate by pool: {exc}")
-        return Reading(rate, p95, queue, by_pool, problems)
+                kinds.append(exc.kind)
+        return Reading(rate, p95, queue, by_pool, problems, kinds)
 
 
-def _float(x: object) -> float:
-    # Prometheus encodes sample values as strings: "1.5", "NaN", "+Inf"
-    return float(str(x))
+ERROR_KINDS = ("unreachable", "http", "malformed", "query", "empty", "ambiguous", "not_finite")
+"""Why a query gave no usable number (the ``kind`` label of leanserve_metrics_errors_total)."""
+
+
+def parse_answer(doc: object, expr: str) -> list[tuple[dict[str, str], float]]:
+    """Samples from a decoded /api/v1/query reply; MetricsError for any other shape.
+
+    The documented shape: {"status": "success", "data": {"resultType": "vector", "result":
+    [{"metric": {str: str}, "value": [time, "1.5"]}, ...]}} or resultType "scalar" with
+    "result": [time, "1.5"]. Values are strings ("NaN" and "+Inf" included); a number is
+    accepted too. Anything else (a list where an object belongs, missing keys, a value "abc",
+    labels that are not strings) is malformed.
+    """
+    if not isinstance(doc, dict):
+        raise _malformed(expr, f"the reply is a {type(doc).__name__}, not an object")
+    if doc.get("status") != "success":
+        err = doc.get("error")
+        if doc.get("status") == "error":
+            raise _kind(MetricsError(f"Prometheus query {expr!r} failed: "
+                                     f"{_short(err) if err else 'no error given'}"), "query")
+        raise _malformed(expr, f"status is {_short(doc.get('status'))}")
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise _malformed(expr, "'data' is missing or not an object")
+    kind, result = data.get("resultType"), data.get("result")
+    if kind == "scalar":
+        return [({}, _sample_value(result, expr))]
+    if kind != "vector":
+        raise _malformed(expr, f"expected a vector, got {_short(kind)}")
+    if not isinstance(result, list):
+        raise _malformed(expr, "'result' is not a list")
+    out = []
+    for item in result:
+        if not isinstance(item, dict):
+            raise _malformed(expr, "a sample is not an object")
+        labels = item.get("metric", {})
+        if labels is None:
+            labels = {}
+        if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise _malformed(expr, "a sample's 'metric' is not an object of strings")
+        out.append((dict(labels), _sample_value(item.get("value"), expr)))
+    return out
+
+
+def _sample_value(pair: object, expr: str) -> float:
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise _malformed(expr, "a sample's value is not a [time, value] pair")
+    raw = pair[1]
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise _malformed(expr, f"sample value {_short(raw)} is not a number")
+    try:
+        return float(raw)
+    except (ValueError, OverflowError):
+        raise _malformed(expr, f"sample value {_short(raw)} is not a number") from None
+
+
+def _kind(exc: MetricsError, kind: str) -> MetricsError:
+    exc.kind = kind
+    return exc
+
+
+def _malformed(expr: str, why: str) -> MetricsError:
+    return _kind(MetricsError(f"Prometheus query {expr!r}: malformed answer ({why})"),
+                 "malformed")
+
+
+def _short(x: object, limit: int = 80) -> str:
+    text = repr(x) if not isinstance(x, str) else x
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def observe(source: PrometheusSource, platform: Platform, model: str) -> tuple[Observation,

@@ -335,7 +335,11 @@ def cheapest_mix(required_rps: float, pools: Sequence[PoolCapacity], target: Tar
     need = max(0.0, required_rps)
     bounds = []
     for p in pools:
-        by_need = math.ceil(need / p.capacity_rps - 1e-9) if p.capacity_rps > 0 else 0
+        ratio = need / p.capacity_rps if p.capacity_rps > 0 else 0.0
+        # more than maxReplicas is as good as infinite here (and an overflowing ratio must not
+        # raise: a rate of 1e308 from Prometheus is odd, not fatal)
+        by_need = math.ceil(ratio - 1e-9) if ratio <= target.max_replicas else \
+            target.max_replicas + 1
         by_price = target.affordable(p)
         hi = min(target.max_replicas, by_price, max(by_need, target.min_replicas))
         lo = max(0, int(lower.get(p.name, 0)))
@@ -773,6 +777,12 @@ def with_time(decision: Decision, now: float) -> Decision:
 # profile
 
 
+MIN_CAPACITY_RPS = 1e-6
+MAX_CAPACITY_RPS = 1e9
+"""A replica's capacity at the SLO, in requests/s: anything outside is a broken profile (and
+would overflow the replica arithmetic)."""
+
+
 def pools_from_profile(profile: Mapping[str, Any], spec: Any) -> list[PoolCapacity]:
     """Pools with capacity from `leanserve profile` JSON and price from the spec.
 
@@ -794,5 +804,9 @@ def pools_from_profile(profile: Mapping[str, Any], spec: Any) -> list[PoolCapaci
                 or not math.isfinite(cap):
             raise PolicyError(f"profile: pools.{pool.name}.capacity_rps must be a positive "
                               f"number, got {cap!r}")
+        if not MIN_CAPACITY_RPS <= cap <= MAX_CAPACITY_RPS:
+            raise PolicyError(f"profile: pools.{pool.name}.capacity_rps {cap!r} is out of range "
+                              f"(allowed: {MIN_CAPACITY_RPS:g} to {MAX_CAPACITY_RPS:g} requests/s "
+                              "per replica)")
         out.append(PoolCapacity(pool.name, float(cap), float(pool.hourly_price)))
     return out

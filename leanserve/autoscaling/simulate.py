@@ -45,9 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leanserve.api.spec import MAX_REPLICA_MIXES
 from leanserve.autoscaling.errors import TraceError
 from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.autoscaling.policy import (
+    MAX_CAPACITY_RPS,
+    MIN_CAPACITY_RPS,
     TUNED_SETTINGS,
     Decision,
     Observation,
@@ -62,6 +65,17 @@ from leanserve.autoscaling.policy import (
 
 POLICIES = ("leanserve", "static", "hpa", "keda", "oracle")
 MODEL = "sim"
+
+MAX_TICKS = 50_000
+"""At most this many intervals per contender (about a minute of work for all of them): a trace
+with a huge time gap would otherwise replay for hours. A week at 15 s intervals fits."""
+MAX_MIXES = MAX_REPLICA_MIXES
+"""At most this many replica mixes for the bounds' price table (every mix within maxReplicas and
+the budget is enumerated once; more pools and replicas grow it as a product); a valid spec never
+has more."""
+MAX_RATE = 1e9
+"""Requests/s a trace may name (far above any real service; beyond it the arithmetic is not
+meaningful)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,9 @@ def load_trace(path: Path) -> Trace:
             raise TraceError(f"trace {path}:{i}: time and rate must be finite")
         if r < 0:
             raise TraceError(f"trace {path}:{i}: requests_per_s must be >= 0, got {r:g}")
+        if r > MAX_RATE:
+            raise TraceError(f"trace {path}:{i}: requests_per_s must be <= {MAX_RATE:g}, "
+                             f"got {r:g}")
         if times and t <= times[-1]:
             raise TraceError(f"trace {path}:{i}: time_s must increase ({t:g} after "
                              f"{times[-1]:g})")
@@ -272,7 +289,7 @@ def _simulate(name: str, trace: Trace, pools: Sequence[PoolCapacity], target: Ta
     """Run one contender; either a controller with start-up delays or a fixed/oracle schedule."""
     dt = target.interval_seconds
     t0 = trace.times[0]
-    n_ticks = max(1, math.ceil(trace.duration / dt - 1e-9))
+    n_ticks = ticks(trace, target)
     now = [t0]
     plat = InMemoryPlatform([p.name for p in pools], clock=lambda: now[0],
                             startup_seconds=cfg.startup_seconds)
@@ -359,7 +376,11 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     unknown = set(only) - set(POLICIES)
     if unknown:
         raise TraceError(f"simulate: unknown policies {sorted(unknown)}; known: {POLICIES}")
+    check_bounded(trace, pools, target)
     cfg = cfg or SimConfig()
+    if not 0 <= cfg.startup_seconds <= 86_400:
+        raise TraceError(f"simulate: startup_seconds must be within 0..86400, got "
+                         f"{cfg.startup_seconds!r}")
     settings = PolicySettings(**{**cfg.settings.__dict__, "startup_seconds": cfg.startup_seconds})
     cfg = SimConfig(**{**cfg.__dict__, "settings": settings})
     pools = list(pools)
@@ -395,6 +416,42 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     for k, ctl in (extra or {}).items():
         runs[k] = _simulate(k, trace, pools, target, cfg, ctl)
     return Simulation(trace, pools, target, runs)
+
+
+def ticks(trace: Trace, target: Target) -> int:
+    """How many intervals of spec.autoscaling.intervalSeconds the trace spans."""
+    return max(1, math.ceil(trace.duration / target.interval_seconds - 1e-9))
+
+
+def check_bounded(trace: Trace, pools: Sequence[PoolCapacity], target: Target) -> None:
+    """Refuse, with what to change, a replay whose work has no useful bound: a trace spanning
+    more than MAX_TICKS intervals (a huge time gap, or far too long), or pools whose replica
+    mixes are more than MAX_MIXES."""
+    if max(trace.rates) > MAX_RATE:
+        raise TraceError(f"trace: a rate of {max(trace.rates):g} requests/s is above "
+                         f"{MAX_RATE:g}")
+    for p in pools:
+        if not MIN_CAPACITY_RPS <= p.capacity_rps <= MAX_CAPACITY_RPS:
+            raise TraceError(f"pool {p.name}: capacity {p.capacity_rps:g} requests/s is out of "
+                             f"range ({MIN_CAPACITY_RPS:g} to {MAX_CAPACITY_RPS:g})")
+    n = ticks(trace, target)
+    if n > MAX_TICKS:
+        gaps = [(b - a, a, b) for a, b in itertools.pairwise(trace.times)]
+        gap, t_a, t_b = max(gaps) if gaps else (0.0, trace.times[0], trace.times[0])
+        where = (f"; its largest gap is {gap:g} s (from time_s {t_a:g} to {t_b:g}): remove it "
+                 "or split the trace there" if gap > trace.duration / 10 else
+                 "; shorten or split the trace")
+        raise TraceError(f"trace spans {trace.duration:g} s = {n} intervals of "
+                         f"{target.interval_seconds:g} s (spec.autoscaling.intervalSeconds), more "
+                         f"than the {MAX_TICKS} the simulator replays{where}, or raise "
+                         "intervalSeconds")
+    mixes = 1
+    for p in pools:
+        mixes *= target.affordable(p) + 1
+        if mixes > MAX_MIXES:
+            raise TraceError(f"the node pools allow more than {MAX_MIXES} replica mixes "
+                             f"({len(pools)} pools of up to {target.max_replicas} replicas); "
+                             "lower spec.autoscaling.maxReplicas or set maxHourlyCost")
 
 
 class MixPrices:
@@ -453,7 +510,8 @@ def _tick_loads(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg
     and hourly cost of the cheapest mix covering a need (what the oracle pays) and the start-up
     in ticks."""
     dt = target.interval_seconds
-    n = max(1, math.ceil(trace.duration / dt - 1e-9))
+    check_bounded(trace, pools, target)
+    n = ticks(trace, target)
     loads = [trace.at(trace.times[0] + i * dt) for i in range(n)]
     return loads, MixPrices(pools, target), math.ceil(cfg.startup_seconds / dt - 1e-9)
 

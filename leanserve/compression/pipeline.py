@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leanserve import fsio
 from leanserve.api.load import LoadedSpec
 from leanserve.api.spec import Candidate, QualityMetric, Task
 from leanserve.compression import techniques
@@ -181,12 +182,19 @@ def compress(loaded: LoadedSpec, out: Path, *, progress: Progress | None = None,
             results.append(result)
             emit(Event(EventKind.CANDIDATE_DONE, cand.name, i, len(cands), result))
         report = _report(run, results)
-        _write_repository(run, report)
-        _write_pareto(stage / PARETO, report)
-        (stage / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        _publish(stage, out)
+        try:
+            _write_repository(run, report)
+            _write_pareto(stage / PARETO, report)
+            fsio.write_text(stage / REPORT, json.dumps(report, indent=2) + "\n")
+            _publish(stage, out)
+        except OSError as exc:
+            raise fsio.WriteError(fsio.describe(out, exc)) from None
         emit(Event(EventKind.DONE, report["selected"] or "", result=report))
         return report
+    except OSError as exc:
+        if fsio.disk_full(exc):  # results are staged: nothing was published under out
+            raise fsio.WriteError(fsio.describe(out, exc)) from None
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -312,6 +320,8 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
             base_rps = run.baseline["throughput_rps"]
             result["speedup"] = bench.throughput_rps / base_rps if base_rps else None
         except Exception as exc:  # recorded in the report: one candidate never stops the others
+            if fsio.disk_full(exc):
+                raise  # ... except a full disk, which stops everything after it too
             result["error"] = _describe(exc)
             result["passed"] = False
         finally:
