@@ -82,8 +82,8 @@ def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, An
         axes[2].plot([x for x, _ in seen], [y for _, y in seen], "o", ms=4, color="tab:purple",
                      label="p95 the autoscaler read")
     axes[2].axhline(slo_ms, color="red", linestyle="--", label=f"SLO {slo_ms:g} ms")
-    axes[2].set_ylabel("ms")
-    axes[2].set_ylim(bottom=0)
+    axes[2].set_ylabel("ms (log scale)")
+    axes[2].set_yscale("log")  # a saturated second is 20x the SLO; the SLO must stay visible
     axes[2].set_xlabel("seconds since load start")
     axes[2].legend(loc="upper right", fontsize=8)
     ends = t + [d["time_s"] for d in decisions]
@@ -132,15 +132,16 @@ def pareto_figure(comp: dict[str, Any]) -> Any:
     ypad = (max(ys) - min(ys)) * 0.15 or 0.005
     ax.set_xlim(max(0.0, min(xs) - xpad), max(xs) + 2 * xpad)
     ax.set_ylim(min(ys) - ypad, max(ys) + ypad)
-    handles = [
-        Line2D([], [], marker="*", ls="", color="black", ms=10, label="baseline (reference)"),
-        Line2D([], [], marker="o", ls="", color="tab:green", alpha=0.6, ms=8,
-               label="passed the gate"),
-        Line2D([], [], marker="o", ls="", color="tab:red", alpha=0.6, ms=8,
-               label="failed the gate"),
-        Line2D([], [], ls="--", color="gray", label=f"gate: {comp.get('metric')} drop <= "
-                                                    f"{comp.get('max_drop')}"),
-    ]
+    handles = [Line2D([], [], marker="*", ls="", color="black", ms=10,
+                      label="baseline (reference)")]
+    if any(c.get("passed") for c in points):
+        handles.append(Line2D([], [], marker="o", ls="", color="tab:green", alpha=0.6, ms=8,
+                              label="passed the gate"))
+    if any(not c.get("passed") for c in points):
+        handles.append(Line2D([], [], marker="o", ls="", color="tab:red", alpha=0.6, ms=8,
+                              label="failed the gate"))
+    handles.append(Line2D([], [], ls="--", color="gray",
+                          label=f"gate: {comp.get('metric')} drop <= {comp.get('max_drop')}"))
     ax.legend(handles=handles, loc="best", fontsize=8, title="marker area = model size",
               title_fontsize=8)
     ax.set_xlabel("latency p50 at batch 1 (ms, ONNX Runtime, 2 threads)")
@@ -148,12 +149,13 @@ def pareto_figure(comp: dict[str, Any]) -> Any:
     return fig
 
 
-def _table(rows: list[list[Any]], header: list[str]) -> str:
+def _table(rows: list[list[Any]], header: list[str], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>"
         for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _fmt(value: Any) -> str:
@@ -166,21 +168,31 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _mix(replicas: dict[str, int]) -> str:
+    shown = {k: v for k, v in replicas.items() if v} or replicas
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
 def _img(b64: str | None, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{b64}">' if b64 else ""
 
 
 def _candidates(comp: dict[str, Any]) -> str:
     base = comp.get("baseline", {})
-    rows = [["baseline (fp32)", mib(base.get("size_bytes")), base.get("quality"), "-",
-             (base.get("latency_ms") or {}).get("p50"), rate(base.get("throughput_rps"),
-                                                             "rows/s"), "1.00x", "", ""]]
+    rows = [["baseline (fp32)", mib(base.get("size_bytes")), _num(base.get("quality"), 4), "-",
+             _num((base.get("latency_ms") or {}).get("p50"), 2),
+             rate(base.get("throughput_rps"), "rows/s"), "1.00x", "", ""]]
     for c in comp.get("candidates", []):
         mark = "selected" if c.get("name") == comp.get("selected") else (
             "passed" if c.get("passed") else "failed")
         sp = c.get("speedup")
-        rows.append([c.get("name"), mib(c.get("size_bytes")), c.get("quality"),
-                     c.get("quality_drop"), (c.get("latency_ms") or {}).get("p50"),
+        rows.append([c.get("name"), mib(c.get("size_bytes")), _num(c.get("quality"), 4),
+                     _num(c.get("quality_drop"), 4),
+                     _num((c.get("latency_ms") or {}).get("p50"), 2),
                      rate(c.get("throughput_rps"), "rows/s"),
                      f"{sp:.2f}x" if sp else "-", mark, c.get("error") or ""])
     return _table(rows, ["candidate", "size", "quality", "drop", "p50 ms (batch 1)",
@@ -234,12 +246,13 @@ def _decisions(report: dict[str, Any]) -> str:
     for g in group_decisions(decisions):
         when = (f"{g['start_s']:.0f}" if g["count"] == 1
                 else f"{g['start_s']:.0f}-{g['end_s']:.0f} ({g['count']}x)")
-        rows.append([when, ", ".join(f"{k}={v}" for k, v in g["replicas"].items()),
+        rows.append([when, _mix(g["replicas"]),
                      g["code"], span(g["rps"], "req/s"), span(g["p95"], "ms"), g["reason"]])
     source = html.escape(report.get("metrics_source", ""))
     return (f"<h2>Autoscaler decisions</h2><p>Metrics: {source}. Consecutive decisions with the "
             "same outcome are one row (the first one's reason shown; load and p95 as ranges)."
-            "</p>" + _table(rows, ["t (s)", "replicas", "decision", "load", "p95", "reason"]))
+            "</p>" + _table(rows, ["t (s)", "replicas", "decision", "load", "p95", "reason"],
+                            cls="decisions"))
 
 
 def render_html(report: dict[str, Any], *, timeline_b64: str | None,
@@ -272,6 +285,8 @@ table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }}
 th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
 td:last-child {{ text-align: left; }}
+table.decisions td {{ white-space: nowrap; }}
+table.decisions td:last-child {{ white-space: normal; font-size: 12px; }}
 img {{ max-width: 100%; }}
 .verdict {{ padding: 0.8em 1em; border-radius: 6px; margin: 1em 0; }}
 .verdict.ok {{ background: #e6f4ea; border: 1px solid #34a853; }}

@@ -144,7 +144,8 @@ def test_timeline_buckets_served_load_errors_and_p95() -> None:
     points = _timeline(state, bucket_s=2.0)
     assert [p["time_s"] for p in points] == [0.0, 2.0]
     assert points[0]["achieved_rps"] == 10.0 and points[0]["errors"] == 0
-    assert points[0]["p95_ms"] == 29.0 and points[0]["offered_rps"] == 20.0
+    assert points[0]["p95_ms"] == 29.0
+    assert points[0]["offered_rps"] == 10.0 == points[0]["planned_rps"]  # 20 scheduled in 2 s
     assert points[1]["errors"] == 1 and points[1]["p95_ms"] == 100.0
 
 
