@@ -110,8 +110,9 @@ def summary_table(report: dict[str, Any]) -> Table:
         t.add_row("served in this run on", ", ".join(here))
     local = report.get("local", {})
     if local:
-        t.add_row("local replica (1 core): capacity at SLO / max replicas",
-                  f"{rate(local['replica']['capacity_rps'])} / {local['max_replicas']}")
+        t.add_row("local replica (1 core): measured / planned at / max replicas",
+                  f"{rate(local['replica']['capacity_rps'])} / "
+                  f"{rate(local.get('planned_rps'))} / {local['max_replicas']}")
     if decisions:
         totals = [sum(d["replicas"].values()) for d in decisions]
         live = v.get("first_live_decision")

@@ -191,10 +191,11 @@ def summary(report: dict[str, Any], slo_ms: float) -> str:
     chosen = cost.get("chosen_pool")
     if here:
         local = report.get("local") or {}
-        cap = (local.get("replica") or {}).get("capacity_rps")
+        cap = local.get("planned_rps") or (local.get("replica") or {}).get("capacity_rps")
         parts.append(
             f"This run served it on {', '.join(here)}: here every pool shares this machine's "
-            f"cores, one replica per core ({rate(cap)} each at p95 <= {slo_ms:g} ms).")
+            f"cores, one replica per core (planned at {rate(cap)} each at p95 <= "
+            f"{slo_ms:g} ms).")
     if chosen and isinstance(cost.get(chosen), dict):
         c = cost[chosen]
         how = "measured here" if c.get("measured") else (

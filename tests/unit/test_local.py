@@ -141,12 +141,14 @@ def test_timeline_buckets_served_load_errors_and_p95() -> None:
     state.offered = [(0.0, 10.0), (2.0, 20.0)]
     state.records = [(0.1 * i, 10.0 + i, True) for i in range(20)]  # 20 ok in [0, 2)
     state.records += [(2.5, None, False), (3.0, 100.0, True)]
+    state.records += [(1.0, 1500.0, True)]  # sent in [0, 2), served in [2, 4)
     points = _timeline(state, bucket_s=2.0)
     assert [p["time_s"] for p in points] == [0.0, 2.0]
     assert points[0]["achieved_rps"] == 10.0 and points[0]["errors"] == 0
-    assert points[0]["p95_ms"] == 29.0
-    assert points[0]["offered_rps"] == 10.0 == points[0]["planned_rps"]  # 20 scheduled in 2 s
+    assert points[0]["p95_ms"] == 29.0 and points[0]["planned_rps"] == 10.0
+    assert points[0]["offered_rps"] == 10.5  # 21 sent in 2 s
     assert points[1]["errors"] == 1 and points[1]["p95_ms"] == 100.0
+    assert points[1]["achieved_rps"] == 1.0  # the slow one and the one at 3.0 s
 
 
 def _report() -> dict[str, Any]:
