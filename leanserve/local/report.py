@@ -55,10 +55,13 @@ def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, An
     decision read: the same figure the decision log quotes."""
     fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True, layout="constrained")
     t = [p["time_s"] for p in timeline]
-    axes[0].plot(t, [p.get("offered_rps") or 0 for p in timeline], label="offered load")
-    axes[0].plot(t, [p.get("achieved_rps") or 0 for p in timeline], label="served", alpha=0.8)
+    axes[0].plot(t, [p.get("offered_rps") or 0 for p in timeline], label="offered load (sent)",
+                 lw=4, alpha=0.35, color="tab:blue")
+    axes[0].plot(t, [p.get("achieved_rps") or 0 for p in timeline],
+                 label="served (completed)", lw=1.2, color="tab:orange")
     axes[0].set_ylabel("requests/s")
-    axes[0].set_ylim(bottom=0)
+    busiest = max([p.get("offered_rps") or 0 for p in timeline] + [1.0])
+    axes[0].set_ylim(0, busiest * 1.3)  # room for the legend above the peak
     axes[0].legend(loc="upper right")
     axes[0].set_title("load, replicas and latency (seconds since the load started)")
     pools = sorted({pool for d in decisions for pool in d.get("replicas", {})})
@@ -72,7 +75,7 @@ def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, An
     axes[1].set_ylim(-0.1, top + 0.6)
     axes[1].yaxis.get_major_locator().set_params(integer=True)
     if pools:
-        axes[1].legend(loc="upper right")
+        axes[1].legend(loc="center right")
     p95 = [p.get("p95_ms") for p in timeline]
     axes[2].plot(t, [v if v is not None else float("nan") for v in p95],
                  label="p95 per 2 s (clients)")
@@ -84,8 +87,10 @@ def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, An
     axes[2].axhline(slo_ms, color="red", linestyle="--", label=f"SLO {slo_ms:g} ms")
     axes[2].set_ylabel("ms (log scale)")
     axes[2].set_yscale("log")  # a saturated second is 20x the SLO; the SLO must stay visible
+    highest = max([v for v in p95 if v is not None] + [y for _, y in seen] + [slo_ms])
+    axes[2].set_ylim(top=highest * 2)  # the SLO line never sits on the frame
     axes[2].set_xlabel("seconds since load start")
-    axes[2].legend(loc="upper right", fontsize=8)
+    axes[2].legend(loc="lower right", fontsize=8)
     ends = t + [d["time_s"] for d in decisions]
     if ends:
         axes[2].set_xlim(0, max(ends))
@@ -117,13 +122,15 @@ def pareto_figure(comp: dict[str, Any]) -> Any:
                zorder=3, clip_on=False)
     ax.annotate("baseline (fp32)", (bx, by), fontsize=8, xytext=(6, -12),
                 textcoords="offset points")
-    for c in points:
+    for i, c in enumerate(sorted(points, key=lambda c: c["latency_ms"]["p50"])):
         x, y = c["latency_ms"]["p50"], c["quality"]
         color = "tab:green" if c.get("passed") else "tab:red"
         ax.scatter([x], [y], s=area(c.get("size_bytes") or 1), c=color, alpha=0.6,
                    edgecolors="k", zorder=2, clip_on=False)
         label = c["name"] + (" (selected)" if c["name"] == comp.get("selected") else "")
-        ax.annotate(label, (x, y), fontsize=8, xytext=(6, 6), textcoords="offset points")
+        # neighbours by latency alternate above and below, so close points' labels don't collide
+        ax.annotate(label, (x, y), fontsize=8, xytext=(6, 6 if i % 2 == 0 else -12),
+                    textcoords="offset points")
     gate = by - (comp.get("max_drop") or 0)
     ax.axhline(gate, ls="--", c="gray", lw=0.8)
     xs = [bx] + [c["latency_ms"]["p50"] for c in points]
@@ -260,10 +267,10 @@ def render_html(report: dict[str, Any], *, timeline_b64: str | None,
     comp = report.get("compression") or {}
     v = report.get("verdict") or {}
     status = v.get("status", "ok")
-    items = "".join(f"<li>{html.escape(x)}</li>" for x in v.get("problems", []) +
-                    v.get("warnings", []))
+    listed = v.get("problems", []) + v.get("warnings", [])
+    items = "".join(f"<li>{html.escape(x)}</li>" for x in listed[1:])  # the first heads it
     banner = (f'<div class="verdict {html.escape(status)}"><b>{html.escape(v.get("headline", ""))}'
-              f"</b>" + (f"<ul>{items}</ul>" if items and status != "ok" else "") + "</div>")
+              f"</b>" + (f"<p>Also:</p><ul>{items}</ul>" if items else "") + "</div>")
     summary = html.escape(report.get("summary", ""))
     name = html.escape(report.get("name", ""))
     parts = [banner, f"<p>{summary}</p>"]

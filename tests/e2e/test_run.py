@@ -167,3 +167,22 @@ def test_sigint_mid_run_stops_everything_and_writes_a_partial_report(layout: Pat
     assert report["verdict"]["status"] == "interrupted" and report["autoscaling"]
     page = (layout / "leanserve-run" / "report.html").read_text()
     assert "INTERRUPTED" in page
+
+
+def test_a_run_where_no_candidate_passes_fails_and_says_why(layout: Path) -> None:
+    doc = yaml.safe_load((layout / SPEC).read_text())
+    doc["spec"]["quality"]["maxDrop"] = 0.0001  # int8 drops 0.004: nothing can pass
+    (layout / SPEC).write_text(yaml.safe_dump(doc))
+    proc = _start(layout, SPEC)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        _kill(proc)
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    assert "FAILED: no candidate passed the quality gate" in err
+    report = json.loads((layout / "leanserve-run" / "report.json").read_text())
+    assert report["verdict"]["status"] == "failed" and not report["verdict"]["usable"]
+    page = (layout / "leanserve-run" / "report.html").read_text()
+    assert 'class="verdict failed"' in page and "no candidate passed" in page
+    assert "FAILED" in out  # the closing table's first row
+    assert _processes_under(layout) == {}
