@@ -28,6 +28,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: typer's rich panels show "<bool>" beside --help and lower-case or
+    # braced argument names ("{spec}") depending on the typer/click pair installed
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -95,8 +98,8 @@ def validate(
                 f"[green]valid[/green] {escape(str(path))}: {item.name}: "
                 f"candidates={','.join(c.name for c in s.compression.candidates)} "
                 f"pools={','.join(f'{p.name}(${p.hourly_price:g}/h)' for p in s.node_pools)} "
-                f"slo=p95<={s.slo.latency_p95_ms:g}ms gate={s.quality.metric.value}"
-                f"<={s.quality.max_drop:g}",
+                f"slo=p95<={s.slo.latency_p95_ms:g}ms gate: quality drop <= "
+                f"{s.quality.max_drop:g} ({s.quality.metric.value})",
                 highlight=False, soft_wrap=True,
             )
     if failed:
@@ -115,10 +118,13 @@ def crd() -> None:
 @app.command()
 @friendly
 def run(
-    spec: Annotated[Path, typer.Argument(help="CompressedModel YAML.")] = Path(DEFAULT_SPEC),
-    workdir: Annotated[Path, typer.Option(help="Where reports, artifacts and logs go.")] = Path(
-        "leanserve-run"),
-    load_seconds: Annotated[float, typer.Option(min=5, help="Length of the load burst.")] = 60.0,
+    spec: Annotated[Path, typer.Argument(help="CompressedModel YAML.", metavar="SPEC")] = Path(
+        DEFAULT_SPEC),
+    workdir: Annotated[Path, typer.Option(
+        help="Where reports, artifacts and logs go (relative to the current directory).",
+        metavar="DIR")] = Path("leanserve-run"),
+    load_seconds: Annotated[float, typer.Option(min=5, metavar="SECONDS",
+                                                help="Length of the load burst.")] = 60.0,
 ) -> None:
     """The whole pipeline on one machine: compress, gate, serve, profile, load, autoscale."""
     from leanserve.local.commands import run_command
@@ -221,6 +227,9 @@ def operator(
 
 
 def main() -> None:
+    from leanserve.quiet import quiet_libraries
+
+    quiet_libraries()
     app()
 
 

@@ -1,4 +1,9 @@
-"""`leanserve run`: validate first, then the local pipeline, then a closing summary table."""
+"""`leanserve run`: validate first, then the local pipeline, then a closing summary table.
+
+The table's first row is the verdict; a run whose result is not usable (no candidate passed the
+gate, the autoscaler never saw a metric) exits 1 after writing its report, and Ctrl-C writes the
+report of what was done, says "interrupted" once and exits 130.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,28 @@ from rich.console import Console
 from rich.table import Table
 
 from leanserve.api.load import load_one
-from leanserve.local.pipeline import RunSettings, run_pipeline
+from leanserve.local.outcome import mib, rate, selected_candidate, served_pools, usd
+from leanserve.local.pipeline import RunError, RunSettings, run_pipeline
+from leanserve.quiet import quiet_libraries
+
+INTERRUPTED_EXIT = 130
+
+STATUS_STYLE = {"ok": "green", "warnings": "yellow", "failed": "red", "interrupted": "red"}
+
+
+def plan_line(spec: Any) -> str:
+    """The plan in words a user reads at a glance (the gate is an allowed drop, not a bound)."""
+    return (f"candidates: {', '.join(c.name for c in spec.compression.candidates)}; "
+            f"pools: {', '.join(f'{p.name} (${p.hourly_price:g}/h)' for p in spec.node_pools)}; "
+            f"SLO: p95 <= {spec.slo.latency_p95_ms:g} ms; "
+            f"gate: quality drop <= {spec.quality.max_drop:g} ({spec.quality.metric.value})")
 
 
 def run_command(spec: Path, *, workdir: Path, load_seconds: float, console: Console) -> None:
+    quiet_libraries()
     loaded = load_one(spec)  # a wrong spec stops here, before any work
     console.print(f"[bold]leanserve run[/bold] {spec} -> {workdir}", highlight=False)
+    console.print(f"plan: {plan_line(loaded.spec)}", highlight=False, soft_wrap=True)
 
     def say(line: str) -> None:
         console.print(f"[dim]>[/dim] {line}", highlight=False, soft_wrap=True)
@@ -36,41 +57,69 @@ def run_command(spec: Path, *, workdir: Path, load_seconds: float, console: Cons
         report = run_pipeline(loaded, workdir, RunSettings(load_seconds=load_seconds), say=say,
                               progress=on_event)
     except KeyboardInterrupt:
-        console.print(f"interrupted: every process stopped; logs under {workdir / 'logs'}",
-                      highlight=False)
-        raise
+        console.print(f"interrupted: every process stopped; the report of what was done is in "
+                      f"{workdir / 'report.html'}; logs under {workdir / 'logs'}",
+                      highlight=False, soft_wrap=True)
+        raise SystemExit(INTERRUPTED_EXIT) from None
     console.print(summary_table(report))
     console.print(report["summary"], highlight=False, soft_wrap=True)
     console.print(f"wrote {workdir / 'report.json'} and {workdir / 'report.html'}; "
                   f"logs under {workdir / 'logs'}", highlight=False)
+    verdict = report["verdict"]
+    if not verdict["usable"]:
+        raise RunError(f"{verdict['headline']} (report: {workdir / 'report.html'})")
 
 
 def summary_table(report: dict[str, Any]) -> Table:
-    comp = report["compression"]
-    cost = report["cost"]
+    comp = report.get("compression") or {}
+    cost = report.get("cost") or {}
+    v = report.get("verdict") or {}
     t = Table(title=f"leanserve run: {report['name']}")
     t.add_column("what")
     t.add_column("value", justify="right")
+    style = STATUS_STYLE.get(v.get("status", ""), "")
+    t.add_row(f"[{style}]result[/{style}]", f"[{style}]{v.get('status', '?').upper()}[/{style}]")
+    for line in v.get("problems", []) + v.get("warnings", []):
+        t.add_row(f"[{style}]  ![/{style}]", line)
+    cands = comp.get("candidates", [])
+    passed = sum(1 for c in cands if c.get("passed"))
+    t.add_row("candidates passed the gate", f"{passed}/{len(cands)}")
+    sel = selected_candidate(report)
+    if sel is None:
+        return t
     base = comp["baseline"]
-    sel = next(c for c in comp["candidates"] if c["name"] == comp["selected"])
-    passed = sum(1 for c in comp["candidates"] if c["passed"])
-    t.add_row("candidates passed the gate", f"{passed}/{len(comp['candidates'])}")
     t.add_row("selected", sel["name"])
-    t.add_row("size (MB): baseline -> selected",
-              f"{base['size_bytes'] / 1e6:.1f} -> {sel['size_bytes'] / 1e6:.1f}")
+    t.add_row("size: baseline -> selected",
+              f"{mib(base['size_bytes'])} -> {mib(sel['size_bytes'])}")
     t.add_row(f"quality ({comp.get('metric', '')}) drop", f"{sel['quality_drop']:.4f}")
-    t.add_row("throughput vs baseline", f"{sel.get('speedup') or 0:.2f}x")
-    for pool, v in cost.items():
-        if isinstance(v, dict):
-            t.add_row(f"pool {pool}: capacity at SLO / $ per 1M req",
-                      f"{v['capacity_rps']:.1f} rps / ${v['per_million_requests']:.3f}"
-                      + ("" if v.get("measured") else " (derived)"))
-    t.add_row("chosen pool", cost["chosen_pool"])
+    m = report.get("measurement") or {}
+    speed = f"{sel.get('speedup') or 0:.2f}x"
+    if m.get("speedup"):
+        speed += f" (rechecked {m['speedup']:.2f}x" + (", NOISY" if m.get("noisy") else "") + ")"
+    t.add_row("throughput vs baseline", speed)
+    for pool, c in cost.items():
+        if isinstance(c, dict):
+            t.add_row(f"pool {pool}: one replica at SLO / per 1M requests",
+                      f"{rate(c['capacity_rps'])} / {usd(c['per_million_requests'])}"
+                      + ("" if c.get("measured") else " (derived)"))
+    if cost.get("chosen_pool"):
+        t.add_row("cheapest pool per request (cluster)", cost["chosen_pool"])
+    decisions = report.get("autoscaling") or []
+    here = served_pools(decisions)
+    if here:
+        t.add_row("served in this run on", ", ".join(here))
     local = report.get("local", {})
     if local:
-        t.add_row("local replica (1 core): capacity at SLO / max replicas",
-                  f"{local['replica']['capacity_rps']:.1f} rps / {local['max_replicas']}")
-    decisions = report["autoscaling"]
-    peak = max((sum(d["replicas"].values()) for d in decisions), default=0)
-    t.add_row("autoscaler decisions / peak replicas", f"{len(decisions)} / {peak}")
+        t.add_row("local replica (1 core): measured / planned at / max replicas",
+                  f"{rate(local['replica']['capacity_rps'])} / "
+                  f"{rate(local.get('planned_rps'))} / {local['max_replicas']}")
+    if decisions:
+        totals = [sum(d["replicas"].values()) for d in decisions]
+        live = v.get("first_live_decision")
+        t.add_row("autoscaler decisions / live metrics from",
+                  f"{len(decisions)} / " + (f"decision {live}" if live else "never"))
+        t.add_row("replicas: start -> peak -> end",
+                  f"{totals[0]} -> {max(totals)} -> {totals[-1]}")
+    if v.get("slo_attainment") is not None:
+        t.add_row("2 s intervals meeting the SLO", f"{v['slo_attainment']:.0%}")
     return t

@@ -3,6 +3,11 @@
 Targets change while the autoscaler starts and stops replicas, so they live in a file_sd JSON
 file that Prometheus re-reads; the process gets a generated config, a private storage directory
 and a free port, and is always stopped and reaped.
+
+Every path in the generated config is absolute: Prometheus resolves a relative file_sd path
+against the config file's own folder, not the working directory, so a relative workdir
+(`leanserve run`'s default) would point it at a file that does not exist and it would scrape
+nothing, silently.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -32,13 +39,13 @@ class LocalPrometheus:
 
     def __init__(self, workdir: Path, *, scrape_interval_s: float = 1.0, port: int = 0,
                  startup_timeout_s: float = 30.0) -> None:
-        self.workdir = workdir
+        self.workdir = workdir.absolute()
         self.scrape_interval_s = scrape_interval_s
         self.port = port or free_port()
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "prometheus.log"
-        self._targets_file = workdir / "targets.json"
+        self.log_path = self.workdir / "prometheus.log"
+        self._targets_file = self.workdir / "targets.json"
 
     @property
     def url(self) -> str:
@@ -50,6 +57,27 @@ class LocalPrometheus:
         tmp = self._targets_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(body))
         tmp.replace(self._targets_file)
+
+    def active_targets(self) -> list[dict[str, Any]]:
+        """Prometheus's own view of its scrape targets (labels, health, last error)."""
+        try:
+            r = requests.get(f"{self.url}/api/v1/targets", params={"state": "active"}, timeout=2)
+            return list(r.json().get("data", {}).get("activeTargets", []))
+        except (requests.RequestException, ValueError):
+            return []
+
+    def wait_scraped(self, addresses: list[str], timeout_s: float,
+                     clock: Callable[[], float] = time.monotonic) -> list[str]:
+        """Wait until every address was scraped healthily; returns those that were not."""
+        deadline = clock() + timeout_s
+        missing = list(addresses)
+        while True:
+            up = {t.get("labels", {}).get("instance") for t in self.active_targets()
+                  if t.get("health") == "up"}
+            missing = [a for a in addresses if a not in up]
+            if not missing or clock() >= deadline:
+                return missing
+            time.sleep(0.25)
 
     def start(self) -> LocalPrometheus:
         binary = prometheus_binary()

@@ -47,3 +47,42 @@ def test_replicas_start_serve_report_metrics_and_stop(tmp_path: Path,
     for pid in pids:
         assert pid is None or not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z"
+
+
+def test_prometheus_in_a_relative_workdir_scrapes_its_targets(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`leanserve run`'s default workdir is relative: Prometheus must still find its file_sd
+    targets (it resolves relative paths against its config's folder, not the cwd)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from leanserve.local.prometheus import LocalPrometheus, prometheus_binary
+
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'nv_inference_request_success{model="m",version="1"} 7\n'
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.chdir(tmp_path)
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with LocalPrometheus(Path("leanserve-run") / "prometheus") as prom:
+            config = (tmp_path / "leanserve-run" / "prometheus" / "prometheus.yml").read_text()
+            assert str(tmp_path / "leanserve-run" / "prometheus" / "targets.json") in config
+            prom.set_targets([([address], {"pool": "small", "role": "triton"})])
+            assert prom.wait_scraped([address], timeout_s=20) == [], prom.active_targets()
+    finally:
+        server.shutdown()
+        server.server_close()

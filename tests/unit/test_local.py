@@ -9,10 +9,28 @@ from typing import Any
 
 import pytest
 
+from leanserve.autoscaling.metrics import Reading
+from leanserve.local.commands import plan_line
 from leanserve.local.direct import DirectSource
-from leanserve.local.pipeline import RunState, _timeline, burst
+from leanserve.local.outcome import costs_before_after, group_decisions, span, summary, verdict
+from leanserve.local.pipeline import (
+    ClientLatency,
+    LocalSource,
+    RunState,
+    _timeline,
+    burst,
+    cap_note,
+)
 from leanserve.local.platform import LocalPlatform
-from leanserve.local.report import render_html, timeline_png
+from leanserve.local.recheck import judge
+from leanserve.local.report import (
+    pareto_figure,
+    pareto_png,
+    render_html,
+    timeline_figure,
+    timeline_png,
+)
+from leanserve.quiet import quiet_libraries
 from leanserve.serving.errors import ServerStartError
 
 
@@ -123,21 +141,25 @@ def test_timeline_buckets_served_load_errors_and_p95() -> None:
     state.offered = [(0.0, 10.0), (2.0, 20.0)]
     state.records = [(0.1 * i, 10.0 + i, True) for i in range(20)]  # 20 ok in [0, 2)
     state.records += [(2.5, None, False), (3.0, 100.0, True)]
+    state.records += [(1.0, 1500.0, True)]  # sent in [0, 2), served in [2, 4)
     points = _timeline(state, bucket_s=2.0)
     assert [p["time_s"] for p in points] == [0.0, 2.0]
     assert points[0]["achieved_rps"] == 10.0 and points[0]["errors"] == 0
-    assert points[0]["p95_ms"] == 29.0 and points[0]["offered_rps"] == 20.0
+    assert points[0]["p95_ms"] == 29.0 and points[0]["planned_rps"] == 10.0
+    assert points[0]["offered_rps"] == 10.5  # 21 sent in 2 s
     assert points[1]["errors"] == 1 and points[1]["p95_ms"] == 100.0
+    assert points[1]["achieved_rps"] == 1.0  # the slow one and the one at 3.0 s
 
 
 def _report() -> dict[str, Any]:
-    cand = {"name": "int8", "size_bytes": 25, "quality": 0.995, "quality_drop": 0.005,
+    cand = {"name": "int8", "size_bytes": 25 * 2**20, "quality": 0.995, "quality_drop": 0.005,
             "latency_ms": {"p50": 3.0, "p95": 4.0}, "throughput_rps": 900.0, "speedup": 2.0,
             "passed": True, "error": None}
     return {
         "name": "minilm", "summary": "selected int8 <fast>",
         "compression": {"selected": "int8", "candidates": [cand], "baseline": {
-            "size_bytes": 100, "quality": 1.0, "latency_ms": {"p50": 6.0}, "throughput_rps": 450}},
+            "size_bytes": 100 * 2**20, "quality": 1.0, "latency_ms": {"p50": 6.0},
+            "throughput_rps": 450}},
         "cost": {"small": {"hourly_price": 0.1, "capacity_rps": 50.0,
                            "per_million_requests": 0.556, "measured": True},
                  "chosen_pool": "small"},
@@ -150,11 +172,195 @@ def _report() -> dict[str, Any]:
 
 def test_report_html_is_self_contained_and_escaped(tmp_path: Path) -> None:
     report = _report()
+    report["verdict"] = verdict(report, 100.0)
     img = timeline_png(report["timeline"], report["autoscaling"], 100.0, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
-    page = render_html(report, pareto_png=None, timeline_b64=img)
-    assert page.count("data:image/png;base64,") == 1
+    page = render_html(report, timeline_b64=img, pareto_b64=pareto_png(report["compression"]))
+    assert page.count("data:image/png;base64,") == 2
     assert "selected int8 &lt;fast&gt;" in page  # user-visible text is escaped
     assert "<td>int8</td>" in page and "selected" in page and "ScaleUp" in page
-    assert "Chosen pool: <b>small</b>" in page
     assert "http://" not in page and "https://" not in page  # nothing fetched when opened
+    # human sizes and rates, and the cost of a million requests before and after
+    assert "100.0 MiB" in page and "25.0 MiB" in page and "900 rows/s" in page
+    assert "Cost of one million requests" in page and "$0.56" in page and "$1.11" in page
+
+
+def test_report_of_a_failed_run_says_so_first() -> None:
+    report = _report()
+    for d in report["autoscaling"]:
+        d["observed_rps"] = None
+    report["verdict"] = verdict(report, 100.0)
+    page = render_html(report, timeline_b64=None)
+    banner = page.index('class="verdict failed"')
+    assert banner < page.index("<h2>") and "never saw a metric" in page[banner:]
+
+
+def _live(t: float, replicas: int, code: str = "Steady", rps: float | None = 10.0,
+          p95: float | None = 20.0) -> dict[str, Any]:
+    return {"time_s": t, "replicas": {"small": replicas, "large": 0}, "code": code,
+            "reason": f"{code}: load {rps} req/s", "observed_rps": rps, "observed_p95_ms": p95}
+
+
+def test_verdict_fails_a_run_whose_autoscaler_never_saw_a_metric() -> None:
+    report = _report()
+    report["autoscaling"] = [dict(_live(5.0 * i, 1, "MetricsUnavailable", None, None),
+                                  problems=["request rate: no data (empty result)"])
+                             for i in range(19)]
+    v = verdict(report, 100.0)
+    assert v["status"] == "failed" and not v["usable"]
+    assert v["headline"].startswith("FAILED: the autoscaler never saw a metric")
+    assert "empty result" in v["headline"]
+
+
+def test_verdict_fails_when_no_candidate_passed_and_warns_on_a_missed_slo() -> None:
+    report = _report()
+    report["compression"]["selected"] = None
+    assert not verdict(report, 100.0)["usable"]
+    report = _report()
+    report["autoscaling"] = [_live(0, 1), _live(5, 2, "ScaleUp"), _live(10, 1, "ScaleDown")]
+    report["timeline"] = [{"time_s": 2.0 * i, "p95_ms": 150.0 if i % 3 else 20.0}
+                          for i in range(10)]
+    v = verdict(report, 100.0)
+    assert v["usable"] and v["status"] == "warnings"
+    assert any("SLO in only 40%" in w for w in v["warnings"])
+    report["timeline"] = [{"time_s": 2.0 * i, "p95_ms": 20.0} for i in range(10)]
+    assert verdict(report, 100.0)["status"] == "ok"
+    report["autoscaling"] = [_live(0, 1), _live(5, 1), _live(10, 1)]
+    assert any("never rose above 1" in w for w in verdict(report, 100.0)["warnings"])
+    report["measurement"] = {"noisy": True, "notes": ["repeated timings differ by 40%"]}
+    v = verdict(report, 100.0)
+    assert any("40%" in w and "uncertain" in w for w in v["warnings"])
+
+
+def test_summary_names_the_pool_served_on_and_says_when_a_figure_is_derived() -> None:
+    report = _report()
+    report["cost"] = {"cpu-small": {"hourly_price": 0.1, "capacity_rps": 50.0,
+                                    "per_million_requests": 0.556, "measured": True},
+                      "cpu-large": {"hourly_price": 0.38, "capacity_rps": 220.0,
+                                    "per_million_requests": 0.48, "measured": False},
+                      "chosen_pool": "cpu-large"}
+    report["autoscaling"] = [{"time_s": 5.0, "replicas": {"cpu-small": 1, "cpu-large": 0}},
+                             {"time_s": 10.0, "replicas": {"cpu-small": 2, "cpu-large": 0}}]
+    text = summary(report, 100.0)
+    assert "served it on cpu-small" in text and "served it on cpu-large" not in text
+    assert "cpu-large is the cheapest per request in a cluster" in text
+    assert "derived from this machine's measurement" in text
+
+
+def test_cap_note_explains_the_local_replica_cap() -> None:
+    note = cap_note(4, 2, 2)
+    reason = "ScaleUp: cheapest small=2 (cannot meet it within maxReplicas=2, maxHourlyCost=2)"
+    assert "the spec allows 4; capped here at one replica per core on this 2-core machine" in \
+        note(reason)
+    assert cap_note(2, 2, 8)(reason) == reason
+
+
+def test_client_latency_is_the_p95_of_requests_completed_in_the_window() -> None:
+    state = RunState()
+    now = [30.0]
+    lat = ClientLatency(state, t0=0.0, window_s=10.0, clock=lambda: now[0])
+    assert lat.p95() == (None, 0)
+    state.records = [(5.0, 900.0, True)] * 50  # finished long before the window
+    state.records += [(20.0 + 0.1 * i, float(i + 1), True) for i in range(20)]
+    state.records += [(25.0, None, False), (29.99, 500.0, True)]  # the last one still running
+    p95, n = lat.p95()
+    assert n == 20 and p95 == 20.0
+
+
+def test_local_source_reads_the_rate_from_metrics_and_p95_from_the_clients() -> None:
+    class Inner:
+        clock = staticmethod(lambda: 1.0)
+
+        def read(self) -> Reading:
+            return Reading(12.0, 180.0, 1.0, {}, ["p95: stale summary"])
+
+    state = RunState()
+    state.records = [(0.1 * i, 30.0, True) for i in range(40)]
+    src = LocalSource(Inner(), ClientLatency(state, 0.0, 10.0, clock=lambda: 5.0))
+    reading = src.read()
+    assert reading.request_rate == 12.0 and reading.p95_ms == 30.0 and reading.problems == []
+    assert src.last_samples == 40
+
+
+def test_decisions_are_grouped_when_the_outcome_repeats() -> None:
+    decisions = [_live(5.0 * i, 1, rps=10 + i) for i in range(6)]
+    decisions += [_live(30, 2, "ScaleUp"), _live(35, 2), _live(40, 2)]
+    groups = group_decisions(decisions)
+    assert [(g["code"], g["count"]) for g in groups] == [("Steady", 6), ("ScaleUp", 1),
+                                                         ("Steady", 2)]
+    assert groups[0]["start_s"] == 0 and groups[0]["end_s"] == 25
+    assert span(groups[0]["rps"], "req/s") == "10-15 req/s"
+
+
+def test_costs_before_and_after_use_the_rechecked_speedup() -> None:
+    report = _report()
+    rows = costs_before_after(report)
+    assert rows[0]["after"] == 0.556 and rows[0]["before"] == pytest.approx(1.112)
+    report["measurement"] = {"speedup": 1.5}
+    assert costs_before_after(report)[0]["before"] == pytest.approx(0.834)
+
+
+def test_recheck_flags_a_disturbed_baseline_and_spread() -> None:
+    quiet = judge(295.0, 1.3, [(290.0, 380.0), (300.0, 390.0), (296.0, 385.0)])
+    assert not quiet.noisy and quiet.speedup == pytest.approx(1.30, abs=0.01)
+    slow_first = judge(63.6, 5.3, [(290.0, 380.0), (300.0, 390.0), (296.0, 385.0)])
+    assert slow_first.noisy
+    assert any("63 rows/s when first timed" in n or "64 rows/s when first timed" in n
+               for n in slow_first.notes)
+    assert any("claimed 5.30x" in n for n in slow_first.notes)
+    jumpy = judge(295.0, 1.3, [(290.0, 380.0), (150.0, 390.0), (296.0, 200.0)])
+    assert jumpy.noisy and any("differ by" in n for n in jumpy.notes)
+
+
+def test_timeline_plot_has_one_title_and_ends_with_the_data() -> None:
+    report = _report()
+    fig = timeline_figure(report["timeline"], report["autoscaling"], 100.0)
+    assert fig.get_suptitle() == ""
+    assert fig.axes[2].get_xlim() == (0.0, 6.0)
+
+
+def test_pareto_plot_keeps_the_baseline_inside_and_its_legend_as_keys() -> None:
+    comp = _report()["compression"]
+    comp["max_drop"], comp["metric"] = 0.01, "cosine"
+    fig = pareto_figure(comp)
+    ax = fig.axes[0]
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    assert x0 < 6.0 < x1 and y0 < 1.0 < y1  # the baseline star is not on the edge
+    assert y1 - 0.1 * (y1 - y0) > 1.0 and x1 - 0.1 * (x1 - x0) > 6.0
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0] == "baseline (reference)" and "gate: cosine drop <= 0.01" in labels
+
+
+def test_quiet_libraries_drops_known_noise_and_keeps_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    quiet_libraries()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torchao").warning("Failed to load /x/_C.cpython-310.so: undefined")
+        logging.getLogger("torchao").warning("something else went wrong")
+        logging.getLogger("torchao").error("Failed to load and that is an error")
+        logging.getLogger("torch.utils._pytree").warning(
+            "<enum 'K'> is an Enum subclass and is now natively supported by torch.compile")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["something else went wrong", "Failed to load and that is an error"]
+
+
+def test_help_shows_plain_names_and_plan_says_what_the_gate_allows() -> None:
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from leanserve.cli import app
+
+    for args in (["--help"], ["run", "--help"]):
+        out = CliRunner().invoke(app, args, terminal_width=100).output
+        assert "<bool>" not in out and "{spec}" not in out, out
+    assert "[SPEC]" in CliRunner().invoke(app, ["run", "--help"]).output
+    spec = SimpleNamespace(
+        compression=SimpleNamespace(candidates=[SimpleNamespace(name="int8")]),
+        node_pools=[SimpleNamespace(name="small", hourly_price=0.1)],
+        slo=SimpleNamespace(latency_p95_ms=100.0),
+        quality=SimpleNamespace(max_drop=0.01, metric=SimpleNamespace(value="cosine")))
+    line = plan_line(spec)
+    assert "gate: quality drop <= 0.01 (cosine)" in line and "cosine<=" not in line
