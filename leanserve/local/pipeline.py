@@ -244,7 +244,7 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
             exporter.record(model, decision, target, actual=platform.current_replicas(model),
                             ready=platform.ready_replicas(model),
                             observed_rate=reading.request_rate,
-                            observed_p95_ms=reading.p95_ms)
+                            observed_p95_ms=reading.p95_ms, reading=reading)
             entry = {"time_s": round(time.monotonic() - t0, 2), "replicas": dict(decision.replicas),
                      "reason": explain_cap(decision.reason), "code": decision.code.value,
                      "observed_rps": reading.request_rate, "observed_p95_ms": reading.p95_ms,
