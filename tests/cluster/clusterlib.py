@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "leanserve-system"
 OPERATOR_SA = "leanserve-operator"
+# An HTTP 403 or the API's "forbidden" wording; not the milliseconds of a log timestamp (",403").
+FORBIDDEN = re.compile(r"(?<![\d,.:])403(?![\d])|[Ff]orbidden")
 
 
 def free_port() -> int:
@@ -99,8 +102,7 @@ class OperatorProcess:
 
     def forbidden(self) -> list[str]:
         """Log lines where the API server refused the operator (RBAC)."""
-        return [ln for ln in self.text().splitlines()
-                if "403" in ln or "Forbidden" in ln or "forbidden" in ln]
+        return [ln for ln in self.text().splitlines() if FORBIDDEN.search(ln)]
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,10 +73,19 @@ class ControlPlane:
         return proc
 
     def down(self) -> None:
+        """``control-plane.sh down`` in its own session, Ctrl-C held off until it is done (an
+        interrupted down would leave processes behind); repeated calls do nothing."""
         if self._down:
             return
-        self._down = True
-        subprocess.run(["bash", str(SCRIPT), "down", str(self.dir)], timeout=120, check=False)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            subprocess.run(["bash", str(SCRIPT), "down", str(self.dir)], timeout=120,
+                           check=False, start_new_session=True)
+            self._down = True
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
