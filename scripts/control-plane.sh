@@ -200,7 +200,7 @@ cmd_up() {
         --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
         --client-ca-file="$pki/ca.crt" \
         --authorization-mode=Node,RBAC \
-        --enable-admission-plugins=NodeRestriction \
+        --enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement \
         --service-account-issuer=https://kubernetes.default.svc.cluster.local \
         --service-account-key-file="$pki/sa.pub" \
         --service-account-signing-key-file="$pki/sa.key" \
