@@ -3,12 +3,15 @@
 kopf patches the CompressedModel itself; Jobs, Deployments and the rest go through this client,
 which is built from the same credentials kopf logs in with (``kopf.ConnectionInfo``), so there is
 one async stack and no second Kubernetes library at run time. Everything it does is plain REST:
-GET, POST, DELETE, JSON merge patch, and server-side apply for objects the operator keeps in
-shape (stale fields it once set are removed by the API server on a real cluster).
+GET, LIST, POST (Events, the Lease), PUT (the Lease), DELETE, JSON merge patch (status) and
+server-side apply: every child is created and updated by one apply PATCH with one field manager,
+so the API server owns the diff (a field the operator stops setting is removed) and the operator
+never GETs a child to compare it.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
 from collections.abc import Mapping
@@ -45,13 +48,15 @@ class Kinds(enum.Enum):
     SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "servicemonitors")
     POD_MONITOR = Kind("monitoring.coreos.com/v1", "podmonitors")
     COMPRESSED_MODEL = Kind("leanserve.io/v1alpha1", "compressedmodels")
+    LEASE = Kind("coordination.k8s.io/v1", "leases")
 
     @classmethod
     def of(cls, obj: Mapping[str, Any]) -> Kinds:
         by_kind = {"Job": cls.JOB, "ConfigMap": cls.CONFIGMAP, "Service": cls.SERVICE,
                    "Pod": cls.POD, "Event": cls.EVENT, "Deployment": cls.DEPLOYMENT,
                    "PodDisruptionBudget": cls.PDB, "ServiceMonitor": cls.SERVICE_MONITOR,
-                   "PodMonitor": cls.POD_MONITOR, "CompressedModel": cls.COMPRESSED_MODEL}
+                   "PodMonitor": cls.POD_MONITOR, "CompressedModel": cls.COMPRESSED_MODEL,
+                   "Lease": cls.LEASE}
         return by_kind[obj["kind"]]
 
     @classmethod
@@ -71,30 +76,6 @@ def _path(kind: Kinds, namespace: str | None, name: str | None = None,
     return path
 
 
-def contains(actual: Any, desired: Any) -> bool:
-    """Whether `actual` already has every field `desired` sets (servers add defaults)."""
-    if isinstance(desired, Mapping):
-        return isinstance(actual, Mapping) and all(
-            k in actual and contains(actual[k], v) for k, v in desired.items())
-    if isinstance(desired, list):
-        return isinstance(actual, list) and len(actual) == len(desired) and all(
-            contains(a, d) for a, d in zip(actual, desired, strict=True))
-    return bool(actual == desired)
-
-
-def _strip(obj: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
-    out = dict(obj)
-    if len(path) == 1:
-        out.pop(path[0], None)
-    elif path[0] in out and isinstance(out[path[0]], Mapping):
-        out[path[0]] = _strip(out[path[0]], path[1:])
-    return out
-
-
-# Fields another controller owns once an object exists (the autoscaler owns replicas).
-PRESERVED: dict[str, tuple[tuple[str, ...], ...]] = {"Deployment": (("spec", "replicas"),)}
-
-
 class KubeClient:
     """REST calls the operator needs; 404 on reads is None, 409 on create is ConflictError."""
 
@@ -102,6 +83,7 @@ class KubeClient:
         self._session = session
         self._server = server.rstrip("/")
         self.requests = 0  # for the operator's metrics and the benchmark
+        self.by_method: collections.Counter[str] = collections.Counter()
 
     @classmethod
     def from_connection(cls, info: kopf.ConnectionInfo) -> KubeClient:
@@ -119,6 +101,7 @@ class KubeClient:
                     params: Mapping[str, str] | None = None,
                     content_type: str = "application/json") -> dict[str, Any] | None:
         self.requests += 1
+        self.by_method[method] += 1
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if body is not None else {}
         async with self._session.request(method, self._server + path, data=data,
@@ -135,11 +118,13 @@ class KubeClient:
     async def get(self, kind: Kinds, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._call("GET", _path(kind, namespace, name))
 
-    async def list(self, kind: Kinds, namespace: str,
-                   labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    async def list(self, kind: Kinds, namespace: str, labels: Mapping[str, str],
+                   fields: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        found = await self._call("GET", _path(kind, namespace),
-                                 params={"labelSelector": selector} if selector else None)
+        params = {"labelSelector": selector} if selector else {}
+        if fields:
+            params["fieldSelector"] = ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
+        found = await self._call("GET", _path(kind, namespace), params=params or None)
         items = (found or {}).get("items") or []
         # Filtered here too: correct on any server, needed where selectors are ignored.
         return [i for i in items if all(
@@ -152,36 +137,36 @@ class KubeClient:
                                    body=obj, params={"fieldManager": FIELD_MANAGER})
         return created or {}
 
-    async def ensure(self, obj: Mapping[str, Any]) -> bool:
-        """Create when absent; never change an existing one. True when it was created.
+    async def post_once(self, obj: Mapping[str, Any]) -> bool:
+        """Create an object whose name says what it is (an Event); 409 means it is there.
 
-        One request either way: POST, and 409 AlreadyExists means it is there (no GET first).
+        True when this call created it.
         """
         try:
             await self.create(obj)
         except ConflictError:
-            return False  # a concurrent reconcile made it first: the same object
+            return False
         return True
 
-    async def apply(self, obj: Mapping[str, Any]) -> str:
-        """Create, or server-side apply what differs; returns created|updated|unchanged."""
-        kind, meta = Kinds.of(obj), obj["metadata"]
-        current = await self.get(kind, meta["namespace"], meta["name"])
-        if current is None:
-            try:
-                await self.create(obj)
-                return "created"
-            except ConflictError:
-                current = await self.get(kind, meta["namespace"], meta["name"]) or {}
-        body = dict(obj)
-        for path in PRESERVED.get(obj["kind"], ()):
-            body = _strip(body, path)
-        if contains(current, body):
-            return "unchanged"
-        await self._call("PATCH", _path(kind, meta["namespace"], meta["name"]), body=body,
-                         params={"fieldManager": FIELD_MANAGER, "force": "true"},
-                         content_type="application/apply-patch+yaml")
-        return "updated"
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply: one PATCH creates the object or updates it to ``obj``.
+
+        One field manager, forced: the operator is the only writer of what it sets (the
+        autoscaler writes spec.replicas under the same manager).
+        """
+        meta = obj["metadata"]
+        applied = await self._call("PATCH", _path(Kinds.of(obj), meta["namespace"], meta["name"]),
+                                   body=obj,
+                                   params={"fieldManager": FIELD_MANAGER, "force": "true"},
+                                   content_type="application/apply-patch+yaml")
+        return applied or {}
+
+    async def replace(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT with the object's resourceVersion (409 ConflictError when someone wrote first)."""
+        meta = obj["metadata"]
+        done = await self._call("PUT", _path(Kinds.of(obj), meta["namespace"], meta["name"]),
+                                body=obj, params={"fieldManager": FIELD_MANAGER})
+        return done or {}
 
     async def patch(self, kind: Kinds, namespace: str, name: str, body: Mapping[str, Any],
                     sub: str | None = None) -> dict[str, Any] | None:
@@ -202,7 +187,8 @@ class KubeClient:
 
 
 def _message(text: str) -> str:
+    """The server's own message (a Status object's), kept whole enough to name the cause."""
     try:
-        return str(json.loads(text).get("message") or text)[:300]
-    except ValueError:
-        return text[:300]
+        return str(json.loads(text).get("message") or text)[:1024]
+    except (ValueError, AttributeError):
+        return text[:1024]
