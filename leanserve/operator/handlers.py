@@ -283,15 +283,28 @@ def digest(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def status_changed(stored: dict[str, Any], desired: dict[str, Any]) -> bool:
-    """Whether the merge patch of ``desired`` would change the stored status.
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies it to the status (pure)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
 
-    Both sides are the operator's own JSON (the status schema keeps what it is given), so plain
-    equality per top-level key is exact; keys the operator does not write are not compared.
+
+def status_changed(stored: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Whether writing ``desired`` as a merge patch would change the stored status.
+
+    Both sides are the operator's own JSON (the status schema keeps what it is given), so the
+    comparison is exact; keys the operator does not write (the autoscaler's) are not touched.
     """
     def norm(v: Any) -> Any:
         return json.loads(json.dumps(v, sort_keys=True, default=str))
-    return any(norm(stored.get(k)) != norm(v) for k, v in desired.items())
+    return norm(merge_patch(stored, desired)) != norm(stored)
 
 
 async def apply_child(rt: Runtime, obj: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -389,7 +402,7 @@ async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any],
     if written is not None and _progress(stored) != _progress(written):
         # The body predates this process's last status write (the watch lags): plan from what
         # was written, so a transition is not planned and announced twice.
-        res = replace(res, status={**stored, **written})
+        res = replace(res, status=merge_patch(stored, written))
     desired: planner.Desired | None = None
     try:
         now = rt.clock()
@@ -454,10 +467,10 @@ async def autoscale_once(rt: Runtime, key: Key, body: dict[str, Any], logger: An
     # in a worker thread, under the model's lock so a reconcile never interleaves with it.
     async with rt.lock(*key):
         try:
-            await asyncio.to_thread(rt.autoscale, body, rt, logger)
-        except OperatorError as exc:
+            await asyncio.to_thread(rt.autoscale, body, rt, logger, asyncio.get_running_loop())
+        except (OperatorError, aiohttp.ClientError, TimeoutError) as exc:
             rt.metrics.errors.labels(kind="autoscale").inc()
-            logger.warning(f"autoscaling skipped: {exc}")
+            logger.warning(f"autoscaling skipped: {exc!s}")
 
 
 async def run_loop(rt: Runtime, logger: Any, tick: float = LOOP_TICK_SECONDS) -> None:

@@ -155,11 +155,14 @@ class KubeClient:
         autoscaler writes spec.replicas under the same manager).
         """
         meta = obj["metadata"]
-        applied = await self._call("PATCH", _path(Kinds.of(obj), meta["namespace"], meta["name"]),
-                                   body=obj,
+        path = _path(Kinds.of(obj), meta["namespace"], meta["name"])
+        applied = await self._call("PATCH", path, body=obj,
                                    params={"fieldManager": FIELD_MANAGER, "force": "true"},
                                    content_type="application/apply-patch+yaml")
-        return applied or {}
+        if applied is None:  # apply creates; 404 means the namespace or the kind is missing
+            raise ApiError(404, f"PATCH {path}: not found (the namespace or the resource "
+                                "type does not exist)")
+        return applied
 
     async def replace(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """PUT with the object's resourceVersion (409 ConflictError when someone wrote first)."""
@@ -169,9 +172,10 @@ class KubeClient:
         return done or {}
 
     async def patch(self, kind: Kinds, namespace: str, name: str, body: Mapping[str, Any],
-                    sub: str | None = None) -> dict[str, Any] | None:
+                    sub: str | None = None,
+                    params: Mapping[str, str] | None = None) -> dict[str, Any] | None:
         return await self._call("PATCH", _path(kind, namespace, name, sub), body=body,
-                                content_type="application/merge-patch+json")
+                                params=params, content_type="application/merge-patch+json")
 
     async def delete(self, kind: Kinds, namespace: str, name: str) -> bool:
         gone = await self._call("DELETE", _path(kind, namespace, name),

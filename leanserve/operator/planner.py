@@ -226,9 +226,10 @@ def plan(res: Resource, observed: Observed, now: datetime,
 
     spec, owner = res.spec, res.owner
     jp = builders.job_plan(owner, spec, res.retry)
-    recipe: dict[str, Any] = {"hash": jp.recipe, "job": jp.name}
-    if jp.retry:
-        recipe["retry"] = jp.retry
+    # Every key, None included: the status is written as a JSON merge patch, and None removes
+    # what an earlier recipe recorded.
+    recipe: dict[str, Any] = {"hash": jp.recipe, "job": jp.name, "retry": jp.retry or None,
+                              "outcome": None, "message": None}
     status["recipe"] = recipe
     compression = dict(prev.get("compression") or {})
     artifact = dict(prev.get("artifact") or {})
@@ -293,8 +294,8 @@ def plan(res: Resource, observed: Observed, now: datetime,
                     phase = Phase.FAILED
                 else:
                     artifact = dict(summary.get("artifact") or {})
-                    status["artifact"] = {k: artifact[k] for k in ("uri", "sha256", "gpu")
-                                          if k in artifact}
+                    status["artifact"] = {"uri": artifact.get("uri", ""),
+                                          "sha256": artifact.get("sha256", "")}
                     done = True
 
     if done:
@@ -339,7 +340,8 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
     out.apply.append(builders.build_deployment(
         owner, spec, pool, artifact_uri=str(artifact["uri"]), artifact_sha=sha,
         replicas=replicas, monitor=observed.monitor, settings=settings,
-        gpu_repository=bool(artifact.get("gpu"))))
+        # status.compression keeps the Job's artifact record, with its KIND_GPU sibling flag
+        gpu_repository=bool((compression.get("artifact") or {}).get("gpu"))))
     out.apply.append(builders.build_service(owner))
     out.apply.append(builders.build_pdb(owner, settings))
     monitor = builders.build_monitor(owner, observed.monitor)

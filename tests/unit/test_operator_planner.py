@@ -235,7 +235,8 @@ def test_retry_annotation_or_spec_change_runs_the_recipe_again() -> None:
     again = planner.plan(retry, Observed(), NOW, S)
     assert again.job is not None and again.job["metadata"]["name"] == name
     assert again.status["phase"] == "Compressing"
-    assert again.status["recipe"] == {"hash": JP.recipe, "job": name, "retry": "2026-03-02"}
+    assert again.status["recipe"] == {"hash": JP.recipe, "job": name, "retry": "2026-03-02",
+                                      "outcome": None, "message": None}
     # The same annotation value again is the same retry: its outcome is kept once known.
     done = planner.plan(retry, Observed(job=replace_name(FAILED_JOB, name)), NOW, S).status
     assert planner.job_to_observe(Resource(OWNER, 1, SPEC, (), done, retry="2026-03-02")) is None
@@ -310,3 +311,21 @@ def test_deployment_ready_only_when_its_controller_saw_the_current_spec() -> Non
     d = planner.plan(Resource(OWNER, 1, SPEC, (), compressed_status()),
                      Observed(deployments={"cpu": fresh}), NOW, S)
     assert d.status["phase"] == "Serving"
+
+
+def test_the_plan_serves_the_gpu_repository_only_on_a_gpu_pool_when_the_job_wrote_it() -> None:
+    """Issue 14 item 10 through the planner: the Job's artifact record says whether the
+    KIND_GPU sibling exists (handback ``artifact.gpu``)."""
+    def args(status: dict[str, Any], pool: str) -> str:
+        d = planner.plan(Resource(OWNER, 1, SPEC, (), status), Observed(), NOW, S)
+        dep = next(o for o in d.apply if o["kind"] == "Deployment")
+        assert dep["metadata"]["labels"]["leanserve.io/pool"] == pool
+        return " ".join(dep["spec"]["template"]["spec"]["containers"][0]["args"])
+    with_gpu = compressed_status(PROFILE)  # the profile picks gpu-t4
+    with_gpu["compression"]["artifact"]["gpu"] = True
+    assert "--model-repository=/models/x/model_repository-gpu" in args(with_gpu, "gpu-t4")
+    without = compressed_status(PROFILE)
+    assert "--model-repository=/models/x/model_repository " in args(without, "gpu-t4") + " "
+    cpu = compressed_status()  # no profile: the cheapest pool, cpu
+    cpu["compression"]["artifact"]["gpu"] = True
+    assert "model_repository-gpu" not in args(cpu, "cpu")
