@@ -23,7 +23,7 @@ import kmock
 import kopf
 import pytest
 
-from leanserve.operator import handback
+from leanserve.operator import access, handback
 from leanserve.operator.constants import Label
 from leanserve.operator.kube import Kinds, KubeClient
 from leanserve.operator.metrics import OperatorMetrics
@@ -33,6 +33,7 @@ from leanserve.operator.settings import OperatorSettings
 pytestmark = pytest.mark.integration
 
 NS = "ml"
+TEST_CLIENT = "leanserve-tests"  # the User-Agent of the test's own requests
 CM = "leanserve.io/v1alpha1/compressedmodels"
 FAST = KopfTuning(watch_server_timeout=30, error_backoffs=(0.2, 0.5, 1), batch_window=0.05)
 
@@ -46,6 +47,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "batch/v1/jobs": {"kind": "Job", "subresources": {"status"}},
     "apps/v1/deployments": {"kind": "Deployment", "subresources": {"status", "scale"}},
     "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget"},
+    "coordination.k8s.io/v1/leases": {"kind": "Lease"},
 }
 MONITORING = {"monitoring.coreos.com/v1/servicemonitors": {"kind": "ServiceMonitor"},
               "monitoring.coreos.com/v1/podmonitors": {"kind": "PodMonitor"}}
@@ -205,11 +207,14 @@ class ForgetfulEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         if not hasattr(self, "seen"):
             self.seen = set()
-        if request.resource is not None:
-            res = request.resource
-            self.seen.add((str(request.method.value if hasattr(request.method, "value")
-                                else request.method).upper(),
-                           f"{res.group or ''}/{res.plural}", request.subresource or ""))
+        if request.resource is not None and request.resource.plural and \
+                request.headers.get("User-Agent", "") != TEST_CLIENT:  # the test's own client
+            res, method = request.resource, str(getattr(request.method, "value",
+                                                        request.method)).upper()
+            resource = res.plural + (f"/{request.subresource}" if request.subresource else "")
+            watch = str(request.params.get("watch", "")).lower() in ("true", "1")
+            self.seen.add((res.group or "", resource,
+                           access.verb_of(method, bool(request.name), watch)))
         apply = str(request.headers.get("Content-Type", "")).startswith(
             "application/apply-patch")
         if apply and request.resource is not None and not request.subresource:
@@ -248,7 +253,7 @@ async def emulator(monitoring: bool = False, *, stock: bool = False) -> AsyncIte
                 verbs={"get", "list", "watch", "create", "patch", "delete"},
                 subresources=info.get("subresources", set()))
         url = str(srv.url).rstrip("/")
-        session = aiohttp.ClientSession()
+        session = aiohttp.ClientSession(headers={"User-Agent": TEST_CLIENT})
         try:
             yield Cluster(k, KubeClient(session, url), url)
         finally:
@@ -308,7 +313,9 @@ def metric(op: Operator, name: str, **labels: str) -> float:
 
 
 async def test_lifecycle_from_apply_to_serving_edits_and_deletion() -> None:
-    async with emulator(monitoring=True) as c, running(c.url) as op:
+    settings = replace(OperatorSettings(), resync_seconds=0.5, metrics_port=0, liveness_port=0,
+                       lease_namespace=NS)  # with leader election, as deployed
+    async with emulator(monitoring=True) as c, running(c.url, settings) as op:
         await create(c, model_body())
         jobs = await c.wait("the compression Job", lambda: c.children(Kinds.JOB))
         assert len(jobs) == 1
@@ -327,7 +334,10 @@ async def test_lifecycle_from_apply_to_serving_edits_and_deletion() -> None:
         assert job["metadata"]["ownerReferences"][0] | {"uid": "uid-minilm"} == \
             job["metadata"]["ownerReferences"][0]
         assert job["metadata"]["ownerReferences"][0]["controller"] is True
-        assert await c.get(Kinds.CONFIGMAP, name) is not None
+        # The spec ConfigMap is applied right after the Job, owned by it (its uid).
+        spec_cm = await c.wait("the Job's ConfigMap", lambda: c.get(Kinds.CONFIGMAP, name))
+        assert spec_cm["metadata"]["ownerReferences"][0]["kind"] == "Job"
+        assert spec_cm["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
         cm = await c.wait_phase("Compressing")
         assert cm["status"]["observedGeneration"] == 1
 
@@ -441,6 +451,18 @@ async def test_lifecycle_from_apply_to_serving_edits_and_deletion() -> None:
         assert metric(op, "leanserve_operator_jobs_created_total") == 2
         assert metric(op, "leanserve_operator_reconciles_total", outcome="ok") > 0
         assert op.errors == []
+        # Every request the operator (kopf included) made is granted by deploy/operator's RBAC
+        # (access.py; test_operator_access.py ties the two), and it used nearly all of it.
+        granted = access.triples(access.CLUSTER_RULES) | access.triples(access.NAMESPACE_RULES)
+        assert c.emulator.seen - granted == set()
+        unused = granted - c.emulator.seen
+        assert unused <= {("apps", "deployments/scale", "patch"),  # no profile to scale by
+                          ("", "events", "list"),  # no Job stuck unstarted here
+                          ("leanserve.io", "compressedmodels/finalizers", "update"),  # admission
+                          ("monitoring.coreos.com", "podmonitors", "patch"),
+                          ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+                          ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+                          ("coordination.k8s.io", "leases", "update")}, unused
 
 
 async def test_invalid_spec_reports_the_field_and_creates_nothing() -> None:
@@ -505,7 +527,7 @@ async def test_restart_mid_flight_makes_no_duplicate_and_keeps_status() -> None:
         env = {e["name"]: e.get("value") for e in
                job["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["MASTER_ADDR"] == f"{name}-0.{name}" and env["WORLD_SIZE"] == "2"
-        headless = await c.get(Kinds.SERVICE, name)
+        headless = await c.wait("the headless Service", lambda: c.get(Kinds.SERVICE, name))
         assert headless is not None and headless["spec"]["clusterIP"] == "None"
 
         # The Job finishes while no operator runs; a new operator picks up from the cluster.
