@@ -75,8 +75,9 @@ def lease_body(namespace: str, name: str, me: str, now: datetime, seconds: float
     """The Lease as ``me`` writes it when creating, taking or renewing it (pure)."""
     spec = dict((current or {}).get("spec") or {})
     meta: dict[str, Any] = {"name": name, "namespace": namespace}
-    if current is not None:
-        meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+    version = ((current or {}).get("metadata") or {}).get("resourceVersion")
+    if version:  # optimistic concurrency: of two writers of one version, one gets 409
+        meta["resourceVersion"] = version
     taking = spec.get("holderIdentity") != me
     if taking:
         spec["acquireTime"] = _micro(now)

@@ -25,6 +25,7 @@ import pytest
 
 from leanserve.operator import access, handback
 from leanserve.operator.constants import Label
+from leanserve.operator.handlers import Runtime
 from leanserve.operator.kube import Kinds, KubeClient
 from leanserve.operator.metrics import OperatorMetrics
 from leanserve.operator.runner import KopfTuning, make_runtime, run_operator
@@ -266,6 +267,14 @@ class Operator:
     stop: threading.Event
     metrics: OperatorMetrics
     errors: list[BaseException]
+    rt: Runtime
+
+    def writes(self) -> int:
+        """PATCH and POST requests the operator's client has made so far (PUT is the leader
+        Lease's renewal, every lease_seconds / 3, and nothing else)."""
+        kube = self.rt.kube
+        assert kube is not None
+        return kube.by_method["PATCH"] + kube.by_method["POST"]
 
     def halt(self) -> None:
         self.stop.set()
@@ -289,7 +298,7 @@ def start_operator(url: str, settings: OperatorSettings | None = None) -> Operat
     thread = threading.Thread(target=main, name="operator", daemon=True)
     thread.start()
     assert ready.wait(20), f"the operator did not start: {errors}"
-    return Operator(thread, stop, rt.metrics, errors)
+    return Operator(thread, stop, rt.metrics, errors, rt)
 
 
 @asynccontextmanager
@@ -369,6 +378,12 @@ async def test_lifecycle_from_apply_to_serving_edits_and_deletion() -> None:
 
         await c.make_available("minilm-cpu-large")
         cm = await c.wait_phase("Serving")
+        # The steady state writes nothing: every child was applied once, each resync (every
+        # 0.5 s here) observes and plans the same objects and sends no PATCH (issue 14 item 5).
+        await c.wait_reconciles(op, 2)
+        before = op.writes()
+        await c.wait_reconciles(op, 8)
+        assert op.writes() == before
         conds = {x["type"]: x for x in cm["status"]["conditions"]}
         assert {t: conds[t]["status"] for t in conds} == {
             "Ready": "True", "Compressed": "True", "Deployed": "True", "SLOMet": "True",
