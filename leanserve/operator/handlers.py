@@ -431,6 +431,8 @@ async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any],
     finally:
         if rt.kube is not None:
             rt.metrics.api_requests.set(rt.kube.requests)
+            for method in ("PATCH", "POST", "PUT", "DELETE"):
+                rt.metrics.api_writes.labels(method=method).set(rt.kube.by_method[method])
     rt.metrics.reconciles.labels(outcome="ok").inc()
     rt.metrics.observe_phase(res.owner.namespace, res.owner.name, desired.status.get("phase"))
     for ev in desired.events:

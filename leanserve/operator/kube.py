@@ -11,10 +11,11 @@ never GETs a child to compare it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,20 +80,29 @@ def _path(kind: Kinds, namespace: str | None, name: str | None = None,
 class KubeClient:
     """REST calls the operator needs; 404 on reads is None, 409 on create is ConflictError."""
 
-    def __init__(self, session: aiohttp.ClientSession, server: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, server: str,
+                 relogin: Callable[[], kopf.ConnectionInfo] | None = None) -> None:
         self._session = session
         self._server = server.rstrip("/")
+        # A 401 means the bearer token expired (a projected ServiceAccount token rotates):
+        # log in again (the token file is re-read) and repeat the request once.
+        self._relogin = relogin
+        self._auth: dict[str, str] = {}
         self.requests = 0  # for the operator's metrics and the benchmark
         self.by_method: collections.Counter[str] = collections.Counter()
 
     @classmethod
-    def from_connection(cls, info: kopf.ConnectionInfo) -> KubeClient:
+    def from_connection(cls, info: kopf.ConnectionInfo,
+                        relogin: Callable[[], kopf.ConnectionInfo] | None = None) -> KubeClient:
+        """One session for every request: kopf's credentials (token, or the kubeconfig's
+        client certificate and key inside the SSL context), its CA in memory."""
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=32, ssl=info.as_ssl_context()),
-            headers=info.as_http_headers(),
             timeout=aiohttp.ClientTimeout(total=30),
         )
-        return cls(session, info.server)
+        client = cls(session, info.server, relogin)
+        client._auth = dict(info.as_http_headers())
+        return client
 
     async def close(self) -> None:
         await self._session.close()
@@ -100,20 +110,32 @@ class KubeClient:
     async def _call(self, method: str, path: str, *, body: Any = None,
                     params: Mapping[str, str] | None = None,
                     content_type: str = "application/json") -> dict[str, Any] | None:
-        self.requests += 1
-        self.by_method[method] += 1
         data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if body is not None else {}
-        async with self._session.request(method, self._server + path, data=data,
-                                         params=params or {}, headers=headers) as rsp:
-            if rsp.status == 404:
-                return None
-            text = await rsp.text()
-            if rsp.status == 409:
-                raise ConflictError(409, _message(text))
-            if rsp.status >= 400:
-                raise ApiError(rsp.status, f"{method} {path}: {_message(text)}")
-            return json.loads(text) if text else {}
+        for attempt in (1, 2):
+            self.requests += 1
+            self.by_method[method] += 1
+            headers = {**self._auth, **({"Content-Type": content_type} if body is not None
+                                        else {})}
+            async with self._session.request(method, self._server + path, data=data,
+                                             params=params or {}, headers=headers) as rsp:
+                if rsp.status == 401 and attempt == 1 and self._relogin is not None:
+                    info = await asyncio.to_thread(self._relogin)
+                    self._auth = dict(info.as_http_headers())
+                    continue
+                return await self._answer(method, path, rsp)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _answer(method: str, path: str,
+                      rsp: aiohttp.ClientResponse) -> dict[str, Any] | None:
+        if rsp.status == 404:
+            return None
+        text = await rsp.text()
+        if rsp.status == 409:
+            raise ConflictError(409, _message(text))
+        if rsp.status >= 400:
+            raise ApiError(rsp.status, f"{method} {path}: {_message(text)}")
+        return json.loads(text) if text else {}
 
     async def get(self, kind: Kinds, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._call("GET", _path(kind, namespace, name))

@@ -97,7 +97,7 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
         kwargs["namespaces"] = [namespace]
     else:
         kwargs["clusterwide"] = True
-    rt.kube = KubeClient.from_connection(rt.login())
+    rt.kube = KubeClient.from_connection(rt.login(), relogin=rt.login)
     elector: LeaderElector | None = None
     try:
         if rt.settings.leader_election:
