@@ -32,16 +32,19 @@ CLUSTER_RULES: tuple[Rule, ...] = (
          "one Event per transition (post_events); why a Job starts no pod (observe)"),
     Rule("", ("pods",), ("list",),
          "the compression Job's report is its newest pod's termination message"),
-    Rule("batch", ("jobs",), ("get", "list", "watch", "patch"),
+    # Server-side apply is a PATCH, authorized as `patch`, and also as `create` when the object
+    # does not exist yet (kube-apiserver checks both): every applied kind needs the two.
+    Rule("batch", ("jobs",), ("get", "list", "watch", "create", "patch"),
          "the Job by name (observe), watched for reconciles, created by server-side apply"),
-    Rule("", ("configmaps", "services"), ("patch",),
+    Rule("", ("configmaps", "services"), ("create", "patch"),
          "server-side apply: the Job's spec ConfigMap and headless Service, Service X"),
-    Rule("apps", ("deployments",), ("list", "watch", "patch", "delete"),
+    Rule("apps", ("deployments",), ("list", "watch", "create", "patch", "delete"),
          "serving Deployments: observed, watched, applied; a pool's goes when another serves"),
     Rule("apps", ("deployments/scale",), ("patch",),
          "the autoscaler sets replicas through the scale subresource"),
-    Rule("policy", ("poddisruptionbudgets",), ("patch",), "server-side apply of the PDB"),
-    Rule("monitoring.coreos.com", ("servicemonitors", "podmonitors"), ("patch",),
+    Rule("policy", ("poddisruptionbudgets",), ("create", "patch"),
+         "server-side apply of the PDB"),
+    Rule("monitoring.coreos.com", ("servicemonitors", "podmonitors"), ("create", "patch"),
          "server-side apply of the monitor, when the Prometheus Operator's CRDs exist"),
 )
 
