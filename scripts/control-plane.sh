@@ -157,15 +157,22 @@ fail_up() {
 
 # Controllers the tests rely on (garbage collector, namespaces, service accounts and their tokens,
 # Job, Deployment, ReplicaSet, TTL-after-finished, pod GC, disruption) and what they need to work
-# (claims bound to volumes, the root CA ConfigMap, endpoints for Services). No node lifecycle
-# controller: kwok's nodes send no heartbeats and must never be tainted unreachable.
+# (claims bound to volumes, the root CA ConfigMap, endpoints for Services, the node lifecycle
+# controller that lifts the not-ready taint admission puts on new nodes: kwok renews the nodes'
+# Leases, so they stay Ready while kwok runs).
 CONTROLLERS=garbage-collector-controller,namespace-controller,serviceaccount-controller
 CONTROLLERS+=,serviceaccount-token-controller,job-controller,deployment-controller
 CONTROLLERS+=,replicaset-controller,ttl-after-finished-controller,pod-garbage-collector-controller
 CONTROLLERS+=,disruption-controller,persistentvolume-binder-controller
 CONTROLLERS+=,persistentvolume-protection-controller,persistentvolumeclaim-protection-controller
 CONTROLLERS+=,root-ca-certificate-publisher-controller,endpoints-controller
-CONTROLLERS+=,endpointslice-controller,clusterrole-aggregation-controller
+CONTROLLERS+=,endpointslice-controller,clusterrole-aggregation-controller,node-lifecycle-controller
+
+untainted() {  # no node has a taint (the node lifecycle controller lifts not-ready)
+    local taints
+    taints="$("$BIN/kubectl" --kubeconfig="$1" get nodes -o jsonpath='{.items[*].spec.taints}')" \
+        && [ -z "$taints" ]
+}
 
 cmd_up() {
     local d start ports etcd_client etcd_peer api kcm sched kwok_port
@@ -214,11 +221,13 @@ cmd_up() {
     KWOK_WORKDIR="$d/kwok" start "$d" kwok "$BIN/kwok" --kubeconfig="$k" \
         --config="$MODS/kwok-stages.yaml" \
         --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
-        --server-address="127.0.0.1:$kwok_port" --cidr=10.244.0.0/16 --node-ip=127.0.0.1
+        --server-address="127.0.0.1:$kwok_port" --cidr=10.244.0.0/16 --node-ip=127.0.0.1 \
+        --node-lease-duration-seconds=40
     "$BIN/kubectl" --kubeconfig="$k" apply -f "$MODS/nodes.yaml" > /dev/null \
         || fail_up "$d" "the fake nodes were refused"
     wait_for "$d" "every node Ready" 40 "$BIN/kubectl" --kubeconfig="$k" wait node --all \
         --for=condition=Ready --timeout=1s
+    wait_for "$d" "every node untainted" 30 untainted "$k"
     wait_for "$d" "the default ServiceAccount" 20 "$BIN/kubectl" --kubeconfig="$k" \
         get serviceaccount default -n default
     printf '%s\n' "$api" > "$d/port"

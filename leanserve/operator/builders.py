@@ -238,7 +238,8 @@ def build_job(owner: Owner, spec: CompressedModelSpec, plan: JobPlan,
                 {"name": "tmp", "emptyDir": {}}, {"name": "work", "emptyDir": {}}]
     mounts += [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
                {"name": "tmp", "mountPath": "/tmp"}, {"name": "work", "mountPath": WORK_DIR}]
-    runner = ["--artifact-uri", plan.repository_uri]
+    # The path is stated in the pod spec twice (terminationMessagePath and here), never implied.
+    runner = ["--artifact-uri", plan.repository_uri, "--termination-log", TERMINATION_LOG]
     if plan.gpu:
         runner += ["--gpu-repository"]
     if stores.parse_uri(plan.out_uri).scheme is stores.Scheme.S3:

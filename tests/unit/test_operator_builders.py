@@ -146,6 +146,9 @@ def test_job_runs_leanserve_compress_with_the_mounted_spec() -> None:
                    f"/stores/models/leanserve/minilm/{jp.recipe}"]
     assert ctr["image"] == SETTINGS.job.image
     assert ctr["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    # jobrunner writes the report where the kubelet reads it, named in the pod spec itself.
+    runner = ctr["args"][: ctr["args"].index("--")]
+    assert runner[runner.index("--termination-log") + 1] == ctr["terminationMessagePath"]
     mounted = yaml.safe_load(builders.build_spec_configmap(OWNER, spec, jp)["data"]["spec.yaml"])
     assert mounted["spec"]["model"]["uri"] == "file:///stores/models/minilm"
     assert mounted["spec"]["data"]["uri"] == "file:///stores/datasets/sentences.jsonl"
