@@ -397,12 +397,15 @@ async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any],
                      logger: Any) -> float | None:
     res = to_resource(body)
     key = (res.owner.namespace, res.owner.name)
+    written = rt._written.get(key)
+    if written is not None:
+        if _progress(dict(res.status)) == _progress(written):
+            rt._written.pop(key, None)  # the watch has caught up with the last write
+        else:
+            # The body predates this process's last status write (the watch lags): plan from
+            # what was written, so a transition is neither planned, announced nor written twice.
+            res = replace(res, status=merge_patch(dict(res.status), written))
     stored = dict(res.status)
-    written = rt._written.pop(key, None)
-    if written is not None and _progress(stored) != _progress(written):
-        # The body predates this process's last status write (the watch lags): plan from what
-        # was written, so a transition is not planned and announced twice.
-        res = replace(res, status=merge_patch(stored, written))
     desired: planner.Desired | None = None
     try:
         now = rt.clock()
