@@ -348,3 +348,36 @@ def test_two_replicas_never_both_act(control_plane: Any, api: Api, ns: str,
             apply(control_plane, model("leader2", ns))
             wait_for(lambda: len(jobs(api, ns)) == 2, 60, "op-b acting")
             assert rbac_refusals(a) == [] and rbac_refusals(b) == []
+
+
+def test_client_certificates_from_a_kubeconfig_work(control_plane: Any, api: Api, ns: str,
+                                                    tmp_path: Path) -> None:
+    """Item 9: the admin kubeconfig authenticates with a client certificate (as kind's and
+    k3d's do); the operator's own client (one session) uses it, beside kopf's watches."""
+    admin = control_plane.kubeconfig.read_text()
+    assert "client-certificate" in admin and "token" not in admin
+    with OperatorProcess(control_plane.kubeconfig, tmp_path / "cert.log",
+                         LEANSERVE_OPERATOR_LEASE_NAME="leanserve-operator-cert", **FAST) as op:
+        apply(control_plane, model("cert", ns))
+        wait_for(lambda: jobs(api, ns), 60, "the Job, created with the client certificate")
+        wait_for(lambda: (cmod(api, ns, "cert") or {}).get("status", {}).get("phase")
+                 == "Compressing", 30, "phase Compressing")
+        assert op.forbidden() == [] and "401" not in op.text()
+
+
+def test_deleting_the_crd_leaves_nothing_stuck(control_plane: Any, api: Api, ns: str,
+                                               operator: OperatorProcess) -> None:
+    """Item 7: with models present and the operator running, deleting the CRD completes (no
+    finalizer holds a model), and so does deleting deploy/operator; reinstalled afterwards for
+    any later test."""
+    apply(control_plane, model("crd-a", ns))
+    wait_for(lambda: jobs(api, ns), 60, "the Job")
+    try:
+        control_plane.kubectl("delete", "crd", "compressedmodels.leanserve.io", "--timeout=60s",
+                              timeout=90)
+        assert api.get_or_none("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                               "compressedmodels.leanserve.io") is None
+        wait_for(lambda: jobs(api, ns) == [], 60, "the garbage collector to take the Job")
+    finally:
+        install_crd(control_plane)
+    assert operator.alive()
