@@ -32,6 +32,8 @@ CLUSTER_RULES: tuple[Rule, ...] = (
          "one Event per transition (post_events); why a Job starts no pod (observe)"),
     Rule("", ("pods",), ("list",),
          "the compression Job's report is its newest pod's termination message"),
+    Rule("", ("persistentvolumeclaims",), ("get",),
+         "a claim's access modes, checked before a Job is made (observe_claims)"),
     # Server-side apply is a PATCH, authorized as `patch`, and also as `create` when the object
     # does not exist yet (kube-apiserver checks both): every applied kind needs the two.
     Rule("batch", ("jobs",), ("get", "list", "watch", "create", "patch"),

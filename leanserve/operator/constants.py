@@ -65,6 +65,8 @@ class Reason(str, enum.Enum):
     OVER_BUDGET = "OverBudget"
     NO_BUDGET = "NoBudget"
     API_REFUSED = "APIRefused"
+    CLAIM_NOT_SHARED = "ClaimNotShared"
+    CLAIM_MISSING = "ClaimMissing"
     JOB_NOT_STARTING = "JobNotStarting"
 
 
@@ -72,7 +74,10 @@ class Reason(str, enum.Enum):
 PROBLEM_REASONS = frozenset(r.value for r in (
     Reason.INVALID_SPEC, Reason.JOB_FAILED, Reason.REPORT_MISSING, Reason.NO_CANDIDATE_PASSED,
     Reason.REPLICAS_UNAVAILABLE, Reason.NO_POOL_MEETS_SLO, Reason.OVER_BUDGET,
-    Reason.API_REFUSED, Reason.JOB_NOT_STARTING))
+    Reason.API_REFUSED, Reason.JOB_NOT_STARTING, Reason.CLAIM_NOT_SHARED, Reason.CLAIM_MISSING))
+
+# Access modes a claim shared by the Job and every serving replica (on any node) may have.
+SHARED_ACCESS_MODES = ("ReadWriteMany", "ReadOnlyMany")
 
 # A recipe's outcome, remembered in status.recipe.outcome: the Compressed condition's reason.
 TERMINAL_OUTCOMES = frozenset(r.value for r in (

@@ -234,6 +234,7 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
     if res.spec is None:
         return planner.Observed()
     job_obs = None
+    claims: dict[str, tuple[str, ...] | None] = {}
     name = planner.job_to_observe(res)
     if name is not None:
         job = await kube.get(Kinds.JOB, owner.namespace, name)
@@ -253,12 +254,14 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
                     {"involvedObject.kind": "Job", "involvedObject.name": name})
                 waiting = waiting_reason(pods, events)
             job_obs = job_observation(job, pods, waiting)
+        else:
+            claims = await observe_claims(rt, res)
     # Serving children matter once there is an artifact to serve (from an earlier recipe, or
     # the Job that just succeeded); a model still compressing its first recipe has none.
     serving = bool((res.status.get("artifact") or {}).get("uri")) or (
         job_obs is not None and job_obs.state is JobState.SUCCEEDED)
     if not serving:
-        return planner.Observed(job=job_obs)
+        return planner.Observed(job=job_obs, claims=claims)
     deployments = await kube.list(Kinds.DEPLOYMENT, owner.namespace, {
         Label.MODEL.value: owner.name, Label.COMPONENT.value: Component.SERVING.value})
     by_pool = {}
@@ -266,7 +269,22 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
         pool = ((d.get("metadata") or {}).get("labels") or {}).get(Label.POOL.value)
         if pool:
             by_pool[pool] = deployment_observation(pool, d)
-    return planner.Observed(job=job_obs, deployments=by_pool, monitor=await rt.monitor_kind())
+    return planner.Observed(job=job_obs, deployments=by_pool, monitor=await rt.monitor_kind(),
+                            claims=claims)
+
+
+async def observe_claims(rt: Runtime, res: planner.Resource
+                         ) -> dict[str, tuple[str, ...] | None]:
+    """Access modes of the claims a new Job would mount (one GET each, only before creating)."""
+    assert res.spec is not None
+    jp = builders.job_plan(res.owner, res.spec, res.retry)
+    out: dict[str, tuple[str, ...] | None] = {}
+    for claim in stores.claims_of(res.spec.model.uri, res.spec.data.uri, jp.out_uri):
+        pvc = await rt.client.get(Kinds.CLAIM, res.owner.namespace, claim)
+        out[claim] = None if pvc is None else tuple(
+            (pvc.get("status") or {}).get("accessModes") or
+            (pvc.get("spec") or {}).get("accessModes") or ())
+    return out if planner.claim_problem(planner.Observed(claims=out)) else {}
 
 
 # ------------------------------------------------------------------------------ applying

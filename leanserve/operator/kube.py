@@ -43,6 +43,7 @@ class Kinds(enum.Enum):
     CONFIGMAP = Kind("v1", "configmaps")
     SERVICE = Kind("v1", "services")
     POD = Kind("v1", "pods")
+    CLAIM = Kind("v1", "persistentvolumeclaims")
     EVENT = Kind("v1", "events")
     DEPLOYMENT = Kind("apps/v1", "deployments")
     PDB = Kind("policy/v1", "poddisruptionbudgets")
@@ -54,7 +55,8 @@ class Kinds(enum.Enum):
     @classmethod
     def of(cls, obj: Mapping[str, Any]) -> Kinds:
         by_kind = {"Job": cls.JOB, "ConfigMap": cls.CONFIGMAP, "Service": cls.SERVICE,
-                   "Pod": cls.POD, "Event": cls.EVENT, "Deployment": cls.DEPLOYMENT,
+                   "Pod": cls.POD, "PersistentVolumeClaim": cls.CLAIM, "Event": cls.EVENT,
+                   "Deployment": cls.DEPLOYMENT,
                    "PodDisruptionBudget": cls.PDB, "ServiceMonitor": cls.SERVICE_MONITOR,
                    "PodMonitor": cls.POD_MONITOR, "CompressedModel": cls.COMPRESSED_MODEL,
                    "Lease": cls.LEASE}

@@ -19,6 +19,7 @@ from leanserve.operator import builders, handback
 from leanserve.operator.builders import Owner
 from leanserve.operator.constants import (
     PROBLEM_REASONS,
+    SHARED_ACCESS_MODES,
     TERMINAL_OUTCOMES,
     Annotation,
     JobState,
@@ -64,6 +65,8 @@ class Observed:
     job: JobObservation | None = None  # the Job for the current recipe hash, if it exists
     deployments: Mapping[str, DeploymentObservation] = field(default_factory=dict)
     monitor: MonitorKind = MonitorKind.NONE
+    # Access modes of the claims the spec names (None: no such claim), read before a Job is made.
+    claims: Mapping[str, tuple[str, ...] | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,20 @@ def outcome_of(res: Resource, jp: builders.JobPlan) -> str | None:
     return None
 
 
+def claim_problem(observed: Observed) -> tuple[Reason, str] | None:
+    """A claim the Job and the serving replicas cannot all mount, as (reason, message)."""
+    for claim, modes in sorted(observed.claims.items()):
+        if modes is None:
+            return Reason.CLAIM_MISSING, f"PersistentVolumeClaim {claim} does not exist in " \
+                                         "this namespace"
+        if not set(modes) & set(SHARED_ACCESS_MODES):
+            return Reason.CLAIM_NOT_SHARED, (
+                f"PersistentVolumeClaim {claim} has accessModes {list(modes)}: the compression "
+                "Job and every serving replica mount it, on any node (allowed: "
+                f"{', '.join(SHARED_ACCESS_MODES)})")
+    return None
+
+
 def job_to_observe(res: Resource) -> str | None:
     """The Job whose state the plan needs, or None when the outcome is already recorded."""
     if res.spec is None or res.errors:
@@ -245,6 +262,11 @@ def plan(res: Resource, observed: Observed, now: datetime,
         message = str((prev.get("recipe") or {}).get("message") or outcome)
         recipe.update(outcome=outcome, message=message)
         conds.set(ConditionType.COMPRESSED, F, outcome, message)
+        phase = Phase.FAILED
+    elif outcome is None and observed.job is None and (refusal := claim_problem(observed)):
+        # Checked before anything is made; not an outcome: fixing the claim lets it proceed.
+        reason, message = refusal
+        conds.set(ConditionType.COMPRESSED, F, reason, message)
         phase = Phase.FAILED
     elif outcome is None:
         job = observed.job

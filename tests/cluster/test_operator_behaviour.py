@@ -381,3 +381,32 @@ def test_deleting_the_crd_leaves_nothing_stuck(control_plane: Any, api: Api, ns:
     finally:
         install_crd(control_plane)
     assert operator.alive()
+
+
+def test_a_read_write_once_claim_is_named_in_a_condition(
+        control_plane: Any, api: Api, ns: str, operator: OperatorProcess,
+        tmp_path: Path) -> None:
+    """Item 11: the model's claim is ReadWriteOnce: no Job, and the Compressed condition names
+    the claim, its access modes and what is allowed; the models' RWX claim is fine."""
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{ns}-rwo"},
+          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                   "storageClassName": "", "hostPath": {"path": str(tmp_path)},
+                   "claimRef": {"namespace": ns, "name": "rwo"}}}
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+           "metadata": {"name": "rwo", "namespace": ns},
+           "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                    "volumeName": f"{ns}-rwo", "resources": {"requests": {"storage": "1Gi"}}}}
+    apply(control_plane, pv)
+    apply(control_plane, pvc)
+    try:
+        apply(control_plane, model("rwo", ns, model={"uri": "pvc://rwo/minilm"}))
+        failed = wait_for(lambda: condition(cmod(api, ns, "rwo"), "Compressed").get("reason")
+                          == "ClaimNotShared" and cmod(api, ns, "rwo"), 60,
+                          "Compressed=ClaimNotShared")
+        message = condition(failed, "Compressed")["message"]
+        assert "rwo" in message and "ReadWriteOnce" in message and "ReadWriteMany" in message
+        assert jobs(api, ns) == []
+    finally:
+        control_plane.kubectl("delete", "cmod", "rwo", "-n", ns, check=False)
+        control_plane.kubectl("delete", "pvc", "rwo", "-n", ns, "--wait=false", check=False)
+        control_plane.kubectl("delete", "pv", f"{ns}-rwo", "--wait=false", check=False)

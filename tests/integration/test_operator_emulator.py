@@ -49,6 +49,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "apps/v1/deployments": {"kind": "Deployment", "subresources": {"status", "scale"}},
     "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget"},
     "coordination.k8s.io/v1/leases": {"kind": "Lease"},
+    "v1/persistentvolumeclaims": {"kind": "PersistentVolumeClaim"},
 }
 MONITORING = {"monitoring.coreos.com/v1/servicemonitors": {"kind": "ServiceMonitor"},
               "monitoring.coreos.com/v1/podmonitors": {"kind": "PodMonitor"}}
@@ -256,7 +257,15 @@ async def emulator(monitoring: bool = False, *, stock: bool = False) -> AsyncIte
         url = str(srv.url).rstrip("/")
         session = aiohttp.ClientSession(headers={"User-Agent": TEST_CLIENT})
         try:
-            yield Cluster(k, KubeClient(session, url), url)
+            cluster = Cluster(k, KubeClient(session, url), url)
+            # The claim the models live on, shareable as the operator requires (bound).
+            await cluster.kube.create({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "models", "namespace": NS},
+                "spec": {"accessModes": ["ReadWriteMany"],
+                         "resources": {"requests": {"storage": "1Gi"}}},
+                "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"]}})
+            yield cluster
         finally:
             await session.close()
 

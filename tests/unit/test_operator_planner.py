@@ -329,3 +329,25 @@ def test_the_plan_serves_the_gpu_repository_only_on_a_gpu_pool_when_the_job_wrot
     cpu = compressed_status()  # no profile: the cheapest pool, cpu
     cpu["compression"]["artifact"]["gpu"] = True
     assert "model_repository-gpu" not in args(cpu, "cpu")
+
+
+# -------------------------------------------------------------------------- claims (11)
+
+
+@pytest.mark.parametrize(("modes", "reason"), [
+    (("ReadWriteOnce",), "ClaimNotShared"), (("ReadWriteOncePod",), "ClaimNotShared"),
+    (None, "ClaimMissing")])
+def test_a_claim_every_pod_cannot_mount_is_said_before_anything_is_made(
+        modes: tuple[str, ...] | None, reason: str) -> None:
+    """Issue 14 item 11: the Job and every serving replica mount the model's claim, on any
+    node: ReadWriteMany or ReadOnlyMany. Not an outcome: a fixed claim lets the next pass on."""
+    d = planner.plan(Resource(OWNER, 1, SPEC), Observed(claims={"models": modes}), NOW, S)
+    assert d.job is None and d.job_owned == [] and d.status["phase"] == "Failed"
+    c = next(x for x in d.status["conditions"] if x["type"] == "Compressed")
+    assert c["reason"] == reason and "models" in c["message"]
+    if modes:
+        assert "ReadWriteMany" in c["message"] and modes[0] in c["message"]
+    assert d.status["recipe"]["outcome"] is None
+    ok = planner.plan(Resource(OWNER, 1, SPEC, (), d.status),
+                      Observed(claims={"models": ("ReadWriteMany",)}), NOW, S)
+    assert ok.job is not None and ok.status["phase"] == "Compressing"
