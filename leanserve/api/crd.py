@@ -89,6 +89,10 @@ def crd() -> dict[str, Any]:
     """The CompressedModel CRD as a dict (apiextensions.k8s.io/v1)."""
     status = openapi_schema(CompressedModelStatus)
     status["x-kubernetes-preserve-unknown-fields"] = True
+    # Conditions are a map keyed by type (as metav1.Condition lists are): one per type, and
+    # server-side apply merges them by type instead of replacing the list.
+    status["properties"]["conditions"].update({"x-kubernetes-list-type": "map",
+                                               "x-kubernetes-list-map-keys": ["type"]})
     schema = {
         "type": "object",
         "required": ["spec"],

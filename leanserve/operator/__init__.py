@@ -6,8 +6,10 @@ Layout (thin handlers over pure planning, STYLE.md 1):
 - ``builders``: pure functions spec -> Kubernetes object dicts;
 - ``planner``: pure ``plan(resource, observed, now) -> Desired``;
 - ``handback``: the report summary the compression Job writes to its termination message;
-- ``kube``: a small async API client (create/apply/patch/delete/discovery);
-- ``handlers``: the kopf handlers that observe, plan and apply;
+- ``kube``: a small async API client (server-side apply, status merge patch, discovery);
+- ``handlers``: the kopf watch-event handlers and the resync loop that observe, plan and apply;
+- ``lease``: leader election on a coordination.k8s.io Lease;
+- ``access``: every API access the operator makes, as RBAC rules (deploy/operator's source);
 - ``platform``: the Kubernetes adapter of the autoscaler's Platform port;
 - ``jobrunner``: the entry point the compression Job runs.
 """

@@ -8,6 +8,7 @@ decision (with the history the policy needs for its stabilization window) goes i
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -45,8 +46,12 @@ def decision_to_status(decision: Decision) -> dict[str, Any]:
                         for h in decision.history[-HISTORY_KEEP:]]}
 
 
-def step(body: dict[str, Any], rt: Any, logger: Any) -> Decision | None:
-    """Observe, decide, scale, record. Returns the decision (None when there is nothing to do)."""
+def step(body: dict[str, Any], rt: Any, logger: Any,
+         loop: asyncio.AbstractEventLoop) -> Decision | None:
+    """Observe, decide, scale, record. Returns the decision (None when there is nothing to do).
+
+    Runs in a worker thread; ``loop`` is the operator's event loop, where its client lives.
+    """
     from leanserve.operator.handlers import to_resource
 
     res = to_resource(body)
@@ -56,7 +61,7 @@ def step(body: dict[str, Any], rt: Any, logger: Any) -> Decision | None:
         return None  # no serving profile: replicas stay at minReplicas until one exists
     try:
         pools = [p for p in pools_from_profile(profile, spec)]
-        platform = KubernetesPlatform.from_connection(rt.login(), res.owner.namespace)
+        platform = KubernetesPlatform(rt.client, loop, res.owner.namespace)
         source = PrometheusSource(url=spec.autoscaling.prometheus_url,
                                   queries=Queries(model=res.owner.name), clock=time.time)
         obs, reading = observe(source, platform, res.owner.name)

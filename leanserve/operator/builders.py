@@ -16,10 +16,17 @@ from typing import Any
 
 import yaml
 
-from leanserve.api.spec import API_VERSION, KIND, Accelerator, CompressedModelSpec, NodePool
+from leanserve.api.spec import (
+    API_VERSION,
+    KIND,
+    Accelerator,
+    CompressedModelSpec,
+    NodePool,
+    Serving,
+)
 from leanserve.operator import stores
 from leanserve.operator.constants import (
-    FIELD_MANAGER,
+    EVENT_COMPONENT,
     MANAGER,
     MODEL_MOUNT,
     RENDEZVOUS_PORT,
@@ -37,6 +44,8 @@ from leanserve.operator.settings import OperatorSettings
 from leanserve.serving.server import TRITON_METRICS_ARGS
 
 HASH_LENGTH = 10
+RETRY_HASH_LENGTH = 5
+GPU_REPOSITORY_SUFFIX = "-gpu"
 MAX_NAME = 63
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -66,9 +75,17 @@ def _fit(prefix: str, suffix: str, limit: int = MAX_NAME) -> str:
     return prefix[: max(1, limit - len(suffix))].rstrip("-") + suffix
 
 
-def job_name(model: str, recipe: str) -> str:
+def job_name(model: str, recipe: str, retry: str = "") -> str:
+    """X-compress-<recipe hash>, with a digest of the retry annotation when one is set.
+
+    A retry is a new Job (the failed one stays until its TTL), so its name differs; without
+    the annotation the name is the one DESIGN.md section 3 gives.
+    """
+    suffix = f"-compress-{recipe}"
+    if retry:
+        suffix += "-" + hashlib.sha256(retry.encode()).hexdigest()[:RETRY_HASH_LENGTH]
     # Indexed Job pods are named <job>-<index>; keep room for "-63".
-    return _fit(model, f"-compress-{recipe}", MAX_NAME - 3)
+    return _fit(model, suffix, MAX_NAME - 3)
 
 
 def deployment_name(model: str, pool: str) -> str:
@@ -105,6 +122,21 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
             "controller": True, "blockOwnerDeletion": True}
 
 
+def job_owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """The compression Job as owner of its ConfigMap and headless Service.
+
+    When the TTL controller deletes a finished Job, the garbage collector takes these with it.
+    Not blocking: nothing waits for them, and blocking would need update on jobs/finalizers.
+    """
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": False}
+
+
+def owned_by(obj: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``obj`` whose only owner is ``reference``."""
+    return {**obj, "metadata": {**obj["metadata"], "ownerReferences": [dict(reference)]}}
+
+
 def metadata(owner: Owner, name: str, component: Component, *, pool: str | None = None,
              extra_labels: Mapping[str, str] | None = None,
              annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -118,14 +150,13 @@ def metadata(owner: Owner, name: str, component: Component, *, pool: str | None 
     return meta
 
 
-def _container_security(settings: OperatorSettings) -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": settings.serving.run_as_user,
+def _container_security(uid: int) -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": uid,
             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]}}
 
 
-def _pod_security(settings: OperatorSettings) -> dict[str, Any]:
-    uid = settings.serving.run_as_user
+def _pod_security(uid: int) -> dict[str, Any]:
     return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
             "seccompProfile": {"type": "RuntimeDefault"}}
 
@@ -153,22 +184,30 @@ class JobPlan:
     out_uri: str  # where the Job's DIR lands in the store
     out_dir: str  # the same directory as the container sees it
     workers: int
+    gpu: bool = False  # some pool has a GPU: the Job also writes the KIND_GPU repository
+    retry: str = ""  # the retry annotation this Job answers ("" = the first run)
 
     @property
     def repository_uri(self) -> str:
         return self.out_uri.rstrip("/") + "/model_repository"
 
 
-def job_plan(owner: Owner, spec: CompressedModelSpec) -> JobPlan:
+def job_plan(owner: Owner, spec: CompressedModelSpec, retry: str = "") -> JobPlan:
     recipe = recipe_hash(spec)
     out = stores.artifacts_ref(owner.name, spec, recipe)
     out_dir = (stores.in_pod(out.uri).removeprefix("file://") if out.scheme is stores.Scheme.PVC
                else posixpath.join(WORK_DIR, "out"))
-    return JobPlan(job_name(owner.name, recipe), recipe, out.uri, out_dir, distill_workers(spec))
+    gpu = any(p.accelerator is Accelerator.NVIDIA_GPU for p in spec.node_pools)
+    return JobPlan(job_name(owner.name, recipe, retry), recipe, out.uri, out_dir,
+                   distill_workers(spec), gpu, retry)
 
 
 def build_spec_configmap(owner: Owner, spec: CompressedModelSpec, plan: JobPlan) -> dict[str, Any]:
-    """The spec the Job reads at /spec/spec.yaml, with pvc:// URIs turned into mount paths."""
+    """The spec the Job reads at /spec/spec.yaml, with pvc:// URIs turned into mount paths.
+
+    Owned by the Job (``owned_by(..., job_owner_reference(...))`` once the Job exists), so it
+    goes when the TTL controller deletes the Job.
+    """
     wire = spec.to_wire()
     wire["model"]["uri"] = stores.in_pod(spec.model.uri)
     wire["data"]["uri"] = stores.in_pod(spec.data.uri)
@@ -177,10 +216,16 @@ def build_spec_configmap(owner: Owner, spec: CompressedModelSpec, plan: JobPlan)
            "metadata": {"name": owner.name, "namespace": owner.namespace}, "spec": wire}
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": metadata(owner, plan.name, Component.COMPRESSION,
-                             extra_labels={Label.RECIPE.value: plan.recipe}),
+        "metadata": _job_child_metadata(owner, plan),
         "data": {SPEC_FILE: yaml.safe_dump(doc, sort_keys=False)},
     }
+
+
+def _job_child_metadata(owner: Owner, plan: JobPlan) -> dict[str, Any]:
+    meta = metadata(owner, plan.name, Component.COMPRESSION,
+                    extra_labels={Label.RECIPE.value: plan.recipe})
+    meta.pop("ownerReferences")  # the Job's, set once the Job exists
+    return meta
 
 
 def build_job(owner: Owner, spec: CompressedModelSpec, plan: JobPlan,
@@ -195,6 +240,8 @@ def build_job(owner: Owner, spec: CompressedModelSpec, plan: JobPlan,
                {"name": "tmp", "mountPath": "/tmp"}, {"name": "work", "mountPath": WORK_DIR}]
     # The path is stated in the pod spec twice (terminationMessagePath and here), never implied.
     runner = ["--artifact-uri", plan.repository_uri, "--termination-log", TERMINATION_LOG]
+    if plan.gpu:
+        runner += ["--gpu-repository"]
     if stores.parse_uri(plan.out_uri).scheme is stores.Scheme.S3:
         runner += ["--upload-to", plan.out_uri]
     if js.profile:
@@ -217,6 +264,10 @@ def build_job(owner: Owner, spec: CompressedModelSpec, plan: JobPlan,
         job_spec.update(completionMode="Indexed", completions=plan.workers,
                         parallelism=plan.workers)
         pod_extra["subdomain"] = plan.name
+        # NCCL/gloo and DataLoader workers share tensors through /dev/shm; the runtime's
+        # default 64 MiB is too small for DDP.
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
         env += [
             {"name": "MASTER_ADDR", "value": f"{plan.name}-0.{plan.name}"},
             {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
@@ -232,7 +283,7 @@ def build_job(owner: Owner, spec: CompressedModelSpec, plan: JobPlan,
         "env": env,
         "resources": dict(js.resources),
         "volumeMounts": mounts,
-        "securityContext": _container_security(settings),
+        "securityContext": _container_security(js.run_as_user),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -242,7 +293,7 @@ def build_job(owner: Owner, spec: CompressedModelSpec, plan: JobPlan,
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "securityContext": _pod_security(settings),
+        "securityContext": _pod_security(js.run_as_user),
         "containers": [container],
         "volumes": volumes,
         **pod_extra,
@@ -263,11 +314,13 @@ def build_job(owner: Owner, spec: CompressedModelSpec, plan: JobPlan,
 
 
 def build_rendezvous_service(owner: Owner, plan: JobPlan) -> dict[str, Any]:
-    """Headless Service giving Indexed Job pods stable DNS names for torch.distributed."""
+    """Headless Service giving Indexed Job pods stable DNS names for torch.distributed.
+
+    Owned by the Job, like the spec ConfigMap.
+    """
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": metadata(owner, plan.name, Component.COMPRESSION,
-                             extra_labels={Label.RECIPE.value: plan.recipe}),
+        "metadata": _job_child_metadata(owner, plan),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -290,19 +343,44 @@ def _cpu_count(resources: Mapping[str, Any]) -> int:
 # ------------------------------------------------------------------------------ serving
 
 
-def model_repository(artifact_uri: str) -> tuple[str, list[str]]:
-    """tritonserver's --model-repository for an artifact URI, and the claims to mount."""
+def gpu_repository_uri(artifact_uri: str) -> str:
+    """The KIND_GPU sibling the Job writes beside a model repository (``--gpu-repository``)."""
+    return artifact_uri.rstrip("/") + GPU_REPOSITORY_SUFFIX
+
+
+def model_repository(artifact_uri: str, gpu: bool = False) -> tuple[str, list[str]]:
+    """tritonserver's --model-repository for an artifact URI, and the claims to mount.
+
+    A GPU pool serves the KIND_GPU repository; a CPU pool always the KIND_CPU one, which asks
+    for no GPU.
+    """
+    if gpu:
+        artifact_uri = gpu_repository_uri(artifact_uri)
     ref = stores.parse_uri(artifact_uri)
     if ref.scheme is stores.Scheme.PVC:
         return posixpath.join(MODEL_MOUNT, ref.path), [ref.root]
     return artifact_uri, []  # s3:// is read by tritonserver itself
 
 
+STOCK_TRITON_IMAGE = Serving.model_fields["image"].default
+
+
+def serving_image(image: str, settings: OperatorSettings) -> str:
+    """The image tritonserver runs: the stock default becomes the leanserve serving image."""
+    return settings.serving.image if image == STOCK_TRITON_IMAGE else image
+
+
 def build_deployment(owner: Owner, spec: CompressedModelSpec, pool: NodePool, *,
                      artifact_uri: str, artifact_sha: str, replicas: int,
-                     monitor: MonitorKind, settings: OperatorSettings) -> dict[str, Any]:
-    """Deployment X-<pool> running tritonserver on the pool's nodes."""
-    repo, claims = model_repository(artifact_uri)
+                     monitor: MonitorKind, settings: OperatorSettings,
+                     gpu_repository: bool = False) -> dict[str, Any]:
+    """Deployment X-<pool> running tritonserver on the pool's nodes.
+
+    A GPU pool serves the KIND_GPU repository when the Job wrote one (``gpu_repository``); a
+    CPU pool always serves the KIND_CPU one.
+    """
+    gpu = pool.accelerator is Accelerator.NVIDIA_GPU
+    repo, claims = model_repository(artifact_uri, gpu and gpu_repository)
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}},
                                      {"name": "shm", "emptyDir": {"medium": "Memory"}}]
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"},
@@ -313,7 +391,7 @@ def build_deployment(owner: Owner, spec: CompressedModelSpec, pool: NodePool, *,
         mounts.append({"name": "models", "mountPath": MODEL_MOUNT, "readOnly": True})
     resources = pool.resources.to_wire()
     resources = {k: {rk: str(rv) for rk, rv in v.items()} for k, v in resources.items() if v}
-    if pool.accelerator is Accelerator.NVIDIA_GPU:
+    if gpu:
         resources.setdefault("limits", {}).setdefault(GPU_RESOURCE, "1")
     annotations = {Annotation.ARTIFACT_SHA.value: artifact_sha}
     if monitor is MonitorKind.NONE:
@@ -322,7 +400,7 @@ def build_deployment(owner: Owner, spec: CompressedModelSpec, pool: NodePool, *,
                         Annotation.PROM_PATH.value: "/metrics"}
     container: dict[str, Any] = {
         "name": "tritonserver",
-        "image": spec.serving.image,
+        "image": serving_image(spec.serving.image, settings),
         "command": ["tritonserver"],
         "args": [f"--model-repository={repo}", f"--http-port={Port.HTTP.value}",
                  f"--grpc-port={Port.GRPC.value}", f"--metrics-port={Port.METRICS.value}",
@@ -339,12 +417,12 @@ def build_deployment(owner: Owner, spec: CompressedModelSpec, pool: NodePool, *,
                          "periodSeconds": 5, "failureThreshold": 60},
         "resources": resources,
         "volumeMounts": mounts,
-        "securityContext": _container_security(settings),
+        "securityContext": _container_security(settings.serving.run_as_user),
     }
     if stores.parse_uri(artifact_uri).scheme is stores.Scheme.S3 and spec.artifacts.secret_name:
         container["envFrom"] = [{"secretRef": {"name": spec.artifacts.secret_name}}]
     pod_spec: dict[str, Any] = {
-        "securityContext": _pod_security(settings),
+        "securityContext": _pod_security(settings.serving.run_as_user),
         "containers": [container],
         "volumes": volumes,
         "nodeSelector": dict(pool.node_selector),
@@ -431,8 +509,8 @@ def build_event(owner: Owner, *, reason: str, message: str, warning: bool,
         "reason": reason,
         "message": message[:1024],
         "type": "Warning" if warning else "Normal",
-        "source": {"component": FIELD_MANAGER},
-        "reportingComponent": FIELD_MANAGER,
+        "source": {"component": EVENT_COMPONENT},
+        "reportingComponent": EVENT_COMPONENT,
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,
         "count": 1,

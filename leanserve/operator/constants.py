@@ -10,9 +10,12 @@ import enum
 
 from leanserve.api.spec import GROUP
 
-FINALIZER = f"{GROUP}/cleanup"
 MANAGER = "leanserve"
-FIELD_MANAGER = "leanserve-operator"
+# One field manager for every write the operator and its autoscaler make (server-side apply of
+# the children, the scale subresource): nothing it set is ever owned by a second manager.
+FIELD_MANAGER = MANAGER
+# The component named in the Events the operator posts.
+EVENT_COMPONENT = "leanserve-operator"
 
 
 class Label(str, enum.Enum):
@@ -32,6 +35,8 @@ class Annotation(str, enum.Enum):
     PROM_PORT = "prometheus.io/port"
     PROM_PATH = "prometheus.io/path"
     COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+    # Set (to any new value) by a user to run the current recipe's compression Job again.
+    RETRY = f"{GROUP}/retry"
 
 
 class Component(str, enum.Enum):
@@ -59,13 +64,24 @@ class Reason(str, enum.Enum):
     WITHIN_BUDGET = "WithinBudget"
     OVER_BUDGET = "OverBudget"
     NO_BUDGET = "NoBudget"
-    DELETING = "Deleting"
+    API_REFUSED = "APIRefused"
+    CLAIM_NOT_SHARED = "ClaimNotShared"
+    CLAIM_MISSING = "ClaimMissing"
+    JOB_NOT_STARTING = "JobNotStarting"
 
 
 # Condition reasons that mean something is wrong: their Events are type Warning.
 PROBLEM_REASONS = frozenset(r.value for r in (
     Reason.INVALID_SPEC, Reason.JOB_FAILED, Reason.REPORT_MISSING, Reason.NO_CANDIDATE_PASSED,
-    Reason.REPLICAS_UNAVAILABLE, Reason.NO_POOL_MEETS_SLO, Reason.OVER_BUDGET))
+    Reason.REPLICAS_UNAVAILABLE, Reason.NO_POOL_MEETS_SLO, Reason.OVER_BUDGET,
+    Reason.API_REFUSED, Reason.JOB_NOT_STARTING, Reason.CLAIM_NOT_SHARED, Reason.CLAIM_MISSING))
+
+# Access modes a claim shared by the Job and every serving replica (on any node) may have.
+SHARED_ACCESS_MODES = ("ReadWriteMany", "ReadOnlyMany")
+
+# A recipe's outcome, remembered in status.recipe.outcome: the Compressed condition's reason.
+TERMINAL_OUTCOMES = frozenset(r.value for r in (
+    Reason.COMPRESSED, Reason.JOB_FAILED, Reason.NO_CANDIDATE_PASSED, Reason.REPORT_MISSING))
 
 
 class Port(int, enum.Enum):

@@ -9,7 +9,8 @@ FallbackToLogsOnError covers a container that dies before it can write anything)
 Format (version 1), keys kept short to fit many candidates::
 
     {"v": 1, "selected": "int8" | null, "metric": "cosine",
-     "artifact": {"uri": "pvc://models/leanserve/x/<hash>/model_repository", "sha256": "..."},
+     "artifact": {"uri": "pvc://models/leanserve/x/<hash>/model_repository", "sha256": "...",
+                  "gpu": true},  # gpu: the KIND_GPU sibling <uri>-gpu was written too
      "baseline": {"quality": 1.0, "p95": 12.3},
      "candidates": [{"name", "passed", "quality", "drop", "speedup", "size", "error"}],
      "pools": {"<pool>": {"capacity_rps", "cost_per_million_requests", "measured"}}}
@@ -35,7 +36,7 @@ def _round(v: Any) -> Any:
 
 
 def summarize(report: dict[str, Any], artifact_uri: str, sha256: str,
-              profile: dict[str, Any] | None = None) -> dict[str, Any]:
+              profile: dict[str, Any] | None = None, gpu: bool = False) -> dict[str, Any]:
     """The summary of a DESIGN.md section 4 report (selected candidate first)."""
     selected = report.get("selected")
     cands = sorted(report.get("candidates", []), key=lambda c: c.get("name") != selected)
@@ -44,7 +45,8 @@ def summarize(report: dict[str, Any], artifact_uri: str, sha256: str,
         "v": VERSION,
         "selected": selected,
         "metric": report.get("metric"),
-        "artifact": {"uri": artifact_uri if selected else "", "sha256": sha256 if selected else ""},
+        "artifact": {"uri": artifact_uri if selected else "", "sha256": sha256 if selected else "",
+                     **({"gpu": True} if gpu and selected else {})},
         "baseline": {"quality": _round(baseline.get("quality")),
                      "p95": _round((baseline.get("latency_ms") or {}).get("p95"))},
         "candidates": [

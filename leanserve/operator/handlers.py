@@ -3,12 +3,20 @@
 Handlers stay thin (STYLE.md 1): parsing and planning live in ``planner``/``builders``, I/O in
 ``kube``. Every reconcile derives its state from the cluster — the Job found by its name, the
 status stored on the object — so a restarted operator plans exactly what the previous one did.
-LeanserveErrors become kopf's TemporaryError (retry) or PermanentError only here.
+
+Only watch-event handlers are registered: they need no finalizer and kopf writes nothing to the
+CompressedModel, so deleting a model, the operator or the CRD never leaves an object stuck. The
+children carry ownerReferences and the garbage collector removes them. A model is reconciled when
+it, its Job or one of its Deployments changes (watched, not LISTed), and otherwise once per
+``resync_seconds``; the autoscaler steps in the same loop. The API's refusals (422, a quota's or
+a webhook's 403) go to status as condition Ready=False, reason APIRefused, with the server's
+message, and are tried again after ``retry_seconds``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -24,40 +32,61 @@ from leanserve.api.load import SpecError, parse
 from leanserve.api.spec import GROUP, PLURAL, VERSION, CompressedModelSpec, Phase
 from leanserve.operator import builders, planner, stores
 from leanserve.operator.builders import Owner
-from leanserve.operator.constants import Annotation, Component, JobState, Label, MonitorKind
+from leanserve.operator.constants import (
+    MANAGER,
+    Annotation,
+    Component,
+    JobState,
+    Label,
+    MonitorKind,
+)
 from leanserve.operator.errors import ApiError, OperatorError
-from leanserve.operator.kube import Kinds, KubeClient, contains
+from leanserve.operator.kube import Kinds, KubeClient
 from leanserve.operator.metrics import OperatorMetrics
 from leanserve.operator.settings import OperatorSettings
 
 MONITOR_TTL_SECONDS = 60.0
-CHILD_KINDS = (Kinds.DEPLOYMENT, Kinds.SERVICE, Kinds.PDB, Kinds.JOB, Kinds.CONFIGMAP)
+LOOP_TICK_SECONDS = 1.0
+Key = tuple[str, str]
 
 
 @dataclass
 class Runtime:
-    """What the handlers share: injected clients, settings, clock and metrics."""
+    """What the handlers share: injected clients, settings, clocks and metrics."""
 
     settings: OperatorSettings
     metrics: OperatorMetrics
     login: Callable[[], kopf.ConnectionInfo]
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    mono: Callable[[], float] = time.monotonic
     kube: KubeClient | None = None
     autoscale: Callable[..., Any] | None = None  # leanserve.operator.autoscale.step when wired
     _monitor: tuple[float, MonitorKind] | None = field(default=None, repr=False)
-    # kopf runs the change handlers and the resync timer of one object in separate tasks: one
-    # lock per object serializes its reconciles. The status this process last wrote stands in
-    # for a body the watch has not caught up with yet (a cache only: a restarted operator
-    # starts from the cluster's status).
-    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict, repr=False)
-    _written: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
+    # Events of one model arrive from several watches and the loop: one lock per model
+    # serializes its reconciles and autoscaling steps. The status this process last wrote
+    # stands in for a body the watch has not caught up with yet (a cache only: a restarted
+    # operator starts from the cluster's status).
+    _locks: dict[Key, asyncio.Lock] = field(default_factory=dict, repr=False)
+    _written: dict[Key, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # The latest body of every model, from the watch (never LISTed by the operator).
+    models: dict[Key, dict[str, Any]] = field(default_factory=dict, repr=False)
+    next_sync: dict[Key, float] = field(default_factory=dict, repr=False)
+    next_scale: dict[Key, float] = field(default_factory=dict, repr=False)
+    # What this process last applied per child: (digest, when). An unchanged desired child is
+    # not sent again until reapply_seconds pass, so the steady state makes no PATCH.
+    _applied: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict,
+                                                                    repr=False)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
 
     def forget(self, namespace: str, name: str) -> None:
-        self._locks.pop((namespace, name), None)
-        self._written.pop((namespace, name), None)
+        key = (namespace, name)
+        for table in (self._locks, self._written, self.models, self.next_sync, self.next_scale):
+            table.pop(key, None)  # type: ignore[attr-defined]
+        for child in [c for c in self._applied if c[1] == namespace and
+                      c[2].startswith(name)]:
+            self._applied.pop(child, None)
 
     @property
     def client(self) -> KubeClient:
@@ -67,7 +96,7 @@ class Runtime:
 
     async def monitor_kind(self) -> MonitorKind:
         """Which Prometheus Operator CRD the cluster serves (discovery, cached a minute)."""
-        now = time.monotonic()
+        now = self.mono()
         if self._monitor is not None and now - self._monitor[0] < MONITOR_TTL_SECONDS:
             return self._monitor[1]
         served = await self.client.served("monitoring.coreos.com/v1")
@@ -95,8 +124,9 @@ def to_resource(body: kopf.Body | dict[str, Any]) -> planner.Resource:
         errors = list(exc.errors)
     if spec is not None:
         errors = stores.cluster_errors(spec)
+    retry = str((meta.get("annotations") or {}).get(Annotation.RETRY.value) or "")
     return planner.Resource(owner, int(meta.get("generation") or 0), None if errors else spec,
-                            tuple(errors), _plain(dict(body.get("status") or {})))
+                            tuple(errors), _plain(dict(body.get("status") or {})), retry)
 
 
 def _plain(value: Any) -> Any:
@@ -110,36 +140,78 @@ def _plain(value: Any) -> Any:
 # ----------------------------------------------------------------------------- observing
 
 
-def job_observation(job: dict[str, Any], pods: list[dict[str, Any]]) -> planner.JobObservation:
-    """A Job's state from its conditions, and the report from its pods' termination message."""
+def _time(raw: Any) -> datetime | None:
+    if not raw:
+        return None
+    try:
+        return datetime.strptime(str(raw), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def job_started(job: dict[str, Any]) -> bool:
     st = job.get("status") or {}
+    return bool(st.get("startTime") or st.get("active") or st.get("ready") or
+                st.get("succeeded") or st.get("failed"))
+
+
+def job_observation(job: dict[str, Any], pods: list[dict[str, Any]],
+                    waiting: str = "") -> planner.JobObservation:
+    """A Job's state from its conditions, and the report from its newest pod."""
+    st = job.get("status") or {}
+    meta = job.get("metadata") or {}
     conds = {c.get("type"): c for c in st.get("conditions") or [] if c.get("status") == "True"}
-    name = job["metadata"]["name"]
+    common: dict[str, Any] = {"uid": str(meta.get("uid") or ""),
+                              "created": _time(meta.get("creationTimestamp")),
+                              "started": job_started(job), "waiting": waiting}
+    name = meta["name"]
     if "Failed" in conds:
         state, cond = JobState.FAILED, conds["Failed"]
     elif "Complete" in conds or "SuccessCriteriaMet" in conds:
         state, cond = JobState.SUCCEEDED, conds.get("Complete") or conds["SuccessCriteriaMet"]
     else:
-        return planner.JobObservation(name, JobState.RUNNING)
+        return planner.JobObservation(name, JobState.RUNNING, **common)
     return planner.JobObservation(name, state, str(cond.get("reason") or ""),
-                                  str(cond.get("message") or ""), _termination(pods))
+                                  str(cond.get("message") or ""), termination(pods), **common)
 
 
-def _termination(pods: list[dict[str, Any]]) -> str:
-    """The termination message of the leading pod (index 0 of an Indexed Job), newest first."""
-    def key(p: dict[str, Any]) -> tuple[int, str]:
-        ann = (p.get("metadata") or {}).get("annotations") or {}
-        index = ann.get(Annotation.COMPLETION_INDEX.value, "0")
-        return (0 if index == "0" else 1, str((p.get("metadata") or {}).get(
-            "creationTimestamp") or ""))
-    messages = []
+def termination(pods: list[dict[str, Any]]) -> str:
+    """The termination message of the newest attempt of the leading pod (index 0).
+
+    A retried pod (backoffLimit) leaves older pods behind; the newest one's message is the
+    outcome. Among pods of one Indexed Job, index 0 writes the report.
+    """
+    def key(p: dict[str, Any]) -> tuple[int, str, str]:
+        meta = p.get("metadata") or {}
+        index = (meta.get("annotations") or {}).get(Annotation.COMPLETION_INDEX.value, "0")
+        return (0 if index == "0" else 1, _negate(str(meta.get("creationTimestamp") or "")),
+                str(meta.get("name") or ""))
     for pod in sorted(pods, key=key):
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             for state in (cs.get("state") or {}, cs.get("lastState") or {}):
                 msg = (state.get("terminated") or {}).get("message")
                 if msg:
-                    messages.append(msg)
-    return messages[0] if messages else ""
+                    return str(msg)
+    return ""
+
+
+def _negate(stamp: str) -> str:
+    """A sort key that orders RFC 3339 stamps newest first."""
+    return "".join(chr(0x10FFFF - ord(c)) for c in stamp)
+
+
+def waiting_reason(pods: list[dict[str, Any]], events: list[dict[str, Any]]) -> str:
+    """Why a Job has no running pod, in the cluster's words (scheduler, Job controller)."""
+    for pod in pods:
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return f"pod {pod['metadata']['name']}: {cond.get('reason')}: " \
+                       f"{cond.get('message', '')}"
+    for ev in sorted(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime")
+                                               or ""), reverse=True):
+        if ev.get("type") == "Warning":
+            return f"{ev.get('reason')}: {ev.get('message', '')}"
+    return ""
 
 
 def deployment_observation(pool: str, d: dict[str, Any]) -> planner.DeploymentObservation:
@@ -151,31 +223,45 @@ def deployment_observation(pool: str, d: dict[str, Any]) -> planner.DeploymentOb
         pool=pool, replicas=int((d.get("spec") or {}).get("replicas") or 0),
         ready=int(st.get("readyReplicas") or 0), updated=int(st.get("updatedReplicas") or 0),
         available=available,
-        artifact_sha=str((tmpl.get("annotations") or {}).get(Annotation.ARTIFACT_SHA.value, "")))
+        artifact_sha=str((tmpl.get("annotations") or {}).get(Annotation.ARTIFACT_SHA.value, "")),
+        generation=int((d.get("metadata") or {}).get("generation") or 0),
+        observed_generation=int(st.get("observedGeneration") or 0))
 
 
-async def observe(rt: Runtime, res: planner.Resource) -> planner.Observed:
+async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.Observed:
     """Read what the plan depends on, and nothing more (each call is one API request)."""
     kube, owner = rt.client, res.owner
     if res.spec is None:
         return planner.Observed()
-    jp = builders.job_plan(owner, res.spec)
     job_obs = None
-    done = (res.status.get("compression") or {}).get("recipeHash") == jp.recipe
-    if not done:
-        job = await kube.get(Kinds.JOB, owner.namespace, jp.name)
+    claims: dict[str, tuple[str, ...] | None] = {}
+    name = planner.job_to_observe(res)
+    if name is not None:
+        job = await kube.get(Kinds.JOB, owner.namespace, name)
         if job is not None:
-            pods = []
-            if any((c.get("status") == "True") for c in (job.get("status") or {}).get(
-                    "conditions") or []):
-                pods = await kube.list(Kinds.POD, owner.namespace, {Label.JOB_NAME.value: jp.name})
-            job_obs = job_observation(job, pods)
+            pods: list[dict[str, Any]] = []
+            waiting = ""
+            finished = any(c.get("status") == "True" for c in (job.get("status") or {}).get(
+                "conditions") or [])
+            created = _time((job.get("metadata") or {}).get("creationTimestamp"))
+            stuck = not finished and not job_started(job) and created is not None and \
+                (now - created).total_seconds() >= rt.settings.job.start_timeout_seconds
+            if finished or stuck:
+                pods = await kube.list(Kinds.POD, owner.namespace, {Label.JOB_NAME.value: name})
+            if stuck:
+                events = [] if pods else await kube.list(
+                    Kinds.EVENT, owner.namespace, {},
+                    {"involvedObject.kind": "Job", "involvedObject.name": name})
+                waiting = waiting_reason(pods, events)
+            job_obs = job_observation(job, pods, waiting)
+        else:
+            claims = await observe_claims(rt, res)
     # Serving children matter once there is an artifact to serve (from an earlier recipe, or
     # the Job that just succeeded); a model still compressing its first recipe has none.
     serving = bool((res.status.get("artifact") or {}).get("uri")) or (
         job_obs is not None and job_obs.state is JobState.SUCCEEDED)
     if not serving:
-        return planner.Observed(job=job_obs)
+        return planner.Observed(job=job_obs, claims=claims)
     deployments = await kube.list(Kinds.DEPLOYMENT, owner.namespace, {
         Label.MODEL.value: owner.name, Label.COMPONENT.value: Component.SERVING.value})
     by_pool = {}
@@ -183,7 +269,22 @@ async def observe(rt: Runtime, res: planner.Resource) -> planner.Observed:
         pool = ((d.get("metadata") or {}).get("labels") or {}).get(Label.POOL.value)
         if pool:
             by_pool[pool] = deployment_observation(pool, d)
-    return planner.Observed(job=job_obs, deployments=by_pool, monitor=await rt.monitor_kind())
+    return planner.Observed(job=job_obs, deployments=by_pool, monitor=await rt.monitor_kind(),
+                            claims=claims)
+
+
+async def observe_claims(rt: Runtime, res: planner.Resource
+                         ) -> dict[str, tuple[str, ...] | None]:
+    """Access modes of the claims a new Job would mount (one GET each, only before creating)."""
+    assert res.spec is not None
+    jp = builders.job_plan(res.owner, res.spec, res.retry)
+    out: dict[str, tuple[str, ...] | None] = {}
+    for claim in stores.claims_of(res.spec.model.uri, res.spec.data.uri, jp.out_uri):
+        pvc = await rt.client.get(Kinds.CLAIM, res.owner.namespace, claim)
+        out[claim] = None if pvc is None else tuple(
+            (pvc.get("status") or {}).get("accessModes") or
+            (pvc.get("spec") or {}).get("accessModes") or ())
+    return out if planner.claim_problem(planner.Observed(claims=out)) else {}
 
 
 # ------------------------------------------------------------------------------ applying
@@ -196,8 +297,51 @@ def transition_key(status: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(seen, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def digest(obj: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies it to the status (pure)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+def status_changed(stored: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Whether writing ``desired`` as a merge patch would change the stored status.
+
+    Both sides are the operator's own JSON (the status schema keeps what it is given), so the
+    comparison is exact; keys the operator does not write (the autoscaler's) are not touched.
+    """
+    def norm(v: Any) -> Any:
+        return json.loads(json.dumps(v, sort_keys=True, default=str))
+    return norm(merge_patch(stored, desired)) != norm(stored)
+
+
+async def apply_child(rt: Runtime, obj: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """One server-side apply PATCH, skipped while this process applied the same object lately."""
+    meta = obj["metadata"]
+    key = (f"{obj['apiVersion']}/{obj['kind']}", meta["namespace"], meta["name"])
+    d, now = digest(obj), rt.mono()
+    seen = rt._applied.get(key)
+    if not force and seen is not None and seen[0] == d and \
+            now - seen[1] < rt.settings.reapply_seconds:
+        return {}
+    rt._applied.pop(key, None)  # a failed apply must be retried, not trusted
+    applied = await rt.client.apply(obj)
+    rt._applied[key] = (d, now)
+    return applied
+
+
 async def apply(rt: Runtime, res: planner.Resource, desired: planner.Desired,
-                current_status: dict[str, Any]) -> None:
+                observed: planner.Observed, current_status: dict[str, Any]) -> None:
     """Children first, then the transition's Events, then the status that records it.
 
     Events go before the status: if the status write fails, the retry plans the same
@@ -205,21 +349,45 @@ async def apply(rt: Runtime, res: planner.Resource, desired: planner.Desired,
     those already posted, so an Event is neither lost nor doubled.
     """
     kube, owner = rt.client, res.owner
-    for obj in desired.ensure:
-        if await kube.ensure(obj) and obj["kind"] == "Job":
-            rt.metrics.jobs_created.inc()
+    job_uid = observed.job.uid if observed.job is not None else ""
+    if desired.job is not None:
+        created = await apply_child(rt, desired.job, force=True)
+        job_uid = str((created.get("metadata") or {}).get("uid") or "")
+        rt.metrics.jobs_created.inc()
+    if job_uid:
+        job_name = desired.job["metadata"]["name"] if desired.job is not None else \
+            observed.job.name  # type: ignore[union-attr]
+        ref = builders.job_owner_reference(job_name, job_uid)
+        for obj in desired.job_owned:
+            await apply_child(rt, builders.owned_by(obj, ref))
     for obj in desired.apply:
-        await kube.apply(obj)
+        unseen = obj["kind"] == "Deployment" and \
+            obj["metadata"]["labels"].get(Label.POOL.value) not in observed.deployments
+        await apply_child(rt, obj, force=unseen)
     for kind, name in desired.delete:
         await kube.delete(Kinds.named(kind), owner.namespace, name)
+        rt._applied = {k: v for k, v in rt._applied.items()
+                       if not (k[0].endswith("/" + kind) and k[2] == name)}
+    await post_events(rt, res, desired.events)
+    await write_status(rt, res, desired.status, current_status)
+
+
+async def post_events(rt: Runtime, res: planner.Resource,
+                      events: list[planner.EventIntent]) -> None:
     now, key = rt.clock(), transition_key(dict(res.status))
-    for i, ev in enumerate(desired.events):
-        await kube.ensure(builders.build_event(owner, reason=ev.reason, message=ev.message,
-                                               warning=ev.warning, now=now, seq=i, key=key))
-    if not contains(current_status, desired.status):
-        await kube.patch(Kinds.COMPRESSED_MODEL, owner.namespace, owner.name,
-                         {"status": desired.status}, sub="status")
-    rt._written[(owner.namespace, owner.name)] = desired.status
+    for i, ev in enumerate(events):
+        await rt.client.post_once(builders.build_event(
+            res.owner, reason=ev.reason, message=ev.message, warning=ev.warning, now=now, seq=i,
+            key=key))
+
+
+async def write_status(rt: Runtime, res: planner.Resource, status: dict[str, Any],
+                       current: dict[str, Any]) -> None:
+    owner = res.owner
+    if status_changed(current, status):
+        await rt.client.patch(Kinds.COMPRESSED_MODEL, owner.namespace, owner.name,
+                              {"status": status}, sub="status")
+    rt._written[(owner.namespace, owner.name)] = status
 
 
 def _progress(status: dict[str, Any]) -> tuple[Any, Any]:
@@ -228,71 +396,117 @@ def _progress(status: dict[str, Any]) -> tuple[Any, Any]:
 
 
 async def reconcile(rt: Runtime, body: kopf.Body | dict[str, Any], logger: Any) -> None:
-    """One level-triggered pass: parse, observe, plan, apply. Safe to repeat at any time."""
+    """One level-triggered pass: parse, observe, plan, apply. Safe to repeat at any time.
+
+    Never raises: a failure is counted, logged, written to status where the API refused, and
+    the model is tried again after a delay (kopf does not retry watch-event handlers).
+    """
     meta = body.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return
-    async with rt.lock(meta.get("namespace") or "default", meta.get("name", "")):
-        await _reconcile(rt, body, logger)
+    ns, name = meta.get("namespace") or "default", meta.get("name", "")
+    async with rt.lock(ns, name):
+        delay = await _reconcile(rt, body, logger)
+    rt.next_sync[(ns, name)] = rt.mono() + (delay if delay is not None
+                                            else rt.settings.resync_seconds)
 
 
-async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any], logger: Any) -> None:
+async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any],
+                     logger: Any) -> float | None:
     res = to_resource(body)
     key = (res.owner.namespace, res.owner.name)
+    written = rt._written.get(key)
+    if written is not None:
+        if _progress(dict(res.status)) == _progress(written):
+            rt._written.pop(key, None)  # the watch has caught up with the last write
+        else:
+            # The body predates this process's last status write (the watch lags): plan from
+            # what was written, so a transition is neither planned, announced nor written twice.
+            res = replace(res, status=merge_patch(dict(res.status), written))
     stored = dict(res.status)
-    written = rt._written.pop(key, None)
-    if written is not None and _progress(stored) != _progress(written):
-        # The body predates this process's last status write (the watch lags): plan from what
-        # was written, so a transition is not planned and announced twice.
-        res = replace(res, status={**stored, **written})
+    desired: planner.Desired | None = None
     try:
-        observed = await observe(rt, res)
-        desired = planner.plan(res, observed, rt.clock(), rt.settings)
-        await apply(rt, res, desired, stored)
+        now = rt.clock()
+        observed = await observe(rt, res, now)
+        desired = planner.plan(res, observed, now, rt.settings)
+        await apply(rt, res, desired, observed, stored)
     except ApiError as exc:
         rt.metrics.errors.labels(kind=f"api{exc.status}").inc()
         rt.metrics.reconciles.labels(outcome="error").inc()
-        if exc.status in (400, 403, 422):
-            raise kopf.PermanentError(str(exc)) from None
-        raise kopf.TemporaryError(str(exc), delay=5) from None
+        logger.warning(f"reconcile of {key[1]}: {exc}")
+        if desired is not None and exc.status in (400, 403, 404, 422):
+            await _report_refusal(rt, res, desired, stored, exc, logger)
+            return rt.settings.retry_seconds
+        return 5.0  # a conflict or a server error: soon
     except (aiohttp.ClientError, TimeoutError) as exc:
-        # A slow or restarting API server: retry soon, not after kopf's default minute.
+        # A slow or restarting API server: retry soon.
         rt.metrics.errors.labels(kind="network").inc()
         rt.metrics.reconciles.labels(outcome="error").inc()
-        raise kopf.TemporaryError(f"API request failed: {exc!r}", delay=2) from None
+        logger.warning(f"reconcile of {key[1]}: API request failed: {exc!r}")
+        return 2.0
     except OperatorError as exc:
         rt.metrics.errors.labels(kind=type(exc).__name__).inc()
         rt.metrics.reconciles.labels(outcome="error").inc()
-        raise kopf.TemporaryError(str(exc), delay=10) from None
+        logger.warning(f"reconcile of {key[1]}: {exc}")
+        return 10.0
     finally:
-        rt.metrics.api_requests.set(rt.client.requests)
+        if rt.kube is not None:
+            rt.metrics.api_requests.set(rt.kube.requests)
+            for method in ("PATCH", "POST", "PUT", "DELETE"):
+                rt.metrics.api_writes.labels(method=method).set(rt.kube.by_method[method])
     rt.metrics.reconciles.labels(outcome="ok").inc()
     rt.metrics.observe_phase(res.owner.namespace, res.owner.name, desired.status.get("phase"))
     for ev in desired.events:
         logger.info(f"{ev.reason}: {ev.message}")
+    return None
 
 
-async def cleanup(rt: Runtime, body: kopf.Body | dict[str, Any], logger: Any) -> None:
-    """On deletion: stop the compression Job now and remove every child the model owns.
+async def _report_refusal(rt: Runtime, res: planner.Resource, desired: planner.Desired,
+                          stored: dict[str, Any], exc: ApiError, logger: Any) -> None:
+    """The API refused a write: say so in status (Ready=False, APIRefused) and as an Event."""
+    refused = planner.refused(res, desired, str(exc), rt.clock())
+    try:
+        await post_events(rt, res, refused.events)
+        await write_status(rt, res, refused.status, stored)
+    except (ApiError, aiohttp.ClientError, TimeoutError) as again:
+        logger.warning(f"could not record the refusal in the status of {res.owner.name}: "
+                       f"{again}")
 
-    ownerReferences would let the garbage collector do this too; deleting explicitly stops a
-    running compression at once and leaves nothing behind where no collector runs.
-    """
-    meta = body.get("metadata") or {}
-    ns, name = meta.get("namespace") or "default", meta.get("name", "")
-    kinds = list(CHILD_KINDS)
-    monitor = await rt.monitor_kind()
-    if monitor is MonitorKind.SERVICE_MONITOR:
-        kinds.append(Kinds.SERVICE_MONITOR)
-    elif monitor is MonitorKind.POD_MONITOR:
-        kinds.append(Kinds.POD_MONITOR)
-    removed = 0
-    for kind in kinds:
-        for obj in await rt.client.list(kind, ns, {Label.MODEL.value: name}):
-            removed += await rt.client.delete(kind, ns, obj["metadata"]["name"])
-    rt.metrics.observe_phase(ns, name, None)
-    rt.forget(ns, name)
-    logger.info(f"deleted {removed} child object(s) of {name}")
+
+# ---------------------------------------------------------------------------------- loop
+
+
+async def autoscale_once(rt: Runtime, key: Key, body: dict[str, Any], logger: Any) -> None:
+    """One autoscaling step when it is due (spec.autoscaling.intervalSeconds per model)."""
+    now = rt.mono()
+    if rt.autoscale is None or rt.next_scale.get(key, 0.0) > now:
+        return
+    spec = body.get("spec") or {}
+    rt.next_scale[key] = now + float((spec.get("autoscaling") or {}).get("intervalSeconds") or 30)
+    if (body.get("status") or {}).get("phase") not in (Phase.SERVING.value,
+                                                        Phase.DEGRADED.value):
+        return
+    # The policy and its metric source are synchronous (leanserve.autoscaling): each step runs
+    # in a worker thread, under the model's lock so a reconcile never interleaves with it.
+    async with rt.lock(*key):
+        try:
+            await asyncio.to_thread(rt.autoscale, body, rt, logger, asyncio.get_running_loop())
+        except (OperatorError, aiohttp.ClientError, TimeoutError) as exc:
+            rt.metrics.errors.labels(kind="autoscale").inc()
+            logger.warning(f"autoscaling skipped: {exc!s}")
+
+
+async def run_loop(rt: Runtime, logger: Any, tick: float = LOOP_TICK_SECONDS) -> None:
+    """Resync each model when due (or when a refusal's retry is due) and autoscale it."""
+    while True:
+        for key in list(rt.models):
+            body = rt.models.get(key)
+            if body is None:
+                continue
+            if rt.next_sync.get(key, 0.0) <= rt.mono():
+                await reconcile(rt, body, logger)
+            await autoscale_once(rt, key, rt.models.get(key) or body, logger)
+        await asyncio.sleep(tick)
 
 
 # ------------------------------------------------------------------------------ registry
@@ -302,52 +516,60 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     """All handlers on a private registry (several operators can run in one process)."""
     registry = kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
+    tasks: list[asyncio.Task[None]] = []
+    own: list[KubeClient] = []
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         return rt.login()
 
     @kopf.on.startup(registry=registry)
-    async def startup(**_: Any) -> None:
-        rt.kube = KubeClient.from_connection(rt.login())
+    async def startup(logger: Any, **_: Any) -> None:
+        if rt.kube is None:  # run_operator made one already; a bare registry makes its own
+            rt.kube = KubeClient.from_connection(rt.login())
+            own.append(rt.kube)
         if rt.settings.metrics_port:
             rt.metrics.serve(rt.settings.metrics_port)
+        tasks.append(asyncio.create_task(run_loop(rt, logger), name="leanserve-loop"))
 
     @kopf.on.cleanup(registry=registry)
     async def shutdown(**_: Any) -> None:
-        if rt.kube is not None:
-            await rt.kube.close()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for kube in own:
+            await kube.close()
+            rt.kube = None
 
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, registry=registry)
-    async def changed(body: kopf.Body, logger: Any, **_: Any) -> None:
-        await reconcile(rt, body, logger)
+    @kopf.on.event(*resource, registry=registry)
+    async def model_event(event: kopf.RawEvent, body: kopf.Body, logger: Any,
+                          **_: Any) -> None:
+        meta = body.get("metadata") or {}
+        ns, name = meta.get("namespace") or "default", meta.get("name", "")
+        if event.get("type") == "DELETED":
+            # The garbage collector removes the children (ownerReferences): nothing to do.
+            rt.metrics.observe_phase(ns, name, None)
+            rt.forget(ns, name)
+            return
+        rt.models[(ns, name)] = _plain(dict(body))
+        await reconcile(rt, rt.models[(ns, name)], logger)
 
-    @kopf.timer(*resource, registry=registry, interval=rt.settings.resync_seconds,
-                initial_delay=rt.settings.resync_seconds)
-    async def resync(body: kopf.Body, logger: Any, **_: Any) -> None:
-        await reconcile(rt, body, logger)
+    async def child_event(body: kopf.Body, logger: Any) -> None:
+        meta = body.get("metadata") or {}
+        model = (meta.get("labels") or {}).get(Label.MODEL.value)
+        found = rt.models.get((meta.get("namespace") or "default", model or ""))
+        if found is not None:
+            await reconcile(rt, found, logger)
 
-    @kopf.on.delete(*resource, registry=registry)
-    async def deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
-        await cleanup(rt, body, logger)
+    managed = {Label.MANAGED_BY.value: MANAGER}
 
-    @kopf.daemon(*resource, registry=registry, cancellation_timeout=5)
-    async def autoscaler(body: kopf.Body, stopped: kopf.DaemonStopped, logger: Any,
-                         **_: Any) -> None:
-        # The policy and its metric source are synchronous (leanserve.autoscaling); each step
-        # runs in a worker thread so a slow Prometheus never stalls the event loop.
-        while not stopped:
-            spec = body.get("spec") or {}
-            interval = float((spec.get("autoscaling") or {}).get("intervalSeconds") or 30)
-            phase = (body.get("status") or {}).get("phase")
-            if rt.autoscale is not None and phase in (Phase.SERVING.value, Phase.DEGRADED.value):
-                try:
-                    await asyncio.to_thread(rt.autoscale, _plain(dict(body)), rt, logger)
-                except OperatorError as exc:
-                    rt.metrics.errors.labels(kind="autoscale").inc()
-                    logger.warning(f"autoscaling skipped: {exc}")
-            await stopped.wait(interval)
+    @kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)
+    async def job_event(body: kopf.Body, logger: Any, **_: Any) -> None:
+        await child_event(body, logger)
+
+    @kopf.on.event("apps", "v1", "deployments", labels=managed, registry=registry)
+    async def deployment_event(body: kopf.Body, logger: Any, **_: Any) -> None:
+        await child_event(body, logger)
 
     return registry

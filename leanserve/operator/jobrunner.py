@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from leanserve.operator import handback
+from leanserve.operator.builders import GPU_REPOSITORY_SUFFIX
 from leanserve.operator.constants import TERMINATION_LOG
+from leanserve.serving.repository import to_gpu_repository
 
 TIMEOUT_SECONDS = float(os.environ.get("LEANSERVE_JOB_TIMEOUT_SECONDS", 6 * 3600))
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact-uri", required=True)
     p.add_argument("--upload-to", default="")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--gpu-repository", action="store_true",
+                   help="also write the KIND_GPU repository beside model_repository")
     p.add_argument("--termination-log", default=TERMINATION_LOG)
     opts = p.parse_args(argv[:split])
     command = argv[split + 1:]
@@ -97,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(handback.tail(poutput, lines=5), file=sys.stderr)
     sha = model_sha256(out, report.get("selected")) if report.get("selected") else ""
+    gpu = bool(opts.gpu_repository and report.get("selected"))
+    if gpu:
+        to_gpu_repository(out / "model_repository",
+                          out / ("model_repository" + GPU_REPOSITORY_SUFFIX))
     if opts.upload_to:
         upload(out, opts.upload_to)
-    log.write_text(handback.encode(handback.summarize(report, opts.artifact_uri, sha, profile)))
+    log.write_text(handback.encode(handback.summarize(report, opts.artifact_uri, sha, profile,
+                                                      gpu=gpu)))
     return 0
 
 

@@ -3,15 +3,19 @@
 kopf patches the CompressedModel itself; Jobs, Deployments and the rest go through this client,
 which is built from the same credentials kopf logs in with (``kopf.ConnectionInfo``), so there is
 one async stack and no second Kubernetes library at run time. Everything it does is plain REST:
-GET, POST, DELETE, JSON merge patch, and server-side apply for objects the operator keeps in
-shape (stale fields it once set are removed by the API server on a real cluster).
+GET, LIST, POST (Events, the Lease), PUT (the Lease), DELETE, JSON merge patch (status) and
+server-side apply: every child is created and updated by one apply PATCH with one field manager,
+so the API server owns the diff (a field the operator stops setting is removed) and the operator
+never GETs a child to compare it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,19 +43,23 @@ class Kinds(enum.Enum):
     CONFIGMAP = Kind("v1", "configmaps")
     SERVICE = Kind("v1", "services")
     POD = Kind("v1", "pods")
+    CLAIM = Kind("v1", "persistentvolumeclaims")
     EVENT = Kind("v1", "events")
     DEPLOYMENT = Kind("apps/v1", "deployments")
     PDB = Kind("policy/v1", "poddisruptionbudgets")
     SERVICE_MONITOR = Kind("monitoring.coreos.com/v1", "servicemonitors")
     POD_MONITOR = Kind("monitoring.coreos.com/v1", "podmonitors")
     COMPRESSED_MODEL = Kind("leanserve.io/v1alpha1", "compressedmodels")
+    LEASE = Kind("coordination.k8s.io/v1", "leases")
 
     @classmethod
     def of(cls, obj: Mapping[str, Any]) -> Kinds:
         by_kind = {"Job": cls.JOB, "ConfigMap": cls.CONFIGMAP, "Service": cls.SERVICE,
-                   "Pod": cls.POD, "Event": cls.EVENT, "Deployment": cls.DEPLOYMENT,
+                   "Pod": cls.POD, "PersistentVolumeClaim": cls.CLAIM, "Event": cls.EVENT,
+                   "Deployment": cls.DEPLOYMENT,
                    "PodDisruptionBudget": cls.PDB, "ServiceMonitor": cls.SERVICE_MONITOR,
-                   "PodMonitor": cls.POD_MONITOR, "CompressedModel": cls.COMPRESSED_MODEL}
+                   "PodMonitor": cls.POD_MONITOR, "CompressedModel": cls.COMPRESSED_MODEL,
+                   "Lease": cls.LEASE}
         return by_kind[obj["kind"]]
 
     @classmethod
@@ -71,46 +79,32 @@ def _path(kind: Kinds, namespace: str | None, name: str | None = None,
     return path
 
 
-def contains(actual: Any, desired: Any) -> bool:
-    """Whether `actual` already has every field `desired` sets (servers add defaults)."""
-    if isinstance(desired, Mapping):
-        return isinstance(actual, Mapping) and all(
-            k in actual and contains(actual[k], v) for k, v in desired.items())
-    if isinstance(desired, list):
-        return isinstance(actual, list) and len(actual) == len(desired) and all(
-            contains(a, d) for a, d in zip(actual, desired, strict=True))
-    return bool(actual == desired)
-
-
-def _strip(obj: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
-    out = dict(obj)
-    if len(path) == 1:
-        out.pop(path[0], None)
-    elif path[0] in out and isinstance(out[path[0]], Mapping):
-        out[path[0]] = _strip(out[path[0]], path[1:])
-    return out
-
-
-# Fields another controller owns once an object exists (the autoscaler owns replicas).
-PRESERVED: dict[str, tuple[tuple[str, ...], ...]] = {"Deployment": (("spec", "replicas"),)}
-
-
 class KubeClient:
     """REST calls the operator needs; 404 on reads is None, 409 on create is ConflictError."""
 
-    def __init__(self, session: aiohttp.ClientSession, server: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, server: str,
+                 relogin: Callable[[], kopf.ConnectionInfo] | None = None) -> None:
         self._session = session
         self._server = server.rstrip("/")
+        # A 401 means the bearer token expired (a projected ServiceAccount token rotates):
+        # log in again (the token file is re-read) and repeat the request once.
+        self._relogin = relogin
+        self._auth: dict[str, str] = {}
         self.requests = 0  # for the operator's metrics and the benchmark
+        self.by_method: collections.Counter[str] = collections.Counter()
 
     @classmethod
-    def from_connection(cls, info: kopf.ConnectionInfo) -> KubeClient:
+    def from_connection(cls, info: kopf.ConnectionInfo,
+                        relogin: Callable[[], kopf.ConnectionInfo] | None = None) -> KubeClient:
+        """One session for every request: kopf's credentials (token, or the kubeconfig's
+        client certificate and key inside the SSL context), its CA in memory."""
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=32, ssl=info.as_ssl_context()),
-            headers=info.as_http_headers(),
             timeout=aiohttp.ClientTimeout(total=30),
         )
-        return cls(session, info.server)
+        client = cls(session, info.server, relogin)
+        client._auth = dict(info.as_http_headers())
+        return client
 
     async def close(self) -> None:
         await self._session.close()
@@ -118,28 +112,43 @@ class KubeClient:
     async def _call(self, method: str, path: str, *, body: Any = None,
                     params: Mapping[str, str] | None = None,
                     content_type: str = "application/json") -> dict[str, Any] | None:
-        self.requests += 1
         data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if body is not None else {}
-        async with self._session.request(method, self._server + path, data=data,
-                                         params=params or {}, headers=headers) as rsp:
-            if rsp.status == 404:
-                return None
-            text = await rsp.text()
-            if rsp.status == 409:
-                raise ConflictError(409, _message(text))
-            if rsp.status >= 400:
-                raise ApiError(rsp.status, f"{method} {path}: {_message(text)}")
-            return json.loads(text) if text else {}
+        for attempt in (1, 2):
+            self.requests += 1
+            self.by_method[method] += 1
+            headers = {**self._auth, **({"Content-Type": content_type} if body is not None
+                                        else {})}
+            async with self._session.request(method, self._server + path, data=data,
+                                             params=params or {}, headers=headers) as rsp:
+                if rsp.status == 401 and attempt == 1 and self._relogin is not None:
+                    info = await asyncio.to_thread(self._relogin)
+                    self._auth = dict(info.as_http_headers())
+                    continue
+                return await self._answer(method, path, rsp)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _answer(method: str, path: str,
+                      rsp: aiohttp.ClientResponse) -> dict[str, Any] | None:
+        if rsp.status == 404:
+            return None
+        text = await rsp.text()
+        if rsp.status == 409:
+            raise ConflictError(409, _message(text))
+        if rsp.status >= 400:
+            raise ApiError(rsp.status, f"{method} {path}: {_message(text)}")
+        return json.loads(text) if text else {}
 
     async def get(self, kind: Kinds, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._call("GET", _path(kind, namespace, name))
 
-    async def list(self, kind: Kinds, namespace: str,
-                   labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    async def list(self, kind: Kinds, namespace: str, labels: Mapping[str, str],
+                   fields: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        found = await self._call("GET", _path(kind, namespace),
-                                 params={"labelSelector": selector} if selector else None)
+        params = {"labelSelector": selector} if selector else {}
+        if fields:
+            params["fieldSelector"] = ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
+        found = await self._call("GET", _path(kind, namespace), params=params or None)
         items = (found or {}).get("items") or []
         # Filtered here too: correct on any server, needed where selectors are ignored.
         return [i for i in items if all(
@@ -152,41 +161,45 @@ class KubeClient:
                                    body=obj, params={"fieldManager": FIELD_MANAGER})
         return created or {}
 
-    async def ensure(self, obj: Mapping[str, Any]) -> bool:
-        """Create when absent; never change an existing one. True when it was created.
+    async def post_once(self, obj: Mapping[str, Any]) -> bool:
+        """Create an object whose name says what it is (an Event); 409 means it is there.
 
-        One request either way: POST, and 409 AlreadyExists means it is there (no GET first).
+        True when this call created it.
         """
         try:
             await self.create(obj)
         except ConflictError:
-            return False  # a concurrent reconcile made it first: the same object
+            return False
         return True
 
-    async def apply(self, obj: Mapping[str, Any]) -> str:
-        """Create, or server-side apply what differs; returns created|updated|unchanged."""
-        kind, meta = Kinds.of(obj), obj["metadata"]
-        current = await self.get(kind, meta["namespace"], meta["name"])
-        if current is None:
-            try:
-                await self.create(obj)
-                return "created"
-            except ConflictError:
-                current = await self.get(kind, meta["namespace"], meta["name"]) or {}
-        body = dict(obj)
-        for path in PRESERVED.get(obj["kind"], ()):
-            body = _strip(body, path)
-        if contains(current, body):
-            return "unchanged"
-        await self._call("PATCH", _path(kind, meta["namespace"], meta["name"]), body=body,
-                         params={"fieldManager": FIELD_MANAGER, "force": "true"},
-                         content_type="application/apply-patch+yaml")
-        return "updated"
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply: one PATCH creates the object or updates it to ``obj``.
+
+        One field manager, forced: the operator is the only writer of what it sets (the
+        autoscaler writes spec.replicas under the same manager).
+        """
+        meta = obj["metadata"]
+        path = _path(Kinds.of(obj), meta["namespace"], meta["name"])
+        applied = await self._call("PATCH", path, body=obj,
+                                   params={"fieldManager": FIELD_MANAGER, "force": "true"},
+                                   content_type="application/apply-patch+yaml")
+        if applied is None:  # apply creates; 404 means the namespace or the kind is missing
+            raise ApiError(404, f"PATCH {path}: not found (the namespace or the resource "
+                                "type does not exist)")
+        return applied
+
+    async def replace(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT with the object's resourceVersion (409 ConflictError when someone wrote first)."""
+        meta = obj["metadata"]
+        done = await self._call("PUT", _path(Kinds.of(obj), meta["namespace"], meta["name"]),
+                                body=obj, params={"fieldManager": FIELD_MANAGER})
+        return done or {}
 
     async def patch(self, kind: Kinds, namespace: str, name: str, body: Mapping[str, Any],
-                    sub: str | None = None) -> dict[str, Any] | None:
+                    sub: str | None = None,
+                    params: Mapping[str, str] | None = None) -> dict[str, Any] | None:
         return await self._call("PATCH", _path(kind, namespace, name, sub), body=body,
-                                content_type="application/merge-patch+json")
+                                params=params, content_type="application/merge-patch+json")
 
     async def delete(self, kind: Kinds, namespace: str, name: str) -> bool:
         gone = await self._call("DELETE", _path(kind, namespace, name),
@@ -202,7 +215,8 @@ class KubeClient:
 
 
 def _message(text: str) -> str:
+    """The server's own message (a Status object's), kept whole enough to name the cause."""
     try:
-        return str(json.loads(text).get("message") or text)[:300]
-    except ValueError:
-        return text[:300]
+        return str(json.loads(text).get("message") or text)[:1024]
+    except (ValueError, AttributeError):
+        return text[:1024]

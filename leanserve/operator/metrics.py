@@ -27,6 +27,10 @@ class OperatorMetrics:
         self.api_requests = Gauge("leanserve_operator_api_requests",
                                   "Requests the operator made to the Kubernetes API.",
                                   registry=self.registry)
+        self.api_writes = Gauge("leanserve_operator_api_writes",
+                                "Writing requests the operator made, by HTTP method (PATCH: "
+                                "applies and status; POST: Events; PUT: the leader Lease).",
+                                ["method"], registry=self.registry)
         self._phases: dict[tuple[str, str], str] = {}
 
     def observe_phase(self, namespace: str, name: str, phase: str | None) -> None:

@@ -17,7 +17,16 @@ from typing import Any
 from leanserve.api.spec import CompressedModelSpec, ConditionStatus, ConditionType, NodePool, Phase
 from leanserve.operator import builders, handback
 from leanserve.operator.builders import Owner
-from leanserve.operator.constants import PROBLEM_REASONS, JobState, MonitorKind, Port, Reason
+from leanserve.operator.constants import (
+    PROBLEM_REASONS,
+    SHARED_ACCESS_MODES,
+    TERMINAL_OUTCOMES,
+    Annotation,
+    JobState,
+    MonitorKind,
+    Port,
+    Reason,
+)
 from leanserve.operator.settings import OperatorSettings
 
 
@@ -27,7 +36,11 @@ class JobObservation:
     state: JobState
     reason: str = ""  # the Job's Failed condition reason (BackoffLimitExceeded, DeadlineExceeded)
     message: str = ""
-    termination: str = ""  # the pod's termination message: a summary, or the last log lines
+    termination: str = ""  # the newest pod's termination message: a summary, or log lines
+    uid: str = ""
+    created: datetime | None = None
+    started: bool = True  # a pod of the Job has started (startTime, or active/finished pods)
+    waiting: str = ""  # why no pod runs yet (the server's words), when the handler looked
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,13 @@ class DeploymentObservation:
     updated: int = 0
     available: bool = False
     artifact_sha: str = ""  # the pod template's artifact annotation
+    generation: int = 0
+    observed_generation: int = 0  # the Deployment controller has seen the current spec
+
+    @property
+    def current(self) -> bool:
+        """status describes the current spec (else replicas and Available are stale)."""
+        return self.observed_generation >= self.generation
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,8 @@ class Observed:
     job: JobObservation | None = None  # the Job for the current recipe hash, if it exists
     deployments: Mapping[str, DeploymentObservation] = field(default_factory=dict)
     monitor: MonitorKind = MonitorKind.NONE
+    # Access modes of the claims the spec names (None: no such claim), read before a Job is made.
+    claims: Mapping[str, tuple[str, ...] | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,7 @@ class Resource:
     spec: CompressedModelSpec | None
     errors: tuple[str, ...] = ()
     status: Mapping[str, Any] = field(default_factory=dict)
+    retry: str = ""  # the leanserve.io/retry annotation ("" = none)
 
 
 @dataclass(frozen=True)
@@ -75,7 +98,8 @@ class PoolChoice:
 
 @dataclass
 class Desired:
-    ensure: list[dict[str, Any]] = field(default_factory=list)  # created if absent, never changed
+    job: dict[str, Any] | None = None  # the compression Job, when it does not exist yet
+    job_owned: list[dict[str, Any]] = field(default_factory=list)  # owned by that Job
     apply: list[dict[str, Any]] = field(default_factory=list)  # created or updated to match
     delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
     status: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +154,45 @@ T, F, U = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 # ---------------------------------------------------------------------------- pool choice
 
 
+def outcome_of(res: Resource, jp: builders.JobPlan) -> str | None:
+    """The outcome recorded in status for this recipe and retry (a Compressed reason), if any.
+
+    A recorded outcome is final: the Job is not looked at again (the TTL controller may have
+    deleted it), and only a new recipe or a new retry annotation (a new Job name) runs again.
+    """
+    prev = dict(res.status or {})
+    recipe = dict(prev.get("recipe") or {})
+    if recipe.get("job") == jp.name and recipe.get("outcome") in TERMINAL_OUTCOMES:
+        return str(recipe["outcome"])
+    compression = dict(prev.get("compression") or {})
+    if "outcome" not in recipe and not jp.retry and compression.get("recipeHash") == jp.recipe \
+            and compression.get("selected"):
+        return Reason.COMPRESSED.value  # recorded before outcomes were (status.compression)
+    return None
+
+
+def claim_problem(observed: Observed) -> tuple[Reason, str] | None:
+    """A claim the Job and the serving replicas cannot all mount, as (reason, message)."""
+    for claim, modes in sorted(observed.claims.items()):
+        if modes is None:
+            return Reason.CLAIM_MISSING, f"PersistentVolumeClaim {claim} does not exist in " \
+                                         "this namespace"
+        if not set(modes) & set(SHARED_ACCESS_MODES):
+            return Reason.CLAIM_NOT_SHARED, (
+                f"PersistentVolumeClaim {claim} has accessModes {list(modes)}: the compression "
+                "Job and every serving replica mount it, on any node (allowed: "
+                f"{', '.join(SHARED_ACCESS_MODES)})")
+    return None
+
+
+def job_to_observe(res: Resource) -> str | None:
+    """The Job whose state the plan needs, or None when the outcome is already recorded."""
+    if res.spec is None or res.errors:
+        return None
+    jp = builders.job_plan(res.owner, res.spec, res.retry)
+    return None if outcome_of(res, jp) else jp.name
+
+
 def choose_pool(spec: CompressedModelSpec, pools: Mapping[str, Any] | None) -> PoolChoice:
     """The cheapest pool per million requests that meets the SLO, from the serving profile.
 
@@ -179,36 +242,66 @@ def plan(res: Resource, observed: Observed, now: datetime,
         return _finish(out, prev, status, conds, Phase.FAILED, message)
 
     spec, owner = res.spec, res.owner
-    jp = builders.job_plan(owner, spec)
-    status["recipe"] = {"hash": jp.recipe, "job": jp.name}
+    jp = builders.job_plan(owner, spec, res.retry)
+    # Every key, None included: the status is written as a JSON merge patch, and None removes
+    # what an earlier recipe recorded.
+    recipe: dict[str, Any] = {"hash": jp.recipe, "job": jp.name, "retry": jp.retry or None,
+                              "outcome": None, "message": None}
+    status["recipe"] = recipe
     compression = dict(prev.get("compression") or {})
     artifact = dict(prev.get("artifact") or {})
-    done = compression.get("recipeHash") == jp.recipe and bool(compression.get("selected"))
+    outcome = outcome_of(res, jp)
+    done = outcome == Reason.COMPRESSED.value
     phase: Phase | None = None
     message = ""
+    retry_hint = f"; a spec change, or a new value of annotation {Annotation.RETRY.value}, " \
+                 "runs the recipe again"
 
-    if not done:
+    if outcome is not None and not done:
+        # Settled: the remembered outcome stands, whatever happened to the Job since.
+        message = str((prev.get("recipe") or {}).get("message") or outcome)
+        recipe.update(outcome=outcome, message=message)
+        conds.set(ConditionType.COMPRESSED, F, outcome, message)
+        phase = Phase.FAILED
+    elif outcome is None and observed.job is None and (refusal := claim_problem(observed)):
+        # Checked before anything is made; not an outcome: fixing the claim lets it proceed.
+        reason, message = refusal
+        conds.set(ConditionType.COMPRESSED, F, reason, message)
+        phase = Phase.FAILED
+    elif outcome is None:
         job = observed.job
         if job is None or job.state is JobState.RUNNING:
-            out.ensure.append(builders.build_spec_configmap(owner, spec, jp))
+            if job is None:
+                out.job = builders.build_job(owner, spec, jp, settings)
+            out.job_owned.append(builders.build_spec_configmap(owner, spec, jp))
             if jp.workers > 1:
-                out.ensure.append(builders.build_rendezvous_service(owner, jp))
-            out.ensure.append(builders.build_job(owner, spec, jp, settings))
+                out.job_owned.append(builders.build_rendezvous_service(owner, jp))
             message = f"Job {jp.name} is compressing {len(spec.compression.candidates)} " \
                       "candidate(s)" + (f" with {jp.workers} workers" if jp.workers > 1 else "")
-            conds.set(ConditionType.COMPRESSED, F, Reason.COMPRESSING, message)
+            reason = Reason.COMPRESSING
+            waited = (now - job.created).total_seconds() if job is not None and \
+                job.created is not None else 0.0
+            if job is not None and not job.started and \
+                    waited >= settings.job.start_timeout_seconds:
+                reason = Reason.JOB_NOT_STARTING
+                message = f"Job {jp.name} has started no pod in {waited:.0f} s: " + \
+                          (job.waiting or "no reason given by the cluster")
+            conds.set(ConditionType.COMPRESSED, F, reason, message)
             phase = Phase.COMPRESSING
         elif job.state is JobState.FAILED:
             logs = job.termination.strip() or "(no log lines in the pod's termination message)"
             message = f"Job {job.name} failed: {job.reason or 'Failed'}" + \
-                      (f" ({job.message})" if job.message else "") + f"; last log lines: {logs}"
+                      (f" ({job.message})" if job.message else "") + \
+                      f"; last log lines: {logs}{retry_hint}"
+            recipe.update(outcome=Reason.JOB_FAILED.value, message=message)
             conds.set(ConditionType.COMPRESSED, F, Reason.JOB_FAILED, message)
             phase = Phase.FAILED
         else:
             summary = handback.decode(job.termination)
             if summary is None:
                 message = f"Job {job.name} succeeded but its pod left no report summary in its " \
-                          "termination message; delete the Job to run it again"
+                          f"termination message{retry_hint}"
+                recipe.update(outcome=Reason.REPORT_MISSING.value, message=message)
                 conds.set(ConditionType.COMPRESSED, F, Reason.REPORT_MISSING, message)
                 phase = Phase.FAILED
             else:
@@ -216,7 +309,9 @@ def plan(res: Resource, observed: Observed, now: datetime,
                 status["compression"] = compression
                 if not summary.get("selected"):
                     message = f"no candidate passed the quality gate ({spec.quality.metric.value}" \
-                              f" drop <= {spec.quality.max_drop:g}); see status.compression"
+                              f" drop <= {spec.quality.max_drop:g}); the report is in " \
+                              f"status.compression{retry_hint}"
+                    recipe.update(outcome=Reason.NO_CANDIDATE_PASSED.value, message=message)
                     conds.set(ConditionType.COMPRESSED, F, Reason.NO_CANDIDATE_PASSED, message)
                     phase = Phase.FAILED
                 else:
@@ -226,8 +321,9 @@ def plan(res: Resource, observed: Observed, now: datetime,
                     done = True
 
     if done:
-        conds.set(ConditionType.COMPRESSED, T, Reason.COMPRESSED,
-                  f"selected {compression.get('selected')} from Job {compression.get('job')}")
+        message = f"selected {compression.get('selected')} from Job {compression.get('job')}"
+        recipe.update(outcome=Reason.COMPRESSED.value, message=message)
+        conds.set(ConditionType.COMPRESSED, T, Reason.COMPRESSED, message)
 
     if artifact.get("uri"):
         serving_phase, serving_message = _plan_serving(res, observed, compression, artifact,
@@ -265,19 +361,22 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
     sha = str(artifact.get("sha256", ""))
     out.apply.append(builders.build_deployment(
         owner, spec, pool, artifact_uri=str(artifact["uri"]), artifact_sha=sha,
-        replicas=replicas, monitor=observed.monitor, settings=settings))
+        replicas=replicas, monitor=observed.monitor, settings=settings,
+        # status.compression keeps the Job's artifact record, with its KIND_GPU sibling flag
+        gpu_repository=bool((compression.get("artifact") or {}).get("gpu"))))
     out.apply.append(builders.build_service(owner))
     out.apply.append(builders.build_pdb(owner, settings))
     monitor = builders.build_monitor(owner, observed.monitor)
     if monitor is not None:
         out.apply.append(monitor)
 
-    rolled = obs is not None and obs.artifact_sha == sha and obs.updated >= obs.replicas
+    rolled = obs is not None and obs.current and obs.artifact_sha == sha and \
+        obs.updated >= obs.replicas
     if obs is not None and obs.available and rolled:
         phase, message = Phase.SERVING, f"serving {compression.get('selected')} on {pool.name} " \
                                         f"({obs.ready}/{obs.replicas} ready)"
         conds.set(ConditionType.DEPLOYED, T, Reason.DEPLOYED, message)
-    elif obs is not None and obs.ready > 0 and not obs.available:
+    elif obs is not None and obs.current and obs.ready > 0 and not obs.available:
         phase, message = Phase.DEGRADED, f"{obs.ready}/{obs.replicas} replicas ready on " \
                                          f"{pool.name}; the Deployment is not Available"
         conds.set(ConditionType.DEPLOYED, F, Reason.REPLICAS_UNAVAILABLE, message)
@@ -346,4 +445,25 @@ def _finish(out: Desired, prev: Mapping[str, Any], status: dict[str, Any], conds
                                       warning=c["status"] == F.value and
                                       c["reason"] in PROBLEM_REASONS))
     out.status = status
+    return out
+
+
+def refused(res: Resource, desired: Desired, message: str, now: datetime) -> Desired:
+    """The status and Event for a plan the API refused to carry out (quota, webhook, 422).
+
+    The planned status stands, except Ready: False with reason APIRefused and the server's
+    message, so `kubectl get`/`describe` says why nothing happens. One Warning Event when the
+    refusal is new.
+    """
+    prev = {c.get("type"): c for c in (res.status or {}).get("conditions") or []
+            if isinstance(c, Mapping)}
+    conds = Conditions(list(prev.values()), now, res.generation)
+    for c in desired.status.get("conditions") or []:
+        if c["type"] != ConditionType.READY.value:
+            conds._out[c["type"]] = dict(c)
+    conds.set(ConditionType.READY, F, Reason.API_REFUSED, message)
+    out = Desired(status={**desired.status, "conditions": conds.as_list()})
+    if (prev.get(ConditionType.READY.value) or {}).get("reason") != Reason.API_REFUSED.value or \
+            (prev.get(ConditionType.READY.value) or {}).get("message") != message[:2048]:
+        out.events.append(EventIntent(Reason.API_REFUSED.value, message, warning=True))
     return out

@@ -1,65 +1,53 @@
 """The Kubernetes adapter of the autoscaler's ``Platform`` port.
 
 Replicas per pool are Deployment ``X-<pool>`` replicas, read from the Deployments and set through
-their scale subresource (so the operator's own server-side apply never fights the autoscaler over
-``spec.replicas``). The port is synchronous (leanserve.autoscaling.platform.Platform): the
-operator calls it from a synchronous kopf timer, which kopf runs in a worker thread, so these
-blocking calls never stall the operator's event loop.
+their scale subresource under the operator's own field manager (the operator's apply carries the
+replicas it observed, so the two never fight over ``spec.replicas``, and a model's reconcile and
+autoscaling step hold the same lock). The port is synchronous
+(leanserve.autoscaling.platform.Platform) and runs in a worker thread; every request goes
+through the operator's one async client on the operator's event loop — one HTTP session, the
+credentials kopf logged in with, no second TLS setup or CA file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Mapping
-from typing import Any
-
-import kopf
-import requests
+import asyncio
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
 
 from leanserve.operator.builders import deployment_name
-from leanserve.operator.constants import Component, Label
-from leanserve.operator.errors import ApiError
+from leanserve.operator.constants import FIELD_MANAGER, Component, Label
+from leanserve.operator.kube import Kinds, KubeClient
+
+T = TypeVar("T")
 
 
 class KubernetesPlatform:
-    """Platform over Deployments labelled leanserve.io/model=<model> in one namespace."""
+    """Platform over Deployments labelled leanserve.io/model=<model> in one namespace.
 
-    def __init__(self, session: requests.Session, server: str, namespace: str,
-                 timeout: float = 10.0) -> None:
-        self._s = session
-        self._server = server.rstrip("/")
+    One instance serves one autoscaling step: the Deployments are listed once per step (the
+    replicas read and the scale decision see the same list).
+    """
+
+    def __init__(self, kube: KubeClient, loop: asyncio.AbstractEventLoop, namespace: str,
+                 timeout: float = 30.0) -> None:
+        self._kube = kube
+        self._loop = loop
         self._ns = namespace
         self._timeout = timeout
+        self._listed: dict[str, dict[str, Mapping[str, Any]]] = {}
 
-    @classmethod
-    def from_connection(cls, info: kopf.ConnectionInfo, namespace: str) -> KubernetesPlatform:
-        s = requests.Session()
-        s.headers.update(info.as_http_headers())
-        if info.insecure:
-            s.verify = False
-        elif info.ca_path:
-            s.verify = str(info.ca_path)
-        elif info.ca_data:
-            data = info.ca_data if isinstance(info.ca_data, str) else info.ca_data.decode()
-            fd, path = tempfile.mkstemp(suffix=".crt")
-            with os.fdopen(fd, "w") as f:
-                f.write(data)
-            s.verify = path
-        return cls(s, info.server, namespace)
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self._timeout)
 
     def _deployments(self, model: str) -> dict[str, Mapping[str, Any]]:
-        selector = f"{Label.MODEL.value}={model},{Label.COMPONENT.value}={Component.SERVING.value}"
-        r = self._s.get(f"{self._server}/apis/apps/v1/namespaces/{self._ns}/deployments",
-                        params={"labelSelector": selector}, timeout=self._timeout)
-        if r.status_code >= 400:
-            raise ApiError(r.status_code, f"listing Deployments of {model}: {r.text[:200]}")
-        out: dict[str, Mapping[str, Any]] = {}
-        for d in r.json().get("items") or []:
-            lab = (d.get("metadata") or {}).get("labels") or {}
-            if lab.get(Label.MODEL.value) == model and Label.POOL.value in lab:
-                out[lab[Label.POOL.value]] = d
-        return out
+        if model not in self._listed:
+            found = self._run(self._kube.list(Kinds.DEPLOYMENT, self._ns, {
+                Label.MODEL.value: model, Label.COMPONENT.value: Component.SERVING.value}))
+            self._listed[model] = {
+                d["metadata"]["labels"][Label.POOL.value]: d for d in found
+                if Label.POOL.value in ((d.get("metadata") or {}).get("labels") or {})}
+        return self._listed[model]
 
     def current_replicas(self, model: str) -> dict[str, int]:
         return {p: int((d.get("spec") or {}).get("replicas") or 0)
@@ -70,22 +58,18 @@ class KubernetesPlatform:
                 for p, d in self._deployments(model).items()}
 
     def scale(self, model: str, replicas: dict[str, int]) -> None:
-        existing = self._deployments(model)
+        """Set each deployed pool's replicas; unchanged pools cost no request."""
+        current = self.current_replicas(model)
         for pool, n in replicas.items():
-            if pool not in existing:
-                continue  # the operator has not deployed this pool; nothing to scale
-            url = (f"{self._server}/apis/apps/v1/namespaces/{self._ns}/deployments/"
-                   f"{deployment_name(model, pool)}/scale")
-            r = self._s.patch(url, json={"spec": {"replicas": int(n)}}, timeout=self._timeout,
-                              headers={"Content-Type": "application/merge-patch+json"})
-            if r.status_code >= 400:
-                raise ApiError(r.status_code, f"scaling {model}/{pool} to {n}: {r.text[:200]}")
+            if pool not in current or current[pool] == int(n):
+                continue  # not deployed by the operator (yet), or already there
+            self._run(self._kube.patch(
+                Kinds.DEPLOYMENT, self._ns, deployment_name(model, pool),
+                {"spec": {"replicas": int(n)}}, sub="scale",
+                params={"fieldManager": FIELD_MANAGER}))
+        self._listed.pop(model, None)
 
     def patch_status(self, model: str, status: dict[str, Any]) -> None:
         """Merge-patch the CompressedModel's status (the autoscaler's record of its decisions)."""
-        url = (f"{self._server}/apis/leanserve.io/v1alpha1/namespaces/{self._ns}/"
-               f"compressedmodels/{model}/status")
-        r = self._s.patch(url, json={"status": status}, timeout=self._timeout,
-                          headers={"Content-Type": "application/merge-patch+json"})
-        if r.status_code >= 400:
-            raise ApiError(r.status_code, f"patching the status of {model}: {r.text[:200]}")
+        self._run(self._kube.patch(Kinds.COMPRESSED_MODEL, self._ns, model, {"status": status},
+                                   sub="status"))

@@ -6,6 +6,8 @@ against kmock's emulator); both go through ``run_operator`` so they run the same
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -15,10 +17,10 @@ from typing import Any
 
 import kopf
 
-from leanserve.api.spec import GROUP
-from leanserve.operator.constants import FINALIZER
-from leanserve.operator.errors import KubeconfigError
+from leanserve.operator.errors import KubeconfigError, OperatorError
 from leanserve.operator.handlers import Runtime, build_registry
+from leanserve.operator.kube import KubeClient
+from leanserve.operator.lease import LeaderElector, identity
 from leanserve.operator.metrics import OperatorMetrics
 from leanserve.operator.settings import OperatorSettings
 
@@ -60,12 +62,9 @@ class KopfTuning:
 
 
 def kopf_settings(tuning: KopfTuning) -> kopf.OperatorSettings:
+    # Only watch-event handlers are registered: kopf stores no progress, adds no finalizer
+    # and never writes to a CompressedModel.
     ks = kopf.OperatorSettings()
-    ks.persistence.finalizer = FINALIZER
-    # Annotations, not status.kopf: the CRD's status schema belongs to leanserve.
-    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"kopf.{GROUP}")
-    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=f"kopf.{GROUP}", key="last-handled-configuration")
     ks.posting.enabled = False  # Events are posted by the handlers, one per transition
     ks.watching.server_timeout = tuning.watch_server_timeout
     ks.watching.client_timeout = tuning.watch_server_timeout + 10
@@ -87,18 +86,51 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
                        tuning: KopfTuning = KopfTuning(),
                        stop_flag: threading.Event | None = None,
                        ready_flag: threading.Event | None = None) -> None:
+    """Run the operator until ``stop_flag``; with leader election, only while holding the Lease.
+
+    One API client (one HTTP session) serves the Lease, the handlers and the autoscaler's
+    writes; kopf's watches use kopf's own, from the same credentials.
+    """
     port = rt.settings.liveness_port
     kwargs: dict[str, Any] = {}
     if namespace:
         kwargs["namespaces"] = [namespace]
     else:
         kwargs["clusterwide"] = True
-    await kopf.operator(
-        registry=build_registry(rt),
-        settings=kopf_settings(tuning),
-        standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{port}/healthz" if port else None,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-        **kwargs,
-    )
+    rt.kube = KubeClient.from_connection(rt.login(), relogin=rt.login)
+    elector: LeaderElector | None = None
+    try:
+        if rt.settings.leader_election:
+            s = rt.settings
+            elector = LeaderElector(rt.kube, s.lease_namespace, s.lease_name, identity(),
+                                    s.lease_seconds)
+            if not await elector.acquire(lambda: bool(stop_flag and stop_flag.is_set())):
+                return
+        operator = asyncio.ensure_future(kopf.operator(
+            registry=build_registry(rt),
+            settings=kopf_settings(tuning),
+            standalone=True,
+            liveness_endpoint=f"http://0.0.0.0:{port}/healthz" if port else None,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            **kwargs,
+        ))
+        if elector is None:
+            await operator
+            return
+        holding = asyncio.ensure_future(elector.hold())
+        done, _ = await asyncio.wait({operator, holding}, return_when=asyncio.FIRST_COMPLETED)
+        if holding in done:
+            operator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await operator
+            raise OperatorError("lost the leader Lease: stopped acting (the Deployment "
+                                "restarts this replica as a candidate)")
+        holding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holding
+        operator.result()
+        await elector.release()
+    finally:
+        await rt.kube.close()
+        rt.kube = None

@@ -33,12 +33,20 @@ class JobSettings:
     """How long a finished Job stays (its result is copied into status long before)."""
     profile: bool = False
     """Also run `leanserve profile` in the Job (measures on the Job's node, not the pools')."""
+    run_as_user: int = 10001
+    """UID of the compression containers: the user the operator's image (Dockerfile) creates."""
+    start_timeout_seconds: int = 600
+    """A Job with no pod started after this long is reported (condition reason JobNotStarting)."""
 
 
 @dataclass(frozen=True)
 class ServingSettings:
+    image: str = "ghcr.io/leanserve/serving:24.08-py3"
+    """The serving image (deploy/images/serving): Triton plus what the python-backend models
+    import. Used where a spec keeps the stock Triton image of the schema's default, which
+    lacks `tokenizers` (text models would crash-loop on it)."""
     run_as_user: int = 1000
-    """UID of tritonserver and compression containers (non-root)."""
+    """UID of tritonserver: the image's user (deploy/images/serving, Triton's triton-server)."""
     min_available: int = 1
     """PodDisruptionBudget minAvailable for each model's serving pods."""
 
@@ -47,8 +55,22 @@ class ServingSettings:
 class OperatorSettings:
     job: JobSettings = field(default_factory=JobSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)
-    resync_seconds: float = 10.0
-    """How often each model is re-observed (Jobs and Deployments change without spec edits)."""
+    resync_seconds: float = 300.0
+    """How often each model is re-observed without an event (its Jobs and Deployments are
+    watched, so this is only a safety net)."""
+    reapply_seconds: float = 600.0
+    """How long an applied child is trusted unchanged before it is applied again (repairs
+    hand edits; an unchanged desired object is not re-sent in between)."""
+    retry_seconds: float = 30.0
+    """Delay before a reconcile the API refused (quota, webhook, 422) is tried again."""
+    leader_election: bool = True
+    """Hold a coordination.k8s.io Lease while acting, so two replicas never both act."""
+    lease_namespace: str = "leanserve-system"
+    """Namespace of the Lease (the operator's own namespace)."""
+    lease_name: str = "leanserve-operator"
+    """Name of the Lease."""
+    lease_seconds: float = 15.0
+    """Lease duration: a dead leader is replaced after at most this long."""
     metrics_port: int = 9090
     """Port of the operator's own Prometheus metrics (0 = off)."""
     liveness_port: int = 8080
@@ -90,15 +112,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
                                     s.job.active_deadline_seconds),
         ttl_seconds_after_finished=get("JOB_TTL_SECONDS", int, s.job.ttl_seconds_after_finished),
         profile=get("JOB_PROFILE", bool, s.job.profile),
+        run_as_user=get("JOB_RUN_AS_USER", int, s.job.run_as_user),
+        start_timeout_seconds=get("JOB_START_TIMEOUT_SECONDS", int, s.job.start_timeout_seconds),
     )
     serving = replace(
         s.serving,
+        image=get("SERVING_IMAGE", str, s.serving.image),
         run_as_user=get("RUN_AS_USER", int, s.serving.run_as_user),
         min_available=get("PDB_MIN_AVAILABLE", int, s.serving.min_available),
     )
     return replace(
         s, job=job, serving=serving,
         resync_seconds=get("RESYNC_SECONDS", float, s.resync_seconds),
+        reapply_seconds=get("REAPPLY_SECONDS", float, s.reapply_seconds),
+        retry_seconds=get("RETRY_SECONDS", float, s.retry_seconds),
+        leader_election=get("LEADER_ELECTION", bool, s.leader_election),
+        lease_namespace=get("LEASE_NAMESPACE", str, s.lease_namespace),
+        lease_name=get("LEASE_NAME", str, s.lease_name),
+        lease_seconds=get("LEASE_SECONDS", float, s.lease_seconds),
         metrics_port=get("METRICS_PORT", int, s.metrics_port),
         liveness_port=get("LIVENESS_PORT", int, s.liveness_port),
     )

@@ -490,6 +490,52 @@ def to_local_repository(repo: Path, dest: Path) -> Path:
     return dest
 
 
+def to_gpu_repository(repo: Path, dest: Path, trt_precision: str = "FP16") -> Path:
+    """A copy of ``repo`` for a GPU pool, written to ``dest`` (the cluster's GPU backend).
+
+    onnxruntime models get instance_group KIND_GPU and the TensorRT execution accelerator
+    (DESIGN.md section 5); python models (the tokenizer) and ensembles are copied as they are,
+    on CPU. Only GPU pools are given this repository: a CPU pool keeps ``repo``, which asks for
+    no GPU.
+    """
+    entries = list_models(repo)
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for entry in entries:
+        target = dest / entry.name
+        shutil.copytree(entry.path, target, copy_function=_link_or_copy)
+        if entry.backend == "onnxruntime":
+            pbtxt.write(gpu_config(entry.config, trt_precision), target)
+        elif entry.backend not in ("python", "ensemble"):
+            raise RepositoryError(f"{entry.path}: backend {entry.backend!r} has no GPU form "
+                                  "(allowed: onnxruntime, python, ensemble)")
+    return dest
+
+
+def gpu_config(config: dict[str, Any], trt_precision: str = "FP16") -> dict[str, Any]:
+    """An onnxruntime-backend config as its KIND_GPU, TensorRT-accelerated form (pure)."""
+    if config.get("backend") != "onnxruntime":
+        raise ConfigError(f"{config.get('name')}: only onnxruntime models have a GPU form "
+                          f"(got backend {config.get('backend')!r})")
+    out = copy.deepcopy(config)
+    out["instance_group"] = [{**{k: v for k, v in g.items() if k != "gpus"},
+                              "kind": InstanceKind.GPU.value}
+                             for g in out.get("instance_group") or [{"count": 1}]]
+    params = dict(out.get("parameters", {}))
+    params.pop(PARAM_THREADS, None)  # CPU threads mean nothing to the CUDA provider
+    out["parameters"] = params
+    out["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [{
+        "name": "tensorrt",
+        "parameters": {"precision_mode": trt_precision,
+                       "max_workspace_size_bytes": str(1 << 30),
+                       "trt_engine_cache_enable": "true"},
+    }]}}
+    pbtxt.validate(out)
+    return out
+
+
 def localize_config(config: dict[str, Any]) -> dict[str, Any]:
     """An onnxruntime-backend config as the equivalent python-backend config (pure)."""
     out = copy.deepcopy(config)

@@ -21,13 +21,17 @@ def test_kustomize_renders_and_every_object_validates() -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "operator")],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    docs = [d for d in yaml.safe_load_all(out) if d]
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["Namespace", "CustomResourceDefinition", "ServiceAccount",
-                            "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                            "ServiceMonitor"])
+    def render(path: Path) -> list[dict[str, Any]]:
+        out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+    base = ["Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole",
+            "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service"]
+    # The base applies on any cluster; the ServiceMonitor (a Prometheus Operator CRD kind,
+    # which `kubectl apply` refuses where that CRD is missing) is its own overlay.
+    assert sorted(d["kind"] for d in render(ROOT / "deploy" / "operator")) == sorted(base)
+    docs = render(ROOT / "deploy" / "operator-with-servicemonitor")
+    assert sorted(d["kind"] for d in docs) == sorted([*base, "ServiceMonitor"])
     for d in docs:
         if d["kind"] == "ServiceMonitor":  # a CRD kind: structural checks only
             assert d["apiVersion"] == "monitoring.coreos.com/v1"
@@ -44,9 +48,24 @@ def test_kustomize_renders_and_every_object_validates() -> None:
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     verbs = {(r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"]
              for res in r["resources"]}
-    assert verbs[("batch", "jobs")] == {"get", "list", "create", "delete"}  # never patched
+    # Jobs are made by server-side apply and never deleted by the operator (the TTL
+    # controller and the garbage collector do); exactness is test_operator_access.py's.
+    assert verbs[("batch", "jobs")] == {"get", "list", "watch", "create", "patch"}
     assert verbs[("apps", "deployments/scale")] == {"patch"}
     assert all("*" not in v for v in verbs.values())
+    leader = next(d for d in docs if d["kind"] == "Role")
+    assert leader["metadata"]["namespace"] == "leanserve-system"
+    assert leader["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                "verbs": ["get", "create", "update"]}]
+    env = {e["name"]: e for e in ctr["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert dep["spec"]["replicas"] == 2  # safe: only the Lease holder acts
+    crd = next(d for d in docs if d["kind"] == "CustomResourceDefinition")
+    conditions = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "type" in conditions["items"]["required"]
 
 
 def test_argocd_configmap_embeds_the_tested_lua() -> None:

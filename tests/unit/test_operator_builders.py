@@ -67,11 +67,14 @@ def validate(obj: dict[str, Any]) -> None:
     kubernetes_validate.validate(copy.deepcopy(obj), "1.30.0", strict=True)
 
 
+JOB_REF = builders.job_owner_reference("minilm-compress-x", "7d1c-job-uid")
+
+
 def all_objects(spec: CompressedModelSpec, settings: OperatorSettings) -> list[dict[str, Any]]:
     jp = builders.job_plan(OWNER, spec)
-    objs = [builders.build_spec_configmap(OWNER, spec, jp),
+    objs = [builders.owned_by(builders.build_spec_configmap(OWNER, spec, jp), JOB_REF),
             builders.build_job(OWNER, spec, jp, settings),
-            builders.build_rendezvous_service(OWNER, jp),
+            builders.owned_by(builders.build_rendezvous_service(OWNER, jp), JOB_REF),
             builders.build_service(OWNER), builders.build_pdb(OWNER, settings),
             builders.build_event(OWNER, reason="PhaseChanged", message="Pending -> Compressing",
                                  warning=False, now=datetime(2026, 1, 1, tzinfo=UTC))]
@@ -95,6 +98,10 @@ def test_every_object_validates_against_kubernetes_1_30(variant: str, profile: b
             assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "leanserve"
             assert obj["metadata"]["labels"]["leanserve.io/model"] == "minilm"
             ref = obj["metadata"]["ownerReferences"][0]
+            if obj["kind"] != "Job" and obj["metadata"]["name"].startswith("minilm-compress-"):
+                # the Job's spec ConfigMap and headless Service
+                assert obj["metadata"]["ownerReferences"] == [JOB_REF]
+                continue
             assert (ref["kind"], ref["uid"], ref["controller"], ref["blockOwnerDeletion"]) == \
                 ("CompressedModel", OWNER.uid, True, True)
 
@@ -207,3 +214,95 @@ def test_settings_from_environment() -> None:
         ("reg/leanserve:1", {"requests": {"cpu": "8"}}, 3)
     with pytest.raises(Exception, match="LEANSERVE_OPERATOR_JOB_BACKOFF_LIMIT"):
         load_settings({"LEANSERVE_OPERATOR_JOB_BACKOFF_LIMIT": "many"})
+
+
+def test_the_jobs_configmap_and_headless_service_are_owned_by_the_job() -> None:
+    """Issue 14 item 12: when the TTL controller deletes a finished Job, the garbage collector
+    takes its spec ConfigMap and rendezvous Service too (nothing accumulates per recipe)."""
+    spec = VARIANTS["distill-ddp"]
+    jp = builders.job_plan(OWNER, spec)
+    for obj in (builders.build_spec_configmap(OWNER, spec, jp),
+                builders.build_rendezvous_service(OWNER, jp)):
+        assert "ownerReferences" not in obj["metadata"]  # set from the Job's uid once it exists
+        owned = builders.owned_by(obj, builders.job_owner_reference(jp.name, "job-uid"))
+        assert owned["metadata"]["ownerReferences"] == [{
+            "apiVersion": "batch/v1", "kind": "Job", "name": jp.name, "uid": "job-uid",
+            "controller": True, "blockOwnerDeletion": False}]
+        assert "ownerReferences" not in obj["metadata"]  # the builder's output is not changed
+
+
+def test_retry_names_a_new_valid_job_and_keeps_the_recipe() -> None:
+    spec = VARIANTS["pvc"]
+    first, retry = builders.job_plan(OWNER, spec), builders.job_plan(OWNER, spec, "again")
+    assert first.name == f"minilm-compress-{first.recipe}"
+    assert retry.name.startswith(first.name + "-") and retry.recipe == first.recipe
+    assert retry.out_uri == first.out_uri
+    long = Owner("m" * 52, "ml", "u")
+    name = builders.job_plan(long, spec, "x").name
+    assert len(name) <= 60 and name.endswith(first.name.removeprefix("minilm") + name[-6:])
+    validate(builders.build_job(long, spec, builders.job_plan(long, spec, "x"), SETTINGS))
+
+
+def test_ddp_jobs_get_a_memory_backed_dev_shm() -> None:
+    spec = VARIANTS["distill-ddp"]
+    pod = builders.build_job(OWNER, spec, builders.job_plan(OWNER, spec), SETTINGS)["spec"][
+        "template"]["spec"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm == {"name": "shm", "emptyDir": {"medium": "Memory"}}
+    assert {"name": "shm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    single = VARIANTS["pvc"]
+    pod = builders.build_job(OWNER, single, builders.job_plan(OWNER, single), SETTINGS)["spec"][
+        "template"]["spec"]
+    assert all(v["name"] != "shm" for v in pod["volumes"])
+
+
+def test_pods_run_as_the_user_their_image_creates() -> None:
+    """Issue 14 item 13: the compression Job runs the operator's image (Dockerfile: useradd
+    --uid 10001), tritonserver the serving image (deploy/images/serving: USER 1000)."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    job_uid = int(re.search(r"useradd --uid (\d+)", (root / "Dockerfile").read_text())[1])
+    serving_uid = int(re.search(r"^USER (\d+)", (root / "deploy/images/serving/Dockerfile")
+                                .read_text(), re.M)[1])
+    spec = VARIANTS["pvc"]
+    job = builders.build_job(OWNER, spec, builders.job_plan(OWNER, spec), SETTINGS)
+    assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == job_uid
+    assert job["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+        "runAsUser"] == job_uid
+    d = builders.build_deployment(OWNER, spec, spec.node_pools[0], artifact_uri="pvc://m/r",
+                                  artifact_sha="x", replicas=1, monitor=MonitorKind.NONE,
+                                  settings=SETTINGS)
+    assert d["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == serving_uid
+    operator = yaml.safe_load((root / "deploy/operator/deployment.yaml").read_text())
+    assert operator["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == job_uid
+
+
+def test_gpu_pools_serve_the_kind_gpu_repository_cpu_pools_never() -> None:
+    """Issue 14 item 10: the Job writes the KIND_GPU sibling when a pool has a GPU; a GPU
+    pool's Deployment serves it, a CPU pool's the KIND_CPU one and asks for no GPU."""
+    spec = VARIANTS["pvc"]
+    jp = builders.job_plan(OWNER, spec)
+    assert jp.gpu
+    args = builders.build_job(OWNER, spec, jp, SETTINGS)["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert "--gpu-repository" in args[:args.index("--")]
+    cpu_only = spec_of(nodePools=[{"name": "cpu", "hourlyPrice": 0.1}])
+    args = builders.build_job(OWNER, cpu_only, builders.job_plan(OWNER, cpu_only), SETTINGS)[
+        "spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--gpu-repository" not in args
+
+    def deployment(pool: int, gpu_repository: bool) -> dict[str, Any]:
+        return builders.build_deployment(
+            OWNER, spec, spec.node_pools[pool], artifact_uri=jp.repository_uri,
+            artifact_sha="x", replicas=1, monitor=MonitorKind.NONE, settings=SETTINGS,
+            gpu_repository=gpu_repository)
+    gpu = deployment(1, True)["spec"]["template"]["spec"]["containers"][0]
+    assert f"--model-repository=/models/leanserve/minilm/{jp.recipe}/model_repository-gpu" \
+        in gpu["args"]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for flag in (True, False):
+        cpu = deployment(0, flag)["spec"]["template"]["spec"]["containers"][0]
+        assert f"--model-repository=/models/leanserve/minilm/{jp.recipe}/model_repository" \
+            in cpu["args"]
+        assert "nvidia.com/gpu" not in str(cpu["resources"])

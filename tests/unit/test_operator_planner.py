@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,10 +44,15 @@ def kinds(objs: list[dict[str, Any]]) -> list[str]:
     return [o["kind"] for o in objs]
 
 
+def created(d: planner.Desired) -> list[str]:
+    """The compression objects a plan applies: the Job (when absent) and what it owns."""
+    return kinds(([d.job] if d.job is not None else []) + d.job_owned)
+
+
 CASES = {
-    "new": (Observed(), {}, "Compressing", ["ConfigMap", "Job"], []),
+    "new": (Observed(), {}, "Compressing", ["Job", "ConfigMap"], []),
     "running": (Observed(job=JobObservation(JP.name, JobState.RUNNING)), {}, "Compressing",
-                ["ConfigMap", "Job"], []),
+                ["ConfigMap"], []),
     "failed": (Observed(job=JobObservation(JP.name, JobState.FAILED, "DeadlineExceeded", "",
                                            "oom")), {}, "Failed", [], []),
     "succeeded": (Observed(job=JobObservation(JP.name, JobState.SUCCEEDED, termination=report())),
@@ -71,10 +77,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plan_matrix(case: str) -> None:
-    observed, status, phase, ensure, apply = CASES[case]
+    observed, status, phase, compression, apply = CASES[case]
     d = planner.plan(Resource(OWNER, 3, SPEC, (), status), observed, NOW, S)
     assert d.status["phase"] == phase
-    assert kinds(d.ensure) == ensure
+    assert created(d) == compression
     assert kinds(d.apply) == apply
     assert d.status["observedGeneration"] == 3
     ready = conds(d)["Ready"]
@@ -118,7 +124,7 @@ def test_every_transition_posts_one_event_failed_as_warning() -> None:
 def test_invalid_spec_plans_no_children() -> None:
     res = Resource(OWNER, 2, None, ("spec.slo.latencyP95Ms: must be > 0 (got -1)",))
     d = planner.plan(res, Observed(), NOW, S)
-    assert (d.ensure, d.apply, d.delete) == ([], [], [])
+    assert (d.job, d.job_owned, d.apply, d.delete) == (None, [], [], [])
     assert conds(d)["Ready"] == ("False", "InvalidSpec")
     assert "spec.slo.latencyP95Ms" in d.status["conditions"][0]["message"]
 
@@ -180,3 +186,168 @@ def test_summary_fits_the_termination_message_limit() -> None:
     decoded = handback.decode(text)
     assert decoded is not None and decoded["candidates"][0]["name"] == "cand-7"
     assert handback.decode("Traceback ...") is None
+
+
+# ------------------------------------------------------------- outcomes by recipe (3, 4)
+
+FAILED_JOB = JobObservation(JP.name, JobState.FAILED, "BackoffLimitExceeded", "", "oom")
+NO_CANDIDATE = JobObservation(JP.name, JobState.SUCCEEDED, termination=report(None))
+NO_REPORT = JobObservation(JP.name, JobState.SUCCEEDED, termination="log lines only")
+
+
+@pytest.mark.parametrize("job,reason", [(FAILED_JOB, "JobFailed"),
+                                        (NO_CANDIDATE, "NoCandidatePassed"),
+                                        (NO_REPORT, "ReportMissing")])
+def test_a_recipe_outcome_stays_after_the_ttl_controller_deletes_the_job(
+        job: JobObservation, reason: str) -> None:
+    """Issue 14 items 3 and 4: the outcome is recorded by recipe (and Job) in status.recipe;
+    once recorded, the Job is never looked at again and never made again — not when the TTL
+    controller deletes it a week later (observed: no Job), not on any later resync."""
+    first = planner.plan(Resource(OWNER, 1, SPEC, (), {"phase": "Compressing"}),
+                         Observed(job=job), NOW, S)
+    assert first.status["phase"] == "Failed" and conds(first)["Compressed"] == ("False", reason)
+    assert first.status["recipe"]["outcome"] == reason and first.status["recipe"]["job"] == JP.name
+    assert "leanserve.io/retry" in first.status["recipe"]["message"]
+    stored = {"phase": "Compressing", **first.status}
+    res = Resource(OWNER, 1, SPEC, (), stored)
+    assert planner.job_to_observe(res) is None  # no GET of the Job
+    week = planner.plan(res, Observed(), NOW + timedelta(days=8), S)
+    assert week.job is None and week.job_owned == []
+    assert week.status["phase"] == "Failed" and conds(week)["Compressed"] == ("False", reason)
+    assert conds(week)["Ready"] == ("False", reason)
+    assert week.status["recipe"] == first.status["recipe"]
+    assert week.events == []
+
+
+def test_no_candidate_keeps_the_report_in_status() -> None:
+    d = planner.plan(Resource(OWNER, 1, SPEC), Observed(job=NO_CANDIDATE), NOW, S)
+    assert d.status["compression"]["selected"] is None
+    assert d.status["compression"]["candidates"][0]["name"] == "int8"
+    assert d.status["compression"]["recipeHash"] == JP.recipe
+    assert "artifact" not in d.status and d.apply == []
+
+
+def test_retry_annotation_or_spec_change_runs_the_recipe_again() -> None:
+    failed = planner.plan(Resource(OWNER, 1, SPEC), Observed(job=FAILED_JOB), NOW, S).status
+    retry = Resource(OWNER, 1, SPEC, (), failed, retry="2026-03-02")
+    name = planner.job_to_observe(retry)
+    assert name is not None and name != JP.name and name.startswith(JP.name + "-")
+    again = planner.plan(retry, Observed(), NOW, S)
+    assert again.job is not None and again.job["metadata"]["name"] == name
+    assert again.status["phase"] == "Compressing"
+    assert again.status["recipe"] == {"hash": JP.recipe, "job": name, "retry": "2026-03-02",
+                                      "outcome": None, "message": None}
+    # The same annotation value again is the same retry: its outcome is kept once known.
+    done = planner.plan(retry, Observed(job=replace_name(FAILED_JOB, name)), NOW, S).status
+    assert planner.job_to_observe(Resource(OWNER, 1, SPEC, (), done, retry="2026-03-02")) is None
+    # A spec change is a new recipe: a new Job, with or without an annotation.
+    spec = spec_of(compression={"candidates": [
+        {"name": "int8-static", "steps": [{"quantize": {"method": "int8-static"}}]}]})
+    changed = planner.plan(Resource(OWNER, 2, spec, (), failed), Observed(), NOW, S)
+    assert changed.job is not None and changed.job["metadata"]["name"] != JP.name
+
+
+def replace_name(job: JobObservation, name: str) -> JobObservation:
+    return dataclasses.replace(job, name=name)
+
+
+def test_a_succeeded_recipe_is_not_rerun_and_serves() -> None:
+    ok = planner.plan(Resource(OWNER, 1, SPEC), Observed(job=JobObservation(
+        JP.name, JobState.SUCCEEDED, termination=report())), NOW, S)
+    assert ok.status["recipe"]["outcome"] == "Compressed"
+    res = Resource(OWNER, 1, SPEC, (), {**ok.status, "compression": ok.status["compression"]})
+    assert planner.job_to_observe(res) is None
+    later = planner.plan(res, Observed(), NOW + timedelta(days=8), S)
+    assert later.job is None and later.status["phase"] == "Deploying"
+
+
+# ---------------------------------------------------------------- refusals, start (8)
+
+
+def test_an_api_refusal_reaches_status_with_the_servers_message() -> None:
+    """Issue 14 item 8, the planner's half (the handler's half runs against a real server)."""
+    d = planner.plan(Resource(OWNER, 1, SPEC), Observed(), NOW, S)
+    msg = 'Kubernetes API answered 403: jobs "minilm-compress-x" is forbidden: exceeded ' \
+          "quota: compute, requested: requests.cpu=2, used: requests.cpu=0, limited: " \
+          "requests.cpu=1"
+    r = planner.refused(Resource(OWNER, 1, SPEC), d, msg, NOW)
+    assert conds(r)["Ready"] == ("False", "APIRefused")
+    ready = next(c for c in r.status["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == msg
+    assert conds(r)["Compressed"] == conds(d)["Compressed"]
+    assert [(e.reason, e.warning) for e in r.events] == [("APIRefused", True)]
+    again = planner.refused(Resource(OWNER, 1, SPEC, (), r.status), d, msg,
+                            NOW + timedelta(seconds=30))
+    assert again.events == []  # the same refusal is no new Event
+    assert next(c for c in again.status["conditions"] if c["type"] == "Ready")[
+        "lastTransitionTime"] == ready["lastTransitionTime"]
+
+
+def test_a_job_that_cannot_start_says_why() -> None:
+    created_at = NOW - timedelta(seconds=S.job.start_timeout_seconds + 5)
+    stuck = JobObservation(JP.name, JobState.RUNNING, created=created_at, started=False,
+                           waiting="FailedCreate: pods is forbidden: exceeded quota: compute")
+    d = planner.plan(Resource(OWNER, 1, SPEC), Observed(job=stuck), NOW, S)
+    c = next(x for x in d.status["conditions"] if x["type"] == "Compressed")
+    assert c["reason"] == "JobNotStarting" and "exceeded quota: compute" in c["message"]
+    young = JobObservation(JP.name, JobState.RUNNING, created=NOW, started=False)
+    assert conds(planner.plan(Resource(OWNER, 1, SPEC), Observed(job=young), NOW, S))[
+        "Compressed"] == ("False", "Compressing")
+
+
+# ------------------------------------------------------------ Deployment readiness (12)
+
+
+def test_deployment_ready_only_when_its_controller_saw_the_current_spec() -> None:
+    """An Available condition and readyReplicas from before the last spec change (status
+    observedGeneration behind metadata.generation) do not make the model Serving."""
+    stale = DeploymentObservation("cpu", 1, 1, 1, True, "f" * 64, generation=3,
+                                  observed_generation=2)
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), compressed_status()),
+                     Observed(deployments={"cpu": stale}), NOW, S)
+    assert d.status["phase"] == "Deploying"
+    fresh = DeploymentObservation("cpu", 1, 1, 1, True, "f" * 64, generation=3,
+                                  observed_generation=3)
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), compressed_status()),
+                     Observed(deployments={"cpu": fresh}), NOW, S)
+    assert d.status["phase"] == "Serving"
+
+
+def test_the_plan_serves_the_gpu_repository_only_on_a_gpu_pool_when_the_job_wrote_it() -> None:
+    """Issue 14 item 10 through the planner: the Job's artifact record says whether the
+    KIND_GPU sibling exists (handback ``artifact.gpu``)."""
+    def args(status: dict[str, Any], pool: str) -> str:
+        d = planner.plan(Resource(OWNER, 1, SPEC, (), status), Observed(), NOW, S)
+        dep = next(o for o in d.apply if o["kind"] == "Deployment")
+        assert dep["metadata"]["labels"]["leanserve.io/pool"] == pool
+        return " ".join(dep["spec"]["template"]["spec"]["containers"][0]["args"])
+    with_gpu = compressed_status(PROFILE)  # the profile picks gpu-t4
+    with_gpu["compression"]["artifact"]["gpu"] = True
+    assert "--model-repository=/models/x/model_repository-gpu" in args(with_gpu, "gpu-t4")
+    without = compressed_status(PROFILE)
+    assert "--model-repository=/models/x/model_repository " in args(without, "gpu-t4") + " "
+    cpu = compressed_status()  # no profile: the cheapest pool, cpu
+    cpu["compression"]["artifact"]["gpu"] = True
+    assert "model_repository-gpu" not in args(cpu, "cpu")
+
+
+# -------------------------------------------------------------------------- claims (11)
+
+
+@pytest.mark.parametrize(("modes", "reason"), [
+    (("ReadWriteOnce",), "ClaimNotShared"), (("ReadWriteOncePod",), "ClaimNotShared"),
+    (None, "ClaimMissing")])
+def test_a_claim_every_pod_cannot_mount_is_said_before_anything_is_made(
+        modes: tuple[str, ...] | None, reason: str) -> None:
+    """Issue 14 item 11: the Job and every serving replica mount the model's claim, on any
+    node: ReadWriteMany or ReadOnlyMany. Not an outcome: a fixed claim lets the next pass on."""
+    d = planner.plan(Resource(OWNER, 1, SPEC), Observed(claims={"models": modes}), NOW, S)
+    assert d.job is None and d.job_owned == [] and d.status["phase"] == "Failed"
+    c = next(x for x in d.status["conditions"] if x["type"] == "Compressed")
+    assert c["reason"] == reason and "models" in c["message"]
+    if modes:
+        assert "ReadWriteMany" in c["message"] and modes[0] in c["message"]
+    assert d.status["recipe"]["outcome"] is None
+    ok = planner.plan(Resource(OWNER, 1, SPEC, (), d.status),
+                      Observed(claims={"models": ("ReadWriteMany",)}), NOW, S)
+    assert ok.job is not None and ok.status["phase"] == "Compressing"

@@ -18,11 +18,13 @@ from leanserve.serving.repository import (
     ServingConfig,
     TensorSpec,
     build_model_config,
+    gpu_config,
     list_models,
     localize_config,
     primary_model,
     read_onnx_signature,
     serving_config_of,
+    to_gpu_repository,
     to_local_repository,
     with_serving_config,
     write_model_repository,
@@ -248,3 +250,33 @@ def test_unusable_repositories_are_named(tmp_path: Path, setup, message: str) ->
 def test_missing_repository(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="no such model repository"):
         list_models(tmp_path / "absent")
+
+
+def test_gpu_form_runs_onnxruntime_on_kind_gpu_and_keeps_the_tokenizer_on_cpu(
+        onnx_file: Path, tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Issue 14 item 10: the repository a GPU pool serves (the Job writes it beside the CPU
+    one) asks for the GPU; the CPU repository it derives from is left as it is."""
+    repo = write_model_repository(onnx_file, tmp_path / "repo", "enc",
+                                  task=Task.FEATURE_EXTRACTION, max_batch_size=8,
+                                  max_queue_delay_us=100, tokenizer_dir=tokenizer_dir,
+                                  intra_op_threads=2)
+    before = {p: p.read_text() for p in repo.rglob("config.pbtxt")}
+    gpu = to_gpu_repository(repo, tmp_path / "repo-gpu")
+    enc = pbtxt.read(gpu / "enc")
+    assert enc["backend"] == "onnxruntime"
+    assert enc["instance_group"] == [{"count": 1, "kind": "KIND_GPU"}]
+    accel = enc["optimization"]["execution_accelerators"]["gpu_execution_accelerator"][0]
+    assert accel["name"] == "tensorrt"
+    assert "intra_op_thread_count" not in enc["parameters"]
+    assert enc["dynamic_batching"] == {"max_queue_delay_microseconds": 100}
+    assert pbtxt.read(gpu / "enc-tokenizer")["instance_group"][0]["kind"] == "KIND_CPU"
+    assert pbtxt.read(gpu / "enc-text")["platform"] == "ensemble"
+    assert (gpu / "enc" / "1" / "model.onnx").read_bytes() == onnx_file.read_bytes()
+    assert {p: p.read_text() for p in repo.rglob("config.pbtxt")} == before
+    for config in (pbtxt.read(repo / n) for n in ("enc", "enc-tokenizer", "enc-text")):
+        assert "KIND_GPU" not in pbtxt.render(config)  # the CPU pools' repository
+
+
+def test_gpu_form_of_a_python_model_is_refused() -> None:
+    with pytest.raises(ConfigError, match="only onnxruntime models have a GPU form"):
+        gpu_config({"name": "m", "backend": "python", "max_batch_size": 1})
