@@ -3,17 +3,12 @@ budget), the examples are accepted, and each examples/invalid case is refused by
 exactly when its first line says ``# refused-by: apiserver`` (the ``operator`` ones pass the
 schema and are refused by leanserve's own validation, which the operator runs).
 
-Needs a control plane: LEANSERVE_KUBECONFIG names its kubeconfig (`scripts/control-plane.sh up
-DIR` writes DIR/kubeconfig) and kubectl is found on PATH or beside the control plane's binaries;
-skipped otherwise. Uses server-side dry runs only: nothing is left in the cluster but the CRD and
-the namespace ``ml``."""
+Runs on the session's real control plane (tests/cluster/conftest.py). Uses server-side dry runs
+only: nothing is left in the cluster but the CRD and the namespace ``ml``."""
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,21 +19,18 @@ from leanserve.api import SpecError, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 INVALID = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
-KUBECONFIG = os.environ.get("LEANSERVE_KUBECONFIG", "")
-CACHE = os.environ.get("LEANSERVE_K8S_CACHE", os.path.expanduser("~/.cache/leanserve/k8s"))
-KUBECTL = shutil.which("kubectl") or next(iter(sorted(glob.glob(f"{CACHE}/*/bin/kubectl"))), "")
-
-pytestmark = pytest.mark.skipif(not (KUBECONFIG and Path(KUBECONFIG).exists() and KUBECTL),
-                                reason="no control plane (set LEANSERVE_KUBECONFIG)")
+CLUSTER: dict[str, Path] = {}
 
 
 def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([KUBECTL, f"--kubeconfig={KUBECONFIG}", *args], input=stdin,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run([str(CLUSTER["bin"] / "kubectl"), f"--kubeconfig={CLUSTER['config']}",
+                           *args], input=stdin, capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def crd_installed() -> None:
+def crd_installed(control_plane) -> None:
+    CLUSTER.update(bin=control_plane.bin, config=control_plane.kubeconfig)
     crd = ROOT / "deploy" / "crds" / "compressedmodels.leanserve.io.yaml"
     r = kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     assert r.returncode == 0, r.stderr
