@@ -96,9 +96,11 @@ def _digits(ns: str) -> dict[str, Any]:
 
 
 def test_operator_with_its_own_token_creates_the_job(
-        control_plane: Any, operator: OperatorProcess) -> None:
+        control_plane: Any, operator: OperatorProcess, tmp_path: Path) -> None:
     cp, ns = control_plane, "rbac"
     _namespace(cp, ns)
+    # the operator checks the claim (ReadWriteMany, bound) before it makes a Job
+    pv_and_claim(cp, ns, "models", tmp_path)
     cp.kubectl("apply", "-f", "-", input=json.dumps(_digits(ns)))
     job = wait_for(lambda: (get_json(cp, "jobs", "-n", ns, "-l", f"{MODEL}=digits")
                             or {}).get("items"), 60, "the compression Job")[0]
