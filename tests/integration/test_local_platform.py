@@ -49,6 +49,67 @@ def test_replicas_start_serve_report_metrics_and_stop(tmp_path: Path,
             Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z"
 
 
+def test_a_killed_replica_is_found_reaped_and_replaced(tmp_path: Path,
+                                                     serving_tiny_onnx: Path) -> None:
+    """Fault injection: SIGKILL one of two ready replicas. The health check reaps it (no longer
+    counted, no longer routed to), the next scale starts a replacement that becomes ready, and
+    ``replaced`` says what happened (it reaches the run report)."""
+    import os
+    import signal
+
+    repo = write_model_repository(serving_tiny_onnx, tmp_path / "repo", "tiny",
+                                  task=Task.FEATURE_EXTRACTION, max_batch_size=8,
+                                  max_queue_delay_us=500, backend="python")
+    plat = LocalPlatform(repo, tmp_path / "logs")
+    try:
+        plat.scale("tiny", {"small": 2})
+        plat.wait_ready(120)
+        assert plat.ready_replicas("tiny") == {"small": 2}, plat.errors
+        assert plat.check_health() == []  # both alive: nothing reaped
+        victim = plat._replicas[0]
+        os.kill(victim.server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while victim.server.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = plat.check_health()
+        assert found == [f"{victim.name}: exited with code -9"]
+        assert plat.current_replicas("tiny") == {"small": 1}
+        assert victim.server.http_url not in [u for _p, u in plat.endpoints()]
+        plat.scale("tiny", {"small": 2})  # what the autoscaler's next decision does
+        plat.wait_ready(120)
+        assert plat.ready_replicas("tiny") == {"small": 2}, plat.errors
+        assert plat.replaced == found
+    finally:
+        plat.stop_all()
+
+
+def test_a_replica_that_stops_answering_is_reaped_after_repeated_probes(tmp_path: Path) -> None:
+    """A hung server (alive, not answering) is declared dead only after LIVENESS_FAILURES
+    consecutive failed probes, so one slow answer on a loaded machine does not kill it."""
+    from leanserve.local.platform import LIVENESS_FAILURES
+
+    class Hung:
+        running, returncode, pid = True, None, None
+        http_url = "http://127.0.0.1:9"
+
+        def start(self) -> None: ...
+
+        def stop(self) -> None:
+            self.running = False
+
+    plat = LocalPlatform(tmp_path, tmp_path / "logs", server_factory=lambda *a, **k: Hung())
+    plat.scale("tiny", {"small": 1})
+    plat.wait_ready(5)
+    for _ in range(LIVENESS_FAILURES - 1):
+        assert plat.check_health(probe=lambda r: False) == []
+    assert plat.check_health(probe=lambda r: True) == []  # an answer resets the count
+    for _ in range(LIVENESS_FAILURES - 1):
+        plat.check_health(probe=lambda r: False)
+    assert plat.check_health(probe=lambda r: False) == [
+        f"small-1: failed {LIVENESS_FAILURES} liveness probes in a row"]
+    assert plat.current_replicas("tiny") == {}
+
+
 def test_prometheus_in_a_relative_workdir_scrapes_its_targets(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`leanserve run`'s default workdir is relative: Prometheus must still find its file_sd
