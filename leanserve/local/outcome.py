@@ -109,6 +109,9 @@ def verdict(report: dict[str, Any], slo_ms: float) -> dict[str, Any]:
     errors = report.get("replica_errors") or []
     if errors:
         warnings.append(f"{len(errors)} replica(s) failed to start: {errors[0]}")
+    replaced = report.get("replicas_replaced") or []
+    if replaced:
+        warnings.append(f"{len(replaced)} replica(s) died and were replaced: {replaced[0]}")
 
     if interrupted:
         status = Status.INTERRUPTED

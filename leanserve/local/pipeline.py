@@ -238,6 +238,8 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
         end = t0 + settings.load_seconds + cooldown
         while time.monotonic() < end:
             time.sleep(max(0.0, min(interval, end - time.monotonic())))
+            for dead in platform.check_health():  # reaped: this decision's scale replaces it
+                say(f"replica {dead}; replacing it")
             obs, reading = observe(source, platform, model)  # stamped with wall time
             decision = decide(obs, pools, local_spec, previous, obs.time)
             platform.scale(model, decision.replicas)
@@ -260,6 +262,7 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
         stop.set()
         loader.join(30)
         report["replica_errors"] = list(platform.errors)
+        report["replicas_replaced"] = list(platform.replaced)
 
 
 def cap_note(spec_max: int, local_max: int, cores: int) -> Callable[[str], str]:

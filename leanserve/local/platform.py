@@ -4,6 +4,11 @@ The autoscaler asks for replicas per pool; this adapter starts new tritonserver 
 the background (a replica counts as ready only once Triton says so, as a Pod would) and stops
 surplus ones newest first. All pools share this machine, so a pool here is a label on the
 replica (its metrics carry ``pool``), not different hardware: the report says so.
+
+Health: ``check_health`` does what a kubelet's liveness probe and a ReplicaSet do together. A
+replica whose process has exited, or whose ``/v2/health/live`` failed ``LIVENESS_FAILURES``
+times in a row, is reaped and no longer counted, so the next ``scale`` starts a replacement;
+``replaced`` lists each one for the report.
 """
 
 from __future__ import annotations
@@ -13,8 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
+
 from leanserve.errors import LeanserveError
 from leanserve.serving.server import LocalTriton
+
+LIVENESS_FAILURES = 3
+"""Consecutive failed liveness probes before a running replica is declared dead (a loaded
+machine can miss one probe's timeout; a process that exited is dead at once)."""
+LIVENESS_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -25,6 +37,11 @@ class Replica:
     ready: bool = False
     failed: str | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
+    missed_probes: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.pool}-{self.index}"
 
 
 class LocalPlatform:
@@ -42,6 +59,8 @@ class LocalPlatform:
         self._boot_lock = threading.Lock()
         self._counter = 0
         self.errors: list[str] = []
+        self.replaced: list[str] = []
+        """Replicas found dead by ``check_health``, with why ("cpu-small-2: exited with ...")."""
 
     # Platform port --------------------------------------------------------------------------
 
@@ -75,6 +94,29 @@ class LocalPlatform:
         with self._lock:
             return [(r.pool, r.server.metrics_url.split("//", 1)[-1].split("/", 1)[0])
                     for r in self._replicas if r.ready]
+
+    def check_health(self, probe: Callable[[Replica], bool] | None = None) -> list[str]:
+        """Reap every ready replica that died; returns what was found (also in ``replaced``).
+        The autoscaler's next ``scale`` starts their replacements."""
+        probe = probe or _live
+        with self._lock:
+            ready = [r for r in self._replicas if r.ready]
+        dead: list[tuple[Replica, str]] = []
+        for r in ready:
+            if not r.server.running:
+                code = r.server.returncode
+                dead.append((r, f"exited with code {code}" if code is not None else "exited"))
+                continue
+            r.missed_probes = 0 if probe(r) else r.missed_probes + 1
+            if r.missed_probes >= LIVENESS_FAILURES:
+                dead.append((r, f"failed {r.missed_probes} liveness probes in a row"))
+        found = []
+        for r, why in dead:
+            r.failed = why
+            self._stop(r)
+            found.append(f"{r.name}: {why}")
+        self.replaced.extend(found)
+        return found
 
     def wait_ready(self, timeout_s: float) -> None:
         with self._lock:
@@ -122,6 +164,8 @@ class LocalPlatform:
         replica.thread.start()
 
     def _stop(self, replica: Replica) -> None:
+        """Remove ``replica`` from every count first (no request is routed to it any more), then
+        stop its process."""
         if replica.thread is not None and replica.thread is not threading.current_thread():
             replica.thread.join(180)  # never kill a server halfway through its start
         with self._lock:
@@ -131,3 +175,11 @@ class LocalPlatform:
         if self.on_change:
             self.on_change()
         replica.server.stop()
+
+
+def _live(replica: Replica) -> bool:
+    try:
+        return requests.get(replica.server.http_url + "/v2/health/live",
+                            timeout=LIVENESS_TIMEOUT_S).status_code == 200
+    except requests.RequestException:
+        return False

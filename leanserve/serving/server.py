@@ -205,6 +205,11 @@ class LocalTriton:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the server process has exited by itself, else None."""
+        return self._proc.poll() if self._proc is not None else None
+
     def _port(self, endpoint: str) -> int:
         if endpoint not in self.ports:
             raise ServingError("the server is not started; call start() first")

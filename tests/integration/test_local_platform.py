@@ -49,6 +49,67 @@ def test_replicas_start_serve_report_metrics_and_stop(tmp_path: Path,
             Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z"
 
 
+def test_a_killed_replica_is_found_reaped_and_replaced(tmp_path: Path,
+                                                     serving_tiny_onnx: Path) -> None:
+    """Fault injection: SIGKILL one of two ready replicas. The health check reaps it (no longer
+    counted, no longer routed to), the next scale starts a replacement that becomes ready, and
+    ``replaced`` says what happened (it reaches the run report)."""
+    import os
+    import signal
+
+    repo = write_model_repository(serving_tiny_onnx, tmp_path / "repo", "tiny",
+                                  task=Task.FEATURE_EXTRACTION, max_batch_size=8,
+                                  max_queue_delay_us=500, backend="python")
+    plat = LocalPlatform(repo, tmp_path / "logs")
+    try:
+        plat.scale("tiny", {"small": 2})
+        plat.wait_ready(120)
+        assert plat.ready_replicas("tiny") == {"small": 2}, plat.errors
+        assert plat.check_health() == []  # both alive: nothing reaped
+        victim = plat._replicas[0]
+        os.kill(victim.server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while victim.server.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = plat.check_health()
+        assert found == [f"{victim.name}: exited with code -9"]
+        assert plat.current_replicas("tiny") == {"small": 1}
+        assert victim.server.http_url not in [u for _p, u in plat.endpoints()]
+        plat.scale("tiny", {"small": 2})  # what the autoscaler's next decision does
+        plat.wait_ready(120)
+        assert plat.ready_replicas("tiny") == {"small": 2}, plat.errors
+        assert plat.replaced == found
+    finally:
+        plat.stop_all()
+
+
+def test_a_replica_that_stops_answering_is_reaped_after_repeated_probes(tmp_path: Path) -> None:
+    """A hung server (alive, not answering) is declared dead only after LIVENESS_FAILURES
+    consecutive failed probes, so one slow answer on a loaded machine does not kill it."""
+    from leanserve.local.platform import LIVENESS_FAILURES
+
+    class Hung:
+        running, returncode, pid = True, None, None
+        http_url = "http://127.0.0.1:9"
+
+        def start(self) -> None: ...
+
+        def stop(self) -> None:
+            self.running = False
+
+    plat = LocalPlatform(tmp_path, tmp_path / "logs", server_factory=lambda *a, **k: Hung())
+    plat.scale("tiny", {"small": 1})
+    plat.wait_ready(5)
+    for _ in range(LIVENESS_FAILURES - 1):
+        assert plat.check_health(probe=lambda r: False) == []
+    assert plat.check_health(probe=lambda r: True) == []  # an answer resets the count
+    for _ in range(LIVENESS_FAILURES - 1):
+        plat.check_health(probe=lambda r: False)
+    assert plat.check_health(probe=lambda r: False) == [
+        f"small-1: failed {LIVENESS_FAILURES} liveness probes in a row"]
+    assert plat.current_replicas("tiny") == {}
+
+
 def test_prometheus_in_a_relative_workdir_scrapes_its_targets(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`leanserve run`'s default workdir is relative: Prometheus must still find its file_sd
@@ -83,6 +144,89 @@ def test_prometheus_in_a_relative_workdir_scrapes_its_targets(
             assert str(tmp_path / "leanserve-run" / "prometheus" / "targets.json") in config
             prom.set_targets([([address], {"pool": "small", "role": "triton"})])
             assert prom.wait_scraped([address], timeout_s=20) == [], prom.active_targets()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_prometheus_stopped_mid_run_holds_then_recovers(tmp_path: Path) -> None:
+    """Fault injection: the autoscaling step on a real Prometheus scraping a counter that grows.
+    Prometheus is stopped: the step holds (MetricsUnavailable, replicas unchanged) and counts an
+    ``unreachable`` error; a Prometheus started again on the same port and data brings the rate
+    back, and the step decides on it."""
+    import itertools
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import generate_latest
+
+    from leanserve.autoscaling.exporter import LeanserveMetrics
+    from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
+    from leanserve.autoscaling.platform import InMemoryPlatform
+    from leanserve.autoscaling.policy import PoolCapacity, Reason, Target, decide
+    from leanserve.local.prometheus import LocalPrometheus, prometheus_binary
+
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
+    served = itertools.count(step=50)  # 50 more requests at every scrape
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = (f'nv_inference_request_success{{model="m",version="1"}} {next(served)}\n'
+                    .encode())
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    plat = InMemoryPlatform(["a"], clock=time.time)
+    plat.set_ready("m", {"a": 2})
+    target = Target(100, 1, 5)
+    exporter = LeanserveMetrics()
+
+    def step(src: PrometheusSource):
+        obs, reading = observe(src, plat, "m")
+        d = decide(obs, [PoolCapacity("a", 1000, 0.1)], target, None, time.time())
+        exporter.record("m", d, target, reading=reading)
+        return d, reading
+
+    def rate_seen(src: PrometheusSource, timeout_s: float = 30) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            rate = src.read().request_rate
+            if rate:
+                return rate
+            time.sleep(0.5)
+        raise AssertionError("Prometheus never gave a request rate")
+
+    workdir = tmp_path / "prometheus"
+    try:
+        with LocalPrometheus(workdir) as prom:
+            port = prom.port
+            prom.set_targets([([address], {"pool": "a"})])
+            src = PrometheusSource(prom.url, Queries("m", window="5s"), clock=time.time)
+            assert rate_seen(src) > 0
+            assert step(src)[0].code is not Reason.METRICS_UNAVAILABLE
+        # stopped: every poll fails to connect
+        d, reading = step(src)
+        assert d.code is Reason.METRICS_UNAVAILABLE and d.replicas == {"a": 2}
+        assert "unreachable" in reading.error_kinds
+        assert 'leanserve_metrics_errors_total{kind="unreachable",model="m"}' in \
+            generate_latest(exporter.registry).decode()
+        with LocalPrometheus(workdir, port=port) as prom:
+            prom.set_targets([([address], {"pool": "a"})])
+            assert rate_seen(src) > 0
+            d, reading = step(src)
+            # the rate is back (p95 and queue stay empty: this exporter serves only a counter)
+            assert d.code is not Reason.METRICS_UNAVAILABLE
+            assert reading.request_rate and "unreachable" not in reading.error_kinds
     finally:
         server.shutdown()
         server.server_close()

@@ -230,6 +230,9 @@ def test_verdict_fails_when_no_candidate_passed_and_warns_on_a_missed_slo() -> N
     report["measurement"] = {"noisy": True, "notes": ["repeated timings differ by 40%"]}
     v = verdict(report, 100.0)
     assert any("40%" in w and "uncertain" in w for w in v["warnings"])
+    report["replicas_replaced"] = ["cpu-small-2: exited with code -9"]
+    assert "1 replica(s) died and were replaced: cpu-small-2: exited with code -9" in \
+        verdict(report, 100.0)["warnings"]
 
 
 def test_summary_names_the_pool_served_on_and_says_when_a_figure_is_derived() -> None:
