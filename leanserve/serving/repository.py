@@ -17,6 +17,7 @@ import enum
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -473,21 +474,12 @@ def to_local_repository(repo: Path, dest: Path) -> Path:
     because the local server has no GPU. Python and ensemble models are copied as they are.
     Model files are hard-linked when possible, so this is cheap even for large models.
     """
-    entries = list_models(repo)
-    dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for entry in entries:
-        target = dest / entry.name
-        shutil.copytree(entry.path, target, copy_function=_link_or_copy)
-        if entry.backend == "onnxruntime":
-            pbtxt.write(localize_config(entry.config), target)
-            shutil.copyfile(_MODELS_DIR / "onnxruntime_model.py", target / VERSION / "model.py")
-        elif entry.backend not in ("python", "ensemble"):
-            raise RepositoryError(f"{entry.path}: backend {entry.backend!r} cannot run on the "
-                                  "local tritonserver (allowed: onnxruntime, python, ensemble)")
-    return dest
+
+    def localize(entry: ModelEntry, target: Path) -> None:
+        pbtxt.write(localize_config(entry.config), target)
+        shutil.copyfile(_MODELS_DIR / "onnxruntime_model.py", target / VERSION / "model.py")
+
+    return _copy_repository(repo, dest, localize, "cannot run on the local tritonserver")
 
 
 def to_gpu_repository(repo: Path, dest: Path, trt_precision: str = "FP16") -> Path:
@@ -498,6 +490,16 @@ def to_gpu_repository(repo: Path, dest: Path, trt_precision: str = "FP16") -> Pa
     on CPU. Only GPU pools are given this repository: a CPU pool keeps ``repo``, which asks for
     no GPU.
     """
+    return _copy_repository(
+        repo, dest, lambda entry, target: pbtxt.write(gpu_config(entry.config, trt_precision),
+                                                      target), "has no GPU form")
+
+
+def _copy_repository(repo: Path, dest: Path, onnx: Callable[[ModelEntry, Path], None],
+                     refusal: str) -> Path:
+    """``repo`` copied to ``dest`` (files hard-linked where possible), ``onnx`` rewriting each
+    onnxruntime model's copy; python models and ensembles are kept as they are, any other
+    backend is refused with ``refusal``."""
     entries = list_models(repo)
     dest = Path(dest)
     if dest.exists():
@@ -507,9 +509,9 @@ def to_gpu_repository(repo: Path, dest: Path, trt_precision: str = "FP16") -> Pa
         target = dest / entry.name
         shutil.copytree(entry.path, target, copy_function=_link_or_copy)
         if entry.backend == "onnxruntime":
-            pbtxt.write(gpu_config(entry.config, trt_precision), target)
+            onnx(entry, target)
         elif entry.backend not in ("python", "ensemble"):
-            raise RepositoryError(f"{entry.path}: backend {entry.backend!r} has no GPU form "
+            raise RepositoryError(f"{entry.path}: backend {entry.backend!r} {refusal} "
                                   "(allowed: onnxruntime, python, ensemble)")
     return dest
 

@@ -3,7 +3,11 @@ what `leanserve run` falls back to without Prometheus."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,30 @@ from leanserve.serving.loadgen import LoadSpec, run_load
 from leanserve.serving.repository import write_model_repository
 
 pytestmark = pytest.mark.integration
+
+@contextlib.contextmanager
+def metrics_server(body: Callable[[], str]) -> Iterator[str]:
+    """A scrape target on loopback serving ``body()`` as Prometheus text; yields host:port."""
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_replicas_start_serve_report_metrics_and_stop(tmp_path: Path,
@@ -114,39 +142,17 @@ def test_prometheus_in_a_relative_workdir_scrapes_its_targets(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`leanserve run`'s default workdir is relative: Prometheus must still find its file_sd
     targets (it resolves relative paths against its config's folder, not the cwd)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from leanserve.local.prometheus import LocalPrometheus, prometheus_binary
 
     if prometheus_binary() is None:
         pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
-
-    class Metrics(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b'nv_inference_request_success{model="m",version="1"} 7\n'
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.chdir(tmp_path)
-    address = f"127.0.0.1:{server.server_address[1]}"
-    try:
-        with LocalPrometheus(Path("leanserve-run") / "prometheus") as prom:
-            config = (tmp_path / "leanserve-run" / "prometheus" / "prometheus.yml").read_text()
-            assert str(tmp_path / "leanserve-run" / "prometheus" / "targets.json") in config
-            prom.set_targets([([address], {"pool": "small", "role": "triton"})])
-            assert prom.wait_scraped([address], timeout_s=20) == [], prom.active_targets()
-    finally:
-        server.shutdown()
-        server.server_close()
+    with metrics_server(lambda: 'nv_inference_request_success{model="m",version="1"} 7\n') \
+            as address, LocalPrometheus(Path("leanserve-run") / "prometheus") as prom:
+        config = (tmp_path / "leanserve-run" / "prometheus" / "prometheus.yml").read_text()
+        assert str(tmp_path / "leanserve-run" / "prometheus" / "targets.json") in config
+        prom.set_targets([([address], {"pool": "small", "role": "triton"})])
+        assert prom.wait_scraped([address], timeout_s=20) == [], prom.active_targets()
 
 
 def test_prometheus_stopped_mid_run_holds_then_recovers(tmp_path: Path) -> None:
@@ -155,8 +161,6 @@ def test_prometheus_stopped_mid_run_holds_then_recovers(tmp_path: Path) -> None:
     ``unreachable`` error; a Prometheus started again on the same port and data brings the rate
     back, and the step decides on it."""
     import itertools
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from prometheus_client import generate_latest
 
@@ -170,22 +174,6 @@ def test_prometheus_stopped_mid_run_holds_then_recovers(tmp_path: Path) -> None:
         pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
     served = itertools.count(step=50)  # 50 more requests at every scrape
 
-    class Metrics(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = (f'nv_inference_request_success{{model="m",version="1"}} {next(served)}\n'
-                    .encode())
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    address = f"127.0.0.1:{server.server_address[1]}"
     plat = InMemoryPlatform(["a"], clock=time.time)
     plat.set_ready("m", {"a": 2})
     target = Target(100, 1, 5)
@@ -207,7 +195,8 @@ def test_prometheus_stopped_mid_run_holds_then_recovers(tmp_path: Path) -> None:
         raise AssertionError("Prometheus never gave a request rate")
 
     workdir = tmp_path / "prometheus"
-    try:
+    counter = 'nv_inference_request_success{{model="m",version="1"}} {}\n'
+    with metrics_server(lambda: counter.format(next(served))) as address:
         with LocalPrometheus(workdir) as prom:
             port = prom.port
             prom.set_targets([([address], {"pool": "a"})])
@@ -227,6 +216,4 @@ def test_prometheus_stopped_mid_run_holds_then_recovers(tmp_path: Path) -> None:
             # the rate is back (p95 and queue stay empty: this exporter serves only a counter)
             assert d.code is not Reason.METRICS_UNAVAILABLE
             assert reading.request_rate and "unreachable" not in reading.error_kinds
-    finally:
-        server.shutdown()
-        server.server_close()
+
