@@ -20,6 +20,22 @@ from leanserve.serving.repository import write_model_repository
 
 pytestmark = pytest.mark.integration
 
+def two_ready_replicas(tmp_path: Path, onnx: Path) -> LocalPlatform:
+    """A LocalPlatform of the tiny model with two ready replicas in pool ``small``."""
+    repo = write_model_repository(onnx, tmp_path / "repo", "tiny",
+                                  task=Task.FEATURE_EXTRACTION, max_batch_size=8,
+                                  max_queue_delay_us=500, backend="python")
+    plat = LocalPlatform(repo, tmp_path / "logs")
+    try:
+        plat.scale("tiny", {"small": 2})
+        plat.wait_ready(120)
+        assert plat.ready_replicas("tiny") == {"small": 2}, plat.errors
+    except BaseException:
+        plat.stop_all()
+        raise
+    return plat
+
+
 @contextlib.contextmanager
 def metrics_server(body: Callable[[], str]) -> Iterator[str]:
     """A scrape target on loopback serving ``body()`` as Prometheus text; yields host:port."""
@@ -49,14 +65,8 @@ def test_replicas_start_serve_report_metrics_and_stop(tmp_path: Path,
                                                       serving_tiny_onnx: Path) -> None:
     import numpy as np
 
-    repo = write_model_repository(serving_tiny_onnx, tmp_path / "repo", "tiny",
-                                  task=Task.FEATURE_EXTRACTION, max_batch_size=8,
-                                  max_queue_delay_us=500, backend="python")
-    plat = LocalPlatform(repo, tmp_path / "logs")
+    plat = two_ready_replicas(tmp_path, serving_tiny_onnx)
     try:
-        plat.scale("tiny", {"small": 2})
-        plat.wait_ready(120)
-        assert plat.ready_replicas("tiny") == {"small": 2}, plat.errors
         source = DirectSource(plat, "tiny", clock=time.monotonic)
         assert source.read().request_rate is None  # first scrape: no rate yet, not zero
         ids = np.full((1, 12), 1000, dtype=np.int64)
@@ -85,14 +95,8 @@ def test_a_killed_replica_is_found_reaped_and_replaced(tmp_path: Path,
     import os
     import signal
 
-    repo = write_model_repository(serving_tiny_onnx, tmp_path / "repo", "tiny",
-                                  task=Task.FEATURE_EXTRACTION, max_batch_size=8,
-                                  max_queue_delay_us=500, backend="python")
-    plat = LocalPlatform(repo, tmp_path / "logs")
+    plat = two_ready_replicas(tmp_path, serving_tiny_onnx)
     try:
-        plat.scale("tiny", {"small": 2})
-        plat.wait_ready(120)
-        assert plat.ready_replicas("tiny") == {"small": 2}, plat.errors
         assert plat.check_health() == []  # both alive: nothing reaped
         victim = plat._replicas[0]
         os.kill(victim.server.pid, signal.SIGKILL)
