@@ -30,7 +30,7 @@ import kopf
 
 from leanserve.api.load import SpecError, parse
 from leanserve.api.spec import GROUP, PLURAL, VERSION, CompressedModelSpec, Phase
-from leanserve.operator import builders, planner, stores
+from leanserve.operator import builders, planner, privilege, stores
 from leanserve.operator.builders import Owner
 from leanserve.operator.constants import (
     MANAGER,
@@ -233,6 +233,9 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
     kube, owner = rt.client, res.owner
     if res.spec is None:
         return planner.Observed()
+    secrets = await observe_secrets(rt, res)
+    if privilege.refusals(res.spec, rt.settings, secrets):
+        return planner.Observed(secrets=secrets)  # refused: nothing else matters
     job_obs = None
     claims: dict[str, tuple[str, ...] | None] = {}
     name = planner.job_to_observe(res)
@@ -261,7 +264,7 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
     serving = bool((res.status.get("artifact") or {}).get("uri")) or (
         job_obs is not None and job_obs.state is JobState.SUCCEEDED)
     if not serving:
-        return planner.Observed(job=job_obs, claims=claims)
+        return planner.Observed(job=job_obs, claims=claims, secrets=secrets)
     deployments = await kube.list(Kinds.DEPLOYMENT, owner.namespace, {
         Label.MODEL.value: owner.name, Label.COMPONENT.value: Component.SERVING.value})
     by_pool = {}
@@ -270,7 +273,17 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
         if pool:
             by_pool[pool] = deployment_observation(pool, d)
     return planner.Observed(job=job_obs, deployments=by_pool, monitor=await rt.monitor_kind(),
-                            claims=claims)
+                            claims=claims, secrets=secrets)
+
+
+async def observe_secrets(rt: Runtime, res: planner.Resource) -> dict[str, privilege.SecretLabels]:
+    """The labels of each Secret the spec names (None: no such Secret), metadata only."""
+    assert res.spec is not None
+    out: dict[str, privilege.SecretLabels] = {}
+    for _, name in privilege.secret_refs(res.spec):
+        meta = await rt.client.get_metadata(Kinds.SECRET, res.owner.namespace, name)
+        out[name] = None if meta is None else dict(meta.get("labels") or {})
+    return out
 
 
 async def observe_claims(rt: Runtime, res: planner.Resource
