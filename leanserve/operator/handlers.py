@@ -400,7 +400,10 @@ async def write_status(rt: Runtime, res: planner.Resource, status: dict[str, Any
     if status_changed(current, status):
         await rt.client.patch(Kinds.COMPRESSED_MODEL, owner.namespace, owner.name,
                               {"status": status}, sub="status")
-    rt._written[(owner.namespace, owner.name)] = status
+    # The whole status as the server now holds it, not only this patch: a later patch omits
+    # what it does not change (the artifact, once recorded), and a body the watch has not
+    # caught up with must not lose it (api server restarts make the watch lag two writes).
+    rt._written[(owner.namespace, owner.name)] = merge_patch(current, status)
 
 
 def _progress(status: dict[str, Any]) -> tuple[Any, Any]:

@@ -72,3 +72,26 @@ def test_status_is_compared_after_the_merge_patch_it_is_written_as() -> None:
     assert merged["recipe"] == {"hash": "b", "job": "k"}  # the old outcome does not linger
     assert merged["autoscaling"] == {"x": 1}  # the autoscaler's keys are not the operator's
     assert not status_changed({"cost": {"hourly": 1}}, {"cost": {"hourly": 1.0}})
+
+
+def test_a_stale_body_plus_what_was_written_keeps_the_artifact() -> None:
+    """Two status writes before the watch catches up (an API server restart makes it lag):
+    the second patch omits the artifact the first recorded, so the operator remembers the
+    whole status it left (write_status), never only its last patch. Planning from the stale
+    body merged with only the last patch found a recorded outcome without an artifact
+    (tests/cluster/test_operator_apiserver_restart.py hit it)."""
+    from leanserve.operator import planner
+    from tests.unit.test_operator_planner import JP, NOW, OWNER, SPEC, S, report
+
+    stale: dict[str, Any] = {"phase": "Compressing", "observedGeneration": 1}
+    first = planner.plan(planner.Resource(OWNER, 1, SPEC, (), stale), planner.Observed(
+        job=planner.JobObservation(JP.name, JobState.SUCCEEDED, termination=report())), NOW, S)
+    left = merge_patch(stale, first.status)  # what write_status remembers
+    assert left["artifact"]["uri"]
+    second = planner.plan(planner.Resource(OWNER, 1, SPEC, (), left), planner.Observed(), NOW, S)
+    assert "artifact" not in second.status  # a patch: the artifact is not repeated
+    remembered = merge_patch(left, second.status)
+    again = planner.plan(planner.Resource(OWNER, 1, SPEC, (), merge_patch(stale, remembered)),
+                         planner.Observed(), NOW, S)
+    assert next(o["kind"] for o in again.apply) == "Deployment"
+    assert again.status["phase"] == "Deploying"
