@@ -8,12 +8,18 @@ the same model with the Secret labelled and allowed values compresses, serves, a
 autoscaler queries the allowed Prometheus URL; edited to another URL, it is refused again and
 that URL never receives a request. Two loopback HTTP servers stand in for the two Prometheus
 URLs and record what reaches them.
+
+deploy/operator-namespaced's RBAC (a Role, no ClusterRole) is applied in a fresh namespace and
+the operator runs there with `--namespace` and that ServiceAccount's token: it compresses a
+model of its namespace with no 403, and leaves a model of another namespace alone.
 """
 
 from __future__ import annotations
 
 import http.server
 import json
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from clusterlib import (
     OperatorProcess,
     install_crd,
@@ -34,6 +41,7 @@ from kubeapi import Api
 
 from leanserve.operator import handback
 
+ROOT = Path(__file__).resolve().parents[2]
 GROUP_PATH = "/apis/leanserve.io/v1alpha1"
 ALLOW = "leanserve.io/allow-reference"
 
@@ -236,3 +244,51 @@ def test_refused_fields_are_named_nothing_is_made_and_allowed_values_work(
             print(op.text()[-3000:])
         assert [ln for ln in op.forbidden() if " cannot " in ln] == [], \
             "the operator was refused by its own RBAC"
+
+
+def test_the_namespaced_overlay_is_all_the_operator_needs_in_its_namespace(
+        control_plane: Any, operator_kubeconfig: Path, ns: str, tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl") or str(control_plane.bin / "kubectl")
+    rendered = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "operator-namespaced")],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+    # The overlay's RBAC, moved into this test's namespace (its ServiceAccount then has no
+    # grant anywhere else: the base's ClusterRoleBinding names leanserve-system's).
+    text = rendered.replace("leanserve-system", ns)
+    objs = [d for d in yaml.safe_load_all(text) if d and d["kind"] in (
+        "ServiceAccount", "Role", "RoleBinding")]
+    assert sorted(d["kind"] for d in objs) == ["Role", "Role", "RoleBinding", "RoleBinding",
+                                               "ServiceAccount"]
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "List", "items": objs}))
+    other = f"{ns}-other"
+    control_plane.kubectl("create", "namespace", other)
+    try:
+        kubeconfig = service_account_kubeconfig(control_plane, tmp_path / "kubeconfig",
+                                                namespace=ns)
+        api = Api(control_plane.server, control_plane.dir / "pki")
+        allowed = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        good = model(ns, image=None, toleration=allowed,
+                     url="http://prometheus-operated.monitoring:9090")
+        good["spec"].pop("artifacts")
+        elsewhere = json.loads(json.dumps(good).replace(f'"{ns}"', f'"{other}"'))
+        with OperatorProcess(kubeconfig, tmp_path / "operator.log", args=("--namespace", ns),
+                             LEANSERVE_OPERATOR_LEASE_NAMESPACE=ns) as op:
+            try:
+                for obj in (good, elsewhere):
+                    control_plane.kubectl("apply", "-f", "-", input=json.dumps(obj))
+                wait_for(lambda: children(api, ns)["Job"], 60, "the Job in the namespace")
+                compressing = wait_for(lambda: (m := cmod(api, ns)) and
+                                       ready(m).get("reason") == "Compressing" and m, 60,
+                                       "Ready reason Compressing")
+                assert compressing["status"]["phase"] == "Compressing"
+                time.sleep(4)  # two resyncs
+                assert children(api, other)["Job"] == []
+                assert not (api.get(f"{GROUP_PATH}/namespaces/{other}/compressedmodels/priv")
+                            .get("status"))
+                assert op.alive()
+            finally:
+                print(op.text()[-3000:])
+            assert op.forbidden() == [], "the namespaced operator was refused"
+    finally:
+        control_plane.kubectl("delete", "namespace", other, "--timeout=120s", check=False,
+                              timeout=150)
