@@ -437,8 +437,11 @@ async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any],
             rt._written.pop(key, None)  # the watch has caught up with the last write
         else:
             # The body predates this process's last status write (the watch lags): plan from
-            # what was written, so a transition is neither planned, announced nor written twice.
-            res = replace(res, status=merge_patch(dict(res.status), written))
+            # the status as that write left it, so a transition is neither planned, announced
+            # nor written twice. The whole status, not the body's merged with it: a patch's
+            # removals (a new recipe's null outcome) are gone from the whole status, and a
+            # body merged with it would bring the old values back.
+            res = replace(res, status=dict(written))
     stored = dict(res.status)
     desired: planner.Desired | None = None
     try:

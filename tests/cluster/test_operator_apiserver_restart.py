@@ -156,9 +156,12 @@ def test_operator_recovers_from_api_server_restarts_mid_reconcile(
     with OperatorProcess(operator_kubeconfig, tmp_path / "operator.log",
                          LEANSERVE_OPERATOR_RETRY_SECONDS="2") as op:
         try:
-            wait_for(lambda: "leanserve" in op.text() or not op.alive(), 30,
-                     "the operator to start")
-            time.sleep(2)
+            # kopf logs in once this process holds the leader Lease (one an operator killed
+            # by an earlier test holds expires within its duration).
+            wait_for(lambda: "Initial authentication has finished" in op.text() or
+                     not op.alive(), 60, "the operator to start")
+            assert op.alive()
+            time.sleep(1)
             # Crash 1: while the Jobs (and their ConfigMaps, Events, status) are being made.
             control_plane.kubectl("apply", "-f", "-", input=json.dumps(
                 {"apiVersion": "v1", "kind": "List", "items": [model(m, ns) for m in MODELS]}))
