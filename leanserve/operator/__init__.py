@@ -5,6 +5,7 @@ Layout (thin handlers over pure planning, STYLE.md 1):
 - ``settings``: the operator's settings (nested dataclasses, loaded from the environment);
 - ``builders``: pure functions spec -> Kubernetes object dicts;
 - ``planner``: pure ``plan(resource, observed, now) -> Desired``;
+- ``privilege``: what a spec may make the operator do (images, tolerations, Secrets, URLs);
 - ``handback``: the report summary the compression Job writes to its termination message;
 - ``kube``: a small async API client (server-side apply, status merge patch, discovery);
 - ``handlers``: the kopf watch-event handlers and the resync loop that observe, plan and apply;

@@ -32,6 +32,9 @@ CLUSTER_RULES: tuple[Rule, ...] = (
          "one Event per transition (post_events); why a Job starts no pod (observe)"),
     Rule("", ("pods",), ("list",),
          "the compression Job's report is its newest pod's termination message"),
+    Rule("", ("secrets",), ("get",),
+         "a Secret a spec names must carry the opt-in label (handlers.observe_secrets, "
+         "metadata only)"),
     Rule("", ("persistentvolumeclaims",), ("get",),
          "a claim's access modes, checked before a Job is made (observe_claims)"),
     # Server-side apply is a PATCH, authorized as `patch`, and also as `create` when the object
@@ -49,6 +52,14 @@ CLUSTER_RULES: tuple[Rule, ...] = (
     Rule("monitoring.coreos.com", ("servicemonitors", "podmonitors"), ("create", "patch"),
          "server-side apply of the monitor, when the Prometheus Operator's CRDs exist"),
 )
+
+# Cluster-scoped resources: in a ClusterRole only, and not needed when the operator watches
+# one namespace (kopf's CRD scanning is off there: runner.kopf_settings).
+CLUSTER_SCOPED = frozenset({("apiextensions.k8s.io", "customresourcedefinitions")})
+
+# The operator started with --namespace NS (deploy/operator-namespaced): a Role in NS.
+NAMESPACED_RULES: tuple[Rule, ...] = tuple(
+    r for r in CLUSTER_RULES if not any((r.group, res) in CLUSTER_SCOPED for res in r.resources))
 
 # In the operator's own namespace only.
 NAMESPACE_RULES: tuple[Rule, ...] = (

@@ -15,6 +15,7 @@ from typing import Any
 from leanserve.autoscaling.errors import AutoscalingError
 from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
 from leanserve.autoscaling.policy import Decision, HistoryEntry, Reason, decide, pools_from_profile
+from leanserve.operator import privilege
 from leanserve.operator.errors import OperatorError
 from leanserve.operator.platform import KubernetesPlatform
 
@@ -59,6 +60,9 @@ def step(body: dict[str, Any], rt: Any, logger: Any,
     profile = {"pools": (status.get("compression") or {}).get("pools")}
     if spec is None or not profile["pools"]:
         return None  # no serving profile: replicas stay at minReplicas until one exists
+    problem = privilege.prometheus_problem(spec.autoscaling.prometheus_url, rt.settings)
+    if problem:
+        raise OperatorError(problem)  # checked before any request is made
     try:
         pools = [p for p in pools_from_profile(profile, spec)]
         platform = KubernetesPlatform(rt.client, loop, res.owner.namespace)

@@ -293,6 +293,8 @@ def build_job(owner: Owner, spec: CompressedModelSpec, plan: JobPlan,
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # The pod talks to no API: no ServiceAccount token in it (least privilege).
+        "automountServiceAccountToken": False,
         "securityContext": _pod_security(js.run_as_user),
         "containers": [container],
         "volumes": volumes,
@@ -422,6 +424,7 @@ def build_deployment(owner: Owner, spec: CompressedModelSpec, pool: NodePool, *,
     if stores.parse_uri(artifact_uri).scheme is stores.Scheme.S3 and spec.artifacts.secret_name:
         container["envFrom"] = [{"secretRef": {"name": spec.artifacts.secret_name}}]
     pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # tritonserver talks to no Kubernetes API
         "securityContext": _pod_security(settings.serving.run_as_user),
         "containers": [container],
         "volumes": volumes,

@@ -27,6 +27,8 @@ class Label(str, enum.Enum):
     RECIPE = f"{GROUP}/recipe-hash"
     JOB_NAME = "job-name"
     JOB_NAME_NEW = "batch.kubernetes.io/job-name"
+    # Set to "true" on a Secret by its owner to let CompressedModels of its namespace name it.
+    ALLOW_REFERENCE = f"{GROUP}/allow-reference"
 
 
 class Annotation(str, enum.Enum):
@@ -68,13 +70,17 @@ class Reason(str, enum.Enum):
     CLAIM_NOT_SHARED = "ClaimNotShared"
     CLAIM_MISSING = "ClaimMissing"
     JOB_NOT_STARTING = "JobNotStarting"
+    # The spec asks for something the operator's settings do not allow (an image, a
+    # toleration, a Secret without the opt-in label, a Prometheus URL): nothing is made.
+    FORBIDDEN = "Forbidden"
 
 
 # Condition reasons that mean something is wrong: their Events are type Warning.
 PROBLEM_REASONS = frozenset(r.value for r in (
     Reason.INVALID_SPEC, Reason.JOB_FAILED, Reason.REPORT_MISSING, Reason.NO_CANDIDATE_PASSED,
     Reason.REPLICAS_UNAVAILABLE, Reason.NO_POOL_MEETS_SLO, Reason.OVER_BUDGET,
-    Reason.API_REFUSED, Reason.JOB_NOT_STARTING, Reason.CLAIM_NOT_SHARED, Reason.CLAIM_MISSING))
+    Reason.API_REFUSED, Reason.JOB_NOT_STARTING, Reason.CLAIM_NOT_SHARED, Reason.CLAIM_MISSING,
+    Reason.FORBIDDEN))
 
 # Access modes a claim shared by the Job and every serving replica (on any node) may have.
 SHARED_ACCESS_MODES = ("ReadWriteMany", "ReadOnlyMany")

@@ -30,7 +30,7 @@ import kopf
 
 from leanserve.api.load import SpecError, parse
 from leanserve.api.spec import GROUP, PLURAL, VERSION, CompressedModelSpec, Phase
-from leanserve.operator import builders, planner, stores
+from leanserve.operator import builders, planner, privilege, stores
 from leanserve.operator.builders import Owner
 from leanserve.operator.constants import (
     MANAGER,
@@ -233,6 +233,9 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
     kube, owner = rt.client, res.owner
     if res.spec is None:
         return planner.Observed()
+    secrets = await observe_secrets(rt, res)
+    if privilege.refusals(res.spec, rt.settings, secrets):
+        return planner.Observed(secrets=secrets)  # refused: nothing else matters
     job_obs = None
     claims: dict[str, tuple[str, ...] | None] = {}
     name = planner.job_to_observe(res)
@@ -261,7 +264,7 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
     serving = bool((res.status.get("artifact") or {}).get("uri")) or (
         job_obs is not None and job_obs.state is JobState.SUCCEEDED)
     if not serving:
-        return planner.Observed(job=job_obs, claims=claims)
+        return planner.Observed(job=job_obs, claims=claims, secrets=secrets)
     deployments = await kube.list(Kinds.DEPLOYMENT, owner.namespace, {
         Label.MODEL.value: owner.name, Label.COMPONENT.value: Component.SERVING.value})
     by_pool = {}
@@ -270,7 +273,17 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
         if pool:
             by_pool[pool] = deployment_observation(pool, d)
     return planner.Observed(job=job_obs, deployments=by_pool, monitor=await rt.monitor_kind(),
-                            claims=claims)
+                            claims=claims, secrets=secrets)
+
+
+async def observe_secrets(rt: Runtime, res: planner.Resource) -> dict[str, privilege.SecretLabels]:
+    """The labels of each Secret the spec names (None: no such Secret), metadata only."""
+    assert res.spec is not None
+    out: dict[str, privilege.SecretLabels] = {}
+    for _, name in privilege.secret_refs(res.spec):
+        meta = await rt.client.get_metadata(Kinds.SECRET, res.owner.namespace, name)
+        out[name] = None if meta is None else dict(meta.get("labels") or {})
+    return out
 
 
 async def observe_claims(rt: Runtime, res: planner.Resource
@@ -387,7 +400,10 @@ async def write_status(rt: Runtime, res: planner.Resource, status: dict[str, Any
     if status_changed(current, status):
         await rt.client.patch(Kinds.COMPRESSED_MODEL, owner.namespace, owner.name,
                               {"status": status}, sub="status")
-    rt._written[(owner.namespace, owner.name)] = status
+    # The whole status as the server now holds it, not only this patch: a later patch omits
+    # what it does not change (the artifact, once recorded), and a body the watch has not
+    # caught up with must not lose it (api server restarts make the watch lag two writes).
+    rt._written[(owner.namespace, owner.name)] = merge_patch(current, status)
 
 
 def _progress(status: dict[str, Any]) -> tuple[Any, Any]:
@@ -421,8 +437,11 @@ async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any],
             rt._written.pop(key, None)  # the watch has caught up with the last write
         else:
             # The body predates this process's last status write (the watch lags): plan from
-            # what was written, so a transition is neither planned, announced nor written twice.
-            res = replace(res, status=merge_patch(dict(res.status), written))
+            # the status as that write left it, so a transition is neither planned, announced
+            # nor written twice. The whole status, not the body's merged with it: a patch's
+            # removals (a new recipe's null outcome) are gone from the whole status, and a
+            # body merged with it would bring the old values back.
+            res = replace(res, status=dict(written))
     stored = dict(res.status)
     desired: planner.Desired | None = None
     try:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from leanserve.api.spec import CompressedModelSpec, ConditionStatus, ConditionType, NodePool, Phase
-from leanserve.operator import builders, handback
+from leanserve.operator import builders, handback, privilege
 from leanserve.operator.builders import Owner
 from leanserve.operator.constants import (
     PROBLEM_REASONS,
@@ -67,6 +67,8 @@ class Observed:
     monitor: MonitorKind = MonitorKind.NONE
     # Access modes of the claims the spec names (None: no such claim), read before a Job is made.
     claims: Mapping[str, tuple[str, ...] | None] = field(default_factory=dict)
+    # Labels of the Secrets the spec names (None: no such Secret), read before anything else.
+    secrets: Mapping[str, privilege.SecretLabels] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,15 @@ def plan(res: Resource, observed: Observed, now: datetime,
         conds.set(ConditionType.READY, F, Reason.INVALID_SPEC, message)
         conds.keep(ConditionType.COMPRESSED, (U, Reason.INVALID_SPEC, "spec is invalid"))
         conds.keep(ConditionType.DEPLOYED, (U, Reason.INVALID_SPEC, "spec is invalid"))
+        return _finish(out, prev, status, conds, Phase.FAILED, message)
+
+    forbidden = privilege.refusals(res.spec, settings, observed.secrets)
+    if forbidden:
+        # Nothing is made for a spec that asks for more than the operator's settings allow.
+        message = "; ".join(forbidden)
+        conds.set(ConditionType.READY, F, Reason.FORBIDDEN, message)
+        conds.keep(ConditionType.COMPRESSED, (U, Reason.FORBIDDEN, "spec is refused"))
+        conds.keep(ConditionType.DEPLOYED, (U, Reason.FORBIDDEN, "spec is refused"))
         return _finish(out, prev, status, conds, Phase.FAILED, message)
 
     spec, owner = res.spec, res.owner

@@ -61,10 +61,14 @@ class KopfTuning:
     batch_window: float = 0.1
 
 
-def kopf_settings(tuning: KopfTuning) -> kopf.OperatorSettings:
+def kopf_settings(tuning: KopfTuning, namespaced: bool = False) -> kopf.OperatorSettings:
     # Only watch-event handlers are registered: kopf stores no progress, adds no finalizer
     # and never writes to a CompressedModel.
     ks = kopf.OperatorSettings()
+    # Watching one namespace, the operator needs no cluster-scoped access (namespaced RBAC,
+    # deploy/operator-namespaced): kopf discovers the resources once at start-up and does not
+    # watch CRDs or namespaces (a CRD installed later needs a restart).
+    ks.scanning.disabled = namespaced
     ks.posting.enabled = False  # Events are posted by the handlers, one per transition
     ks.watching.server_timeout = tuning.watch_server_timeout
     ks.watching.client_timeout = tuning.watch_server_timeout + 10
@@ -108,7 +112,7 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
                 return
         operator = asyncio.ensure_future(kopf.operator(
             registry=build_registry(rt),
-            settings=kopf_settings(tuning),
+            settings=kopf_settings(tuning, namespaced=bool(namespace)),
             standalone=True,
             liveness_endpoint=f"http://0.0.0.0:{port}/healthz" if port else None,
             stop_flag=stop_flag,

@@ -51,10 +51,41 @@ class ServingSettings:
     """PodDisruptionBudget minAvailable for each model's serving pods."""
 
 
+DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring:9090"
+"""The Prometheus Operator's in-cluster Prometheus: spec.autoscaling.prometheusUrl's default."""
+GPU_TOLERATION: Mapping[str, str] = {"key": "nvidia.com/gpu", "effect": "NoSchedule"}
+"""The taint GPU node pools carry (the NVIDIA device plugin's convention)."""
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """What a CompressedModel may make the operator do (leanserve.operator.privilege checks it).
+
+    Whoever may create a CompressedModel in a namespace gets no more than this: a spec asking
+    for anything else is refused (condition Ready=False, reason Forbidden, naming the field)
+    and the operator creates nothing for it.
+    """
+
+    images: tuple[str, ...] = ()
+    """Images spec.serving.image may name, besides the operator's own serving and job images
+    (always allowed). An entry ending in "/" is a registry or repository prefix
+    ("ghcr.io/leanserve/" allows every image under it); any other entry is one exact image
+    reference. The schema's stock Triton default is served as serving.image, so it passes."""
+    tolerations: tuple[Mapping[str, Any], ...] = (GPU_TOLERATION,)
+    """Tolerations nodePools[].tolerations may use, as {key, effect, value}: a spec's toleration
+    passes when it tolerates no more than one entry does. A missing key, effect or value in an
+    entry means any; a spec toleration with no key (operator Exists: every taint), no effect
+    (every effect) or operator Exists (every value) passes only where an entry is as wide."""
+    prometheus_urls: tuple[str, ...] = (DEFAULT_PROMETHEUS_URL,)
+    """The only URLs the operator sends requests to for spec.autoscaling.prometheusUrl (exact,
+    ignoring a trailing "/"): any other is refused before a request is sent."""
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     job: JobSettings = field(default_factory=JobSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     resync_seconds: float = 300.0
     """How often each model is re-observed without an event (its Jobs and Deployments are
     watched, so this is only a safety net)."""
@@ -97,6 +128,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
                 if not isinstance(value, dict):
                     raise ValueError("expected a JSON object")
                 return value
+            if cast is list:  # a JSON array of objects
+                value = json.loads(raw)
+                if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+                    raise ValueError("expected a JSON array of objects")
+                return tuple(value)
+            if cast is tuple:  # comma-separated strings
+                return tuple(x.strip() for x in raw.split(",") if x.strip())
             return cast(raw)
         except ValueError as exc:
             raise OperatorError(f"{_ENV}{key}={raw!r}: {exc} (allowed: a {cast.__name__})") \
@@ -121,8 +159,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
         run_as_user=get("RUN_AS_USER", int, s.serving.run_as_user),
         min_available=get("PDB_MIN_AVAILABLE", int, s.serving.min_available),
     )
+    policy = replace(
+        s.policy,
+        images=get("ALLOWED_IMAGES", tuple, s.policy.images),
+        tolerations=_tolerations(get("ALLOWED_TOLERATIONS", list, s.policy.tolerations)),
+        prometheus_urls=get("ALLOWED_PROMETHEUS_URLS", tuple, s.policy.prometheus_urls),
+    )
     return replace(
-        s, job=job, serving=serving,
+        s, job=job, serving=serving, policy=policy,
         resync_seconds=get("RESYNC_SECONDS", float, s.resync_seconds),
         reapply_seconds=get("REAPPLY_SECONDS", float, s.reapply_seconds),
         retry_seconds=get("RETRY_SECONDS", float, s.retry_seconds),
@@ -133,3 +177,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
         metrics_port=get("METRICS_PORT", int, s.metrics_port),
         liveness_port=get("LIVENESS_PORT", int, s.liveness_port),
     )
+
+
+_TOLERATION_KEYS = {"key", "operator", "value", "effect"}
+
+
+def _tolerations(entries: tuple[Mapping[str, Any], ...]) -> tuple[Mapping[str, Any], ...]:
+    """Allowed tolerations as given, each checked: only key, operator, value, effect."""
+    for entry in entries:
+        extra = set(entry) - _TOLERATION_KEYS
+        if extra or not all(isinstance(v, str) for v in entry.values()):
+            raise OperatorError(f"{_ENV}ALLOWED_TOLERATIONS: {dict(entry)!r} (allowed: objects "
+                                "with string fields key, operator, value, effect)")
+    return entries

@@ -84,7 +84,8 @@ def service_account_kubeconfig(cp: Any, path: Path, namespace: str = OPERATOR_NS
 class OperatorProcess:
     """``leanserve operator`` in its own process group; stopped (and reaped) on exit."""
 
-    def __init__(self, kubeconfig: Path, log: Path, **env: str) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, args: tuple[str, ...] = (),
+                 **env: str) -> None:
         self.log = log
         self.metrics_port = free_port()
         e = python_env(KUBECONFIG=str(kubeconfig),
@@ -93,7 +94,7 @@ class OperatorProcess:
                        LEANSERVE_OPERATOR_RESYNC_SECONDS="2", **env)
         e.pop("KUBERNETES_SERVICE_HOST", None)
         self._out = log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "leanserve", "operator"], env=e,
+        self.proc = subprocess.Popen([sys.executable, "-m", "leanserve", "operator", *args], env=e,
                                      stdout=self._out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
 

@@ -34,7 +34,11 @@ from kubeapi import Api, ApiError
 from leanserve.operator import handback
 
 GROUP_PATH = "/apis/leanserve.io/v1alpha1"
-FAST = {"LEANSERVE_OPERATOR_RETRY_SECONDS": "2", "LEANSERVE_OPERATOR_LEASE_SECONDS": "6"}
+FAST = {"LEANSERVE_OPERATOR_RETRY_SECONDS": "2", "LEANSERVE_OPERATOR_LEASE_SECONDS": "6",
+        # The models here tolerate a dedicated-node taint, which the operator allows only when
+        # told (its default: the GPU taint alone).
+        "LEANSERVE_OPERATOR_ALLOWED_TOLERATIONS":
+            '[{"key": "example.com/dedicated", "effect": "NoSchedule"}]'}
 
 
 @pytest.fixture(scope="module")

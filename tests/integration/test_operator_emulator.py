@@ -29,7 +29,7 @@ from leanserve.operator.handlers import Runtime
 from leanserve.operator.kube import Kinds, KubeClient
 from leanserve.operator.metrics import OperatorMetrics
 from leanserve.operator.runner import KopfTuning, make_runtime, run_operator
-from leanserve.operator.settings import OperatorSettings
+from leanserve.operator.settings import OperatorSettings, PolicySettings
 
 pytestmark = pytest.mark.integration
 
@@ -331,8 +331,10 @@ def metric(op: Operator, name: str, **labels: str) -> float:
 
 
 async def test_lifecycle_from_apply_to_serving_edits_and_deletion() -> None:
+    # With leader election, as deployed; the serving edit below names a Triton image, which
+    # the operator runs only from an allowed registry.
     settings = replace(OperatorSettings(), resync_seconds=0.5, metrics_port=0, liveness_port=0,
-                       lease_namespace=NS)  # with leader election, as deployed
+                       lease_namespace=NS, policy=PolicySettings(images=("nvcr.io/nvidia/",)))
     async with emulator(monitoring=True) as c, running(c.url, settings) as op:
         await create(c, model_body())
         jobs = await c.wait("the compression Job", lambda: c.children(Kinds.JOB))
@@ -485,6 +487,7 @@ async def test_lifecycle_from_apply_to_serving_edits_and_deletion() -> None:
         unused -= {t for t in granted if t[2] == "create" and (t[0], t[1], "patch") in granted}
         assert unused <= {("apps", "deployments/scale", "patch"),  # no profile to scale by
                           ("", "events", "list"),  # no Job stuck unstarted here
+                          ("", "secrets", "get"),  # no spec here names a Secret
                           ("leanserve.io", "compressedmodels/finalizers", "update"),  # admission
                           ("monitoring.coreos.com", "podmonitors", "patch"),
                           ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),

@@ -72,3 +72,44 @@ def test_status_is_compared_after_the_merge_patch_it_is_written_as() -> None:
     assert merged["recipe"] == {"hash": "b", "job": "k"}  # the old outcome does not linger
     assert merged["autoscaling"] == {"x": 1}  # the autoscaler's keys are not the operator's
     assert not status_changed({"cost": {"hourly": 1}}, {"cost": {"hourly": 1.0}})
+
+
+def test_a_stale_body_is_planned_from_the_whole_status_the_operator_left() -> None:
+    """Status writes the watch has not caught up with (an API server restart makes it lag):
+    the operator plans from the whole status its writes left (write_status remembers it), never
+    from the stale body merged with its last patch. Two writes: the second patch omits the
+    artifact the first recorded (tests/cluster/test_operator_apiserver_restart.py hit a
+    recorded outcome with nothing to serve). A new recipe: its patch removes the old outcome
+    (null), which a merge into the stale body would bring back (the old Job's selection
+    "compressed" the new recipe; tests/cluster/test_operator_lifecycle.py's spec edit)."""
+    from leanserve.operator import builders, planner
+    from tests.unit.test_operator_builders import spec_of
+    from tests.unit.test_operator_planner import JP, NOW, OWNER, SPEC, S, report
+
+    def plan(status: dict[str, Any], observed: planner.Observed = planner.Observed(),
+             spec: Any = SPEC) -> planner.Desired:
+        return planner.plan(planner.Resource(OWNER, 1, spec, (), status), observed, NOW, S)
+
+    stale: dict[str, Any] = {"phase": "Compressing", "observedGeneration": 1}
+    first = plan(stale, planner.Observed(job=planner.JobObservation(
+        JP.name, JobState.SUCCEEDED, termination=report())))
+    left = merge_patch(stale, first.status)  # what write_status remembers
+    second = plan(left)
+    assert "artifact" not in second.status  # a patch: the artifact is not repeated
+    left = merge_patch(left, second.status)
+    assert left["artifact"]["uri"]
+    again = plan(left)
+    assert next(o["kind"] for o in again.apply) == "Deployment"
+
+    serving = {**left, "phase": "Serving"}
+    edited = spec_of(compression={"candidates": [
+        {"name": "other", "steps": [{"quantize": {"method": "int8-dynamic"}}]}]})
+    new_job = builders.job_plan(OWNER, edited).name
+    moved = plan(serving, spec=edited)
+    assert moved.job is not None and moved.job["metadata"]["name"] == new_job
+    assert moved.status["recipe"]["outcome"] is None  # removes the old recipe's outcome
+    left = merge_patch(serving, moved.status)
+    assert plan(left, planner.Observed(job=planner.JobObservation(
+        new_job, JobState.RUNNING)), spec=edited).status["phase"] == "Compressing"
+    # What merging the whole status into the stale body would do: the old outcome is back.
+    assert merge_patch(serving, left)["recipe"]["outcome"] == "Compressed"
