@@ -59,7 +59,10 @@ def test_crd_is_accepted_and_kubectl_explains_it(control_plane: Any, installed: 
     conds = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
     assert conds.get("Established") == "True" and conds.get("NamesAccepted") == "True", conds
     assert "NonStructuralSchema" not in conds, crd["status"]["conditions"]
-    out = control_plane.kubectl("explain", "compressedmodel.spec").stdout
+    # the OpenAPI document the server publishes catches up with a new CRD a moment after it is
+    # Established: wait for kubectl explain to find it rather than read a stale document once
+    out = wait_for(lambda: control_plane.kubectl("explain", "compressedmodel.spec",
+                                                 check=False).stdout, 30, "kubectl explain")
     assert "FIELDS:" in out
     for field in ("model", "data", "compression", "quality", "nodePools", "slo"):
         assert f"\n  {field}\t" in out, f"{field} missing from kubectl explain:\n{out}"
