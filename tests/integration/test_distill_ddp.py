@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,9 @@ def test_indexed_job_pods_train_together_in_process(tmp_path: Path) -> None:
 
     port = _free_port()
     procs = []
+    # Each pod's output goes to a file: a pipe nobody reads while the other rank is waited on
+    # can fill and stall that rank inside a collective, and a hang must leave both logs.
+    logs = [tmp_path / f"pod{index}.log" for index in range(2)]
     try:
         for index in range(2):
             pod = tmp_path / f"pod{index}"
@@ -158,15 +162,23 @@ def test_indexed_job_pods_train_together_in_process(tmp_path: Path) -> None:
             env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "WORLD_SIZE": "2", "JOB_COMPLETION_INDEX": str(index), "OMP_NUM_THREADS": "1"}
             env.pop("RANK", None)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", POD_SCRIPT, str(pod), str(Path(__file__).parent)],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        outputs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
+            with logs[index].open("wb") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-c", POD_SCRIPT, str(pod), str(Path(__file__).parent)],
+                    env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 180
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a pod did not finish within 180 s (port {port}):\n"
+                    + "\n".join(f"--- pod{i}:\n{log.read_text(errors='replace')[-2000:]}"
+                                 for i, log in enumerate(logs)))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    outputs = [log.read_text(errors="replace") for log in logs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     notes = [json.loads((tmp_path / f"pod{i}" / "notes.json").read_text()) for i in range(2)]
     assert [n["distill_mode"] for n in notes] == ["pods (rank 0)", "pods (rank 1)"]
