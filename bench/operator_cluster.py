@@ -230,6 +230,11 @@ def run(n: int, steady: float, serving: bool = False) -> None:
 
 
 if __name__ == "__main__":
+    import signal
+
+    # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C, so the operator and the control
+    # plane are stopped by the finally blocks instead of outliving the bench.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser()
     p.add_argument("--models", type=int, default=500)
     p.add_argument("--steady", type=float, default=60.0)
