@@ -132,3 +132,36 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         cp.down()
         signal.signal(signal.SIGTERM, previous)
         atexit.unregister(cp.down)
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(control_plane: ControlPlane,
+                        tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CRD and deploy/operator installed; a kubeconfig with the operator's own token."""
+    from clusterlib import install_crd, install_operator, service_account_kubeconfig
+
+    install_crd(control_plane)
+    proc = install_operator(control_plane)
+    assert proc.returncode == 0, proc.stderr
+    return service_account_kubeconfig(
+        control_plane, tmp_path_factory.mktemp("operator") / "kubeconfig")
+
+
+@pytest.fixture
+def ns(control_plane: ControlPlane, operator_kubeconfig: Path, tmp_path: Path) -> Iterator[str]:
+    """A fresh namespace with a bound ReadWriteMany claim ``models``; deleted afterwards.
+    (Modules with other needs define their own ``ns``.)"""
+    import uuid
+
+    from clusterlib import pv_and_claim
+
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    control_plane.kubectl("create", "namespace", name)
+    store = tmp_path / "store"
+    store.mkdir()
+    pv_and_claim(control_plane, name, "models", store)
+    yield name
+    control_plane.kubectl("delete", "pods", "--all", "-n", name, "--force",
+                          "--grace-period=0", check=False)
+    control_plane.kubectl("delete", "namespace", name, "--timeout=120s", check=False,
+                          timeout=150)

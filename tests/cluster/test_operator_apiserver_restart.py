@@ -14,18 +14,11 @@ import os
 import signal
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from clusterlib import (
     OperatorProcess,
-    install_crd,
-    install_operator,
-    pv_and_claim,
-    service_account_kubeconfig,
     wait_for,
 )
 from kubeapi import Api
@@ -86,29 +79,6 @@ def restart_apiserver(cp: Any, delay: float = 0.0) -> float:
                                 check=False, timeout=10).returncode == 0, 60,
              "the API server's storage after the restart", interval=0.2)
     return away
-
-
-@pytest.fixture(scope="module")
-def operator_kubeconfig(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    install_crd(control_plane)
-    proc = install_operator(control_plane)
-    assert proc.returncode == 0, proc.stderr
-    return service_account_kubeconfig(
-        control_plane, tmp_path_factory.mktemp("operator") / "kubeconfig")
-
-
-@pytest.fixture
-def ns(control_plane: Any, operator_kubeconfig: Path, tmp_path: Path) -> Iterator[str]:
-    name = f"r-{uuid.uuid4().hex[:8]}"
-    control_plane.kubectl("create", "namespace", name)
-    store = tmp_path / "store"
-    store.mkdir()
-    pv_and_claim(control_plane, name, "models", store)
-    yield name
-    control_plane.kubectl("delete", "pods", "--all", "-n", name, "--force",
-                          "--grace-period=0", check=False)
-    control_plane.kubectl("delete", "namespace", name, "--timeout=120s", check=False,
-                          timeout=150)
 
 
 def model(name: str, ns: str) -> dict[str, Any]:

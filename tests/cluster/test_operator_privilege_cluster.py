@@ -22,18 +22,12 @@ import shutil
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from clusterlib import (
     OperatorProcess,
-    install_crd,
-    install_operator,
-    pv_and_claim,
     service_account_kubeconfig,
     wait_for,
 )
@@ -76,29 +70,6 @@ class Recorder:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
-
-
-@pytest.fixture(scope="module")
-def operator_kubeconfig(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    install_crd(control_plane)
-    proc = install_operator(control_plane)
-    assert proc.returncode == 0, proc.stderr
-    return service_account_kubeconfig(
-        control_plane, tmp_path_factory.mktemp("operator") / "kubeconfig")
-
-
-@pytest.fixture
-def ns(control_plane: Any, operator_kubeconfig: Path, tmp_path: Path) -> Iterator[str]:
-    name = f"p-{uuid.uuid4().hex[:8]}"
-    control_plane.kubectl("create", "namespace", name)
-    store = tmp_path / "store"
-    store.mkdir()
-    pv_and_claim(control_plane, name, "models", store)
-    yield name
-    control_plane.kubectl("delete", "pods", "--all", "-n", name, "--force",
-                          "--grace-period=0", check=False)
-    control_plane.kubectl("delete", "namespace", name, "--timeout=120s", check=False,
-                          timeout=150)
 
 
 def model(ns: str, *, image: str | None, toleration: dict[str, Any], url: str) -> dict[str, Any]:
