@@ -337,11 +337,22 @@ class Quality(Model):
                             description="Absolute drop allowed against the baseline.")
 
 
+DEFAULT_SERVING_IMAGE = "ghcr.io/leanserve/serving:24.08-py3"
+"""The image leanserve ships for serving (deploy/images/serving: NVIDIA Triton 24.08 plus the
+packages the python-backend models import). The operator runs its configured serving image
+(LEANSERVE_OPERATOR_SERVING_IMAGE, by default this one) for a spec that keeps it."""
+LEGACY_SERVING_IMAGES = ("nvcr.io/nvidia/tritonserver:24.08-py3",)
+"""Earlier schema defaults, persisted in CompressedModels created before: served like the default
+(the stock Triton image lacks `tokenizers`, so a text model would crash-loop on it)."""
+
+
 class Serving(Model):
     image: Annotated[str, AfterValidator(v.check_image)] = Field(
-        "nvcr.io/nvidia/tritonserver:24.08-py3", min_length=1,
+        DEFAULT_SERVING_IMAGE, min_length=1,
         json_schema_extra={"pattern": v.IMAGE_PATTERN, "maxLength": v.MAX_IMAGE},
-        description="Triton image reference.")
+        description="Serving image: a Triton build with what leanserve's python-backend models "
+                    "import. The default is leanserve's (deploy/images/serving); the operator "
+                    "runs its configured serving image for it.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Triton max_batch_size.")
     max_queue_delay_microseconds: int = Field(1000, ge=0, le=10_000_000,
                                               description="Dynamic batcher queue delay.")

@@ -19,6 +19,7 @@ import yaml
 from leanserve.api.spec import (
     API_VERSION,
     KIND,
+    LEGACY_SERVING_IMAGES,
     Accelerator,
     CompressedModelSpec,
     NodePool,
@@ -364,12 +365,13 @@ def model_repository(artifact_uri: str, gpu: bool = False) -> tuple[str, list[st
     return artifact_uri, []  # s3:// is read by tritonserver itself
 
 
-STOCK_TRITON_IMAGE = Serving.model_fields["image"].default
+DEFAULT_IMAGES = frozenset({Serving.model_fields["image"].default, *LEGACY_SERVING_IMAGES})
 
 
 def serving_image(image: str, settings: OperatorSettings) -> str:
-    """The image tritonserver runs: the stock default becomes the leanserve serving image."""
-    return settings.serving.image if image == STOCK_TRITON_IMAGE else image
+    """The image tritonserver runs: the schema's default (or an earlier one) is the operator's
+    configured serving image."""
+    return settings.serving.image if image in DEFAULT_IMAGES else image
 
 
 def build_deployment(owner: Owner, spec: CompressedModelSpec, pool: NodePool, *,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from leanserve.api.spec import DEFAULT_SERVING_IMAGE
 from leanserve.operator.errors import OperatorError
 
 
@@ -41,10 +42,11 @@ class JobSettings:
 
 @dataclass(frozen=True)
 class ServingSettings:
-    image: str = "ghcr.io/leanserve/serving:24.08-py3"
+    image: str = DEFAULT_SERVING_IMAGE
     """The serving image (deploy/images/serving): Triton plus what the python-backend models
-    import. Used where a spec keeps the stock Triton image of the schema's default, which
-    lacks `tokenizers` (text models would crash-loop on it)."""
+    import. Used where a spec keeps the schema's default serving.image (or an earlier default,
+    the stock Triton image, which lacks `tokenizers`: text models would crash-loop on it); set
+    it to a mirror of that image where ghcr.io is not reachable."""
     run_as_user: int = 1000
     """UID of tritonserver: the image's user (deploy/images/serving, Triton's triton-server)."""
     min_available: int = 1
@@ -70,7 +72,7 @@ class PolicySettings:
     """Images spec.serving.image may name, besides the operator's own serving and job images
     (always allowed). An entry ending in "/" is a registry or repository prefix
     ("ghcr.io/leanserve/" allows every image under it); any other entry is one exact image
-    reference. The schema's stock Triton default is served as serving.image, so it passes."""
+    reference. The schema's default is served as serving.image, so it passes."""
     tolerations: tuple[Mapping[str, Any], ...] = (GPU_TOLERATION,)
     """Tolerations nodePools[].tolerations may use, as {key, effect, value}: a spec's toleration
     passes when it tolerates no more than one entry does. A missing key, effect or value in an

@@ -175,7 +175,7 @@ def test_refused_fields_are_named_nothing_is_made_and_allowed_values_work(
             assert ready(cmod(api, ns))["reason"] == "Forbidden"
             assert children(api, ns)["Job"] == []
 
-            # Allowed values: the stock image (served as the operator's serving image), the
+            # Allowed values: the default image (served as the operator's serving image), the
             # GPU taint, the allowed Prometheus URL.
             control_plane.kubectl("apply", "-f", "-", input=json.dumps(model(
                 ns, image=None, url=allowed.url,

@@ -63,7 +63,7 @@ def allowed(d: planner.Desired) -> None:
 
 
 def test_the_operators_own_images_and_the_stock_default_are_allowed() -> None:
-    allowed(plan(spec_of()))  # the schema's stock Triton default runs as serving.image
+    allowed(plan(spec_of()))  # the schema's default runs as the operator's serving.image
     allowed(plan(spec_of(serving={"image": S.serving.image})))
     allowed(plan(spec_of(serving={"image": S.job.image})))
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import ast
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
-from leanserve.api.spec import Serving
+from leanserve.api.spec import DEFAULT_SERVING_IMAGE, LEGACY_SERVING_IMAGES, Serving
 from leanserve.operator import builders
-from leanserve.operator.settings import OperatorSettings
+from leanserve.operator.settings import OperatorSettings, ServingSettings
 from leanserve.serving import repository
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,12 +83,26 @@ def test_the_image_builds_on_triton_and_runs_as_the_serving_user() -> None:
 
 
 
-def test_the_serving_image_is_used_by_default() -> None:
-    """A spec that keeps the default Triton image is served on the leanserve build of it."""
-    image = OperatorSettings().serving.image
-    assert image == "ghcr.io/leanserve/serving:24.08-py3"
+def test_the_spec_default_names_the_image_leanserve_ships() -> None:
+    """The schema's default serving.image is the tag deploy/images/serving builds, on the same
+    Triton release as its base; the operator runs its configured serving image for it (and for
+    the earlier default, the stock Triton image, that CompressedModels created before keep)."""
+    text = (IMAGE / "Dockerfile").read_text()
+    built = re.search(r"docker build -t (\S+) deploy/images/serving", text)
+    base = re.search(r"^ARG TRITON_IMAGE=(\S+)", text, re.M)
+    assert built and base
     default = Serving().image
-    assert builders.serving_image(default, OperatorSettings()) == image
-    assert image.rsplit(":", 1)[1] == default.rsplit(":", 1)[1]  # the same Triton release
+    assert default == built[1] == DEFAULT_SERVING_IMAGE == OperatorSettings().serving.image
+    assert default.rsplit(":", 1)[1] == base[1].rsplit(":", 1)[1]  # the same Triton release
+    schema = yaml.safe_load((ROOT / "deploy/crds/compressedmodels.leanserve.io.yaml").read_text())
+    props = schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert props["properties"]["serving"]["properties"]["image"]["default"] == default
+    mirror = replace(OperatorSettings(), serving=ServingSettings(image="mirror.example/ls:1"))
+    for image in (default, *LEGACY_SERVING_IMAGES):
+        assert builders.serving_image(image, OperatorSettings()) == default
+        assert builders.serving_image(image, mirror) == "mirror.example/ls:1"
+    assert base[1] in LEGACY_SERVING_IMAGES  # the stock image never serves a spec's default
     mine = "registry.example/triton-with-extras:1"
     assert builders.serving_image(mine, OperatorSettings()) == mine  # an explicit choice stays
+    assert not any("tritonserver" in builders.serving_image(i, mirror)
+                   for i in (default, *LEGACY_SERVING_IMAGES))
