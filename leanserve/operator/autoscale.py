@@ -75,6 +75,8 @@ def step(body: dict[str, Any], rt: Any, logger: Any,
         platform.patch_status(res.owner.name, {"autoscaling": decision_to_status(decision)})
     except AutoscalingError as exc:
         raise OperatorError(str(exc)) from None
+    rt.metrics.record_decision(res.owner.namespace, res.owner.name, decision, spec, pools, obs,
+                               reading)
     if reading.problems:
         logger.info(f"autoscaling: {'; '.join(reading.problems)}")
     return decision

@@ -1,8 +1,12 @@
 """Real Prometheus scraping a real tritonserver under load; the policy scales up, then down.
 
-Also: every PromQL expression in the Grafana dashboard returns data against that Prometheus, and
-every series the alert rules read exists there. Until leanserve.serving's LocalTriton lands, the
-test starts tritonserver itself the way pytriton does (backends copied beside the python stub).
+Also: the operator's exporter (leanserve.operator.metrics.OperatorMetrics, what `leanserve
+operator` serves), fed with the policy's real decisions for two models of one name in two
+namespaces, is scraped by that Prometheus; every panel query of the Grafana dashboard (template
+variables substituted) returns data, every alert rule evaluates without error, every series the
+rules read exists, and a deleted model's series go away. Until leanserve.serving's LocalTriton
+lands, the test starts tritonserver itself the way pytriton does (backends copied beside the
+python stub).
 """
 
 from __future__ import annotations
@@ -26,21 +30,25 @@ import pytest
 import requests
 import yaml
 
-from leanserve.autoscaling.exporter import LeanserveMetrics
 from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
 from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.autoscaling.policy import (
     DEFAULT_SETTINGS,
     Decision,
+    Observation,
     PoolCapacity,
     Reason,
     Target,
     decide,
 )
+from leanserve.operator.metrics import OperatorMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 MODEL = "echo"
+# The operator's models: one name in two namespaces (the Triton pods are in NS_A, as a PodMonitor
+# would label them); NS_B's model has a tighter budget, so its decisions differ.
+NS_A, NS_B = "team-a", "team-b"
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="prometheus missing")]
@@ -135,8 +143,9 @@ def triton(tmp_path_factory) -> Iterator[dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def exporter() -> Iterator[tuple[LeanserveMetrics, int]]:
-    m = LeanserveMetrics()
+def exporter() -> Iterator[tuple[OperatorMetrics, int]]:
+    """The operator's own exporter, served as `leanserve operator` serves it."""
+    m = OperatorMetrics()
     port = free_port()
     server = m.serve(port, addr="127.0.0.1")
     try:
@@ -155,9 +164,12 @@ def prometheus(tmp_path_factory, triton, exporter) -> Iterator[str]:
         "rule_files": [str(base / "rules.yaml")],
         "scrape_configs": [
             {"job_name": "triton", "static_configs": [
-                {"targets": [f"127.0.0.1:{triton['metrics']}"], "labels": {"pool": "cpu-small"}}]},
-            {"job_name": "leanserve", "static_configs": [
-                {"targets": [f"127.0.0.1:{exporter[1]}"]}]},
+                {"targets": [f"127.0.0.1:{triton['metrics']}"],
+                 "labels": {"pool": "cpu-small", "namespace": NS_A}}]},
+            # as deploy/operator-with-servicemonitor scrapes the operator (honorLabels)
+            {"job_name": "leanserve-operator", "honor_labels": True, "static_configs": [
+                {"targets": [f"127.0.0.1:{exporter[1]}"],
+                 "labels": {"namespace": "leanserve-system"}}]},
         ],
     }
     (base / "prometheus.yml").write_text(yaml.safe_dump(cfg))
@@ -243,12 +255,16 @@ def test_policy_scales_up_under_load_then_down(triton, exporter, prometheus):
     pools = [PoolCapacity("cpu-small", 15.0, 0.10), PoolCapacity("cpu-large", 60.0, 0.38)]
     target = Target(latency_p95_ms=100, min_replicas=1, max_replicas=6, max_hourly_cost=2.0,
                     interval_seconds=1, scale_down_stabilization_seconds=4)
+    target_b = replace(target, max_hourly_cost=0.3)
     minimum = {"cpu-small": 1, "cpu-large": 0}
     # replicas on this platform serve at once: project the load trend one scrape ahead, not
     # the 30 s of a Kubernetes pod start (which would provision for 8x the load on a ramp)
     settings = replace(DEFAULT_SETTINGS, startup_seconds=1.0)
     plat = InMemoryPlatform([p.name for p in pools], clock=time.monotonic, startup_seconds=0)
     plat.set_ready(MODEL, minimum)
+    plat_b = InMemoryPlatform([p.name for p in pools], clock=time.monotonic, startup_seconds=0)
+    plat_b.set_ready(MODEL, minimum)
+    prev_b: Decision | None = None
     src = PrometheusSource(prometheus, Queries(MODEL, "5s"), clock=time.time)
     stop = threading.Event()
     loader = threading.Thread(target=load, args=(f"127.0.0.1:{triton['http']}", 40.0, stop))
@@ -257,14 +273,20 @@ def test_policy_scales_up_under_load_then_down(triton, exporter, prometheus):
     after: list[tuple[float | None, Decision]] = []
 
     def step(into: list[tuple[float | None, Decision]]) -> Decision:
-        nonlocal prev
+        nonlocal prev, prev_b
         o, reading = observe(src, plat, MODEL)
         d = decide(o, pools, target, prev, time.monotonic(), settings)
         plat.scale(MODEL, d.replicas)
-        metrics.record(MODEL, d, target, plat.current_replicas(MODEL),
-                       plat.ready_replicas(MODEL), reading.request_rate, reading.p95_ms)
+        # what the operator's autoscale step exports, for NS_A's model and for NS_B's (its own
+        # replicas and budget, the same measured load)
+        metrics.record_decision(NS_A, MODEL, d, target, pools, o, reading)
+        o_b = Observation(o.time, o.request_rate, o.p95_ms, o.queue_ms,
+                          plat_b.ready_replicas(MODEL), plat_b.current_replicas(MODEL))
+        d_b = decide(o_b, pools, target_b, prev_b, time.monotonic(), settings)
+        plat_b.scale(MODEL, d_b.replicas)
+        metrics.record_decision(NS_B, MODEL, d_b, target_b, pools, o_b, reading)
         into.append((o.request_rate, d))
-        prev = d
+        prev, prev_b = d, d_b
         time.sleep(target.interval_seconds)
         return d
 
@@ -313,18 +335,33 @@ def test_policy_scales_up_under_load_then_down(triton, exporter, prometheus):
     assert all(d.reason.startswith(d.code.value) for d in every)
 
 
-def _promql_from_dashboard() -> list[str]:
-    dash = json.loads((ROOT / "deploy/grafana/leanserve.json").read_text())
-    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+def _dashboard() -> dict:
+    return json.loads((ROOT / "deploy/grafana/leanserve.json").read_text())
 
 
-def _rules() -> list[str]:
+def _promql_from_dashboard() -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in _dashboard()["panels"] for t in p["targets"]]
+
+
+def _rules() -> list[tuple[str, str]]:
     doc = yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())
-    return [r["expr"] for g in doc["groups"] for r in g["rules"]]
+    return [(r["alert"], r["expr"]) for g in doc["groups"] for r in g["rules"]]
+
+
+def _substitute(expr: str, values: dict[str, str]) -> str:
+    """Grafana's substitution of the dashboard's variables (one value, or the "All" value)."""
+    for name, value in values.items():
+        expr = expr.replace(f"${name}", value)
+    assert "$" not in expr.replace("$__rate_interval", ""), expr
+    return expr.replace("$__rate_interval", "1m")
 
 
 def test_dashboard_and_rules_promql_return_data(prometheus, exporter):
-    # relies on the test above having run (module order): series exist in Prometheus by now
+    """On the operator's exporter fed with the real decisions of the test above (module
+    order): each panel query returns data for each namespace's model and for "All", and only
+    that namespace's series; every alert rule evaluates without error (two models of one name:
+    a join on model alone would be many-to-many); a deleted model's series go away."""
+    metrics, port = exporter
     time.sleep(2)
 
     def q(expr: str) -> list:
@@ -333,10 +370,39 @@ def test_dashboard_and_rules_promql_return_data(prometheus, exporter):
         assert body["status"] == "success", (expr, body)
         return body["data"]["result"]
 
-    for expr in _promql_from_dashboard():
-        e = expr.replace("$model", MODEL).replace("$__rate_interval", "1m")
-        assert q(e), f"dashboard query returned no data: {e}"
-    for expr in _rules():
-        q(expr)  # valid and evaluable
-        for name in set(re.findall(r"\b((?:leanserve|nv)_[a-z0-9_]+)", expr)):
-            assert q(name), f"rule reads {name}, which Prometheus does not have"
+    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+    assert {"namespace", "model"} <= set(variables)
+    assert {s["metric"]["namespace"] for s in q("leanserve_replicas")} == {NS_A, NS_B}
+    all_value = {"namespace": variables["namespace"]["allValue"],
+                 "model": variables["model"]["allValue"]}
+    panels = _promql_from_dashboard()
+    for values in ({"namespace": NS_A, "model": MODEL}, all_value):
+        for title, expr in panels:
+            e = _substitute(expr, values)
+            got = q(e)
+            assert got, f"panel {title!r}: no data for {values}: {e}"
+            if values["namespace"] == NS_A:
+                assert {s["metric"].get("namespace") for s in got} <= {NS_A, None}, (e, got)
+    for title, expr in panels:  # NS_B's model: every leanserve series (no Triton pods there)
+        if "nv_inference" not in expr:
+            got = q(_substitute(expr, {"namespace": NS_B, "model": MODEL}))
+            assert got and {s["metric"].get("namespace") for s in got} <= {NS_B, None}, title
+    for name, expr in _rules():
+        q(expr)  # valid and evaluable on these series
+        for series in set(re.findall(r"\b((?:leanserve|nv)_[a-z0-9_]+)", expr)):
+            assert q(series), f"rule {name} reads {series}, which Prometheus does not have"
+    rules = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    evaluated = {r["name"]: r for g in rules for r in g["rules"]}
+    assert set(evaluated) == {name for name, _ in _rules()}
+    bad = {n: r.get("lastError") for n, r in evaluated.items() if r["health"] != "ok"}
+    assert bad == {}, bad
+    # NS_B's model is deleted: the operator's DELETED event forgets it, the next scrape drops
+    # its series (staleness), NS_A's stay
+    metrics.observe_phase(NS_B, MODEL, None)
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert f'namespace="{NS_B}"' not in text and f'namespace="{NS_A}"' in text
+    deadline = time.monotonic() + 15
+    while q(f'{{__name__=~"leanserve_.*",namespace="{NS_B}"}}') and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert q(f'{{__name__=~"leanserve_.*",namespace="{NS_B}"}}') == []
+    assert q(f'leanserve_desired_replicas{{namespace="{NS_A}"}}')
