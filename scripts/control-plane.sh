@@ -156,7 +156,9 @@ fail_up() {
 }
 
 # Controllers the tests rely on (garbage collector, namespaces, service accounts and their tokens,
-# Job, Deployment, ReplicaSet, TTL-after-finished, pod GC, disruption) and what they need to work
+# Job, Deployment, ReplicaSet, TTL-after-finished, pod GC, disruption, resource quota: without it
+# no quota's usage is computed and admission refuses everything a quota covers with "status
+# unknown for quota" instead of the "exceeded quota" a real cluster gives) and what they need to work
 # (claims bound to volumes, the root CA ConfigMap, endpoints for Services, the node lifecycle
 # controller that lifts the not-ready taint admission puts on new nodes: kwok renews the nodes'
 # Leases, so they stay Ready while kwok runs).
@@ -167,6 +169,7 @@ CONTROLLERS+=,disruption-controller,persistentvolume-binder-controller
 CONTROLLERS+=,persistentvolume-protection-controller,persistentvolumeclaim-protection-controller
 CONTROLLERS+=,root-ca-certificate-publisher-controller,endpoints-controller
 CONTROLLERS+=,endpointslice-controller,clusterrole-aggregation-controller,node-lifecycle-controller
+CONTROLLERS+=,resourcequota-controller
 
 untainted() {  # no node has a taint (the node lifecycle controller lifts not-ready)
     local taints

@@ -150,9 +150,15 @@ def _time(raw: Any) -> datetime | None:
 
 
 def job_started(job: dict[str, Any]) -> bool:
+    """A pod of the Job runs or ran (ready, succeeded or failed pods, or the Job finished).
+
+    Not ``startTime``: the Job controller sets it when it first syncs the Job, before any pod
+    exists (a Job whose pods a quota refuses has one); not ``active``: pending pods count there.
+    """
     st = job.get("status") or {}
-    return bool(st.get("startTime") or st.get("active") or st.get("ready") or
-                st.get("succeeded") or st.get("failed"))
+    return bool(st.get("ready") or st.get("succeeded") or st.get("failed") or
+                st.get("completionTime") or any(
+                    c.get("status") == "True" for c in st.get("conditions") or []))
 
 
 def job_observation(job: dict[str, Any], pods: list[dict[str, Any]],

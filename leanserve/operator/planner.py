@@ -39,7 +39,7 @@ class JobObservation:
     termination: str = ""  # the newest pod's termination message: a summary, or log lines
     uid: str = ""
     created: datetime | None = None
-    started: bool = True  # a pod of the Job has started (startTime, or active/finished pods)
+    started: bool = True  # a pod of the Job runs or ran (handlers.job_started)
     waiting: str = ""  # why no pod runs yet (the server's words), when the handler looked
 
 

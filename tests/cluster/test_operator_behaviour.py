@@ -327,6 +327,40 @@ def test_an_admission_refusal_reaches_status_with_the_servers_message(
              == "Compressing", 30, "Ready back to Compressing")
 
 
+def test_a_quota_refusal_reaches_status_with_the_servers_message(
+        control_plane: Any, api: Api, ns: str, operator_kubeconfig: Path,
+        tmp_path: Path) -> None:
+    """Item 8: a ResourceQuota (usage computed by the resourcequota controller) leaves room for
+    one Job and 1 CPU of requests; the compression pod asks for 2. The first model's Job is
+    made but its pod is refused: after the start bound (3 s here) the Compressed condition says
+    JobNotStarting with the Job controller's Event, carrying the API server's "exceeded quota".
+    The second model's Job itself is refused: Ready=False APIRefused with the server's message.
+    """
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "small",
+                                                                    "namespace": ns},
+        "spec": {"hard": {"count/jobs.batch": "1", "requests.cpu": "1"}}}))
+    wait_for(lambda: ((api.get(f"/api/v1/namespaces/{ns}/resourcequotas/small").get("status")
+                       or {}).get("used") or {}).get("count/jobs.batch") == "0", 30,
+             "the quota's usage, computed by the resourcequota controller")
+    with OperatorProcess(operator_kubeconfig, tmp_path / "quota.log",
+                         LEANSERVE_OPERATOR_JOB_START_TIMEOUT_SECONDS="3", **FAST) as op:
+        apply(control_plane, model("first", ns))
+        wait_for(lambda: jobs(api, ns), 60, "the first model's Job")
+        stuck = wait_for(lambda: condition(cmod(api, ns, "first"), "Compressed").get("reason")
+                         == "JobNotStarting" and cmod(api, ns, "first"), 60,
+                         "Compressed=JobNotStarting")
+        message = condition(stuck, "Compressed")["message"]
+        assert "exceeded quota: small" in message and "requests.cpu" in message, message
+        apply(control_plane, model("second", ns))
+        refused = wait_for(lambda: condition(cmod(api, ns, "second"), "Ready").get("reason")
+                           == "APIRefused" and cmod(api, ns, "second"), 60, "Ready=APIRefused")
+        message = condition(refused, "Ready")["message"]
+        assert "exceeded quota: small" in message and "count/jobs.batch" in message, message
+        assert len(jobs(api, ns)) == 1
+        assert rbac_refusals(op) == []
+
+
 def test_two_replicas_never_both_act(control_plane: Any, api: Api, ns: str,
                                      operator_kubeconfig: Path, tmp_path: Path) -> None:
     """Item 13: two operators with the Lease; one acts, the other waits and takes over only

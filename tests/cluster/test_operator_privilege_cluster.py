@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,19 @@ def finish_pod(api: Api, ns: str, job: str, message: str) -> None:
                                      "startedAt": now, "finishedAt": now}}}]}})
 
 
+def exported(op: OperatorProcess, name: str, **labels: str) -> float | None:
+    """One sample of the operator's /metrics (None: not exported)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{op.metrics_port}/metrics",
+                                  timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
 def test_refused_fields_are_named_nothing_is_made_and_allowed_values_work(
         control_plane: Any, operator_kubeconfig: Path, ns: str, tmp_path: Path) -> None:
     api = Api(control_plane.server, control_plane.dir / "pki")
@@ -200,6 +214,16 @@ def test_refused_fields_are_named_nothing_is_made_and_allowed_values_work(
             assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
             wait_for(lambda: allowed.paths, 30, "the autoscaler's query of the allowed URL")
             assert all(p.startswith("/api/v1/") for p in allowed.paths), allowed.paths
+            # the operator exports its step's decision (Prometheus answered 503: held, no
+            # metrics) under the model's namespace and name (issue 15)
+            held = wait_for(lambda: exported(op, "leanserve_decisions_total", namespace=ns,
+                                             model="priv", code="MetricsUnavailable"), 30,
+                            "the decision in the operator's metrics")
+            assert held >= 1
+            assert exported(op, "leanserve_metrics_available", namespace=ns,
+                            model="priv") == 0.0
+            assert exported(op, "leanserve_desired_replicas", namespace=ns, model="priv",
+                            pool="cpu-small") == 1.0
 
             # Another URL: refused before any request; serving children are left as they were.
             control_plane.kubectl("patch", "cmod", "priv", "-n", ns, "--type=merge", "-p",

@@ -45,6 +45,12 @@ def test_a_job_observation_carries_uid_age_and_whether_it_started() -> None:
     done = {**job, "status": {"startTime": "x", "conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
     assert job_observation(done, []).state is JobState.FAILED and job_observation(done, []).started
+    # what the Job controller writes before any pod runs: startTime at its first sync (also when
+    # a quota refuses every pod), active for a pending pod; a pod runs once one is ready
+    for waiting in ({"startTime": "x"}, {"startTime": "x", "active": 1, "ready": 0}):
+        assert not job_observation({**job, "status": waiting}, []).started, waiting
+    assert job_observation({**job, "status": {"startTime": "x", "active": 1, "ready": 1}},
+                           []).started
 
 
 def test_why_no_pod_runs_in_the_clusters_words() -> None:
