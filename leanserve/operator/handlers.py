@@ -551,7 +551,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def startup(logger: Any, **_: Any) -> None:
         if rt.kube is None:  # run_operator made one already; a bare registry makes its own
-            rt.kube = KubeClient.from_connection(rt.login())
+            rt.kube = KubeClient.from_connection(rt.login(), relogin=rt.login)
             own.append(rt.kube)
         if rt.settings.metrics_port:
             rt.metrics.serve(rt.settings.metrics_port)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,9 @@ from leanserve.operator.lease import LeaderElector, identity
 from leanserve.operator.metrics import OperatorMetrics
 from leanserve.operator.settings import OperatorSettings
 
-SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+SERVICE_ACCOUNT_DIR_ENV = "LEANSERVE_OPERATOR_SERVICE_ACCOUNT_DIR"
+"""Where the ServiceAccount's token, ca.crt and namespace are (default: the kubelet's mount)."""
 
 
 def kubeconfig_path(env: dict[str, str] | None = None) -> Path | None:
@@ -35,12 +37,35 @@ def kubeconfig_path(env: dict[str, str] | None = None) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def service_account_login(env: Mapping[str, str] | None = None) -> kopf.ConnectionInfo | None:
+    """In-cluster credentials as client-go reads them: the API server from
+    KUBERNETES_SERVICE_HOST/PORT, the token and CA from the ServiceAccount mount. The token is
+    read at every call: kubelet rewrites a projected token before it expires (about hourly),
+    and the operator logs in again on a 401 (kopf's watches and leanserve's client alike).
+    None outside a cluster."""
+    env = dict(os.environ) if env is None else dict(env)
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
+    base = Path(env.get(SERVICE_ACCOUNT_DIR_ENV) or SERVICE_ACCOUNT_DIR)
+    token_file = base / "token"
+    if not host or not token_file.is_file():
+        return None
+    token = token_file.read_text().strip()
+    if not token:
+        raise KubeconfigError(f"the ServiceAccount token {token_file} is empty")
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    ns_file, ca_file = base / "namespace", base / "ca.crt"
+    return kopf.ConnectionInfo(
+        server=f"https://{host}:{port}", token=token,
+        ca_path=str(ca_file) if ca_file.is_file() else None,
+        default_namespace=ns_file.read_text().strip() if ns_file.is_file() else None,
+        priority=30)
+
+
 def login() -> kopf.ConnectionInfo:
     """In-cluster service account first, then the current kubeconfig; one clear error if none."""
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and SERVICE_ACCOUNT_TOKEN.is_file():
-        info = kopf.login_with_service_account(settings=kopf.OperatorSettings())
-        if info is not None:
-            return info
+    info = service_account_login()
+    if info is not None:
+        return info
     if kubeconfig_path() is None:
         raise KubeconfigError("no kubeconfig found: set KUBECONFIG or create ~/.kube/config "
                               "(or run the operator inside a cluster with a ServiceAccount)")

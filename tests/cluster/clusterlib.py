@@ -92,7 +92,8 @@ class OperatorProcess:
                        LEANSERVE_OPERATOR_METRICS_PORT=str(self.metrics_port),
                        LEANSERVE_OPERATOR_LIVENESS_PORT=str(free_port()),
                        LEANSERVE_OPERATOR_RESYNC_SECONDS="2", **env)
-        e.pop("KUBERNETES_SERVICE_HOST", None)
+        if "KUBERNETES_SERVICE_HOST" not in env:  # in-cluster credentials only when asked
+            e.pop("KUBERNETES_SERVICE_HOST", None)
         self._out = log.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "leanserve", "operator", *args], env=e,
                                      stdout=self._out, stderr=subprocess.STDOUT,

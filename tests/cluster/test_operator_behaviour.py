@@ -10,9 +10,15 @@ runner does for real runs (test_operator_e2e.py runs `leanserve compress` itself
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
+import shutil
+import ssl
+import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from clusterlib import (
     OperatorProcess,
     install_crd,
@@ -388,19 +395,113 @@ def test_two_replicas_never_both_act(control_plane: Any, api: Api, ns: str,
             assert rbac_refusals(a) == [] and rbac_refusals(b) == []
 
 
+def client_certificate(cp: Any, user: str, out: Path) -> tuple[bytes, bytes]:
+    """A client certificate for ``user`` (no group) signed by the control plane's CA, as kind
+    and k3d issue their users'; returns (certificate PEM, key PEM)."""
+    pki = cp.dir / "pki"
+    key, csr, crt, ext = (out / f"{user}.{x}" for x in ("key", "csr", "crt", "ext"))
+    ext.write_text("extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n")
+    for argv in (["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                  "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={user}"],
+                 ["x509", "-req", "-in", str(csr), "-CA", str(pki / "ca.crt"), "-CAkey",
+                  str(pki / "ca.key"), "-CAcreateserial", "-days", "1", "-extfile", str(ext),
+                  "-out", str(crt)]):
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=30)
+    return crt.read_bytes(), key.read_bytes()
+
+
 def test_client_certificates_from_a_kubeconfig_work(control_plane: Any, api: Api, ns: str,
                                                     tmp_path: Path) -> None:
-    """Item 9: the admin kubeconfig authenticates with a client certificate (as kind's and
-    k3d's do); the operator's own client (one session) uses it, beside kopf's watches."""
-    admin = control_plane.kubeconfig.read_text()
-    assert "client-certificate" in admin and "token" not in admin
-    with OperatorProcess(control_plane.kubeconfig, tmp_path / "cert.log",
-                         LEANSERVE_OPERATOR_LEASE_NAME="leanserve-operator-cert", **FAST) as op:
-        apply(control_plane, model("cert", ns))
-        wait_for(lambda: jobs(api, ns), 60, "the Job, created with the client certificate")
-        wait_for(lambda: (cmod(api, ns, "cert") or {}).get("status", {}).get("phase")
-                 == "Compressing", 30, "phase Compressing")
-        assert op.forbidden() == [] and "401" not in op.text()
+    """Item 9: a kubeconfig whose user is a client certificate (inline data, as kind's and
+    k3d's are) signed by the cluster's CA, for a user bound to the operator's ClusterRole only
+    (not system:masters): the operator authenticates with it, kopf's watches and its own client
+    (one session) alike, and RBAC holds it to that role (any 403 fails)."""
+    user = f"cert-operator-{ns}"
+    crt, key = client_certificate(control_plane, user, tmp_path)
+    admin = yaml.safe_load(control_plane.kubeconfig.read_text())
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "clusters": admin["clusters"],
+        "users": [{"name": user, "user": {
+            "client-certificate-data": base64.b64encode(crt).decode(),
+            "client-key-data": base64.b64encode(key).decode()}}],
+        "contexts": [{"name": "c", "context": {"cluster": admin["clusters"][0]["name"],
+                                               "user": user}}],
+        "current-context": "c"}))
+    control_plane.kubectl("create", "clusterrolebinding", user,
+                          "--clusterrole=leanserve-operator", f"--user={user}")
+    try:
+        whoami = control_plane.kubectl("auth", "whoami", "-o", "json", kubeconfig=kubeconfig)
+        assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == user
+        with OperatorProcess(kubeconfig, tmp_path / "cert.log",
+                             LEANSERVE_OPERATOR_LEADER_ELECTION="false", **FAST) as op:
+            apply(control_plane, model("cert", ns))
+            wait_for(lambda: jobs(api, ns), 60, "the Job, created with the client certificate")
+            wait_for(lambda: (cmod(api, ns, "cert") or {}).get("status", {}).get("phase")
+                     == "Compressing", 30, "phase Compressing")
+            assert op.forbidden() == [] and "401" not in op.text()
+    finally:
+        control_plane.kubectl("delete", "clusterrolebinding", user, check=False)
+
+
+def token_status(cp: Any, token: str) -> int:
+    """The HTTP status the API server gives a request bearing ``token``."""
+    ctx = ssl.create_default_context(cafile=str(cp.dir / "pki" / "ca.crt"))
+    req = urllib.request.Request(cp.server + "/api", headers={
+        "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as rsp:
+            return int(rsp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_a_rotated_service_account_token_is_read_again(control_plane: Any, api: Api, ns: str,
+                                                       installed: Any, tmp_path: Path) -> None:
+    """Item 9: the operator runs as in a pod: the server from KUBERNETES_SERVICE_HOST/PORT, the
+    ServiceAccount token and CA from the mount directory. The token (a TokenRequest bound to a
+    Secret) is rotated as the kubelet does: a new one written in its place, then the old one
+    invalidated (its Secret deleted: the API server answers it 401). The operator keeps
+    working: a model applied after the rotation gets its Job and its status (the 401 makes the
+    client read the token file again and repeat the request), with no RBAC refusal."""
+    sa_ns, sa = "leanserve-system", "leanserve-operator"
+    bound = [f"token-{ns}-{i}" for i in (1, 2)]
+
+    def issue(secret: str) -> str:
+        control_plane.kubectl("create", "secret", "generic", secret, "-n", sa_ns)
+        return control_plane.kubectl(
+            "create", "token", sa, "-n", sa_ns, "--bound-object-kind=Secret",
+            f"--bound-object-name={secret}", "--duration=1h").stdout.strip()
+
+    mount = tmp_path / "serviceaccount"
+    mount.mkdir()
+    old = issue(bound[0])
+    (mount / "token").write_text(old)
+    (mount / "namespace").write_text(sa_ns)
+    shutil.copy(control_plane.dir / "pki" / "ca.crt", mount / "ca.crt")
+    try:
+        with OperatorProcess(tmp_path / "no-kubeconfig", tmp_path / "rotation.log",
+                             KUBERNETES_SERVICE_HOST="127.0.0.1",
+                             KUBERNETES_SERVICE_PORT=control_plane.server.rsplit(":", 1)[1],
+                             LEANSERVE_OPERATOR_SERVICE_ACCOUNT_DIR=str(mount),
+                             LEANSERVE_OPERATOR_LEASE_NAME=f"rotation-{ns}", **FAST) as op:
+            apply(control_plane, model("before", ns))
+            wait_for(lambda: jobs(api, ns), 60, "the Job, made with the first token")
+            assert token_status(control_plane, old) == 200
+            new = issue(bound[1])
+            (mount / "token.tmp").write_text(new)
+            os.replace(mount / "token.tmp", mount / "token")
+            control_plane.kubectl("delete", "secret", bound[0], "-n", sa_ns)
+            wait_for(lambda: token_status(control_plane, old) == 401, 60,
+                     "the API server to refuse the first token")
+            apply(control_plane, model("after", ns))
+            wait_for(lambda: len(jobs(api, ns)) == 2, 60, "the Job, made after the rotation")
+            wait_for(lambda: (cmod(api, ns, "after") or {}).get("status", {}).get("phase")
+                     == "Compressing", 30, "the status, written after the rotation")
+            assert op.alive() and rbac_refusals(op) == []
+    finally:
+        for secret in bound:
+            control_plane.kubectl("delete", "secret", secret, "-n", sa_ns, check=False)
 
 
 def test_deleting_the_crd_leaves_nothing_stuck(control_plane: Any, api: Api, ns: str,
