@@ -376,7 +376,8 @@ def test_dashboard_and_rules_promql_return_data(prometheus, exporter):
     all_value = {"namespace": variables["namespace"]["allValue"],
                  "model": variables["model"]["allValue"]}
     panels = _promql_from_dashboard()
-    for values in ({"namespace": NS_A, "model": MODEL}, all_value):
+    several = {"namespace": f"({NS_A}|{NS_B})", "model": f"({MODEL})"}  # a multi-select
+    for values in ({"namespace": NS_A, "model": MODEL}, all_value, several):
         for title, expr in panels:
             e = _substitute(expr, values)
             got = q(e)
