@@ -354,11 +354,13 @@ def test_a_quota_refusal_reaches_status_with_the_servers_message(
                          == "JobNotStarting" and cmod(api, ns, "first"), 60,
                          "Compressed=JobNotStarting")
         message = condition(stuck, "Compressed")["message"]
+        print(f"Compressed: JobNotStarting: {message}")
         assert "exceeded quota: small" in message and "requests.cpu" in message, message
         apply(control_plane, model("second", ns))
         refused = wait_for(lambda: condition(cmod(api, ns, "second"), "Ready").get("reason")
                            == "APIRefused" and cmod(api, ns, "second"), 60, "Ready=APIRefused")
         message = condition(refused, "Ready")["message"]
+        print(f"Ready: APIRefused: {message}")
         assert "exceeded quota: small" in message and "count/jobs.batch" in message, message
         assert len(jobs(api, ns)) == 1
         assert rbac_refusals(op) == []
