@@ -229,7 +229,8 @@ class Season:
         c, b = _day_class(t), self.open_key % SEASON_BUCKETS
         mean = self.open_sum / self.open_n
         old, n = self.levels[c][b], self.days[c][b]
-        new = mean if n == 0 else old + SEASON_BLEND * (mean - old)
+        # 6 significant digits: the status stays small, and what is stored is what is used
+        new = float(f"{mean if n == 0 else old + SEASON_BLEND * (mean - old):.6g}")
         levels = list(self.levels)
         days = list(self.days)
         levels[c] = (*self.levels[c][:b], new, *self.levels[c][b + 1:])
