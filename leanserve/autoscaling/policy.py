@@ -698,8 +698,10 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
             if not within_limits(final, pools, target):
                 final = fit_limits(final, pools, target, prefer={n: current[n] for n in old})
                 limited = True
-            if final[new] <= ready[new] and final[new] < fresh[new]:
-                # the limits leave no room to start the new pool beside the old one: stay
+            if final[new] == 0:
+                # the limits leave no room to start the new pool beside the old one: stay (a
+                # new pool that got some replicas keeps them: dropping replicas that are
+                # starting or serving to start others of the old pool only loses capacity)
                 stay = max(old, key=lambda n: (current[n] * by_name[n].capacity_rps, n))
                 n_stay, ok = replicas_for(plan, by_name[stay], target,
                                           by_name[stay].per_replica(q))
