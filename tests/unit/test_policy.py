@@ -219,12 +219,12 @@ def test_properties(rate, arrival, pending, p95, cur, ready_share, max_r, budget
 
 
 def test_a_switch_the_limits_trim_keeps_the_new_pools_replicas():
-    # a flood mid-switch: 12 large replicas starting beside 3 small ones, the budget leaves no
-    # room for a 13th. The large ones stay (dropping replicas that are about to serve, to start
-    # small ones that take as long, only loses capacity: bench/autoscaling.py's 300 s start-up
-    # row on the quiet trace found this)
+    # a flood mid-switch: 12 large replicas serve beside 3 small ones and still do not carry
+    # the load; the budget leaves no room for a 13th. The large ones stay (dropping serving
+    # replicas to start small ones only loses capacity: bench/autoscaling.py's 300 s start-up
+    # row on the held-out quiet trace found this)
     cur = {"cpu-small": 3, "cpu-large": 12}
-    d = decide(obs(0, 120.0, 5000.0, cur, {"cpu-small": 3, "cpu-large": 0}, 5000.0, 1e5),
+    d = decide(obs(0, 120.0, 5000.0, cur, cur, 5000.0, 1e5),
                POOLS, Target(100, 1, 20, 5.0, 5, 0), None, 0)
     assert d.replicas == cur
     assert d.code is Reason.LIMITED and "switching to cpu-large" in d.reason
