@@ -1,32 +1,143 @@
-"""Make the load traces in bench/traces/ (deterministic: fixed seeds; re-running rewrites them
-byte for byte).
+"""Make the load traces of bench/autoscaling.py: a TUNING set and a HELD-OUT set.
 
-Four shapes an autoscaler must handle, each two hours at 10 s resolution, requests/s peaking near
-600 (bench/autoscaling.py rescales them to the pools it prices):
-- diurnal: a day compressed into two hours (night trough, morning ramp, lunch dip, evening peak)
-  with 4% noise;
-- bursty: a steady base with Poisson-arriving bursts of 1-5 minutes at 1.5-3x the base;
-- step: plateaus of 15 minutes at different levels (deploys, batch jobs, failovers);
-- spike: a low base with short sharp spikes (5-8x in 10 s, decaying over about two minutes).
+Deterministic (fixed seeds; re-running rewrites them byte for byte). Shapes real serving traffic
+has, each from a parameterised generator:
 
-``--seed-offset N`` adds N to every generator's seed: the same four shapes, other draws. The
-held-out traces in bench/traces-heldout/ were made with ``--seed-offset 100`` and are NEVER used
-for tuning (leanserve.autoscaling.policy's TUNED_SETTINGS was tuned on bench/traces/ only); they
-exist to check whether that tuning generalises or overfits. Default 0 rewrites bench/traces/
-byte for byte.
+Several days (60 s resolution), time_s from a Monday 00:00 UTC (1970-01-05, so the policy's
+weekday/weekend classes line up with the trace's):
+- ``week``: seven days of diurnal traffic with weekly seasonality (weekends lower, their peak
+  later), a sharp office-hours ramp every weekday morning, 5% noise and a slow drift of the
+  level from day to day;
+- ``flash``: four diurnal days with flash crowds (Poisson, a couple a day: 2-4x the load within
+  a minute or two, decaying over tens of minutes);
+- ``quiet``: four days of business-hours traffic with long quiet stretches (nights and a whole
+  day at a few percent of the peak).
 
-Usage: python bench/make_traces.py [--out bench/traces] [--seed-offset 0]
-    python bench/make_traces.py --out bench/traces-heldout --seed-offset 100
+Two hours (10 s resolution), the older shapes: ``diurnal`` (a day compressed into two hours),
+``bursty`` (bursts of 1-5 minutes at 1.5-3x), ``step`` (15-minute plateaus), ``spike`` (5-8x
+spikes in 10 s, decaying over two minutes).
+
+The held-out set draws every shape with other seeds AND other parameters (peak hours, weekend
+share, ramp time, noise, flash-crowd rate and height, quiet level): it is never used for any
+choice of the policy or its settings; bench/autoscaling.py reports it apart.
+
+Usage: python bench/make_traces.py            # writes bench/traces/ and bench/traces-heldout/
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent
+DAY = 86400.0
+MONDAY = 4 * DAY
+"""1970-01-05 00:00 UTC, a Monday: multi-day traces start here."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Parameters of the multi-day generators (tuning and held-out differ in all of them)."""
+
+    seed: int
+    peak_hour: float = 14.0
+    """Hour of the day's main peak."""
+    evening: float = 0.5
+    """Height of a second, evening peak (share of the main one)."""
+    weekend: float = 0.55
+    """Weekend level over weekdays'."""
+    ramp_hour: float = 8.5
+    """Office hours start: the load steps up over ``ramp_minutes`` from here on weekdays."""
+    ramp_minutes: float = 10.0
+    noise: float = 0.05
+    drift: float = 0.08
+    """Day-to-day random change of the level (relative std)."""
+    flashes_per_day: float = 2.0
+    flash_height: tuple[float, float] = (2.0, 4.0)
+    quiet: float = 0.03
+    """Load in the quiet stretches, as a share of the peak."""
+
+
+@dataclass(frozen=True)
+class TraceSet:
+    seed_offset: int
+    """Added to the two-hour shapes' seeds."""
+    shape: Shape
+
+
+TUNING = TraceSet(0, Shape(seed=11))
+HELDOUT = TraceSet(100, Shape(
+    seed=111, peak_hour=11.0, evening=0.8, weekend=0.4, ramp_hour=7.0, ramp_minutes=6.0,
+    noise=0.07, drift=0.12, flashes_per_day=3.0, flash_height=(1.5, 3.5), quiet=0.05))
+
+
+def _day_curve(hours: np.ndarray, s: Shape, weekend: np.ndarray) -> np.ndarray:
+    """The diurnal shape: night trough, office-hours ramp, main and evening peaks."""
+    peak = np.where(weekend, s.peak_hour + 2.0, s.peak_hour)
+    base = 0.08 + np.exp(-((hours - peak) / 3.0) ** 2) \
+        + s.evening * np.exp(-((hours - 20.0) / 1.8) ** 2)
+    ramp = np.clip((hours - s.ramp_hour) / (s.ramp_minutes / 60.0), 0.0, 1.0)
+    office = np.where(weekend, 0.0, 0.35 * ramp * (hours < 18.5))
+    return base + office
+
+
+def multi_day(days: int, s: Shape, rng: np.random.Generator, step: float = 60.0
+              ) -> tuple[np.ndarray, np.ndarray]:
+    t = MONDAY + np.arange(0, days * DAY, step)
+    day = np.floor((t - MONDAY) / DAY).astype(int)
+    hours = (t % DAY) / 3600.0
+    weekend = (day % 7) >= 5
+    level = np.exp(rng.normal(0.0, s.drift, size=days))[day]
+    rate = _day_curve(hours, s, weekend) * np.where(weekend, s.weekend, 1.0) * level
+    return t, rate
+
+
+def _noisy(rate: np.ndarray, s: Shape, rng: np.random.Generator) -> np.ndarray:
+    return rate * rng.normal(1.0, s.noise, size=rate.size)
+
+
+def week(s: Shape) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(s.seed)
+    t, rate = multi_day(7, s, rng)
+    return t, _noisy(rate, s, rng)
+
+
+def flash(s: Shape) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(s.seed + 1)
+    t, rate = multi_day(4, s, rng)
+    step = t[1] - t[0]
+    n = t.size
+    i = 0
+    extra = np.zeros(n)
+    while True:
+        i += int(rng.exponential(DAY / s.flashes_per_day / step))
+        if i >= n:
+            break
+        height = rng.uniform(*s.flash_height)
+        rise = max(1, int(rng.uniform(60, 180) / step))
+        decay = rng.uniform(600, 2400) / step
+        k = np.arange(n - i)
+        shape = np.where(k < rise, (k + 1) / rise, np.exp(-(k - rise) / decay))
+        extra[i:] = np.maximum(extra[i:], (height - 1.0) * rate[i] * shape)
+    return t, _noisy(rate + extra, s, rng)
+
+
+def quiet(s: Shape) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(s.seed + 2)
+    t, rate = multi_day(4, s, rng)
+    hours = (t % DAY) / 3600.0
+    day = np.floor((t - MONDAY) / DAY).astype(int)
+    business = (hours >= s.ramp_hour) & (hours < 19.0)
+    top = rate.max()
+    rate = np.where(business & (day != 2), rate, s.quiet * top)  # day 2: a holiday, all quiet
+    return t, _noisy(rate, s, rng)
+
+
+# the two-hour shapes (10 s resolution), as before; the offset changes their seeds
 STEP_S = 10
 DURATION_S = 2 * 3600
 
@@ -35,18 +146,17 @@ def _times() -> np.ndarray:
     return np.arange(0, DURATION_S, STEP_S, dtype=float)
 
 
-def diurnal(seed: int = 1) -> np.ndarray:
+def diurnal(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = _times() / DURATION_S * 24.0  # hours of a compressed day
     shape = (0.15 + 0.55 * np.exp(-((t - 10.5) / 2.5) ** 2)
              + 0.35 * np.exp(-((t - 13.5) / 1.5) ** 2)
              + 0.85 * np.exp(-((t - 19.0) / 2.8) ** 2))
     shape = shape / shape.max()
-    noise = rng.normal(1.0, 0.04, size=t.size)
-    return 600.0 * shape * noise
+    return 600.0 * shape * rng.normal(1.0, 0.04, size=t.size)
 
 
-def bursty(seed: int = 2) -> np.ndarray:
+def bursty(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n = _times().size
     rate = np.full(n, 150.0)
@@ -63,15 +173,15 @@ def bursty(seed: int = 2) -> np.ndarray:
     return rate * rng.normal(1.0, 0.05, size=n)
 
 
-def step(seed: int = 3) -> np.ndarray:
-    levels = [100, 300, 200, 550, 150, 400, 600, 250]
-    per = DURATION_S // STEP_S // len(levels)
+def step(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    rate = np.repeat(np.array(levels, dtype=float), per)
+    levels = rng.permutation(np.array([100, 300, 200, 550, 150, 400, 600, 250], dtype=float))
+    per = DURATION_S // STEP_S // len(levels)
+    rate = np.repeat(levels, per)
     return rate * rng.normal(1.0, 0.02, size=rate.size)
 
 
-def spike(seed: int = 4) -> np.ndarray:
+def spike(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = _times()
     rate = np.full(t.size, 80.0)
@@ -82,36 +192,38 @@ def spike(seed: int = 4) -> np.ndarray:
     return rate * rng.normal(1.0, 0.03, size=t.size)
 
 
-TRACES = {"diurnal": diurnal, "bursty": bursty, "step": step, "spike": spike}
-SEEDS = {"diurnal": 1, "bursty": 2, "step": 3, "spike": 4}
-"""Each generator's seed for bench/traces/ (offset 0); a held-out set adds one offset to all."""
+SHORT = {"diurnal": (diurnal, 1), "bursty": (bursty, 2), "step": (step, 3), "spike": (spike, 4)}
+LONG = {"week": week, "flash": flash, "quiet": quiet}
 
 
-def write(out: Path, seed_offset: int = 0) -> list[Path]:
-    """Write the four traces under ``out``, each generated with its seed + ``seed_offset``."""
+def _write(path: Path, t: np.ndarray, rates: np.ndarray) -> None:
+    rates = np.maximum(0.0, rates)
+    lines = ["time_s,requests_per_s"]
+    lines += [f"{a:.0f},{r:.2f}" for a, r in zip(t, rates, strict=True) if not math.isnan(r)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write(out: Path, which: TraceSet) -> list[Path]:
+    """Every trace of one set under ``out``."""
+    seed_offset, shape = which.seed_offset, which.shape
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fn in TRACES.items():
-        rates = np.maximum(0.0, fn(SEEDS[name] + seed_offset))
-        p = out / f"{name}.csv"
-        lines = ["time_s,requests_per_s"]
-        lines += [f"{t:.0f},{r:.2f}" for t, r in zip(_times(), rates, strict=True)
-                  if not math.isnan(r)]
-        p.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        paths.append(p)
+    for name, fn in LONG.items():
+        t, r = fn(shape)
+        paths.append(out / f"{name}.csv")
+        _write(paths[-1], t, r)
+    for name, (fn_short, seed) in SHORT.items():
+        paths.append(out / f"{name}.csv")
+        _write(paths[-1], _times(), fn_short(seed + seed_offset))
     return paths
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "traces")
-    ap.add_argument("--seed-offset", type=int, default=0,
-                    help="add N to every generator's seed (100: the held-out traces in "
-                         "bench/traces-heldout/, never used for tuning)")
+    ap.add_argument("--tuning", type=Path, default=ROOT / "traces")
+    ap.add_argument("--heldout", type=Path, default=ROOT / "traces-heldout")
     args = ap.parse_args()
-    if args.seed_offset < 0:
-        ap.error(f"--seed-offset {args.seed_offset}: must be >= 0 (seeds are non-negative)")
-    for p in write(args.out, args.seed_offset):
+    for p in [*write(args.tuning, TUNING), *write(args.heldout, HELDOUT)]:
         print(p)
 
 

@@ -13,13 +13,13 @@ from leanserve import fsio
 from leanserve.autoscaling.errors import PolicyError
 from leanserve.autoscaling.policy import PoolCapacity, Target, pools_from_profile
 from leanserve.autoscaling.simulate import (
+    DEFAULT_STARTUP_SECONDS,
     POLICIES,
     SimConfig,
     Simulation,
     load_trace,
     plot,
-    reactive_bound,
-    rise_bound,
+    settings_dict,
     simulate,
 )
 
@@ -70,35 +70,6 @@ def read_profile(path: Path) -> dict[str, Any]:
     return data
 
 
-# What the bounds are asked: the attainment and the cost over the oracle's that bench/autoscaling.py
-# holds leanserve to (issue 6's targets).
-BOUND_ATTAINMENT = 0.99
-BOUND_COST_RATIO = 1.15
-
-
-def bounds(sim: Simulation, cfg: SimConfig) -> dict[str, Any]:
-    """simulation.json's ``bounds``: what the trace allows any policy at this start-up.
-
-    ``rise``: the least cost over the oracle's at which BOUND_ATTAINMENT is reachable for a policy
-    that cannot foresee when a rise of the load starts (simulate.rise_bound). ``reactive``: the
-    best attainment an ideal reactive policy reaches at <= BOUND_COST_RATIO x the oracle's cost
-    (simulate.reactive_bound).
-    """
-    rise = rise_bound(sim.trace, sim.pools, sim.target, cfg, attainment=BOUND_ATTAINMENT,
-                      rise_ratio=BOUND_COST_RATIO)
-    rb = reactive_bound(sim.trace, sim.pools, sim.target, cfg, max_cost_ratio=BOUND_COST_RATIO)
-    return {
-        "startup_seconds": cfg.startup_seconds,
-        "rise": {"attainment": rise.attainment, "min_cost_ratio": round(rise.min_cost_ratio, 4),
-                 "rises": rise.rises, "lag_intervals": rise.lag_ticks,
-                 "unabsorbed_attainment": round(rise.unabsorbed_attainment, 4)},
-        "reactive": {"max_cost_ratio": BOUND_COST_RATIO, "attainment": round(rb.attainment, 4),
-                     "cost_ratio": round(rb.cost_ratio, 4),
-                     "cheapest_ratio_at_99": (None if rb.cheapest_at_99 is None
-                                              else round(rb.cheapest_at_99, 4))},
-    }
-
-
 def write_outputs(sim: Simulation, out: Path, title: str,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """simulation.json (the summary, leanserve's decisions and ``extra``) and simulation.png.
@@ -120,8 +91,15 @@ def write_outputs(sim: Simulation, out: Path, title: str,
     return summary
 
 
+def describe_settings(sim: Simulation) -> str:
+    """One line naming the policy settings a run used (the shipped PolicySettings())."""
+    fields = ", ".join(f"{k}={v:g}" if isinstance(v, float) and not isinstance(v, bool)
+                       else f"{k}={v}" for k, v in settings_dict(sim.settings).items())
+    return f"leanserve settings: PolicySettings() as shipped ({fields})"
+
+
 def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path,
-                     console: Any, startup_seconds: float = 30.0) -> None:
+                     console: Any, startup_seconds: float = DEFAULT_STARTUP_SECONDS) -> None:
     """Replay TRACE against the spec's pools; write simulation.json and simulation.png."""
     from rich.table import Table
 
@@ -143,23 +121,19 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
     target = Target.from_spec(loaded.spec)
     cfg = SimConfig(startup_seconds=startup_seconds)
     sim = simulate(tr, pools, target, cfg)
-    summary = write_outputs(sim, out, f"{trace.name} ({source})", {"bounds": bounds(sim, cfg)})
-    table = Table(title=f"{trace.name}: {len(sim.runs['leanserve'].met)} intervals of "
-                        f"{target.interval_seconds:g}s, SLO p95<={target.latency_p95_ms:g}ms, "
-                        f"{source}")
-    for col in ("policy", "cost USD", "SLO attainment", "replica-min", "vs oracle", "note"):
+    console.print(describe_settings(sim), highlight=False)
+    summary = write_outputs(sim, out, f"{trace.name} ({source})")
+    table = Table(title=f"{trace.name}: {len(sim.runs['leanserve'].interval_share)} intervals "
+                        f"of {target.interval_seconds:g}s, SLO p95<={target.latency_p95_ms:g}ms, "
+                        f"replica start-up {startup_seconds:g}s, {source}")
+    for col in ("policy", "cost USD", "requests within SLO", "intervals p95<=SLO",
+                "replica-min", "vs oracle", "note"):
         table.add_column(col)
     oracle = summary["policies"]["oracle"]["cost"] or 1e-12
     for name in POLICIES:
         s = summary["policies"][name]
         table.add_row(name, f"{s['cost']:.4f}", f"{s['slo_attainment']:.2%}",
-                      f"{s['replica_minutes']:.1f}", f"{s['cost'] / oracle:.2f}x", s["note"])
+                      f"{s['interval_attainment']:.2%}", f"{s['replica_minutes']:.1f}",
+                      f"{s['cost'] / oracle:.2f}x", s["note"])
     console.print(table)
-    b = summary["bounds"]
-    console.print(
-        f"with a {startup_seconds:g}s replica start-up: {b['rise']['rises']} rises of the load "
-        f"above {BOUND_COST_RATIO:g}x within a start-up; a policy that cannot foresee them needs "
-        f">= {b['rise']['min_cost_ratio']:.2f}x the oracle's cost for "
-        f"{BOUND_ATTAINMENT:.0%} SLO attainment; an ideal reactive policy reaches "
-        f"{b['reactive']['attainment']:.2%} at <= {BOUND_COST_RATIO:g}x", highlight=False)
     console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")

@@ -14,15 +14,18 @@ Why a stated policy for every odd answer (after KEDA's prometheus scaler): an au
 Each no-data answer has a kind (ERROR_KINDS), counted by the exporter in
 leanserve_metrics_errors_total{model, kind}.
 
-"No data" is None in the Observation, and the policy holds the current replicas with SLOMet
-Unknown (reason MetricsUnavailable). A rate of 0 from series that exist is real zero load.
+The load signal is the arrival rate (completions plus the growth of pending requests over the
+window), which keeps rising under overload; the served rate is read too, as a cross-check and a
+fallback. "No data" is None in the Observation, and the policy holds the current replicas with
+SLOMet Unknown (reason MetricsUnavailable). A rate of 0 from series that exist is real zero load.
 
 Triton metric names were checked against the tritonserver in nvidia-pytriton: counters
 nv_inference_request_success, nv_inference_request_failure{reason}, nv_inference_count,
 nv_inference_request_duration_us, nv_inference_queue_duration_us and, with
 ``--metrics-config summary_latencies=true``, the summary nv_inference_request_summary_us
-{quantile="0.5|0.9|0.95|0.99|0.999"}. Pools come from a ``pool`` label that the scrape config adds
-(a static label per target, or relabeling from the pod's leanserve.io/pool label).
+{quantile="0.5|0.9|0.95|0.99|0.999"}, and the gauge nv_inference_pending_request_count (the
+string is in the wheel's libtritonserver). Pools come from a ``pool`` label that the scrape
+config adds (a static label per target, or relabeling from the pod's leanserve.io/pool label).
 """
 
 from __future__ import annotations
@@ -56,12 +59,26 @@ def requests_get(url: str, params: dict[str, str], timeout: float) -> tuple[int,
     return r.status_code, r.content
 
 
+WINDOW_SECONDS = 60.0
+"""The rate() range of the operator's queries; the simulator models this same window
+(simulate.SimConfig.metrics_window_seconds)."""
+
+
+def _seconds(window: str) -> float:
+    """A PromQL duration of one unit ("90s", "1m", "2h") in seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for u in ("ms", "s", "m", "h"):
+        if window.endswith(u) and window[:-len(u)].replace(".", "", 1).isdigit():
+            return float(window[:-len(u)]) * units[u]
+    raise MetricsError(f"metrics window {window!r}: expected a duration like 60s or 1m")
+
+
 @dataclass(frozen=True)
 class Queries:
     """The PromQL leanserve runs, for one Triton model; ``window`` is the rate() range."""
 
     model: str
-    window: str = "1m"
+    window: str = f"{WINDOW_SECONDS:g}s"
 
     @property
     def _sel(self) -> str:
@@ -74,6 +91,21 @@ class Queries:
         return (f"sum(rate(nv_inference_request_success{{{self._sel}}}[{self.window}])) + "
                 f"(sum(rate(nv_inference_request_failure{{{self._sel}}}[{self.window}])) "
                 "or vector(0))")
+
+    @property
+    def arrival_rate(self) -> str:
+        # requests ARRIVING: completions (success and failure) plus the growth of Triton's
+        # pending requests over the window. Unlike completions it keeps rising under overload.
+        # No pending series (a Triton without the gauge) makes the answer empty: no data, and
+        # the policy falls back to the served rate, knowing it is a lower bound.
+        return (f"{self.request_rate} + "
+                f"sum(delta(nv_inference_pending_request_count{{{self._sel}}}[{self.window}])) "
+                f"/ {_seconds(self.window):g}")
+
+    @property
+    def pending(self) -> str:
+        """Requests queued or executing in Triton now, over every replica."""
+        return f"sum(nv_inference_pending_request_count{{{self._sel}}})"
 
     @property
     def p95_ms(self) -> str:
@@ -106,6 +138,10 @@ class Reading:
     problems: list[str] = field(default_factory=list)
     error_kinds: list[str] = field(default_factory=list)
     """One of ERROR_KINDS per problem (counted in leanserve_metrics_errors_total)."""
+    arrival_rate: float | None = None
+    """Requests/s arriving (the load signal); None: no data."""
+    pending: float | None = None
+    """Requests pending in Triton now; None: no data."""
 
 
 @dataclass
@@ -174,6 +210,8 @@ class PrometheusSource:
         rate = self.scalar(self.queries.request_rate, problems, "request rate", kinds)
         p95 = self.scalar(self.queries.p95_ms, problems, "p95", kinds)
         queue = self.scalar(self.queries.queue_ms, problems, "queue time", kinds)
+        arrival = self.scalar(self.queries.arrival_rate, problems, "arrival rate", kinds)
+        pending = self.scalar(self.queries.pending, problems, "pending requests", kinds)
         by_pool: dict[str, float] = {}
         if rate is not None:
             try:
@@ -183,7 +221,7 @@ class PrometheusSource:
             except MetricsError as exc:
                 problems.append(f"rate by pool: {exc}")
                 kinds.append(exc.kind)
-        return Reading(rate, p95, queue, by_pool, problems, kinds)
+        return Reading(rate, p95, queue, by_pool, problems, kinds, arrival, pending)
 
 
 ERROR_KINDS = ("unreachable", "http", "malformed", "query", "empty", "ambiguous", "not_finite")
@@ -269,5 +307,7 @@ def observe(source: PrometheusSource, platform: Platform, model: str) -> tuple[O
         queue_ms=reading.queue_ms,
         ready=platform.ready_replicas(model),
         current=platform.current_replicas(model),
+        arrival_rate=reading.arrival_rate,
+        pending=reading.pending,
     )
     return obs, reading

@@ -1,78 +1,88 @@
-"""Replay a request-rate trace against leanserve's policy, three baselines and an oracle.
+"""Replay a request-rate trace against leanserve's policy, HPA-style baselines and an oracle,
+judging every request.
 
-Why: an autoscaler's worth is cost at a given SLO attainment over realistic load, and that needs
-the same load replayed against every contender with the same physics. The physics here:
+Why: an autoscaler's worth is cost at a given share of requests served within the SLO over
+realistic load, and that needs the same load replayed against every contender with the same
+physics. The physics here:
 
-- Time advances in ticks of spec.autoscaling.intervalSeconds; the trace (``time_s,
-  requests_per_s``) is held constant between its points.
+- Time advances in steps of ``step_seconds`` (at most the decision interval); the trace
+  (``time_s, requests_per_s``) is held constant between its points.
 - Replicas per pool live on an ``InMemoryPlatform``: a new replica serves ``startup_seconds``
-  after it is asked for (default 30 s); removed replicas stop costing at once.
-- Routing is capacity-proportional (least-outstanding-requests balancing does this in practice),
-  so a mix of pools serves the sum of its replicas' capacities.
-- Latency model (utilisation-based, M/M/1-like per replica): with u = load / capacity-at-SLO of
-  the ready replicas, the replicas' own utilisation is rho = u (1 - a) and the modelled
-  p95 = a SLO / (1 - rho) (capped at 10x SLO), a = ``base_latency_share`` (0.3: p95 at no load is
-  30% of the SLO). So p95 <= SLO exactly when load <= capacity at SLO, the definition of
-  capacity_rps in the profile; an interval meets the SLO iff that holds (no load always meets it).
-- What autoscalers see is late: the request rate averaged over the last ``metrics_window_seconds``
-  of *served* requests (an overloaded replica completes at most its saturation rate), the p95 of
-  the last interval: what rate(...[window]) and Triton's summary give through Prometheus.
+  after it is asked for (default 120 s: a pod that pulls the Triton image and loads the model);
+  removed replicas stop costing at once.
+- Routing is what ships: ONE pool at a time, and during a pool switch the Service spreads
+  requests evenly over every ready pod of both pools (each pool gets its share of pods).
+- Each ready pool is a queue. A pod's latency at a load follows the pool's latency curve
+  (leanserve.autoscaling.capacity: fitted to the serving profile; the share of requests within
+  the SLO at that load comes from it). Load beyond a pool's saturation throughput (the curve's
+  m x capacity_rps per pod) is a backlog that carries over to the next step; a request that
+  arrives behind a backlog waits for it (first come, first served) before its own latency, and
+  is within the SLO only if both fit. No ready pod at all: the step's requests miss.
+- Judged per request: ``slo_attainment`` is the share of all requests within the SLO; as a
+  second figure, ``interval_attainment`` is the share of decision intervals whose p95 is within
+  it (at least 95% of the interval's requests within the SLO).
+- What autoscalers see is what the operator's PromQL gives (leanserve.autoscaling.metrics,
+  the same window): the arrival rate and the served rate averaged over the last
+  ``metrics_window_seconds``, Triton's pending requests now (in flight by Little's law plus the
+  backlog), and the p95 over the window.
 
-Contenders (each starts warm, sized for the first observation):
-- leanserve: ``policy.decide`` every intervalSeconds over all pools.
-- static: the cheapest mix for the trace's peak at the policy's target utilisation, all the time.
-- hpa: the Kubernetes HPA algorithm on one pool, the one with the lowest price per request/s (the
-  pool an HPA user who profiled would pick; any other pool only costs the HPA more). Target 70%
-  utilisation where 100% is the replica's capacity at the SLO (generous: CPU utilisation would put
-  70% near saturation), 10% tolerance, sync every 15 s, not-ready pods counted at 0% on scale-up,
-  scale-up limited to max(4 pods, +100%) per 15 s, scale-down to the highest recommendation over
-  300 s. maxReplicas is what the budget affords on that pool.
-- keda: KEDA's Prometheus scaler on the same pool: threshold = 80% of a replica's capacity, the
-  external metric through the same HPA (AverageValue: ceil(rate / threshold), 10% tolerance,
-  300 s scale-down window), polled every 30 s; scale to zero only after a 300 s cooldown.
-- oracle: knows each interval's load and pays for no start-up: the cheapest mix whose capacity at
-  the SLO covers it exactly. A lower bound on cost, not a policy anyone can run.
+Contenders (each starts warm, sized for the first load):
+- leanserve: ``policy.decide`` with the shipped ``PolicySettings()`` (its start-up set to the
+  simulator's) every intervalSeconds.
+- static: the cheapest one-pool count for the trace's peak, all the time.
+- hpa (70% target) and hpa85 (85%): the Kubernetes HPA algorithm on one pool, the one with the
+  lowest price per request/s, on the served rate per ready pod (what a CPU or request-rate pod
+  metric shows; it saturates under overload), 100% being a replica's capacity at the SLO: 10%
+  tolerance, sync every 15 s, not-ready pods counted at 0% on scale-up, scale-up limited to
+  max(4 pods, +100%) per 15 s, scale-down to the highest recommendation over 300 s.
+- keda: KEDA's Prometheus scaler on the same pool (threshold 80% of a replica's capacity on the
+  served rate, AverageValue, polled every 30 s).
+- oracle: knows each step's load and pays for no start-up: the cheapest one-pool count that
+  keeps 99% of requests within the SLO at that load. A reference for cost, not a policy anyone
+  can run.
 """
 
 from __future__ import annotations
 
-import bisect
 import csv
 import itertools
 import math
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from leanserve.api.spec import MAX_REPLICA_MIXES
 from leanserve.autoscaling.errors import TraceError
+from leanserve.autoscaling.metrics import WINDOW_SECONDS
 from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.autoscaling.policy import (
     MAX_CAPACITY_RPS,
     MIN_CAPACITY_RPS,
-    TUNED_SETTINGS,
+    SETTINGS,
     Decision,
     Observation,
     PolicySettings,
     PoolCapacity,
     Target,
     capacity,
-    cheapest_mix,
+    cheapest_pool,
     decide,
     hourly_cost,
 )
 
-POLICIES = ("leanserve", "static", "hpa", "keda", "oracle")
+POLICIES = ("leanserve", "static", "hpa", "hpa85", "keda", "oracle")
 MODEL = "sim"
+ORACLE_QUANTILE = 0.99
+DEFAULT_STARTUP_SECONDS = 120.0
+"""A realistic start-up for a serving pod: schedule, pull a multi-GB Triton image (cached on
+some nodes, not on a fresh one), start tritonserver and load the model."""
 
 MAX_TICKS = 50_000
-"""At most this many intervals per contender (about a minute of work for all of them): a trace
-with a huge time gap would otherwise replay for hours. A week at 15 s intervals fits."""
+"""At most this many decision intervals per contender: a trace with a huge time gap would
+otherwise replay for hours. A week at 15 s intervals fits."""
 MAX_MIXES = MAX_REPLICA_MIXES
-"""At most this many replica mixes for the bounds' price table (every mix within maxReplicas and
-the budget is enumerated once; more pools and replicas grow it as a product); a valid spec never
-has more."""
+"""At most this many replica mixes (a product over the pools); a valid spec never has more."""
 MAX_RATE = 1e9
 """Requests/s a trace may name (far above any real service; beyond it the arithmetic is not
 meaningful)."""
@@ -149,70 +159,73 @@ def load_trace(path: Path) -> Trace:
 class SimConfig:
     """The simulator's physics and the baselines' settings (see the module docstring)."""
 
-    startup_seconds: float = 30.0
+    startup_seconds: float = DEFAULT_STARTUP_SECONDS
     """Seconds from asking for a replica until it serves."""
-    metrics_window_seconds: float = 15.0
-    """The rate every autoscaler sees is averaged over this much past."""
-    base_latency_share: float = 0.3
-    """p95 at no load, as a share of the SLO (the latency model's a)."""
-    hpa_target: float = 0.7
+    metrics_window_seconds: float = WINDOW_SECONDS
+    """The window of the operator's rate() queries (metrics.WINDOW_SECONDS)."""
+    step_seconds: float = 10.0
+    """Physics resolution (at most the decision interval)."""
     hpa_tolerance: float = 0.1
     hpa_sync_seconds: float = 15.0
     hpa_scale_down_window_seconds: float = 300.0
     keda_threshold_share: float = 0.8
     keda_polling_seconds: float = 30.0
-    keda_cooldown_seconds: float = 300.0
-    settings: PolicySettings = field(default_factory=lambda: TUNED_SETTINGS)
+    settings: PolicySettings = SETTINGS
     """leanserve's policy settings (its startup_seconds is set to this config's)."""
 
 
-def modelled_p95(load: float, cap: float, slo_ms: float, a: float) -> float:
-    """p95 (ms) of ``load`` on replicas with capacity-at-SLO ``cap`` (see module docstring)."""
-    if load <= 0:
-        return a * slo_ms
-    if cap <= 0:
-        return 10 * slo_ms
-    rho = load / cap * (1 - a)
-    if rho >= 1:
-        return 10 * slo_ms
-    return min(10 * slo_ms, a * slo_ms / (1 - rho))
+HPA_TARGETS = {"hpa": 0.7, "hpa85": 0.85}
+"""Utilisation targets of the HPA-style baselines (100%: a replica's capacity at the SLO)."""
+SATURATED_U = 1.0
+"""While a pool has a backlog, its pods run at saturation: a request's own latency is the
+curve's at capacity_rps (u = 1), on top of its wait behind the backlog."""
 
 
 @dataclass
 class PolicyRun:
-    """One contender's time series and totals."""
+    """One contender's time series (one point per decision interval) and totals."""
 
     name: str
     times: list[float] = field(default_factory=list)
     replicas: list[dict[str, int]] = field(default_factory=list)
     capacity: list[float] = field(default_factory=list)
-    met: list[bool] = field(default_factory=list)
+    interval_share: list[float] = field(default_factory=list)
+    """Share of each interval's requests within the SLO (1.0 with none)."""
     p95: list[float] = field(default_factory=list)
     cost_cum: list[float] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
+    requests: float = 0.0
+    within: float = 0.0
     cost: float = 0.0
     replica_minutes: float = 0.0
     note: str = ""
 
+    @property
+    def met(self) -> list[bool]:
+        """Per interval: p95 within the SLO (at least 95% of its requests within it)."""
+        return [s >= 0.95 - 1e-12 for s in self.interval_share]
+
     def summary(self) -> dict[str, Any]:
-        n = len(self.met)
+        n = len(self.interval_share)
+        met = sum(self.met)
         return {
             "cost": round(self.cost, 6),
-            "slo_attainment": (sum(self.met) / n) if n else 1.0,
+            "slo_attainment": self.within / self.requests if self.requests > 0 else 1.0,
+            "interval_attainment": met / n if n else 1.0,
+            "requests": round(self.requests),
             "replica_minutes": round(self.replica_minutes, 3),
             "intervals": n,
-            "violations": n - sum(self.met),
+            "violations": n - met,
             "max_replicas": max((sum(r.values()) for r in self.replicas), default=0),
             "note": self.note,
         }
 
 
-# A controller sees (time, observed served rate, observed p95, ready, current) and answers
-# replicas per pool, or None for "no action this tick".
 Controller = Callable[[Observation], dict[str, int] | None]
+"""Sees an Observation, answers replicas per pool or None for "no action this step"."""
 
 
-def _hpa_pool(pools: Sequence[PoolCapacity]) -> PoolCapacity:
+def _cheapest_per_rps(pools: Sequence[PoolCapacity]) -> PoolCapacity:
     return min(pools, key=lambda p: (p.price_per_rps, p.hourly_price))
 
 
@@ -227,6 +240,9 @@ class HPAController:
         self.pods_metric, self.period, self.down_window = pods_metric, period, down_window
         self.recs: list[tuple[float, int]] = []
         self.last = -math.inf
+
+    def warm(self, load: float) -> int:
+        return max(self.min_r, min(self.max_r, math.ceil(load / self.target - 1e-9)))
 
     def __call__(self, obs: Observation) -> dict[str, int] | None:
         if obs.time - self.last < self.period - 1e-9:
@@ -283,67 +299,145 @@ class LeanserveController:
         return d.replicas
 
 
+@dataclass
+class _Queues:
+    """Per pool backlog (requests beyond what the pods serve) and the last step's figures."""
+
+    backlog: dict[str, float]
+
+    def step(self, load: float, ready: dict[str, int], pools: Sequence[PoolCapacity],
+             slo_ms: float, h: float) -> tuple[float, float, float, float, float]:
+        """Advance one step: (requests, within the SLO, completed, pending at the end, p95 ms)."""
+        arrivals = load * h
+        n = sum(ready.values())
+        if n == 0:
+            # nothing serves: every request of the step misses (and nothing is queued)
+            for k in self.backlog:
+                self.backlog[k] = 0.0
+            return arrivals, 0.0, 0.0, 0.0, 10 * slo_ms
+        # a pool that stopped serving hands its backlog to the ones still ready
+        orphan = sum(b for k, b in self.backlog.items() if ready.get(k, 0) == 0)
+        if orphan > 0:
+            for k in self.backlog:
+                self.backlog[k] = (0.0 if ready.get(k, 0) == 0
+                                   else self.backlog[k] + orphan * ready[k] / n)
+        within = completed = pending = 0.0
+        p95 = 0.0
+        for p in pools:
+            r = ready.get(p.name, 0)
+            if r == 0:
+                continue
+            lam = load * r / n
+            cap = r * p.capacity_rps
+            u = lam / cap
+            b0 = self.backlog[p.name]
+            c = p.curve
+            if b0 <= 0 and u < c.m * 0.999:
+                share = c.within(u)
+                within += share * lam * h
+                completed += lam * h
+                pending += lam * c.mean_share(u) * slo_ms / 1000
+                p95 = max(p95, c.p95_share(u) * slo_ms)
+                continue
+            mu = c.m * cap  # the pool's saturation throughput
+            b1 = max(0.0, b0 + (lam - mu) * h)
+            w0, w1 = b0 / mu, b1 / mu  # seconds a request waits behind the backlog
+            ue = min(u, SATURATED_U)
+            ws = [w * 1000 / slo_ms for w in (w0, (w0 + w1) / 2, w1)]
+            share = (c.within(ue, ws[0]) + 4 * c.within(ue, ws[1]) + c.within(ue, ws[2])) / 6
+            within += share * lam * h
+            completed += min(b0 + lam * h, mu * h)
+            pending += b1 + mu * c.mean_share(ue) * slo_ms / 1000
+            p95 = max(p95, ((w0 + w1) / 2) * 1000 + c.p95_share(ue) * slo_ms)
+            self.backlog[p.name] = b1
+        return arrivals, within, completed, pending, p95
+
+
 def _simulate(name: str, trace: Trace, pools: Sequence[PoolCapacity], target: Target,
               cfg: SimConfig, controller: Controller | None,
-              fixed: Callable[[float, float], dict[str, int]] | None = None) -> PolicyRun:
+              fixed: Callable[[float, float], dict[str, int]] | None = None,
+              warm: dict[str, int] | None = None) -> PolicyRun:
     """Run one contender; either a controller with start-up delays or a fixed/oracle schedule."""
     dt = target.interval_seconds
+    h = min(cfg.step_seconds, dt)
+    per_interval = max(1, round(dt / h))
+    h = dt / per_interval
     t0 = trace.times[0]
-    n_ticks = ticks(trace, target)
+    n_steps = ticks(trace, target) * per_interval
     now = [t0]
     plat = InMemoryPlatform([p.name for p in pools], clock=lambda: now[0],
                             startup_seconds=cfg.startup_seconds)
     run = PolicyRun(name)
     slo = target.latency_p95_ms
-    a = cfg.base_latency_share
-    served_hist: list[float] = []
-    last_p95: float | None = None
-    window_ticks = max(1, round(cfg.metrics_window_seconds / dt))
-    first = trace.at(t0)
-    if controller is not None:
-        warm = cheapest_mix(first / cfg.settings.target_utilisation, pools, target)[0]
-        if isinstance(controller, HPAController):
-            pool = controller.pool
-            n = math.ceil(first / controller.target - 1e-9)
-            warm = {p.name: 0 for p in pools}
-            warm[pool.name] = max(controller.min_r, min(controller.max_r, n))
+    queues = _Queues({p.name: 0.0 for p in pools})
+    window = max(1, round(cfg.metrics_window_seconds / h))
+    arrived: list[float] = []
+    served: list[float] = []
+    p95s: list[tuple[float, float]] = []
+    pending = 0.0
+    if warm is not None:
         plat.set_ready(MODEL, warm)
-    for i in range(n_ticks):
-        t = t0 + i * dt
+    interval_req = interval_within = 0.0
+    for i in range(n_steps):
+        t = t0 + i * h
         now[0] = t
         load = trace.at(t)
         if fixed is not None:
             plat.set_ready(MODEL, fixed(t, load))
         else:
             assert controller is not None
-            if served_hist:
-                rate: float | None = sum(served_hist[-window_ticks:]) / len(
-                    served_hist[-window_ticks:])
+            if arrived:
+                arr = sum(arrived[-window:]) / (len(arrived[-window:]) * h)
+                srv = sum(served[-window:]) / (len(served[-window:]) * h)
+                last = p95s[-window:]
+                p95 = _weighted_p95(last)
             else:
-                rate = first
-            obs = Observation(t, rate, last_p95, None, plat.ready_replicas(MODEL),
-                              plat.current_replicas(MODEL))
+                arr = srv = trace.at(t0)
+                p95 = None
+            obs = Observation(t, srv, p95, None, plat.ready_replicas(MODEL),
+                              plat.current_replicas(MODEL), arrival_rate=arr, pending=pending)
             want = controller(obs)
             if want is not None:
                 plat.scale(MODEL, want)
         current = plat.current_replicas(MODEL)
         ready = plat.ready_replicas(MODEL)
-        cap = capacity(ready, pools)
-        p95 = modelled_p95(load, cap, slo, a)
-        met = load <= 0 or load <= cap + 1e-9
-        served_hist.append(min(load, cap / (1 - a)))
-        last_p95 = p95 if load > 0 else None
-        run.cost += hourly_cost(current, pools) * dt / 3600
-        run.replica_minutes += sum(current.values()) * dt / 60
-        run.times.append(t)
-        run.replicas.append(current)
-        run.capacity.append(cap)
-        run.met.append(met)
-        run.p95.append(p95)
-        run.cost_cum.append(run.cost)
+        req, ok, done, pending, step_p95 = queues.step(load, ready, pools, slo, h)
+        arrived.append(req)
+        served.append(done)
+        p95s.append((req, step_p95))
+        if len(arrived) > 4 * window:
+            del arrived[:-window], served[:-window], p95s[:-window]
+        run.requests += req
+        run.within += ok
+        interval_req += req
+        interval_within += ok
+        run.cost += hourly_cost(current, pools) * h / 3600
+        run.replica_minutes += sum(current.values()) * h / 60
+        if (i + 1) % per_interval == 0:
+            run.times.append(t - (per_interval - 1) * h)
+            run.replicas.append(current)
+            run.capacity.append(capacity(ready, pools))
+            run.interval_share.append(interval_within / interval_req if interval_req > 0
+                                      else 1.0)
+            run.p95.append(step_p95)
+            run.cost_cum.append(run.cost)
+            interval_req = interval_within = 0.0
     if isinstance(controller, LeanserveController):
         run.decisions = controller.decisions
     return run
+
+
+def _weighted_p95(points: Sequence[tuple[float, float]]) -> float | None:
+    """The p95 over a window of steps: the step p95 at 95% of the requests, by weight."""
+    total = sum(w for w, _ in points)
+    if total <= 0:
+        return None
+    acc = 0.0
+    for w, v in sorted(points, key=lambda x: x[1]):
+        acc += w
+        if acc >= 0.95 * total:
+            return v
+    return points[-1][1]
 
 
 @dataclass
@@ -354,22 +448,32 @@ class Simulation:
     pools: list[PoolCapacity]
     target: Target
     runs: dict[str, PolicyRun]
+    settings: PolicySettings = SETTINGS
+    startup_seconds: float = DEFAULT_STARTUP_SECONDS
 
     def summary(self) -> dict[str, Any]:
         """simulation.json (DESIGN.md section 6) plus context fields."""
         return {
             "policies": {k: r.summary() for k, r in self.runs.items()},
             "pools": [{"name": p.name, "capacity_rps": p.capacity_rps,
-                       "hourly_price": p.hourly_price} for p in self.pools],
+                       "hourly_price": p.hourly_price, "curve": p.curve.to_dict()}
+                      for p in self.pools],
             "slo_p95_ms": self.target.latency_p95_ms,
             "interval_seconds": self.target.interval_seconds,
+            "startup_seconds": self.startup_seconds,
+            "settings": settings_dict(self.settings),
         }
+
+
+def settings_dict(settings: PolicySettings) -> dict[str, Any]:
+    """The policy settings a run used, for JSON and for printing."""
+    return dict(settings.__dict__)
 
 
 def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
              cfg: SimConfig | None = None, extra: dict[str, Controller] | None = None,
              only: Collection[str] = POLICIES) -> Simulation:
-    """Run leanserve, static, hpa, keda and oracle (plus any ``extra`` controllers).
+    """Run leanserve, static, hpa, hpa85, keda and oracle (plus any ``extra`` controllers).
 
     ``only`` names the contenders to run (a sensitivity sweep needs leanserve and the oracle).
     """
@@ -381,41 +485,54 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     if not 0 <= cfg.startup_seconds <= 86_400:
         raise TraceError(f"simulate: startup_seconds must be within 0..86400, got "
                          f"{cfg.startup_seconds!r}")
-    settings = PolicySettings(**{**cfg.settings.__dict__, "startup_seconds": cfg.startup_seconds})
-    cfg = SimConfig(**{**cfg.__dict__, "settings": settings})
+    settings = replace(cfg.settings, startup_seconds=cfg.startup_seconds)
+    cfg = replace(cfg, settings=settings)
     pools = list(pools)
+    q = settings.target_quantile
+    first = trace.at(trace.times[0])
+    warm = cheapest_pool(first, pools, target, q)[0]
     runs: dict[str, PolicyRun] = {}
     if "leanserve" in only:
         runs["leanserve"] = _simulate("leanserve", trace, pools, target, cfg,
-                                      LeanserveController(pools, target, settings))
+                                      LeanserveController(pools, target, settings), warm=warm)
     peak = max(trace.rates)
     if "static" in only:
-        static_mix = cheapest_mix(peak / settings.target_utilisation, pools, target)[0]
+        static_mix = cheapest_pool(peak, pools, target, ORACLE_QUANTILE)[0]
         runs["static"] = _simulate("static", trace, pools, target, cfg, None,
                                    fixed=lambda _t, _l: static_mix)
-        runs["static"].note = f"peak {peak:g} req/s at {settings.target_utilisation:.0%}"
-    hp = _hpa_pool(pools)
+        runs["static"].note = f"peak {peak:g} req/s"
+    hp = _cheapest_per_rps(pools)
     max_r = target.affordable(hp)
-    if "hpa" in only:
-        hpa = HPAController(hp, cfg.hpa_target * hp.capacity_rps, target.min_replicas, max_r,
-                            cfg, pods_metric=True, period=cfg.hpa_sync_seconds,
+    for key, share in HPA_TARGETS.items():
+        if key not in only:
+            continue
+        hpa = HPAController(hp, share * hp.capacity_rps, target.min_replicas, max_r, cfg,
+                            pods_metric=True, period=cfg.hpa_sync_seconds,
                             down_window=cfg.hpa_scale_down_window_seconds)
-        runs["hpa"] = _simulate("hpa", trace, pools, target, cfg, hpa)
-        runs["hpa"].note = f"pool {hp.name}, target {cfg.hpa_target:.0%}"
+        runs[key] = _simulate(key, trace, pools, target, cfg, hpa,
+                              warm=_one(pools, hp, hpa.warm(first)))
+        runs[key].note = f"pool {hp.name}, target {share:.0%}"
     if "keda" in only:
         keda = HPAController(hp, cfg.keda_threshold_share * hp.capacity_rps, target.min_replicas,
                              max_r, cfg, pods_metric=False, period=cfg.keda_polling_seconds,
                              down_window=cfg.hpa_scale_down_window_seconds)
-        runs["keda"] = _simulate("keda", trace, pools, target, cfg, keda)
+        runs["keda"] = _simulate("keda", trace, pools, target, cfg, keda,
+                                 warm=_one(pools, hp, keda.warm(first)))
         runs["keda"].note = (f"pool {hp.name}, threshold "
                              f"{cfg.keda_threshold_share * hp.capacity_rps:g} req/s per replica")
     if "oracle" in only:
-        runs["oracle"] = _simulate("oracle", trace, pools, target, cfg, None,
-                                   fixed=lambda _t, load: cheapest_mix(load, pools, target)[0])
-        runs["oracle"].note = "knows the load, no start-up: a cost lower bound"
+        runs["oracle"] = _simulate(
+            "oracle", trace, pools, target, cfg, None,
+            fixed=lambda _t, load: cheapest_pool(load, pools, target, ORACLE_QUANTILE)[0])
+        runs["oracle"].note = ("knows the load, no start-up, "
+                               f"{ORACLE_QUANTILE:.0%} within the SLO: a cost reference")
     for k, ctl in (extra or {}).items():
-        runs[k] = _simulate(k, trace, pools, target, cfg, ctl)
-    return Simulation(trace, pools, target, runs)
+        runs[k] = _simulate(k, trace, pools, target, cfg, ctl, warm=warm)
+    return Simulation(trace, pools, target, runs, settings, cfg.startup_seconds)
+
+
+def _one(pools: Sequence[PoolCapacity], pool: PoolCapacity, n: int) -> dict[str, int]:
+    return {p.name: (n if p is pool else 0) for p in pools}
 
 
 def ticks(trace: Trace, target: Target) -> int:
@@ -452,323 +569,6 @@ def check_bounded(trace: Trace, pools: Sequence[PoolCapacity], target: Target) -
             raise TraceError(f"the node pools allow more than {MAX_MIXES} replica mixes "
                              f"({len(pools)} pools of up to {target.max_replicas} replicas); "
                              "lower spec.autoscaling.maxReplicas or set maxHourlyCost")
-
-
-class MixPrices:
-    """``need -> (capacity, hourly cost)`` of ``cheapest_mix(need)``, by table lookup.
-
-    The bounds price hundreds of thousands of needs; cheapest_mix searches every mix each call.
-    Every mix within the limits is enumerated once, sorted by capacity, and each suffix keeps its
-    cheapest member (the most capacity among equals, as cheapest_mix does), so a need is one
-    binary search (``many`` does a numpy array of them at once). A need beyond every mix gets
-    the one with the most capacity, as in cheapest_mix.
-    """
-
-    def __init__(self, pools: Sequence[PoolCapacity], target: Target) -> None:
-        import numpy as np
-
-        mixes = []
-        for counts in itertools.product(*(range(target.affordable(p) + 1) for p in pools)):
-            total = sum(counts)
-            cost = sum(n * p.hourly_price for n, p in zip(counts, pools, strict=True))
-            if target.min_replicas <= total <= target.max_replicas \
-                    and cost <= target.budget + 1e-9:
-                mixes.append((sum(n * p.capacity_rps
-                                  for n, p in zip(counts, pools, strict=True)), cost))
-        if not mixes:  # nothing affordable: cheapest_mix's own fallback, at any need
-            mix = cheapest_mix(0.0, pools, target)[0]
-            mixes = [(capacity(mix, pools), hourly_cost(mix, pools))]
-        mixes.sort()
-        best = list(mixes)
-        for j in range(len(mixes) - 2, -1, -1):
-            c, cost = mixes[j]
-            nxt = best[j + 1]
-            best[j] = (c, cost) if (cost, -c) < (nxt[1], -nxt[0]) else nxt
-        top = mixes[-1][0]
-        # one past the end: beyond every mix, the most capacity at its least cost
-        best.append((top, min(cost for c, cost in mixes if c == top)))
-        self._caps = [c for c, _ in mixes]
-        self._best = best
-        self._caps_np = np.array(self._caps)
-        self._best_cap = np.array([c for c, _ in best])
-        self._best_cost = np.array([c for _, c in best])
-
-    def __call__(self, need: float) -> tuple[float, float]:
-        return self._best[bisect.bisect_left(self._caps, max(0.0, need) - 1e-9)]
-
-    def many(self, needs: Any) -> tuple[Any, Any]:
-        """(capacities, hourly costs) for a numpy array of needs."""
-        import numpy as np
-
-        j = np.searchsorted(self._caps_np, np.maximum(0.0, needs) - 1e-9, side="left")
-        return self._best_cap[j], self._best_cost[j]
-
-
-def _tick_loads(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg: SimConfig
-                ) -> tuple[list[float], MixPrices, int]:
-    """The bounds' common ground: the load at every tick (the simulator's ticks), the capacity
-    and hourly cost of the cheapest mix covering a need (what the oracle pays) and the start-up
-    in ticks."""
-    dt = target.interval_seconds
-    check_bounded(trace, pools, target)
-    n = ticks(trace, target)
-    loads = [trace.at(trace.times[0] + i * dt) for i in range(n)]
-    return loads, MixPrices(pools, target), math.ceil(cfg.startup_seconds / dt - 1e-9)
-
-
-@dataclass(frozen=True)
-class ReactiveBound:
-    """What perfect knowledge of the present buys with the same start-up delay (see below)."""
-
-    attainment: float
-    """Best SLO attainment of the family at a cost <= max_cost_ratio x the oracle."""
-    cost_ratio: float
-    headroom: float
-    hold_seconds: float
-    cheapest_at_99: float | None
-    """Lowest cost / oracle of a member reaching 99% attainment (None: none does)."""
-    trend_seconds: float = 0.0
-    """Window of the trend the best member projects (0: none)."""
-    trend_gain: float = 0.0
-    """How much of that trend it projects over the start-up (1: the least-squares line)."""
-
-
-TREND_MEMBERS = ((0.0, 0.0), (60.0, 1.0), (120.0, 1.0), (120.0, 1.5), (240.0, 1.0))
-"""(window seconds, gain) of the trend projections the reactive family tries; (0, 0): none."""
-
-
-def reactive_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
-                   cfg: SimConfig | None = None, max_cost_ratio: float = 1.15,
-                   headrooms: Sequence[float] = (1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.15,
-                                                 1.2, 1.3, 1.5, 2.0, 3.0),
-                   holds: Sequence[float] = (0.0, 30.0, 60.0, 120.0, 300.0),
-                   trends: Sequence[tuple[float, float]] = TREND_MEMBERS) -> ReactiveBound:
-    """An upper bound on what causal policies of the reactive kind can attain at a given cost.
-
-    A replica serving at t was asked for at t - startup or earlier, so its owner knew the load
-    only up to then. The ideal reactive policy knows that load exactly (no metric window, no
-    lag, no noise) and provisions ``headroom`` x the larger of the peak of the last
-    ``hold_seconds`` before t - startup and the least-squares line through the last
-    ``trend_seconds`` of load projected to t (``gain`` times its rise); it swaps pools for free
-    and pays nothing for starting replicas: every one of those is in its favour. Over the grid
-    of headroom, hold and trend, returns the best attainment at <= max_cost_ratio x the
-    oracle's cost, same ticks and same SLO test (load <= ready capacity) as every contender.
-    When even that is below 99%, no policy of this kind meets both targets on the trace: the
-    load moves faster than a replica starts.
-    """
-    import numpy as np
-
-    cfg = cfg or SimConfig()
-    loads, priced, lag = _tick_loads(trace, pools, target, cfg)
-    n = len(loads)
-    load = np.asarray(loads, dtype=float)
-    oracle = float(priced.many(load)[1].sum())
-    known = np.maximum(0, np.arange(n) - lag)  # the last tick known when asking for tick i
-    dt = target.interval_seconds
-    best: tuple[float, float, float, float, float, float] | None = None
-    cheapest99: float | None = None
-    peaks = {hold: np.array([load[max(0, j - round(hold / dt)):j + 1].max() for j in range(n)])
-             for hold in holds}  # the peak of the last ``hold`` seconds at every tick
-    for window, gain in trends:
-        w = round(window / dt)
-        projected = np.zeros(n)
-        if w >= 2 and gain > 0:
-            x = np.arange(w) - (w - 1) / 2
-            for j in range(w - 1, n):
-                y = load[j - w + 1:j + 1]
-                slope = float(x @ y) / float(x @ x)
-                projected[j] = y.mean() + gain * max(0.0, slope) * ((w - 1) / 2 + lag)
-        for hold in holds:
-            base = np.maximum(peaks[hold], projected)[known]
-            for h in headrooms:
-                caps, costs = priced.many(h * base)
-                att = float(np.mean(load <= caps + 1e-9))
-                ratio = float(costs.sum()) / oracle if oracle > 0 else 1.0
-                if ratio <= max_cost_ratio + 1e-9 and (best is None or (att, -ratio) > (
-                        best[0], -best[1])):
-                    best = (att, ratio, h, hold, window if gain > 0 else 0.0, gain)
-                if att >= 0.99 and (cheapest99 is None or ratio < cheapest99):
-                    cheapest99 = ratio
-    if best is None:
-        return ReactiveBound(0.0, math.inf, math.nan, math.nan, cheapest99)
-    return ReactiveBound(best[0], best[1], best[2], best[3], cheapest99, best[4], best[5])
-
-
-@dataclass(frozen=True)
-class RiseBound:
-    """What sudden rises and noise of the load cost any policy that cannot foresee them."""
-
-    rises: int
-    """Rises counted: ticks whose load exceeds ``rise_ratio`` x the peak of the start-up before."""
-    lag_ticks: int
-    """Ticks a replica asked for takes to serve (the start-up over the interval, rounded up)."""
-    unabsorbed_attainment: float
-    """Attainment ceiling when no rise is provisioned for in advance (rise ticks only)."""
-    min_cost_ratio: float
-    """Least cost / the oracle's at which ``attainment`` is reachable at all (see rise_bound)."""
-    attainment: float
-    noise: float
-    """Relative noise of the load (robust std of the trace around its running median; 0: off)."""
-    headroom: float
-    """The noise headroom of the cheapest way found (0 without noise)."""
-    startup_share: float = 0.0
-    """The least start-up spend (replicas paid for while starting), as a share of the oracle's
-    cost, included in min_cost_ratio."""
-
-
-MIN_RESIDUALS = 20
-"""Fewer trace points than this away from the rises say nothing of the noise: none is assumed."""
-
-
-def _noise(trace: Trace, skip: Callable[[float], bool]) -> tuple[list[float], list[float]]:
-    """(sorted relative residuals of the trace around its 5-point running median, the median at
-    every trace point): the part of the load no policy can foresee from its neighbours. Points
-    ``skip`` names (near the rises, which the bound prices on their own) give no residual."""
-    rates = trace.rates
-    med = []
-    for j in range(len(rates)):
-        near = sorted(rates[max(0, j - 2):j + 3])
-        med.append(near[len(near) // 2])
-    res = sorted(r / m - 1 for t, r, m in zip(trace.times, rates, med, strict=True)
-                 if m > 0 and not skip(t))
-    return res, med
-
-
-def rise_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
-               cfg: SimConfig | None = None, attainment: float = 0.99,
-               rise_ratio: float = 1.15, noise: bool = True) -> RiseBound:
-    """A lower bound on cost at a given SLO attainment for any policy, reactive or not, that
-    cannot tell in advance when a rise of the load starts, nor the load's noise. No policy
-    family is assumed.
-
-    Rises. A replica serving at tick i was asked for by tick i - lag, so the capacity during
-    the first ``lag`` ticks of a rise (at tick i, load above ``rise_ratio`` x the peak of the
-    ``lag`` ticks before) was fixed before the rise began, and any window tick whose load
-    exceeds it misses the SLO. A policy that cannot tell when the rise comes (the trace
-    generator draws burst and spike starts at random; steps come unannounced) and still wants
-    capacity c in that window must hold c throughout the stretch before it, since the previous
-    rise's window ended; holding it for only a share p of that stretch catches a rise whose
-    start is uniform there with probability p, at p times the cost, so mixes are allowed.
-
-    Noise (``noise``). Outside the rise windows the load is its running median (5 points, given
-    to the policy for free) times 1 + e, with e drawn from the trace's own residuals around that
-    median: a capacity of median x (1 + h), fixed before e is drawn, misses with the share of
-    residuals above h. One headroom h is chosen for the whole trace (the cheapest found on a
-    grid), a stretch held for a rise at c counts max(c, median x (1 + h)). Residuals within two
-    trace points of a rise window are left out: the rise is priced already.
-
-    Start-ups. Replicas are paid for while they start (every contender but the oracle is), and
-    the ready capacity must climb from the warm start to the busiest tick it serves: at least
-    that climb, at the cheapest price per req/s, for a start-up each.
-
-    The bound is the least cost, priced by the same cheapest mix the oracle pays, of choosing
-    the headroom and a level per rise so that the expected misses fit in (1 - attainment) of all
-    ticks. In the policy's favour: the median is known exactly, the residuals' tail is the
-    trace's own (no tail beyond the largest seen), a missed tick counts as free, and misses left
-    in the budget are spent on the dearest ticks of the trace. A min_cost_ratio above the target
-    ratio means no such policy meets both targets on this trace at this start-up.
-    """
-    cfg = cfg or SimConfig()
-    loads, priced, lag = _tick_loads(trace, pools, target, cfg)
-    n = len(loads)
-    base = [priced(x)[1] for x in loads]
-    oracle = sum(base)
-    budget = math.floor((1 - attainment) * n + 1e-9)
-    lag = max(1, lag)
-    # rises, non-overlapping: (start of the stretch the policy was blind in, the rise's tick)
-    rises: list[tuple[int, int]] = []
-    i, stretch = lag, 0
-    while i < n:
-        if loads[i] > rise_ratio * max(loads[i - lag:i]) + 1e-9:
-            rises.append((stretch, i))
-            stretch = i + lag
-            i += lag
-        else:
-            i += 1
-    windows = {k for _, i in rises for k in range(i, min(n, i + lag))}
-    stretches = {k for s, i in rises for k in range(s, i)}
-    dt = target.interval_seconds
-    residuals: list[float] = []
-    med: list[float] = []
-    if noise:
-        step = trace.duration / max(1, len(trace.times))
-        near = {k + d for k in windows
-                for d in range(-math.ceil(2 * step / dt), math.ceil(2 * step / dt) + 1)}
-        residuals, med = _noise(trace, lambda t: round((t - trace.times[0]) / dt) in near)
-    if noise and len(residuals) >= MIN_RESIDUALS:
-        smooth = Trace(trace.times, tuple(med))
-        mids = [smooth.at(trace.times[0] + k * dt) for k in range(n)]
-        sigma = 1.4826 * sorted(abs(e) for e in residuals)[len(residuals) // 2]
-        headrooms = [x / 200 for x in range(61)]  # 0 to 30% in 0.5% steps
-    else:  # off, or too few points to tell noise from shape: no noise (the policy's favour)
-        residuals, mids, sigma, headrooms = [], loads, 0.0, [0.0]
-
-    def tail(h: float) -> float:
-        """Share of residuals above h: the chance a capacity of median x (1 + h) misses."""
-        return (len(residuals) - bisect.bisect_right(residuals, h + 1e-12)) / len(residuals) \
-            if residuals else 0.0
-
-    rest = [k for k in range(n) if k not in windows and k not in stretches]
-    dearest = sorted(base, reverse=True)
-    best: tuple[float, float] | None = None  # (extra cost, headroom)
-    for h in headrooms:
-        q = tail(h)
-        misses = q * len(rest)
-        extra = sum(priced(mids[k] * (1 + h))[1] - base[k] for k in rest)
-        hulls = []
-        for start, i in rises:
-            window = range(i, min(n, i + lag))
-            options: dict[float, float] = {}
-            for c in {0.0, *(loads[k] for k in window)}:
-                miss = sum(loads[k] > c + 1e-9 for k in window) + sum(
-                    tail(max(h, c / mids[k] - 1 if mids[k] > 0 else h)) for k in range(start, i))
-                cost = (sum(priced(max(mids[k] * (1 + h), c))[1] - base[k]
-                            for k in range(start, i))
-                        - sum(base[k] for k in window if loads[k] > c + 1e-9))
-                options[miss] = min(cost, options.get(miss, math.inf))
-            hulls.append(_lower_hull(options))
-        misses += sum(hull[0][0] for hull in hulls)
-        extra += sum(hull[0][1] for hull in hulls)
-        steps = sorted(((b[1] - a[1]) / (a[0] - b[0]), a[0] - b[0], b[1] - a[1])
-                       for hull in hulls for a, b in itertools.pairwise(hull))
-        for _slope, dv, dc in steps:
-            if misses <= budget + 1e-9:
-                break
-            take = min(1.0, (misses - budget) / dv)
-            misses -= take * dv
-            extra += take * dc
-        if misses > budget + 1e-9:
-            continue  # this headroom misses too often whatever is held for the rises
-        extra -= sum(dearest[:int(budget - misses + 1e-9)])
-        if best is None or extra < best[0]:
-            best = (extra, h)
-    unabsorbed = sum(1 for _, i in rises for k in range(i, min(n, i + lag))
-                     if loads[k] > max(loads[i - lag:i]) + 1e-9)
-    extra, h = best if best is not None else (math.inf, math.nan)
-    # start-ups: a replica is paid for from when it is asked for, ``lag`` ticks before it serves
-    # (the simulator's physics for every contender but the oracle). Whatever the path, the ready
-    # capacity has to climb from the warm start to the load of the busiest tick it does not miss
-    # (misses spent on the busiest ticks), and the cheapest capacity per req/s starting for lag
-    # ticks is the least that climb costs.
-    warm = priced(loads[0] / cfg.settings.target_utilisation)[0]
-    peak = sorted(loads, reverse=True)[budget] if budget < n else 0.0
-    per_rps = min(p.price_per_rps for p in pools)
-    startup = max(0.0, peak - warm) * per_rps * lag
-    ratio = (oracle + extra + startup) / oracle if oracle > 0 else 1.0
-    return RiseBound(len(rises), lag, 1 - unabsorbed / n, max(0.0, ratio), attainment,
-                     sigma, h, startup / oracle if oracle > 0 else 0.0)
-
-
-def _lower_hull(options: dict[float, float]) -> list[tuple[float, float]]:
-    """From {misses: cost}, the cheapest option and then, towards fewer misses, the lower convex
-    hull: each step the one with the least extra cost per miss saved."""
-    hull = [min(options.items(), key=lambda mc: (mc[1], mc[0]))]
-    while True:
-        m0, c0 = hull[-1]
-        fewer = [(m, c) for m, c in options.items() if m < m0 - 1e-12]
-        if not fewer:
-            return hull
-        hull.append(min(fewer, key=lambda mc: ((mc[1] - c0) / (m0 - mc[0]), mc[0])))
 
 
 def plot(sim: Simulation, path: Path, title: str = "") -> None:

@@ -25,6 +25,7 @@ from leanserve.api.load import LoadedSpec
 from leanserve.autoscaling.exporter import LeanserveMetrics
 from leanserve.autoscaling.metrics import PrometheusSource, Queries, Reading, observe
 from leanserve.autoscaling.policy import (
+    SETTINGS,
     Decision,
     PoolCapacity,
     Target,
@@ -192,7 +193,14 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
         start_replicas[first.name] = max(1, target.min_replicas)
         say(f"starting {start_replicas[first.name]} tritonserver replica(s) in pool {first.name}")
         platform.scale(model, start_replicas)
+        started = time.monotonic()
         platform.wait_ready(180)
+        # the shipped policy settings; the start-up they look ahead by is this machine's
+        # (a local tritonserver, measured just now), not a cluster pod's image pull
+        policy_settings = replace(SETTINGS, startup_seconds=round(time.monotonic() - started, 1))
+        report["policy_settings"] = dict(policy_settings.__dict__)
+        say(f"policy: PolicySettings() as shipped, start-up "
+            f"{policy_settings.startup_seconds:g}s (measured here)")
         if not platform.endpoints():
             raise RunError("no tritonserver replica became ready: " + "; ".join(platform.errors)
                            + f" (logs under {logs})")
@@ -241,7 +249,7 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
             for dead in platform.check_health():  # reaped: this decision's scale replaces it
                 say(f"replica {dead}; replacing it")
             obs, reading = observe(source, platform, model)  # stamped with wall time
-            decision = decide(obs, pools, local_spec, previous, obs.time)
+            decision = decide(obs, pools, local_spec, previous, obs.time, policy_settings)
             platform.scale(model, decision.replicas)
             exporter.record(model, decision, target, actual=platform.current_replicas(model),
                             ready=platform.ready_replicas(model),

@@ -14,37 +14,21 @@ from typing import Any
 
 from leanserve.autoscaling.errors import AutoscalingError
 from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
-from leanserve.autoscaling.policy import Decision, HistoryEntry, Reason, decide, pools_from_profile
+from leanserve.autoscaling.policy import Decision, decide, pools_from_profile
 from leanserve.operator import privilege
 from leanserve.operator.errors import OperatorError
 from leanserve.operator.platform import KubernetesPlatform
 
-HISTORY_KEEP = 64
-
 
 def decision_from_status(saved: dict[str, Any] | None) -> Decision | None:
-    """The previous Decision as stored in status.autoscaling (None when there is none)."""
-    if not saved or not isinstance(saved.get("last"), dict):
-        return None
-    last = saved["last"]
-    try:
-        history = tuple(HistoryEntry(float(h["time"]), tuple(sorted(
-            (str(k), int(v)) for k, v in h["replicas"].items())), h.get("rate"))
-            for h in saved.get("history") or [])
-        return Decision(time=float(last["time"]), replicas=dict(last["replicas"]),
-                        reason=str(last.get("reason", "")), code=Reason(last["code"]),
-                        desired_rps=last.get("desired_rps"),
-                        capacity_rps=float(last.get("capacity_rps") or 0.0),
-                        hourly_cost=float(last.get("hourly_cost") or 0.0),
-                        slo_met=last.get("slo_met"), history=history)
-    except (KeyError, TypeError, ValueError):
-        return None  # an unreadable record only costs the stabilization memory
+    """The previous Decision as stored in status.autoscaling (None when there is none or it is
+    unreadable): policy.Decision.from_status, the policy's own lossless round trip."""
+    return Decision.from_status(saved)
 
 
 def decision_to_status(decision: Decision) -> dict[str, Any]:
-    return {"last": decision.to_dict(),
-            "history": [{"time": h.time, "replicas": h.as_dict(), "rate": h.rate}
-                        for h in decision.history[-HISTORY_KEEP:]]}
+    """status.autoscaling for a Decision: policy.Decision.to_status (JSON-safe, bounded)."""
+    return decision.to_status()
 
 
 def step(body: dict[str, Any], rt: Any, logger: Any,

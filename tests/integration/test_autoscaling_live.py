@@ -33,7 +33,7 @@ import yaml
 from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
 from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.autoscaling.policy import (
-    DEFAULT_SETTINGS,
+    SETTINGS,
     Decision,
     Observation,
     PoolCapacity,
@@ -259,7 +259,9 @@ def test_policy_scales_up_under_load_then_down(triton, exporter, prometheus):
     minimum = {"cpu-small": 1, "cpu-large": 0}
     # replicas on this platform serve at once: project the load trend one scrape ahead, not
     # the 30 s of a Kubernetes pod start (which would provision for 8x the load on a ramp)
-    settings = replace(DEFAULT_SETTINGS, startup_seconds=1.0)
+    settings = replace(SETTINGS, startup_seconds=1.0)
+    # a replica carries this share of its capacity at the SLO with 99% of requests within it
+    carried = pools[0].curve.load_for(settings.target_quantile)
     plat = InMemoryPlatform([p.name for p in pools], clock=time.monotonic, startup_seconds=0)
     plat.set_ready(MODEL, minimum)
     plat_b = InMemoryPlatform([p.name for p in pools], clock=time.monotonic, startup_seconds=0)
@@ -323,13 +325,12 @@ def test_policy_scales_up_under_load_then_down(triton, exporter, prometheus):
     assert any(d.code in (Reason.SCALE_UP, Reason.SLO_AT_RISK) for _, d in loaded), trace
     for r, d in loaded:
         if r is not None:
-            assert d.capacity_rps + 1e-9 >= r / settings.target_utilisation, (r, d.reason)
+            assert d.capacity_rps + 1e-9 >= r / carried, (r, d.reason)
     # back to minReplicas on the cheapest pool once the load is gone, from real (zero) metrics
     assert after[-1][1].replicas == minimum and after[-1][0] == 0, trace
     assert after[-1][1].code is not Reason.METRICS_UNAVAILABLE
     # never scaled down within the stabilization window of a higher desire (whole run)
-    early = early_scale_downs(every, target.scale_down_stabilization_seconds,
-                              settings.target_utilisation)
+    early = early_scale_downs(every, target.scale_down_stabilization_seconds, carried)
     assert not early, "\n".join(early) + "\n" + trace
     # every decision explains itself
     assert all(d.reason.startswith(d.code.value) for d in every)

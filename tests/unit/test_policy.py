@@ -1,4 +1,5 @@
-"""The autoscaling policy: parametrized decision matrix plus hypothesis properties."""
+"""The autoscaling policy: one pool at a time, the arrival-rate load signal, the latency curve,
+pool switches that never drop capacity; a decision matrix plus hypothesis properties."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from leanserve.autoscaling.capacity import DEFAULT_CURVE
 from leanserve.autoscaling.errors import PolicyError
 from leanserve.autoscaling.policy import (
+    SETTINGS,
     Observation,
     PolicySettings,
     PoolCapacity,
     Reason,
     Target,
     capacity,
-    cheapest_mix,
     decide,
     hourly_cost,
     pools_from_profile,
@@ -27,30 +29,36 @@ LARGE = PoolCapacity("cpu-large", 170.0, 0.38)
 POOLS = [SMALL, LARGE]
 TARGET = Target(latency_p95_ms=100, min_replicas=1, max_replicas=10, max_hourly_cost=2.0,
                 interval_seconds=5, scale_down_stabilization_seconds=20)
+PER_SMALL = SMALL.per_replica(SETTINGS.target_quantile)  # 99% within the SLO: ~30.8 req/s
 
 
 def obs(t: float, rate: float | None, p95: float | None = 30.0,
-        cur: dict[str, int] | None = None, ready: dict[str, int] | None = None) -> Observation:
+        cur: dict[str, int] | None = None, ready: dict[str, int] | None = None,
+        arrival: float | None = None, pending: float | None = None) -> Observation:
     cur = cur if cur is not None else {"cpu-small": 1, "cpu-large": 0}
-    return Observation(t, rate, p95, None, ready if ready is not None else cur, cur)
+    return Observation(t, rate, p95, None, ready if ready is not None else cur, cur,
+                       arrival_rate=arrival, pending=pending)
+
+
+def test_the_curve_sets_what_a_replica_carries():
+    # 99% of requests within the SLO below the load where p95 reaches it (default shape)
+    assert pytest.approx(40.0 * DEFAULT_CURVE.load_for(0.99)) == PER_SMALL
+    assert PER_SMALL < 40.0
+    assert DEFAULT_CURVE.p95_share(1.0) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(("rate", "p95", "cur", "expect", "code"), [
     # light load: one small replica
     (10.0, 20.0, {"cpu-small": 1, "cpu-large": 0}, {"cpu-small": 1, "cpu-large": 0},
      Reason.STEADY),
-    # moderate load: small replicas are cheaper per request until a large one pays off
-    (70.0, 30.0, {"cpu-small": 1, "cpu-large": 0}, {"cpu-small": 2, "cpu-large": 0},
+    # moderate load: more small replicas (the ready one is over its capacity: SLO at risk)
+    (70.0, 30.0, {"cpu-small": 1, "cpu-large": 0}, {"cpu-small": 3, "cpu-large": 0},
      Reason.SLO_AT_RISK),
-    # heavy load: a split across pools is the cheapest that covers 340/0.9 = 378 req/s
-    # (no previous decision, so no stabilization window to wait for)
-    (340.0, 40.0, {"cpu-small": 2, "cpu-large": 2}, {"cpu-small": 1, "cpu-large": 2},
+    # load shrinks within one pool, no window yet: down at once
+    (100.0, 40.0, {"cpu-small": 0, "cpu-large": 3}, {"cpu-small": 0, "cpu-large": 1},
      Reason.SCALE_DOWN),
-    # p95 above SLO at low rate: the capacity estimate is wrong, scale up anyway (>= 1.5x)
-    (20.0, 250.0, {"cpu-small": 2, "cpu-large": 0}, {"cpu-small": 3, "cpu-large": 0},
-     Reason.SLO_AT_RISK),
-    # more than the budget allows: best within it, flagged
-    (2000.0, 400.0, {"cpu-small": 1, "cpu-large": 0}, {"cpu-small": 1, "cpu-large": 5},
+    # more than the budget allows: the most within it, flagged
+    (2000.0, 400.0, {"cpu-small": 0, "cpu-large": 1}, {"cpu-small": 0, "cpu-large": 5},
      Reason.LIMITED),
 ])
 def test_decision_matrix(rate, p95, cur, expect, code):
@@ -63,83 +71,91 @@ def test_decision_matrix(rate, p95, cur, expect, code):
 
 @pytest.mark.parametrize("bad", [None, math.nan, math.inf, -1.0])
 def test_missing_metrics_hold_and_unknown(bad):
-    cur = {"cpu-small": 3, "cpu-large": 1}
-    d = decide(obs(0, bad, None, cur), POOLS, TARGET, None, 0)
+    cur = {"cpu-small": 3, "cpu-large": 0}
+    d = decide(obs(0, bad, None, cur, arrival=bad), POOLS, TARGET, None, 0)
     assert d.replicas == cur
     assert d.slo_met is None
     assert d.code is Reason.METRICS_UNAVAILABLE
     assert d.reason.startswith("MetricsUnavailable: no request rate")
 
 
-@pytest.mark.parametrize(("startups", "window"), [
-    (0.0, 20),   # the spec's scaleDownStabilizationSeconds alone
-    (3.0, 90),   # default: never shorter than 3 start-ups (a released replica takes one to return)
-])
-def test_scale_down_waits_for_stabilization_window(startups, window):
-    settings = PolicySettings(stabilization_startups=startups, startup_seconds=30)
+def test_the_arrival_rate_keeps_rising_where_the_served_rate_saturates():
+    # 3 small replicas serve at most ~171 req/s whatever arrives; the arrival rate shows 400
+    cur = {"cpu-small": 3, "cpu-large": 0}
+    served = decide(obs(0, 120.0, 900.0, cur), POOLS, TARGET, None, 0)
+    arrivals = decide(obs(0, 120.0, 900.0, cur, arrival=400.0), POOLS, TARGET, None, 0)
+    assert capacity(arrivals.replicas, POOLS) > capacity(served.replicas, POOLS)
+    assert arrivals.desired_rps == pytest.approx(400.0)
+    assert "served; no arrival rate" in served.reason
+    # a broken arrival query (below what was served) never hides load
+    low = decide(obs(0, 120.0, 30.0, cur, arrival=10.0), POOLS, TARGET, None, 0)
+    assert low.desired_rps == pytest.approx(120.0)
+
+
+def test_a_backlog_of_pending_requests_is_drained():
+    cur = {"cpu-small": 3, "cpu-large": 0}
+    calm = decide(obs(0, 60.0, 30.0, cur, arrival=60.0, pending=6.0), POOLS, TARGET, None, 0)
+    backed = decide(obs(0, 60.0, 30.0, cur, arrival=60.0, pending=600.0), POOLS, TARGET,
+                    None, 0)
+    assert calm.desired_rps == pytest.approx(60.0)  # 6 in flight at 60 req/s: no backlog
+    assert backed.desired_rps > 60.0 + 500 / TARGET.interval_seconds - 1e-9
+    assert "to drain it" in backed.reason
+
+
+def test_scale_down_waits_for_stabilization_window():
     cur = {"cpu-small": 0, "cpu-large": 3}
-    prev = decide(obs(0, 450.0, 50, cur), POOLS, TARGET, None, 0, settings)
-    assert prev.replicas == cur
+    prev = decide(obs(0, 350.0, 50.0, cur), POOLS, TARGET, None, 0)
+    assert prev.replicas["cpu-large"] == 3
     seen = []
-    reasons = []
-    for t in range(5, window + 40, 5):
-        d = decide(obs(t, 30.0, 20, dict(prev.replicas)), POOLS, TARGET, prev, t, settings)
-        seen.append((t, d.replicas["cpu-large"], d.code))
-        reasons.append(d.reason)
-        prev = d
-    assert any(f"{window}s scale-down stabilization" in r for r in reasons)
-    # within the window of the 450 req/s desire the large replicas stay
-    assert all(n == 3 for t, n, _ in seen if t < window)
-    assert any(c is Reason.STABILIZING for t, _, c in seen if t < window)
-    # afterwards it goes to the cheapest mix for 30 req/s: one small replica
-    assert prev.replicas == {"cpu-small": 1, "cpu-large": 0}
+    for t in range(5, 60, 5):
+        cur = dict(prev.replicas)
+        prev = decide(obs(t, 30.0, 20.0, cur), POOLS, TARGET, prev, t)
+        seen.append((t, prev.replicas["cpu-large"], prev.code, prev.reason))
+    # within the 20 s window of the 350 req/s need the large replicas stay
+    assert all(n == 3 for t, n, _, _ in seen if t < 20)
+    assert all(c is Reason.STABILIZING and "20s scale-down stabilization" in r
+               for t, _, c, r in seen if t < 20)
+    # afterwards one pool again, the cheapest for 30 req/s (plus the headroom the fall from
+    # 350 leaves in the noise estimate): small replicas, after the switch completed
+    assert prev.replicas["cpu-large"] == 0 and 1 <= prev.replicas["cpu-small"] <= 2
 
 
-def test_make_before_break_keeps_old_pool_until_new_ready():
-    # desire moved from 6 small to 2 large; the large ones are not ready yet
-    cur = {"cpu-small": 6, "cpu-large": 2}
-    ready = {"cpu-small": 6, "cpu-large": 0}
-    t = Target(100, 1, 10, 5.0, 5, 0)
-    d = decide(obs(100, 230.0, 50, cur, ready), POOLS, t, None, 100)
-    assert d.replicas["cpu-small"] == 6
-    assert "until new ones are ready" in d.reason
+def test_a_pool_switch_keeps_the_old_pool_until_the_new_one_is_ready():
+    # 320 req/s on small replicas: 20 of them could not carry twice that (no room to grow,
+    # and none to switch later), large ones can; the switch starts them and keeps every small
+    # replica until the large pool's READY replicas carry the demand
+    cur = {"cpu-small": 11, "cpu-large": 0}
+    t = Target(100, 1, 20, 5.0, 5, 0)
+    d = decide(obs(0, 320.0, 50.0, cur, arrival=320.0), POOLS, t, None, 0)
+    assert d.replicas["cpu-small"] == 11 and d.replicas["cpu-large"] >= 3
+    assert "switching to cpu-large" in d.reason and d.code is Reason.SCALE_UP
+    starting = dict(d.replicas)
+    d2 = decide(obs(5, 320.0, 50.0, starting, {"cpu-small": 11, "cpu-large": 0}, 320.0),
+                POOLS, t, d, 5)
+    assert d2.replicas == starting and d2.code is Reason.SWITCHING
+    d3 = decide(obs(10, 320.0, 50.0, starting, starting, 320.0), POOLS, t, d2, 10)
+    assert d3.replicas == {"cpu-small": 0, "cpu-large": starting["cpu-large"]}
+    assert "cpu-small released" in d3.reason
 
 
-@pytest.mark.parametrize(("cur", "max_r", "budget", "expect"), [
-    # maxReplicas=1: swapping the small replica for a large one would serve nothing for a whole
-    # start-up; keep it and report the limit (hypothesis found this)
-    ({"cpu-small": 1, "cpu-large": 0}, 1, 1.0, {"cpu-small": 1, "cpu-large": 0}),
-    # maxReplicas reached: the cheaper 1 small + 1 large would mean removing two; hold
-    ({"cpu-small": 3, "cpu-large": 0}, 3, 5.0, {"cpu-small": 3, "cpu-large": 0}),
-    # budget binds before maxReplicas: $0.30 + one small fits, a large does not
-    ({"cpu-small": 3, "cpu-large": 0}, 10, 0.45, {"cpu-small": 4, "cpu-large": 0}),
-])
-def test_breach_at_the_limits_keeps_every_replica(cur, max_r, budget, expect):
-    t = Target(100, 0, max_r, budget, 5, 20)
-    d = decide(obs(0, 0.0 if max_r == 1 else 150.0, 101.0, cur), POOLS, t, None, 0)
-    assert d.replicas == expect
-    assert d.code is Reason.LIMITED
-    assert "keeping every replica" in d.reason
-    # room for one more large replica: added at once, nothing removed
-    d = decide(obs(0, 150.0, 101.0, {"cpu-small": 3, "cpu-large": 0}), POOLS,
-               Target(100, 0, 4, 5.0, 5, 20), None, 0)
-    assert d.replicas == {"cpu-small": 3, "cpu-large": 1} and d.code is Reason.SLO_AT_RISK
+def test_no_switch_where_the_limits_leave_no_room_beside_the_old_pool():
+    # 10 small replicas at maxReplicas=10: starting large ones beside them does not fit, and
+    # dropping small ones first would lose capacity: stay, flagged
+    cur = {"cpu-small": 10, "cpu-large": 0}
+    d = decide(obs(0, 380.0, 50.0, cur, arrival=380.0), POOLS, Target(100, 1, 10, 5.0, 5, 0),
+               None, 0)
+    assert d.replicas == cur
+    assert d.code is Reason.LIMITED and "staying on cpu-small" in d.reason
 
 
 def test_rising_trend_provisions_ahead():
     prev = None
     for i, r in enumerate([50, 80, 110, 140]):
-        d = decide(obs(i * 5, float(r), 30, {"cpu-small": 4, "cpu-large": 0}), POOLS, TARGET,
+        d = decide(obs(i * 5, float(r), 30, {"cpu-small": 6, "cpu-large": 0}), POOLS, TARGET,
                    prev, i * 5)
         prev = d
-    assert prev.desired_rps > 140
+    assert prev is not None and prev.desired_rps > 140
     assert "rising" in prev.reason
-
-
-def test_cheapest_mix_splits_pools_when_cheaper():
-    # 200 req/s: 2 large = 0.76; 5 small = 0.50; 1 large + 1 small = 0.48 (cheapest)
-    mix, ok = cheapest_mix(200, POOLS, TARGET)
-    assert ok and mix == {"cpu-small": 1, "cpu-large": 1}
 
 
 def test_pools_from_profile_and_errors():
@@ -154,6 +170,7 @@ def test_pools_from_profile_and_errors():
     pools = pools_from_profile(prof, S())
     assert [(p.name, p.capacity_rps, p.hourly_price) for p in pools] == [
         ("cpu-small", 41.5, 0.1), ("cpu-large", 160.0, 0.38)]
+    assert all(p.curve == DEFAULT_CURVE for p in pools)  # no trials: the default shape
     with pytest.raises(PolicyError, match="cpu-large"):
         pools_from_profile({"pools": {"cpu-small": {"capacity_rps": 1}}}, S())
     with pytest.raises(PolicyError, match="capacity_rps must be a positive"):
@@ -161,40 +178,53 @@ def test_pools_from_profile_and_errors():
                                       "cpu-large": {"capacity_rps": 1}}}, S())
 
 
+def test_the_shipped_settings_are_the_defaults():
+    assert PolicySettings() == SETTINGS
+
+
 mixes = st.fixed_dictionaries({"cpu-small": st.integers(0, 12), "cpu-large": st.integers(0, 6)})
 
 
 @settings(max_examples=300, deadline=None)
 @given(rate=st.one_of(st.none(), st.just(math.nan), st.floats(0, 5000)),
-       p95=st.one_of(st.none(), st.floats(0, 2000)), cur=mixes,
+       arrival=st.one_of(st.none(), st.floats(0, 8000)),
+       pending=st.one_of(st.none(), st.floats(0, 1e5)),
+       p95=st.one_of(st.none(), st.floats(0, 2000)), cur=mixes, ready_share=st.floats(0, 1),
        max_r=st.integers(1, 12), budget=st.floats(0.1, 5.0), min_r=st.integers(0, 3))
-def test_properties(rate, p95, cur, max_r, budget, min_r):
+def test_properties(rate, arrival, pending, p95, cur, ready_share, max_r, budget, min_r):
     t = Target(100, min(min_r, max_r), max_r, budget, 5, 20)
-    d = decide(obs(0, rate, p95, cur), POOLS, t, None, 0)
+    ready = {k: math.floor(v * ready_share) for k, v in cur.items()}
+    d = decide(obs(0, rate, p95, cur, ready, arrival, pending), POOLS, t, None, 0)
     # never above maxReplicas or the budget
     assert sum(d.replicas.values()) <= max_r
     assert hourly_cost(d.replicas, POOLS) <= budget + 1e-9
-    if rate is None or math.isnan(rate):
-        # holds on missing metrics (as far as the limits allow)
+    within = sum(cur.values()) <= max_r and hourly_cost(cur, POOLS) <= budget
+    no_rate = (rate is None or math.isnan(rate)) and arrival is None
+    if no_rate:
         assert all(d.replicas[k] <= cur[k] for k in cur)
         assert d.slo_met is None
-        within = sum(cur.values()) <= max_r and hourly_cost(cur, POOLS) <= budget
         if within:
             assert d.replicas == cur
-    elif p95 is not None and p95 > 100:
+        return
+    # ONE pool is chosen; any other pool keeps at most its current replicas (a switch in
+    # progress), never grows
+    chosen = [n for n, v in d.history[-1].replicas if v > 0]
+    assert len(chosen) <= 1
+    for k in cur:
+        if k not in chosen:
+            assert d.replicas[k] <= cur[k]
+    if p95 is not None and p95 > 100 and within:
         # never scales down while p95 is above the SLO (unless a limit forces it)
-        within = sum(cur.values()) <= max_r and hourly_cost(cur, POOLS) <= budget
-        if within:
-            assert capacity(d.replicas, POOLS) >= capacity(cur, POOLS) - 1e-9
-            assert all(d.replicas[k] >= cur[k] for k in cur) or d.code is Reason.LIMITED
+        assert all(d.replicas[k] >= cur[k] for k in chosen) or d.code is Reason.LIMITED
 
 
-def test_swap_keeps_old_replicas_until_ready_capacity_covers_the_headroom():
-    # 74 req/s on 2 small + 1 large ready (250 req/s): the cheapest mix for 74/0.9 = 82 req/s
-    # is 3 small. Dropping the large now would leave 2 ready smalls (80 req/s): above the bare
-    # load, below the need with headroom, for a whole start-up. The large stays until the
-    # third small serves (make-before-break against 82 req/s, not 74)
-    cur = {"cpu-small": 2, "cpu-large": 1}
-    d = decide(obs(0, 74.0, 30.0, cur), POOLS, TARGET, None, 0)
-    assert d.replicas == {"cpu-small": 3, "cpu-large": 1}
-    assert "until new ones are ready" in d.reason
+def test_a_switch_the_limits_trim_keeps_the_new_pools_replicas():
+    # a flood mid-switch: 12 large replicas serve beside 3 small ones and still do not carry
+    # the load; the budget leaves no room for a 13th. The large ones stay (dropping serving
+    # replicas to start small ones only loses capacity: bench/autoscaling.py's 300 s start-up
+    # row on the held-out quiet trace found this)
+    cur = {"cpu-small": 3, "cpu-large": 12}
+    d = decide(obs(0, 120.0, 5000.0, cur, cur, 5000.0, 1e5),
+               POOLS, Target(100, 1, 20, 5.0, 5, 0), None, 0)
+    assert d.replicas == cur
+    assert d.code is Reason.LIMITED and "switching to cpu-large" in d.reason

@@ -274,10 +274,10 @@ def test_rates_and_capacities_out_of_range_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_huge_observed_rate_does_not_overflow_the_policy() -> None:
-    from leanserve.autoscaling.policy import cheapest_mix
+    from leanserve.autoscaling.policy import cheapest_pool
 
     pools = [PoolCapacity("a", 1e-6, 0.1), PoolCapacity("b", 10, 0.4)]
-    mix, feasible = cheapest_mix(1.7e308, pools, Target(100, 1, 4))
+    mix, feasible = cheapest_pool(1.7e308, pools, Target(100, 1, 4), 0.99)
     assert not feasible and sum(mix.values()) <= 4
 
 
