@@ -410,6 +410,13 @@ def _deployed(obs: DeploymentObservation | None, sha: str) -> bool:
         obs.updated >= obs.replicas
 
 
+def _still_serving(obs: DeploymentObservation | None, sha: str, steady: bool) -> bool:
+    """A pool that served this artifact and still has Ready replicas keeps serving while its
+    Deployment changes under it (the autoscaler's scale bumps its generation; a scale-up is
+    not Available until the new pods are Ready): a change of replicas is no rollout."""
+    return steady and obs is not None and obs.artifact_sha == sha and obs.ready > 0
+
+
 def autoscaling_condition(spec: CompressedModelSpec, status: Mapping[str, Any],
                           compression: Mapping[str, Any]) -> tuple[ConditionStatus, str, str]:
     """Whether the autoscaler acts, from the profile and what it recorded in status.autoscaling.
@@ -456,11 +463,19 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
 
     ready = {p: observed.deployments[p].ready if p in observed.deployments else 0
              for p in wanted}
-    serving = [p for p in wanted if _deployed(observed.deployments.get(p), sha)]
+    # Served this artifact before (status.servedArtifact): replicas changing is no rollout.
+    prev = res.status
+    steady = prev.get("phase") in (Phase.SERVING.value, Phase.DEGRADED.value) and \
+        prev.get("servedArtifact") == sha
+    lost = sum(ready.values()) < int((prev.get("serving") or {}).get("readyReplicas") or 0)
+    serving = [p for p in wanted if _deployed(observed.deployments.get(p), sha) or
+               _still_serving(observed.deployments.get(p), sha, steady)]
+    # Degraded: Ready replicas but not Available, from a rollout, or from replicas lost
+    # (not a scale-up still starting its pods).
     degraded = [p for p in wanted if (o := observed.deployments.get(p)) is not None and
-                o.current and o.ready > 0 and not o.available]
+                o.current and o.ready > 0 and not o.available and (not steady or lost)]
     where = ", ".join(f"{p} ({ready[p]}/{n} ready)" for p, n in wanted.items())
-    if serving:
+    if serving and not (steady and degraded):
         # A pool that joins (an autoscaler's pool switch) rolls out while the others serve.
         rolling = [p for p in wanted if p not in serving]
         phase, message = Phase.SERVING, f"serving {compression.get('selected')} on " + \
@@ -502,6 +517,8 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
                   f"${hourly:g}/h > maxHourlyCost ${budget:g}/h")
     conds.set(ConditionType.AUTOSCALING, *autoscaling_condition(spec, res.status, compression))
     replicas = sum(wanted.values())
+    if phase is Phase.SERVING:
+        status["servedArtifact"] = sha
     status["serving"] = {"pool": ",".join(wanted), "replicas": replicas,
                          "readyReplicas": sum(ready.values()),
                          "endpoint": f"{owner.name}.{owner.namespace}.svc:{Port.HTTP.value}"}

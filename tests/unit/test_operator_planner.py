@@ -131,7 +131,7 @@ def test_invalid_spec_plans_no_children() -> None:
 
 def test_transition_time_changes_only_with_status() -> None:
     res = Resource(OWNER, 1, SPEC, (), compressed_status())
-    obs = Observed(deployments={"cpu": DeploymentObservation("cpu", 1, 1, 1, True, "f" * 64)})
+    obs = Observed(deployments={"cpu": DeploymentObservation("cpu", 2, 2, 2, True, "f" * 64)})
     first = planner.plan(res, obs, NOW, S)
     again = planner.plan(Resource(OWNER, 1, SPEC, (), {**compressed_status(), **first.status}),
                          obs, NOW + timedelta(minutes=5), S)
@@ -430,3 +430,32 @@ def test_the_autoscaling_condition_says_why_the_autoscaler_cannot_act() -> None:
     assert (cond["status"], cond["reason"]) == ("False", "MetricsUnavailable")
     assert "Prometheus unreachable" in cond["message"]
     assert [(e.reason, e.warning) for e in d.events] == [("MetricsUnavailable", True)]
+
+
+def test_a_scale_of_a_serving_pool_is_no_rollout_but_lost_replicas_are_degraded() -> None:
+    """The autoscaler's scale bumps the Deployment's generation and a scale-up is not Available
+    until its pods are Ready: a model that served this artifact stays Serving. Replicas lost
+    (fewer Ready than the status last said) are Degraded; a new artifact is a rollout again."""
+    first = planner.plan(Resource(OWNER, 1, SPEC, (), decided({"cpu": 1})),
+                         Observed(deployments={"cpu": serving("cpu")}), NOW, S)
+    assert first.status["phase"] == "Serving" and first.status["servedArtifact"] == "f" * 64
+    before = {**decided({"cpu": 2}), **first.status}
+    scaling = DeploymentObservation("cpu", 2, 1, 2, False, "f" * 64, generation=2,
+                                    observed_generation=1)
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), before), Observed(deployments={"cpu": scaling}),
+                     NOW, S)
+    assert d.status["phase"] == "Serving" and d.events == []
+    starting = dataclasses.replace(scaling, observed_generation=2)
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), before), Observed(deployments={"cpu": starting}),
+                     NOW, S)
+    assert d.status["phase"] == "Serving" and d.events == []
+
+    full = {**before, "serving": {**before["serving"], "readyReplicas": 2}}
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), full), Observed(deployments={"cpu": starting}),
+                     NOW, S)
+    assert d.status["phase"] == "Degraded"
+
+    other = {**before, "servedArtifact": "e" * 64}
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), other), Observed(deployments={"cpu": scaling}),
+                     NOW, S)
+    assert d.status["phase"] == "Deploying"
