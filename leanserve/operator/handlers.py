@@ -500,15 +500,20 @@ async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any],
         logger.warning(f"reconcile of {key[1]}: {exc}")
         return 10.0
     finally:
-        if rt.kube is not None:
-            rt.metrics.api_requests.set(rt.kube.requests)
-            for method in ("PATCH", "POST", "PUT", "DELETE"):
-                rt.metrics.api_writes.labels(method=method).set(rt.kube.by_method[method])
+        count_requests(rt)
     rt.metrics.reconciles.labels(outcome="ok").inc()
     rt.metrics.observe_phase(res.owner.namespace, res.owner.name, desired.status.get("phase"))
     for ev in desired.events:
         logger.info(f"{ev.reason}: {ev.message}")
     return None
+
+
+def count_requests(rt: Runtime) -> None:
+    """Refresh the gauges of the API requests this process made (reconciles and autoscaler)."""
+    if rt.kube is not None:
+        rt.metrics.api_requests.set(rt.kube.requests)
+        for method in ("PATCH", "POST", "PUT", "DELETE"):
+            rt.metrics.api_writes.labels(method=method).set(rt.kube.by_method[method])
 
 
 async def _report_refusal(rt: Runtime, res: planner.Resource, desired: planner.Desired,
@@ -550,6 +555,8 @@ async def autoscale_once(rt: Runtime, key: Key, body: dict[str, Any], logger: An
             rt.metrics.errors.labels(kind="autoscale").inc()
             logger.warning(f"autoscaling skipped: {exc!s}")
             return
+        finally:
+            count_requests(rt)
         if written:
             remember_status(rt, key, written)
 
