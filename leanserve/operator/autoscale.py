@@ -78,13 +78,13 @@ def status_patch(saved: Mapping[str, Any], decision: Decision | None,
     Written when the replicas change, when the state's reason changes, and when the stored
     decision is older than HISTORY_SECONDS; never for a new load figure alone.
     """
-    last = saved.get("last") if isinstance(saved.get("last"), Mapping) else None
     old_state = saved.get("state") if isinstance(saved.get("state"), Mapping) else None
     state_moved = (old_state or {}).get("reason") != (state or {}).get("reason")
     if decision is None:
         return {"state": state} if state_moved else None
-    stale = last is None or dict(last.get("replicas") or {}) != decision.replicas or \
-        now - float(last.get("time") or 0.0) >= HISTORY_SECONDS
+    stored = decision_from_status(dict(saved))
+    stale = stored is None or stored.replicas != decision.replicas or \
+        now - stored.time >= HISTORY_SECONDS
     if not (stale or state_moved):
         return None
     return {**decision_to_status(decision), "state": state}
