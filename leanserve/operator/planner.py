@@ -256,6 +256,11 @@ def plan(res: Resource, observed: Observed, now: datetime,
         conds.set(ConditionType.READY, F, Reason.FORBIDDEN, message)
         conds.keep(ConditionType.COMPRESSED, (U, Reason.FORBIDDEN, "spec is refused"))
         conds.keep(ConditionType.DEPLOYED, (U, Reason.FORBIDDEN, "spec is refused"))
+        url = privilege.prometheus_problem(res.spec.autoscaling.prometheus_url, settings)
+        if url:  # the autoscaler sends no request there: it cannot act
+            conds.set(ConditionType.AUTOSCALING, F, Reason.FORBIDDEN, url)
+        else:
+            conds.keep(ConditionType.AUTOSCALING, (U, Reason.FORBIDDEN, "spec is refused"))
         return _finish(out, prev, status, conds, Phase.FAILED, message)
 
     spec, owner = res.spec, res.owner
