@@ -388,6 +388,14 @@ def test_a_pool_switch_decided_by_the_autoscaler_keeps_the_old_pool_until_the_ne
     assert d.status["cost"]["hourly"] == 2 * 0.1 + 0.5
     starting = Observed(deployments={"cpu": serving("cpu", 2), "gpu-t4": serving("gpu-t4", 1, 0)})
     assert planner.plan(switching, starting, NOW, S).delete == []
+    # Each pool its own repository: KIND_GPU on the GPU pool (the Job wrote it), KIND_CPU on cpu.
+    with_gpu = decided({"cpu": 2, "gpu-t4": 1})
+    with_gpu["compression"]["artifact"]["gpu"] = True
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), with_gpu), starting, NOW, S)
+    repos = {o["metadata"]["labels"]["leanserve.io/pool"]: o["spec"]["template"]["spec"][
+        "containers"][0]["args"][0] for o in d.apply if o["kind"] == "Deployment"}
+    assert repos == {"cpu": "--model-repository=/models/x/model_repository",
+                     "gpu-t4": "--model-repository=/models/x/model_repository-gpu"}
 
     done = Resource(OWNER, 1, SPEC, (), decided({"cpu": 0, "gpu-t4": 1}))
     both = Observed(deployments={"cpu": serving("cpu", 0), "gpu-t4": serving("gpu-t4", 1, 0)})
