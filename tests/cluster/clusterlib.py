@@ -175,3 +175,15 @@ def finish_job_pod(api: Any, ns: str, job: str, message: str) -> str:
             "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
                                      "startedAt": now, "finishedAt": now}}}]}})
     return str(pod["metadata"]["name"])
+
+
+def delete_namespace(cp: Any, name: str) -> None:
+    """Remove a test's namespace without waiting for the namespace controller (seconds per
+    test): its CompressedModels are deleted first, and waited for (they carry no finalizer),
+    so no later test's operator meets them; Job pods that never ran (no kubelet for them) are
+    forced out so the namespace does not stay Terminating."""
+    cp.kubectl("delete", "compressedmodels", "--all", "-n", name, "--timeout=60s",
+               check=False, timeout=90)
+    cp.kubectl("delete", "pods", "--all", "-n", name, "--force", "--grace-period=0",
+               check=False)
+    cp.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -153,7 +153,7 @@ def ns(control_plane: ControlPlane, operator_kubeconfig: Path, tmp_path: Path) -
     (Modules with other needs define their own ``ns``.)"""
     import uuid
 
-    from clusterlib import pv_and_claim
+    from clusterlib import delete_namespace, pv_and_claim
 
     name = f"m-{uuid.uuid4().hex[:8]}"
     control_plane.kubectl("create", "namespace", name)
@@ -161,7 +161,4 @@ def ns(control_plane: ControlPlane, operator_kubeconfig: Path, tmp_path: Path) -
     store.mkdir()
     pv_and_claim(control_plane, name, "models", store)
     yield name
-    control_plane.kubectl("delete", "pods", "--all", "-n", name, "--force",
-                          "--grace-period=0", check=False)
-    control_plane.kubectl("delete", "namespace", name, "--timeout=120s", check=False,
-                          timeout=150)
+    delete_namespace(control_plane, name)

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from clusterlib import (
     OperatorProcess,
+    delete_namespace,
     install_crd,
     install_operator,
     pv_and_claim,
@@ -70,12 +71,7 @@ def ns(control_plane: Any, installed: Any, tmp_path: Path) -> Iterator[str]:
     store.mkdir()
     pv_and_claim(control_plane, name, "models", store)
     yield name
-    # Job pods never ran (no kubelet for them): force them out, else the namespace stays
-    # Terminating. Waited for: a later test's operator must not meet this one's models.
-    control_plane.kubectl("delete", "pods", "--all", "-n", name, "--force",
-                          "--grace-period=0", check=False)
-    control_plane.kubectl("delete", "namespace", name, "--timeout=120s", check=False,
-                          timeout=150)
+    delete_namespace(control_plane, name)
 
 
 @pytest.fixture
