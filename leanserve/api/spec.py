@@ -140,6 +140,7 @@ class ConditionType(str, enum.Enum):
     DEPLOYED = "Deployed"
     SLO_MET = "SLOMet"
     BUDGET_MET = "BudgetMet"
+    AUTOSCALING = "Autoscaling"
 
 
 class ConditionStatus(str, enum.Enum):

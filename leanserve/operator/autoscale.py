@@ -1,23 +1,38 @@
 """One autoscaling step for one CompressedModel in the cluster.
 
-Glue only: Prometheus (leanserve.autoscaling.metrics) and the Deployments (``platform``) are
-observed, ``leanserve.autoscaling.policy.decide`` decides, the Kubernetes platform scales, and the
-decision (with the history the policy needs for its stabilization window) goes into
-``status.autoscaling``: the policy's memory lives in the cluster, never only in this process.
+Glue only: Prometheus (leanserve.autoscaling.metrics) and the Deployments (``platform``, from
+the operator's watch) are observed, ``leanserve.autoscaling.policy.decide`` decides, the
+Kubernetes platform scales the pools that have a Deployment, and the decision goes into
+``status.autoscaling``, from where the planner creates the Deployments of pools the decision
+adds (a pool switch) and removes those it sets to 0 once the others serve.
+
+Cost per step in the steady state: no Kubernetes request. The last decision (with the history
+the policy needs for its stabilization window and trend) stays in the operator's memory and is
+written to status when the replicas or what stops the autoscaler change, and at least every
+``HISTORY_SECONDS`` otherwise, so a restarted operator resumes with a history at most that old.
+What stops the autoscaler (no metrics, a refusal, a profile without a pool, the limits) is
+``status.autoscaling.state``; the planner turns it into condition Autoscaling=False and an Event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from leanserve.autoscaling.errors import AutoscalingError
-from leanserve.autoscaling.metrics import PrometheusSource, Queries, observe
+from leanserve.autoscaling.errors import AutoscalingError, PolicyError
+from leanserve.autoscaling.metrics import PrometheusSource, Queries, Reading, observe
 from leanserve.autoscaling.policy import Decision, decide, pools_from_profile
+from leanserve.autoscaling.policy import Reason as PolicyReason
 from leanserve.operator import privilege
-from leanserve.operator.errors import OperatorError
+from leanserve.operator.constants import Reason
+from leanserve.operator.errors import ApiError, OperatorError
+from leanserve.operator.planner import DeploymentObservation
 from leanserve.operator.platform import KubernetesPlatform
+
+HISTORY_SECONDS = 300.0
+"""An unchanged decision is still written this often: the history a restart resumes from."""
 
 
 def decision_from_status(saved: dict[str, Any] | None) -> Decision | None:
@@ -31,36 +46,93 @@ def decision_to_status(decision: Decision) -> dict[str, Any]:
     return decision.to_status()
 
 
-def step(body: dict[str, Any], rt: Any, logger: Any,
-         loop: asyncio.AbstractEventLoop) -> Decision | None:
-    """Observe, decide, scale, record. Returns the decision (None when there is nothing to do).
+def state_of(decision: Decision, reading: Reading) -> dict[str, str] | None:
+    """What keeps this decision from being the policy's own (None: nothing)."""
+    if decision.code is PolicyReason.METRICS_UNAVAILABLE:
+        return {"reason": Reason.METRICS_UNAVAILABLE.value,
+                "message": "; ".join(reading.problems) or decision.reason}
+    if decision.code is PolicyReason.LIMITED:
+        return {"reason": Reason.LIMITED.value, "message": decision.reason}
+    return None
 
-    Runs in a worker thread; ``loop`` is the operator's event loop, where its client lives.
+
+def status_patch(saved: Mapping[str, Any], decision: Decision | None,
+                 state: dict[str, str] | None, now: float) -> dict[str, Any] | None:
+    """The status.autoscaling merge patch to write, or None when the stored one still holds.
+
+    Written when the replicas change, when the state's reason changes, and when the stored
+    decision is older than HISTORY_SECONDS; never for a new load figure alone.
+    """
+    old_state = saved.get("state") if isinstance(saved.get("state"), Mapping) else None
+    state_moved = (old_state or {}).get("reason") != (state or {}).get("reason")
+    if decision is None:
+        return {"state": state} if state_moved else None
+    stored = decision_from_status(dict(saved))
+    stale = stored is None or stored.replicas != decision.replicas or \
+        now - stored.time >= HISTORY_SECONDS
+    if not (stale or state_moved):
+        return None
+    return {**decision_to_status(decision), "state": state}
+
+
+def step(body: dict[str, Any], rt: Any, logger: Any, loop: asyncio.AbstractEventLoop,
+         deployments: Mapping[str, DeploymentObservation] | None = None
+         ) -> dict[str, Any] | None:
+    """Observe, decide, scale, record. Returns the status patch it wrote (None: none).
+
+    Runs in a worker thread; ``loop`` is the operator's event loop, where its client lives;
+    ``deployments`` are the model's serving Deployments by pool, from the watch.
     """
     from leanserve.operator.handlers import to_resource
 
     res = to_resource(body)
     spec, status = res.spec, dict(body.get("status") or {})
-    profile = {"pools": (status.get("compression") or {}).get("pools")}
-    if spec is None or not profile["pools"]:
-        return None  # no serving profile: replicas stay at minReplicas until one exists
+    saved = dict(status.get("autoscaling") or {})
+    pools_profile = (status.get("compression") or {}).get("pools")
+    if spec is None or not pools_profile:
+        return None  # no serving profile: the planner's condition Autoscaling says so
     problem = privilege.prometheus_problem(spec.autoscaling.prometheus_url, rt.settings)
     if problem:
-        raise OperatorError(problem)  # checked before any request is made
+        # Checked before any request is made; the planner refuses the spec (Ready=False,
+        # Forbidden) and stops the autoscaler, this only closes the window before it does.
+        raise OperatorError(problem)
+    key = (res.owner.namespace, res.owner.name)
+    platform = KubernetesPlatform(rt.client, loop, res.owner.namespace, deployments or {})
+    now = time.time()
     try:
-        pools = [p for p in pools_from_profile(profile, spec)]
-        platform = KubernetesPlatform(rt.client, loop, res.owner.namespace)
+        pools = pools_from_profile({"pools": pools_profile}, spec)
+    except PolicyError as exc:
+        return _write(platform, res.owner.name, status_patch(
+            saved, None, {"reason": Reason.PROFILE_INVALID.value, "message": str(exc)}, now))
+    previous = rt.decisions.get(key) or decision_from_status(saved)
+    try:
         source = PrometheusSource(url=spec.autoscaling.prometheus_url,
                                   queries=Queries(model=res.owner.name), clock=time.time)
         obs, reading = observe(source, platform, res.owner.name)
         now = time.time()
-        decision = decide(obs, pools, spec, decision_from_status(status.get("autoscaling")), now)
-        platform.scale(res.owner.name, decision.replicas)
-        platform.patch_status(res.owner.name, {"autoscaling": decision_to_status(decision)})
+        decision = decide(obs, pools, spec, previous, now)
     except AutoscalingError as exc:
         raise OperatorError(str(exc)) from None
     rt.metrics.record_decision(res.owner.namespace, res.owner.name, decision, spec, pools, obs,
                                reading)
+    state = state_of(decision, reading)
+    try:
+        platform.scale(res.owner.name, decision.replicas)
+    except ApiError as exc:
+        if exc.status not in (400, 403, 422):
+            raise  # a conflict or a server error: the next interval tries again
+        reason = Reason.FORBIDDEN if exc.status == 403 else Reason.API_REFUSED
+        state = {"reason": reason.value, "message": f"scaling refused: {exc}"}
+    rt.decisions[key] = decision
     if reading.problems:
         logger.info(f"autoscaling: {'; '.join(reading.problems)}")
-    return decision
+    return _write(platform, res.owner.name, status_patch(saved, decision, state, now))
+
+
+def _write(platform: KubernetesPlatform, model: str,
+           patch: dict[str, Any] | None) -> dict[str, Any] | None:
+    if patch is None:
+        return None
+    written = {"autoscaling": patch}
+    platform.patch_status(model, written)
+    return written

@@ -73,6 +73,13 @@ class Reason(str, enum.Enum):
     # The spec asks for something the operator's settings do not allow (an image, a
     # toleration, a Secret without the opt-in label, a Prometheus URL): nothing is made.
     FORBIDDEN = "Forbidden"
+    # The Autoscaling condition: the autoscaler acts, has not stepped yet, or cannot act (no
+    # profile, no metrics, a profile without a pool, the limits bind; Forbidden, APIRefused).
+    AUTOSCALING_ACTIVE = "Active"
+    AUTOSCALING_PENDING = "Pending"
+    METRICS_UNAVAILABLE = "MetricsUnavailable"
+    PROFILE_INVALID = "ProfileInvalid"
+    LIMITED = "LimitedByMaxReplicasOrBudget"
 
 
 # Condition reasons that mean something is wrong: their Events are type Warning.
@@ -80,7 +87,8 @@ PROBLEM_REASONS = frozenset(r.value for r in (
     Reason.INVALID_SPEC, Reason.JOB_FAILED, Reason.REPORT_MISSING, Reason.NO_CANDIDATE_PASSED,
     Reason.REPLICAS_UNAVAILABLE, Reason.NO_POOL_MEETS_SLO, Reason.OVER_BUDGET,
     Reason.API_REFUSED, Reason.JOB_NOT_STARTING, Reason.CLAIM_NOT_SHARED, Reason.CLAIM_MISSING,
-    Reason.FORBIDDEN))
+    Reason.FORBIDDEN, Reason.NO_PROFILE, Reason.METRICS_UNAVAILABLE, Reason.PROFILE_INVALID,
+    Reason.LIMITED))
 
 # Access modes a claim shared by the Job and every serving replica (on any node) may have.
 SHARED_ACCESS_MODES = ("ReadWriteMany", "ReadOnlyMany")

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +47,8 @@ from leanserve.operator.settings import OperatorSettings
 
 MONITOR_TTL_SECONDS = 60.0
 LOOP_TICK_SECONDS = 1.0
+SERVING_INDEX = "serving_deployments"
+"""kopf's index of the serving Deployments: (namespace, model) -> their observations."""
 Key = tuple[str, str]
 
 
@@ -70,6 +72,15 @@ class Runtime:
     _written: dict[Key, dict[str, Any]] = field(default_factory=dict, repr=False)
     # The latest body of every model, from the watch (never LISTed by the operator).
     models: dict[Key, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # The serving Deployments of every model, by pool: kopf's index over the Deployment watch
+    # (SERVING_INDEX), bound at start-up. kopf starts no handler before its initial listing is
+    # indexed, so a model is never planned from a half-filled cache.
+    serving_index: Mapping[Key, Iterable[planner.DeploymentObservation]] | None = field(
+        default=None, repr=False)
+    # The autoscaler's last decision per model (leanserve.autoscaling.policy.Decision), with
+    # the history the policy needs; status.autoscaling holds it for a restart, written when the
+    # decision changes and at least every autoscale.HISTORY_SECONDS.
+    decisions: dict[Key, Any] = field(default_factory=dict, repr=False)
     next_sync: dict[Key, float] = field(default_factory=dict, repr=False)
     next_scale: dict[Key, float] = field(default_factory=dict, repr=False)
     # What this process last applied per child: (digest, when). An unchanged desired child is
@@ -82,11 +93,19 @@ class Runtime:
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
-        for table in (self._locks, self._written, self.models, self.next_sync, self.next_scale):
+        for table in (self._locks, self._written, self.models, self.next_sync, self.next_scale,
+                      self.decisions):
             table.pop(key, None)  # type: ignore[attr-defined]
         for child in [c for c in self._applied if c[1] == namespace and
                       c[2].startswith(name)]:
             self._applied.pop(child, None)
+
+    def deployments(self, namespace: str, name: str
+                    ) -> dict[str, planner.DeploymentObservation] | None:
+        """A model's serving Deployments by pool, from the watch (None: no index bound)."""
+        if self.serving_index is None:
+            return None
+        return {d.pool: d for d in self.serving_index.get((namespace, name), ())}
 
     @property
     def client(self) -> KubeClient:
@@ -271,15 +290,27 @@ async def observe(rt: Runtime, res: planner.Resource, now: datetime) -> planner.
         job_obs is not None and job_obs.state is JobState.SUCCEEDED)
     if not serving:
         return planner.Observed(job=job_obs, claims=claims, secrets=secrets)
-    deployments = await kube.list(Kinds.DEPLOYMENT, owner.namespace, {
-        Label.MODEL.value: owner.name, Label.COMPONENT.value: Component.SERVING.value})
-    by_pool = {}
-    for d in deployments:
-        pool = ((d.get("metadata") or {}).get("labels") or {}).get(Label.POOL.value)
-        if pool:
-            by_pool[pool] = deployment_observation(pool, d)
+    by_pool = await serving_deployments(rt, owner.namespace, owner.name)
     return planner.Observed(job=job_obs, deployments=by_pool, monitor=await rt.monitor_kind(),
                             claims=claims, secrets=secrets)
+
+
+async def serving_deployments(rt: Runtime, namespace: str, name: str
+                              ) -> dict[str, planner.DeploymentObservation]:
+    """A model's serving Deployments by pool: from the watch's index; LISTed only where no
+    index is bound (a Runtime driven without kopf)."""
+    cached = rt.deployments(namespace, name)
+    if cached is not None:
+        return cached
+    found = await rt.client.list(Kinds.DEPLOYMENT, namespace, {
+        Label.MODEL.value: name, Label.COMPONENT.value: Component.SERVING.value})
+    return {o.pool: o for d in found if (o := index_deployment(d)) is not None}
+
+
+def index_deployment(d: Mapping[str, Any]) -> planner.DeploymentObservation | None:
+    """What the planner and the autoscaler read of a serving Deployment (None: not one)."""
+    pool = ((d.get("metadata") or {}).get("labels") or {}).get(Label.POOL.value)
+    return deployment_observation(str(pool), _plain(dict(d))) if pool else None
 
 
 async def observe_secrets(rt: Runtime, res: planner.Resource) -> dict[str, privilege.SecretLabels]:
@@ -475,15 +506,20 @@ async def _reconcile(rt: Runtime, body: kopf.Body | dict[str, Any],
         logger.warning(f"reconcile of {key[1]}: {exc}")
         return 10.0
     finally:
-        if rt.kube is not None:
-            rt.metrics.api_requests.set(rt.kube.requests)
-            for method in ("PATCH", "POST", "PUT", "DELETE"):
-                rt.metrics.api_writes.labels(method=method).set(rt.kube.by_method[method])
+        count_requests(rt)
     rt.metrics.reconciles.labels(outcome="ok").inc()
     rt.metrics.observe_phase(res.owner.namespace, res.owner.name, desired.status.get("phase"))
     for ev in desired.events:
         logger.info(f"{ev.reason}: {ev.message}")
     return None
+
+
+def count_requests(rt: Runtime) -> None:
+    """Refresh the gauges of the API requests this process made (reconciles and autoscaler)."""
+    if rt.kube is not None:
+        rt.metrics.api_requests.set(rt.kube.requests)
+        for method in ("PATCH", "POST", "PUT", "DELETE"):
+            rt.metrics.api_writes.labels(method=method).set(rt.kube.by_method[method])
 
 
 async def _report_refusal(rt: Runtime, res: planner.Resource, desired: planner.Desired,
@@ -512,13 +548,32 @@ async def autoscale_once(rt: Runtime, key: Key, body: dict[str, Any], logger: An
                                                         Phase.DEGRADED.value):
         return
     # The policy and its metric source are synchronous (leanserve.autoscaling): each step runs
-    # in a worker thread, under the model's lock so a reconcile never interleaves with it.
+    # in a worker thread, under the model's lock so a reconcile never interleaves with it. It
+    # reads the Deployments from the watch (a snapshot taken here, on the loop) and writes the
+    # status only when the decision changes; what it wrote is folded into the cached body so
+    # the next plan sees the decision before the watch brings it.
     async with rt.lock(*key):
+        deployments = await serving_deployments(rt, *key)
         try:
-            await asyncio.to_thread(rt.autoscale, body, rt, logger, asyncio.get_running_loop())
+            written = await asyncio.to_thread(rt.autoscale, body, rt, logger,
+                                              asyncio.get_running_loop(), deployments)
         except (OperatorError, aiohttp.ClientError, TimeoutError) as exc:
             rt.metrics.errors.labels(kind="autoscale").inc()
             logger.warning(f"autoscaling skipped: {exc!s}")
+            return
+        finally:
+            count_requests(rt)
+        if written:
+            remember_status(rt, key, written)
+
+
+def remember_status(rt: Runtime, key: Key, patch: dict[str, Any]) -> None:
+    """Fold a status merge patch this process wrote into its view of the model."""
+    current = rt.models.get(key)
+    if current is not None:
+        rt.models[key] = {**current, "status": merge_patch(current.get("status") or {}, patch)}
+    if key in rt._written:
+        rt._written[key] = merge_patch(rt._written[key], patch)
 
 
 async def run_loop(rt: Runtime, logger: Any, tick: float = LOOP_TICK_SECONDS) -> None:
@@ -548,8 +603,22 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     def login(**_: Any) -> kopf.ConnectionInfo:
         return rt.login()
 
+    managed = {Label.MANAGED_BY.value: MANAGER}
+
+    @kopf.index("apps", "v1", "deployments", registry=registry, id=SERVING_INDEX,
+                labels={**managed, Label.COMPONENT.value: Component.SERVING.value})
+    def serving_deployments_index(body: kopf.Body, **_: Any
+                                  ) -> dict[Key, planner.DeploymentObservation]:
+        meta = body.get("metadata") or {}
+        model = (meta.get("labels") or {}).get(Label.MODEL.value)
+        found = index_deployment(body)
+        if not model or found is None:
+            return {}
+        return {(meta.get("namespace") or "default", model): found}
+
     @kopf.on.startup(registry=registry)
-    async def startup(logger: Any, **_: Any) -> None:
+    async def startup(logger: Any, **kwargs: Any) -> None:
+        rt.serving_index = kwargs[SERVING_INDEX]
         if rt.kube is None:  # run_operator made one already; a bare registry makes its own
             rt.kube = KubeClient.from_connection(rt.login(), relogin=rt.login)
             own.append(rt.kube)
@@ -586,8 +655,6 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
         found = rt.models.get((meta.get("namespace") or "default", model or ""))
         if found is not None:
             await reconcile(rt, found, logger)
-
-    managed = {Label.MANAGED_BY.value: MANAGER}
 
     @kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)
     async def job_event(body: kopf.Body, logger: Any, **_: Any) -> None:

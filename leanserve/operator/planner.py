@@ -111,6 +111,10 @@ class Desired:
 # ----------------------------------------------------------------------------- conditions
 
 
+# Conditions whose first appearance as False is news (an Event): no earlier state announces it.
+ANNOUNCED_WHEN_NEW = frozenset({ConditionType.AUTOSCALING})
+
+
 class Conditions:
     """kstatus conditions; lastTransitionTime changes only when a status changes."""
 
@@ -134,6 +138,8 @@ class Conditions:
             self.changed.append(cond)
         if prev is not None and (not same or prev.get("reason") != cond["reason"]):
             self.news.append(cond)  # an existing condition moved: status or reason
+        elif prev is None and ctype in ANNOUNCED_WHEN_NEW and status is ConditionStatus.FALSE:
+            self.news.append(cond)  # e.g. autoscaling that cannot act from the start
         self._out[ctype.value] = cond
 
     def keep(self, ctype: ConditionType, default: tuple[ConditionStatus, Reason, str]) -> None:
@@ -250,6 +256,11 @@ def plan(res: Resource, observed: Observed, now: datetime,
         conds.set(ConditionType.READY, F, Reason.FORBIDDEN, message)
         conds.keep(ConditionType.COMPRESSED, (U, Reason.FORBIDDEN, "spec is refused"))
         conds.keep(ConditionType.DEPLOYED, (U, Reason.FORBIDDEN, "spec is refused"))
+        url = privilege.prometheus_problem(res.spec.autoscaling.prometheus_url, settings)
+        if url:  # the autoscaler sends no request there: it cannot act
+            conds.set(ConditionType.AUTOSCALING, F, Reason.FORBIDDEN, url)
+        else:
+            conds.keep(ConditionType.AUTOSCALING, (U, Reason.FORBIDDEN, "spec is refused"))
         return _finish(out, prev, status, conds, Phase.FAILED, message)
 
     spec, owner = res.spec, res.owner
@@ -346,6 +357,7 @@ def plan(res: Resource, observed: Observed, now: datetime,
                   "nothing to serve until a candidate passes the quality gate")
         conds.keep(ConditionType.SLO_MET, (U, Reason.NO_PROFILE, "not serving yet"))
         conds.keep(ConditionType.BUDGET_MET, (U, Reason.NO_BUDGET, "not serving yet"))
+        conds.keep(ConditionType.AUTOSCALING, (U, Reason.AUTOSCALING_PENDING, "not serving yet"))
 
     assert phase is not None
     if phase is Phase.SERVING:
@@ -360,49 +372,135 @@ def plan(res: Resource, observed: Observed, now: datetime,
     return _finish(out, prev, status, conds, phase, message)
 
 
+def decided_replicas(spec: CompressedModelSpec, status: Mapping[str, Any]) -> dict[str, int]:
+    """Replicas per pool of the autoscaler's last decision (status.autoscaling.last), limited to
+    the spec's pools; empty when there is no readable decision."""
+    last = (status.get("autoscaling") or {}).get("last") if isinstance(
+        status.get("autoscaling"), Mapping) else None
+    raw = last.get("replicas") if isinstance(last, Mapping) else None
+    if not isinstance(raw, Mapping):
+        return {}
+    names = {p.name for p in spec.node_pools}
+    out: dict[str, int] = {}
+    for pool, n in raw.items():
+        if pool in names and isinstance(n, int | float) and not isinstance(n, bool):
+            out[str(pool)] = max(0, int(n))
+    return out
+
+
+def serving_pools(spec: CompressedModelSpec, status: Mapping[str, Any], choice: PoolChoice,
+                  observed: Observed) -> dict[str, int]:
+    """The pools that get a Deployment, with the replicas a new one starts with.
+
+    The autoscaler's last decision rules: every pool it gives replicas gets a Deployment (during
+    a pool switch the old and the new pool both). Without a decision naming any replicas the
+    pool choice from the profile stands. The replicas are the decision's (the autoscaler set
+    them through the scale subresource already where the Deployment exists); without one, a
+    Deployment keeps the replicas it has and a new one starts at minReplicas (at least 1).
+    """
+    decided = {p: n for p, n in decided_replicas(spec, status).items() if n > 0}
+    floor = max(1, spec.autoscaling.min_replicas)
+    order = [p.name for p in spec.node_pools]
+    if decided:
+        wanted = decided
+    else:
+        obs = observed.deployments.get(choice.pool.name)
+        wanted = {choice.pool.name: obs.replicas if obs is not None else floor}
+    return dict(sorted(wanted.items(), key=lambda kv: order.index(kv[0])))
+
+
+def _deployed(obs: DeploymentObservation | None, sha: str) -> bool:
+    """Available, at the current spec and artifact, every replica updated."""
+    return obs is not None and obs.available and obs.current and obs.artifact_sha == sha and \
+        obs.updated >= obs.replicas
+
+
+def _still_serving(obs: DeploymentObservation | None, sha: str, steady: bool) -> bool:
+    """A pool that served this artifact and still has Ready replicas keeps serving while its
+    Deployment changes under it (the autoscaler's scale bumps its generation; a scale-up is
+    not Available until the new pods are Ready): a change of replicas is no rollout."""
+    return steady and obs is not None and obs.artifact_sha == sha and obs.ready > 0
+
+
+def autoscaling_condition(spec: CompressedModelSpec, status: Mapping[str, Any],
+                          compression: Mapping[str, Any]) -> tuple[ConditionStatus, str, str]:
+    """Whether the autoscaler acts, from the profile and what it recorded in status.autoscaling.
+
+    False with a reason where it cannot (no profile, no metrics, refused, held by the limits);
+    its ``state`` is what the autoscaler last met, written only when it changes.
+    """
+    if not compression.get("pools"):
+        return F, Reason.NO_PROFILE.value, (
+            "no serving profile in status.compression.pools (the compression Job profiles the "
+            "selected model unless the operator runs with LEANSERVE_OPERATOR_JOB_PROFILE=false)"
+            ": replicas stay as deployed, the autoscaler does not act")
+    record = status.get("autoscaling") if isinstance(status.get("autoscaling"), Mapping) else {}
+    state = record.get("state") if isinstance(record, Mapping) else None
+    if isinstance(state, Mapping) and state.get("reason"):
+        return F, str(state["reason"]), str(state.get("message") or state["reason"])
+    if not isinstance((record or {}).get("last"), Mapping):
+        return U, Reason.AUTOSCALING_PENDING.value, "no autoscaling step yet"
+    return T, Reason.AUTOSCALING_ACTIVE.value, (
+        f"scaling {', '.join(p.name for p in spec.node_pools)} every "
+        f"{spec.autoscaling.interval_seconds:g} s from {spec.autoscaling.prometheus_url}")
+
+
 def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, Any],
                   artifact: Mapping[str, Any], conds: Conditions, out: Desired,
                   status: dict[str, Any], settings: OperatorSettings) -> tuple[Phase, str]:
     spec, owner = res.spec, res.owner
     assert spec is not None
     choice = choose_pool(spec, compression.get("pools"))
-    pool = choice.pool
-    obs = observed.deployments.get(pool.name)
-    replicas = obs.replicas if obs is not None else max(1, spec.autoscaling.min_replicas)
+    wanted = serving_pools(spec, res.status, choice, observed)
+    by_name = {p.name: p for p in spec.node_pools}
     sha = str(artifact.get("sha256", ""))
-    out.apply.append(builders.build_deployment(
-        owner, spec, pool, artifact_uri=str(artifact["uri"]), artifact_sha=sha,
-        replicas=replicas, monitor=observed.monitor, settings=settings,
-        # status.compression keeps the Job's artifact record, with its KIND_GPU sibling flag
-        gpu_repository=bool((compression.get("artifact") or {}).get("gpu"))))
+    for name, replicas in wanted.items():
+        out.apply.append(builders.build_deployment(
+            owner, spec, by_name[name], artifact_uri=str(artifact["uri"]), artifact_sha=sha,
+            replicas=replicas, monitor=observed.monitor, settings=settings,
+            # status.compression keeps the Job's artifact record, with its KIND_GPU sibling flag
+            gpu_repository=bool((compression.get("artifact") or {}).get("gpu"))))
     out.apply.append(builders.build_service(owner))
     out.apply.append(builders.build_pdb(owner, settings))
     monitor = builders.build_monitor(owner, observed.monitor)
     if monitor is not None:
         out.apply.append(monitor)
 
-    rolled = obs is not None and obs.current and obs.artifact_sha == sha and \
-        obs.updated >= obs.replicas
-    if obs is not None and obs.available and rolled:
-        phase, message = Phase.SERVING, f"serving {compression.get('selected')} on {pool.name} " \
-                                        f"({obs.ready}/{obs.replicas} ready)"
+    ready = {p: observed.deployments[p].ready if p in observed.deployments else 0
+             for p in wanted}
+    # Served this artifact before (status.servedArtifact): replicas changing is no rollout.
+    prev = res.status
+    steady = prev.get("phase") in (Phase.SERVING.value, Phase.DEGRADED.value) and \
+        prev.get("servedArtifact") == sha
+    lost = sum(ready.values()) < int((prev.get("serving") or {}).get("readyReplicas") or 0)
+    serving = [p for p in wanted if _deployed(observed.deployments.get(p), sha) or
+               _still_serving(observed.deployments.get(p), sha, steady)]
+    # Degraded: Ready replicas but not Available, from a rollout, or from replicas lost
+    # (not a scale-up still starting its pods).
+    degraded = [p for p in wanted if (o := observed.deployments.get(p)) is not None and
+                o.current and o.ready > 0 and not o.available and (not steady or lost)]
+    where = ", ".join(f"{p} ({ready[p]}/{n} ready)" for p, n in wanted.items())
+    if serving and not (steady and degraded):
+        # A pool that joins (an autoscaler's pool switch) rolls out while the others serve.
+        rolling = [p for p in wanted if p not in serving]
+        phase, message = Phase.SERVING, f"serving {compression.get('selected')} on " + \
+            ", ".join(f"{p} ({ready[p]}/{wanted[p]} ready)" for p in serving) + \
+            (f"; rolling out {', '.join(rolling)}" if rolling else "")
         conds.set(ConditionType.DEPLOYED, T, Reason.DEPLOYED, message)
-    elif obs is not None and obs.current and obs.ready > 0 and not obs.available:
-        phase, message = Phase.DEGRADED, f"{obs.ready}/{obs.replicas} replicas ready on " \
-                                         f"{pool.name}; the Deployment is not Available"
+    elif degraded:
+        phase, message = Phase.DEGRADED, f"{where}; not Available: {', '.join(degraded)}"
         conds.set(ConditionType.DEPLOYED, F, Reason.REPLICAS_UNAVAILABLE, message)
     else:
-        ready = obs.ready if obs is not None else 0
-        phase, message = Phase.DEPLOYING, f"rolling out {compression.get('selected')} to " \
-                                          f"{builders.deployment_name(owner.name, pool.name)} " \
-                                          f"({ready}/{replicas} ready)"
+        phase, message = Phase.DEPLOYING, f"rolling out {compression.get('selected')} to " + \
+            ", ".join(f"{builders.deployment_name(owner.name, p)} ({ready[p]}/{n} ready)"
+                      for p, n in wanted.items())
         conds.set(ConditionType.DEPLOYED, F, Reason.ROLLING_OUT, message)
 
-    # Other pools' Deployments go only once the chosen one serves: a pool change never leaves
-    # the model without replicas.
-    if phase is Phase.SERVING:
+    # A pool the plan no longer wants (at 0 in the autoscaler's decision, or another choice)
+    # loses its Deployment only once every wanted pool serves: no switch drops capacity.
+    if len(serving) == len(wanted):
         for other in observed.deployments:
-            if other != pool.name:
+            if other not in wanted:
                 out.delete.append(("Deployment", builders.deployment_name(owner.name, other)))
 
     if choice.meets_slo is None:
@@ -412,7 +510,7 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
     else:
         conds.set(ConditionType.SLO_MET, F, Reason.NO_POOL_MEETS_SLO, choice.message)
 
-    hourly = round(replicas * pool.hourly_price, 6)
+    hourly = round(sum(n * by_name[p].hourly_price for p, n in wanted.items()), 6)
     budget = spec.autoscaling.max_hourly_cost
     if budget is None:
         conds.set(ConditionType.BUDGET_MET, T, Reason.NO_BUDGET, "no maxHourlyCost set")
@@ -422,11 +520,30 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
     else:
         conds.set(ConditionType.BUDGET_MET, F, Reason.OVER_BUDGET,
                   f"${hourly:g}/h > maxHourlyCost ${budget:g}/h")
-    status["serving"] = {"pool": pool.name, "replicas": replicas,
-                         "readyReplicas": obs.ready if obs is not None else 0,
+    conds.set(ConditionType.AUTOSCALING, *autoscaling_condition(spec, res.status, compression))
+    replicas = sum(wanted.values())
+    if phase is Phase.SERVING:
+        status["servedArtifact"] = sha
+    status["serving"] = {"pool": ",".join(wanted), "replicas": replicas,
+                         "readyReplicas": sum(ready.values()),
                          "endpoint": f"{owner.name}.{owner.namespace}.svc:{Port.HTTP.value}"}
-    status["cost"] = {"hourly": hourly, "perMillionRequests": round(choice.per_million, 6)}
+    status["cost"] = {"hourly": hourly,
+                      "perMillionRequests": round(_per_million(wanted, by_name, compression,
+                                                               choice), 6)}
     return phase, message
+
+
+def _per_million(wanted: Mapping[str, int], pools: Mapping[str, NodePool],
+                 compression: Mapping[str, Any], choice: PoolChoice) -> float:
+    """USD per million requests of the wanted replicas at their profiled capacity."""
+    profile = compression.get("pools") or {}
+    if set(wanted) == {choice.pool.name}:
+        return choice.per_million
+    cap = sum(n * float((profile.get(p) or {}).get("capacity_rps") or 0.0)
+              for p, n in wanted.items())
+    if cap <= 0:
+        return 0.0
+    return sum(n * pools[p].hourly_price for p, n in wanted.items()) / (cap * 3600.0) * 1e6
 
 
 def _finish(out: Desired, prev: Mapping[str, Any], status: dict[str, Any], conds: Conditions,

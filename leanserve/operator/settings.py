@@ -32,8 +32,10 @@ class JobSettings:
     """Hard limit on a compression Job's run time."""
     ttl_seconds_after_finished: int = 7 * 24 * 3600
     """How long a finished Job stays (its result is copied into status long before)."""
-    profile: bool = False
-    """Also run `leanserve profile` in the Job (measures on the Job's node, not the pools')."""
+    profile: bool = True
+    """Also run `leanserve profile --quick` in the Job: the selected model's capacity at the
+    SLO, measured on the CPU the Job runs on and derived for every pool (marked measured:
+    false). The autoscaler acts only once a profile exists (condition Autoscaling)."""
     run_as_user: int = 10001
     """UID of the compression containers: the user the operator's image (Dockerfile) creates."""
     start_timeout_seconds: int = 600

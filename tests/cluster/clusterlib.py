@@ -144,21 +144,6 @@ def pv_and_claim(cp: Any, ns: str, claim: str, path: Path) -> None:
                "--timeout=60s")
 
 
-def delete_namespace(cp: Any, name: str) -> None:
-    """Delete a test's namespace and wait until it is gone (a later test's operator must not
-    meet its models), in about half the time a bare `kubectl delete namespace` takes: no
-    controller recreates pods once their Jobs, Deployments and ReplicaSets are gone, pods that
-    no kubelet will confirm are removed at once (Job pods never ran), and the claims are deleted
-    before the namespace (a claim still protected when the namespace controller first looks
-    costs it one more 5 s round)."""
-    cp.kubectl("delete", "jobs,deployments,replicasets", "--all", "-n", name,
-               "--cascade=orphan", check=False)
-    cp.kubectl("delete", "pods", "--all", "-n", name, "--force", "--grace-period=0",
-               check=False)
-    cp.kubectl("delete", "pvc", "--all", "-n", name, "--timeout=20s", check=False, timeout=40)
-    cp.kubectl("delete", "namespace", name, "--timeout=120s", check=False, timeout=150)
-
-
 def get_json(cp: Any, *args: str) -> Any:
     out = cp.kubectl("get", *args, "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else None
@@ -173,3 +158,36 @@ def wait_for(probe: Any, timeout: float, what: str, interval: float = 0.5) -> An
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def finish_job_pod(api: Any, ns: str, job: str, message: str) -> str:
+    """Play the kubelet for a compression Job: its scheduled pod ran and succeeded, leaving
+    ``message`` (what `leanserve.operator.jobrunner` writes) as its termination message."""
+    def scheduled() -> dict[str, Any] | None:
+        pods = api.get(f"/api/v1/namespaces/{ns}/pods", labelSelector=f"job-name={job}")
+        return next((p for p in pods["items"] if (p.get("spec") or {}).get("nodeName") and
+                     (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")), None)
+    pod = wait_for(scheduled, 60, f"a scheduled pod of Job {job}")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    api.merge_patch(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status", {
+        "status": {"phase": "Succeeded", "startTime": now, "containerStatuses": [{
+            "name": "compress", "ready": False, "restartCount": 0, "started": False,
+            "image": pod["spec"]["containers"][0]["image"], "imageID": "",
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
+                                     "startedAt": now, "finishedAt": now}}}]}})
+    return str(pod["metadata"]["name"])
+
+
+def delete_namespace(cp: Any, name: str) -> None:
+    """Remove a test's namespace without waiting for the namespace controller (seconds per
+    test): its CompressedModels are deleted first, and waited for (they carry no finalizer),
+    so no later test's operator meets them; Job pods that never ran (no kubelet for them) are
+    forced out so the namespace does not stay Terminating."""
+    cp.kubectl("delete", "compressedmodels", "--all", "-n", name, "--timeout=60s",
+               check=False, timeout=90)
+    # no controller recreates pods once their Jobs, Deployments and ReplicaSets are gone
+    cp.kubectl("delete", "jobs,deployments,replicasets", "--all", "-n", name,
+               "--cascade=orphan", check=False)
+    cp.kubectl("delete", "pods", "--all", "-n", name, "--force", "--grace-period=0",
+               check=False)
+    cp.kubectl("delete", "namespace", name, "--wait=false", check=False)

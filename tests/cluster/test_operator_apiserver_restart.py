@@ -180,7 +180,8 @@ def test_operator_recovers_from_api_server_restarts_mid_reconcile(
                 assert st["serving"]["pool"] == "cpu-small"
                 assert {c["type"]: c["status"] for c in st["conditions"]} == {
                     "Ready": "True", "Compressed": "True", "Deployed": "True",
-                    "SLOMet": "Unknown", "BudgetMet": "True"}
+                    "SLOMet": "Unknown", "BudgetMet": "True",
+                    "Autoscaling": "False"}  # no profile in these reports: NoProfile
                 transitions = sorted(e["message"].split(":")[0] for e in events
                                      if e["involvedObject"]["name"] == name and
                                      " -> " in e["message"].split(":")[0])

@@ -78,7 +78,7 @@ def ns(control_plane: Any, installed: Any, tmp_path: Path) -> Iterator[str]:
     store.mkdir()
     pv_and_claim(control_plane, name, "models", store)
     yield name
-    delete_namespace(control_plane, name)  # waited for; Job pods that never ran forced out
+    delete_namespace(control_plane, name)
 
 
 @pytest.fixture

@@ -171,6 +171,15 @@ def test_minilm_cluster_lifecycle_from_apply_to_serving(
     assert (out / "model_repository").is_dir()
     conds = {c["type"]: c for c in status["conditions"]}
     assert all(c["status"] in ("True", "False", "Unknown") for c in conds.values())
+    # The Job profiled the selected model by default (measured on the CPU it ran on, derived
+    # for the others): autoscaling is on. No Prometheus at the spec's URL here, so it says
+    # that it has no metrics, not that it has no profile.
+    assert status["compression"]["pools"], status["compression"]
+    assert all(p["capacity_rps"] > 0 for p in status["compression"]["pools"].values())
+    autoscaling = wait_for(lambda: (c := {x["type"]: x for x in get_json(
+        cp, "cmod", "minilm", "-n", ns)["status"]["conditions"]}["Autoscaling"])["reason"]
+        not in ("Pending",) and c, 90, "the autoscaler's first step")
+    assert autoscaling["reason"] in ("MetricsUnavailable", "Active"), autoscaling
     deployments = get_json(cp, "deployments", "-n", ns, "-l", f"{MODEL}=minilm")["items"]
     assert deployments, "no serving Deployment"
     for d in deployments:

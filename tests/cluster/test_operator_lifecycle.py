@@ -92,7 +92,9 @@ class Operators:
         self.kubeconfig, self.logs, self.all = kubeconfig, logs, []  # type: ignore[var-annotated]
 
     def start(self) -> OperatorProcess:
-        op = OperatorProcess(self.kubeconfig, self.logs / f"operator-{len(self.all)}.log")
+        # Restarts and edits: the Jobs need not profile (test_operator_e2e.py's does).
+        op = OperatorProcess(self.kubeconfig, self.logs / f"operator-{len(self.all)}.log",
+                             LEANSERVE_OPERATOR_JOB_PROFILE="false")
         self.all.append(op)
         return op
 

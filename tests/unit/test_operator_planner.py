@@ -131,7 +131,7 @@ def test_invalid_spec_plans_no_children() -> None:
 
 def test_transition_time_changes_only_with_status() -> None:
     res = Resource(OWNER, 1, SPEC, (), compressed_status())
-    obs = Observed(deployments={"cpu": DeploymentObservation("cpu", 1, 1, 1, True, "f" * 64)})
+    obs = Observed(deployments={"cpu": DeploymentObservation("cpu", 2, 2, 2, True, "f" * 64)})
     first = planner.plan(res, obs, NOW, S)
     again = planner.plan(Resource(OWNER, 1, SPEC, (), {**compressed_status(), **first.status}),
                          obs, NOW + timedelta(minutes=5), S)
@@ -353,3 +353,117 @@ def test_a_claim_every_pod_cannot_mount_is_said_before_anything_is_made(
     ok = planner.plan(Resource(OWNER, 1, SPEC, (), d.status),
                       Observed(claims={"models": ("ReadWriteMany",)}), NOW, S)
     assert ok.job is not None and ok.status["phase"] == "Compressing"
+
+
+# ------------------------------------------------ the autoscaler's decision (issue 15)
+
+
+def decided(replicas: dict[str, int], **extra: Any) -> dict[str, Any]:
+    """A Serving model's status whose autoscaler last decided ``replicas``."""
+    return {**compressed_status(PROFILE), "phase": "Serving",
+            "autoscaling": {"last": {"time": 1.0, "replicas": replicas, "code": "ScaleUp",
+                                     "reason": "test"}, **extra}}
+
+
+def serving(pool: str, replicas: int = 1, ready: int | None = None) -> DeploymentObservation:
+    ready = replicas if ready is None else ready
+    return DeploymentObservation(pool, replicas, ready, replicas, ready >= replicas, "f" * 64)
+
+
+def deployments(d: planner.Desired) -> dict[str, int]:
+    return {o["metadata"]["labels"]["leanserve.io/pool"]: o["spec"]["replicas"]
+            for o in d.apply if o["kind"] == "Deployment"}
+
+
+def test_a_pool_switch_decided_by_the_autoscaler_keeps_the_old_pool_until_the_new_serves() -> None:
+    """cpu -> gpu-t4: both Deployments while gpu-t4 starts (each pool's own repository), the
+    model stays Serving on cpu; cpu's Deployment goes only once gpu-t4 serves and the decision
+    set cpu to 0."""
+    switching = Resource(OWNER, 1, SPEC, (), decided({"cpu": 2, "gpu-t4": 1}))
+    d = planner.plan(switching, Observed(deployments={"cpu": serving("cpu", 2)}), NOW, S)
+    assert deployments(d) == {"cpu": 2, "gpu-t4": 1} and d.delete == []
+    assert d.status["phase"] == "Serving" and "rolling out gpu-t4" in d.status["conditions"][
+        [c["type"] for c in d.status["conditions"]].index("Ready")]["message"]
+    assert d.status["serving"]["pool"] == "cpu,gpu-t4"
+    assert d.status["cost"]["hourly"] == 2 * 0.1 + 0.5
+    starting = Observed(deployments={"cpu": serving("cpu", 2), "gpu-t4": serving("gpu-t4", 1, 0)})
+    assert planner.plan(switching, starting, NOW, S).delete == []
+    # Each pool its own repository: KIND_GPU on the GPU pool (the Job wrote it), KIND_CPU on cpu.
+    with_gpu = decided({"cpu": 2, "gpu-t4": 1})
+    with_gpu["compression"]["artifact"]["gpu"] = True
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), with_gpu), starting, NOW, S)
+    repos = {o["metadata"]["labels"]["leanserve.io/pool"]: o["spec"]["template"]["spec"][
+        "containers"][0]["args"][0] for o in d.apply if o["kind"] == "Deployment"}
+    assert repos == {"cpu": "--model-repository=/models/x/model_repository",
+                     "gpu-t4": "--model-repository=/models/x/model_repository-gpu"}
+
+    done = Resource(OWNER, 1, SPEC, (), decided({"cpu": 0, "gpu-t4": 1}))
+    both = Observed(deployments={"cpu": serving("cpu", 0), "gpu-t4": serving("gpu-t4", 1, 0)})
+    d = planner.plan(done, both, NOW, S)
+    assert d.delete == [] and d.status["phase"] == "Deploying"  # gpu-t4 not ready: cpu stays
+    both = Observed(deployments={"cpu": serving("cpu", 0), "gpu-t4": serving("gpu-t4", 1)})
+    d = planner.plan(done, both, NOW, S)
+    assert deployments(d) == {"gpu-t4": 1} and d.delete == [("Deployment", "minilm-cpu")]
+    assert d.status["serving"] == {"pool": "gpu-t4", "replicas": 1, "readyReplicas": 1,
+                                   "endpoint": "minilm.ml.svc:8000"}
+
+
+def test_without_a_usable_decision_the_profile_choice_stands() -> None:
+    for status in (compressed_status(PROFILE), decided({"gone": 3}), decided({"cpu": 0}),
+                   decided({"cpu": "x"})):  # type: ignore[dict-item]
+        d = planner.plan(Resource(OWNER, 1, SPEC, (), status), Observed(), NOW, S)
+        assert deployments(d) == {"gpu-t4": 1}, status.get("autoscaling")
+
+
+def test_the_autoscaling_condition_says_why_the_autoscaler_cannot_act() -> None:
+    up = Observed(deployments={"cpu": serving("cpu")})
+    none = planner.plan(Resource(OWNER, 1, SPEC, (), {**compressed_status(), "phase": "Serving"}),
+                        up, NOW, S)
+    assert conds(none)["Autoscaling"] == ("False", "NoProfile")
+    assert [(e.reason, e.warning) for e in none.events] == [("NoProfile", True)]
+
+    pending = planner.plan(Resource(OWNER, 1, SPEC, (), compressed_status(PROFILE)),
+                           Observed(deployments={"gpu-t4": serving("gpu-t4")}), NOW, S)
+    assert conds(pending)["Autoscaling"] == ("Unknown", "Pending")
+    active = planner.plan(Resource(OWNER, 1, SPEC, (), decided({"gpu-t4": 1})),
+                          Observed(deployments={"gpu-t4": serving("gpu-t4")}), NOW, S)
+    assert conds(active)["Autoscaling"] == ("True", "Active")
+
+    stuck = decided({"gpu-t4": 1}, state={"reason": "MetricsUnavailable",
+                                           "message": "request rate: Prometheus unreachable"})
+    stuck["conditions"] = active.status["conditions"]
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), stuck),
+                     Observed(deployments={"gpu-t4": serving("gpu-t4")}), NOW, S)
+    cond = next(c for c in d.status["conditions"] if c["type"] == "Autoscaling")
+    assert (cond["status"], cond["reason"]) == ("False", "MetricsUnavailable")
+    assert "Prometheus unreachable" in cond["message"]
+    assert [(e.reason, e.warning) for e in d.events] == [("MetricsUnavailable", True)]
+
+
+def test_a_scale_of_a_serving_pool_is_no_rollout_but_lost_replicas_are_degraded() -> None:
+    """The autoscaler's scale bumps the Deployment's generation and a scale-up is not Available
+    until its pods are Ready: a model that served this artifact stays Serving. Replicas lost
+    (fewer Ready than the status last said) are Degraded; a new artifact is a rollout again."""
+    first = planner.plan(Resource(OWNER, 1, SPEC, (), decided({"cpu": 1})),
+                         Observed(deployments={"cpu": serving("cpu")}), NOW, S)
+    assert first.status["phase"] == "Serving" and first.status["servedArtifact"] == "f" * 64
+    before = {**decided({"cpu": 2}), **first.status}
+    scaling = DeploymentObservation("cpu", 2, 1, 2, False, "f" * 64, generation=2,
+                                    observed_generation=1)
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), before), Observed(deployments={"cpu": scaling}),
+                     NOW, S)
+    assert d.status["phase"] == "Serving" and d.events == []
+    starting = dataclasses.replace(scaling, observed_generation=2)
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), before), Observed(deployments={"cpu": starting}),
+                     NOW, S)
+    assert d.status["phase"] == "Serving" and d.events == []
+
+    full = {**before, "serving": {**before["serving"], "readyReplicas": 2}}
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), full), Observed(deployments={"cpu": starting}),
+                     NOW, S)
+    assert d.status["phase"] == "Degraded"
+
+    other = {**before, "servedArtifact": "e" * 64}
+    d = planner.plan(Resource(OWNER, 1, SPEC, (), other), Observed(deployments={"cpu": scaling}),
+                     NOW, S)
+    assert d.status["phase"] == "Deploying"

@@ -168,7 +168,9 @@ def test_only_named_secrets_are_looked_up() -> None:
 
 def test_only_allowed_prometheus_urls() -> None:
     allowed(plan(spec_of(autoscaling={"prometheusUrl": DEFAULT_PROMETHEUS_URL + "/"})))
-    message = forbidden(plan(spec_of(autoscaling={"prometheusUrl": "http://10.0.0.1:9090"})))
+    refused = plan(spec_of(autoscaling={"prometheusUrl": "http://10.0.0.1:9090"}))
+    message = forbidden(refused)
+    assert conds(refused)["Autoscaling"] == ("False", "Forbidden")  # it cannot act either
     assert message == ("spec.autoscaling.prometheusUrl: 'http://10.0.0.1:9090' is not in the "
                        f"operator's allowed Prometheus URLs ({DEFAULT_PROMETHEUS_URL}); the "
                        "operator sends no request to it")

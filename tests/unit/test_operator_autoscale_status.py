@@ -1,0 +1,57 @@
+"""What the operator's autoscaling step writes to status, and when (issue 14 item 14, 15).
+
+The step writes status.autoscaling when the replicas or what stops the autoscaler change and at
+least every HISTORY_SECONDS (the history a restart resumes from), never for a new load figure.
+"""
+
+from __future__ import annotations
+
+from leanserve.autoscaling.policy import Decision, HistoryEntry
+from leanserve.autoscaling.policy import Reason as PolicyReason
+from leanserve.operator.autoscale import (
+    HISTORY_SECONDS,
+    decision_from_status,
+    decision_to_status,
+    status_patch,
+)
+
+
+def decision(t: float, replicas: dict[str, int], rate: float = 10.0,
+             code: PolicyReason = PolicyReason.STEADY) -> Decision:
+    return Decision(t, replicas, f"{code.value}: load {rate}", code, rate, 50.0, 0.1, True,
+                    (HistoryEntry(t, tuple(sorted(replicas.items())), rate),))
+
+
+def test_an_unchanged_decision_is_written_only_at_the_history_cadence() -> None:
+    first = decision(1000.0, {"cpu": 1})
+    patch = status_patch({}, first, None, 1000.0)
+    assert patch is not None and patch["last"]["replicas"] == {"cpu": 1} and \
+        patch["state"] is None
+    saved = patch
+    for t in (1030.0, 1200.0, 1000.0 + HISTORY_SECONDS - 1):
+        assert status_patch(saved, decision(t, {"cpu": 1}, rate=t / 100), None, t) is None
+    later = status_patch(saved, decision(1000.0 + HISTORY_SECONDS, {"cpu": 1}), None,
+                         1000.0 + HISTORY_SECONDS)
+    assert later is not None and later["last"]["time"] == 1000.0 + HISTORY_SECONDS
+    restored = decision_from_status(later)
+    assert restored is not None and restored.replicas == {"cpu": 1}
+
+
+def test_new_replicas_or_a_new_obstacle_are_written_at_once() -> None:
+    saved = decision_to_status(decision(1000.0, {"cpu": 1}))
+    assert status_patch(saved, decision(1010.0, {"cpu": 1, "gpu": 1}), None, 1010.0) \
+        is not None
+    stuck = {"reason": "MetricsUnavailable", "message": "Prometheus unreachable"}
+    patch = status_patch(saved, decision(1010.0, {"cpu": 1}), stuck, 1010.0)
+    assert patch is not None and patch["state"] == stuck
+    saved = {**saved, "state": stuck}
+    # the same obstacle, other words: not written again until the cadence
+    assert status_patch(saved, decision(1020.0, {"cpu": 1}),
+                        {**stuck, "message": "other words"}, 1020.0) is None
+    cleared = status_patch(saved, decision(1030.0, {"cpu": 1}), None, 1030.0)
+    assert cleared is not None and cleared["state"] is None  # merge patch: removes it
+    # no decision at all (a refused profile): the state alone
+    assert status_patch({}, None, {"reason": "ProfileInvalid", "message": "m"}, 1.0) == \
+        {"state": {"reason": "ProfileInvalid", "message": "m"}}
+    assert status_patch({"state": {"reason": "ProfileInvalid"}}, None,
+                        {"reason": "ProfileInvalid", "message": "m"}, 2.0) is None
