@@ -354,7 +354,8 @@ def _apply_steps(run: _Run, index: int, cand: Candidate, workdir: Path) -> Model
         cfg = step.config
         ctx = Context(task=run.task, train=run.train, teacher=run.model.module or _no_teacher(),
                       workdir=workdir / f"step{j}", seed=s.seed, threads=s.threads,
-                      num_labels=run.model.num_labels, extra={"step_path": path})
+                      num_labels=run.model.num_labels, extra={"step_path": path},
+                      to_onnx=lambda m, where: _to_onnx(run, m, where))
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         try:
             tech = lookup(cfg)

@@ -37,6 +37,7 @@ def text_run(tmp_path_factory: pytest.TempPathFactory):
         {"name": "bad-order", "steps": [q("fp16"), q("binary")]},
         {"name": "fp16", "steps": [q("fp16")]},
         {"name": "binary", "steps": [q("binary")]},
+        {"name": "qat", "steps": [q("qat", trainSteps=4, perChannel=True)]},
     ], max_drop=0.05)
     loaded = write_spec(root, doc)
     events = []
@@ -64,7 +65,10 @@ def test_failure_is_recorded_and_others_go_on(text_run) -> None:
     assert bad["passed"] is False and bad["artifact"] is None
     assert "spec.compression.candidates[1].steps[1].quantize" in bad["error"]
     assert "earlier step already produced the ONNX graph" in bad["error"]
-    for name in ("int8", "fp16", "binary"):
+    # qat: fine-tuned in torch, exported by the pipeline (padding-free), served as int8
+    assert by["qat"]["notes"]["qat_steps"] == 4
+    assert by["qat"]["notes"]["graph"].startswith("padding-free")
+    for name in ("int8", "fp16", "binary", "qat"):
         assert by[name]["error"] is None
         assert (out / by[name]["artifact"]).exists()
         assert (out / "artifacts" / name / "tokenizer" / "tokenizer_config.json").exists()
@@ -162,7 +166,7 @@ def test_files_and_no_staging_left(text_run) -> None:
         assert (out / "model_repository" / "tiny" / "config.pbtxt").exists()
     kinds = [e.kind for e in events]
     assert kinds[0] is EventKind.BASELINE and kinds[-1] is EventKind.DONE
-    assert kinds.count(EventKind.CANDIDATE_DONE) == 4
+    assert kinds.count(EventKind.CANDIDATE_DONE) == 5
 
 
 def test_missing_model_fails_run_and_leaves_no_result(tmp_path: Path) -> None:
@@ -189,6 +193,9 @@ def test_torchscript_cnn_with_accuracy_and_onnx_input(tmp_path: Path) -> None:
     doc = spec_dict(model.name, data.name, [
         {"name": "w8", "steps": [q("int8-weight-only")]},
         {"name": "pow2", "steps": [q("power-of-two")]},
+        {"name": "qat", "steps": [q("qat", activations="static", trainSteps=4,
+                                    calibrationSamples=16, perChannel=True)]},
+        {"name": "int4", "steps": [q("int4-weight-only", blockSize=16)]},
     ], fmt="torchscript", task="image-classification", metric="accuracy", max_drop=0.5)
     report = compress(write_spec(tmp_path, doc), tmp_path / "out", settings=FAST)
     assert report["baseline"]["quality"] == pytest.approx(1.0)  # labels are its own argmax
@@ -197,6 +204,12 @@ def test_torchscript_cnn_with_accuracy_and_onnx_input(tmp_path: Path) -> None:
     # power-of-two weights are stored as fp32 in the served file: only the packed size is small
     assert by["pow2"]["packed_size_bytes"] < report["baseline"]["size_bytes"] / 4
     assert by["pow2"]["size_bytes"] > by["pow2"]["packed_size_bytes"]
+    # QAT trains an eager copy: a TorchScript forward that is not a plain Sequential cannot be
+    # rebuilt, and the candidate says so (test_compression_qat trains an eager CNN)
+    assert "cannot be rebuilt" in by["qat"]["error"]
+    # int4: MatMulNBits in the served file
+    assert by["int4"]["error"] is None and by["int4"]["notes"]["int4_matmuls"] == 2
+    assert by["int4"]["size_bytes"] < report["baseline"]["size_bytes"]
     # the exported artifact, given back as an onnx model: ONNX steps run, torch steps refused
     onnx_doc = spec_dict("out/baseline/model.onnx", data.name, [
         {"name": "int8", "steps": [q("int8-dynamic")]},
