@@ -3,8 +3,9 @@
 Compression is not free: a distillation can burn CPU-hours, and a candidate that serves 5%
 faster may never earn that back. Every candidate therefore reports
 
-- ``cpu_seconds``: the CPU time its steps, export, evaluation and benchmark took (this process
-  and any worker it started, such as torchrun's), and ``usd`` at the price of a CPU-hour on the
+- ``cpu_seconds``: the CPU time its steps, export and evaluation took (this process and any
+  worker it started, such as torchrun's; the timing every model shares, run interleaved at the
+  end, is not counted), and ``usd`` at the price of a CPU-hour on the
   pool the Job runs on (the cheapest CPU pool of the spec, per core of its cpu request);
 - ``serving``: the cost of one million requests at the benchmark's throughput on the same cores,
   for the candidate and for the baseline, and the saving per million;
