@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,13 +48,17 @@ class BenchSettings:
     pause_s: float = 0.02
     """Idle time before each model's calls in a round: ORT's (and OpenMP's) idle threads
     busy-wait after a call and would slow whichever model runs next on 2 cores."""
+    min_round_s: float = 0.05
+    """A model's calls in one round last at least this long (estimated from its warm-up): a
+    sub-millisecond model gets hundreds of calls, not a handful of noisy ones."""
 
     def timing(self) -> dict[str, object]:
-        """What the report says of how the figures were measured."""
+        """What the report says of how the figures were measured (the fewest calls a model
+        gets; faster models get more, see ``min_round_s``)."""
         r = max(1, self.rounds)
         return {"rounds": r, "calls_batch": _per_round(self.iterations_bn, r) * r,
                 "calls_1": _per_round(self.iterations_b1, r) * r, "warmup": self.warmup,
-                "batch": self.batch, "threads": self.threads,
+                "min_round_s": self.min_round_s, "batch": self.batch, "threads": self.threads,
                 "order": "interleaved (rotated each round), medians over all calls"}
 
 
@@ -135,28 +140,50 @@ def benchmark_many(paths: dict[str, Path], rows: list[Batch],
     s = settings or BenchSettings()
     one, many = take_rows(rows, 1), take_rows(rows, s.batch)
     sessions = {name: session(path, s.threads) for name, path in paths.items()}
-    calls = {name: (lambda sess=sess: run_onnx(sess, one),
-                    lambda sess=sess: run_onnx(sess, many)) for name, sess in sessions.items()}
-    for b1, bn in calls.values():
-        time_calls(b1, 0, s.warmup, clock)
-        time_calls(bn, 0, s.warmup, clock)
+    calls = {}
+    for name, sess in sessions.items():
+        calls[(name, "n")] = lambda sess=sess: run_onnx(sess, many)
+        calls[(name, "1")] = lambda sess=sess: run_onnx(sess, one)
     rounds = max(1, s.rounds)
-    n1, nn = _per_round(s.iterations_b1, rounds), _per_round(s.iterations_bn, rounds)
-    names = list(calls)
-    t1: dict[str, list[float]] = {k: [] for k in names}
-    tn: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            b1, bn = calls[name]
-            if s.pause_s > 0:
-                sleep(s.pause_s)
-            tn[name] += time_calls(bn, nn, 0, clock)
-            t1[name] += time_calls(b1, n1, 0, clock)
+    per_round = {k: _per_round(s.iterations_bn if k[1] == "n" else s.iterations_b1, rounds)
+                 for k in calls}
+    times = interleave(calls, rounds, per_round, warmup=s.warmup, pause_s=s.pause_s,
+                       min_round_s=s.min_round_s, clock=clock, sleep=sleep,
+                       group=lambda k: k[0])
     out = {}
-    for name in names:
-        median = float(np.median(tn[name]))
-        out[name] = BenchResult(latency_ms=_percentiles(t1[name]),
-                                latency_ms_batch=_percentiles(tn[name]),
+    for name in sessions:
+        tn, t1 = times[(name, "n")], times[(name, "1")]
+        median = float(np.median(tn))
+        out[name] = BenchResult(latency_ms=_percentiles(t1), latency_ms_batch=_percentiles(tn),
                                 throughput_rps=s.batch / median if median > 0 else float("inf"),
-                                batch=s.batch, calls=len(tn[name]))
+                                batch=s.batch, calls=len(tn))
     return out
+
+
+def interleave(calls: dict[Any, Callable[[], object]], rounds: int,
+               per_round: dict[Any, int] | int, *, warmup: int = 2, pause_s: float = 0.02,
+               min_round_s: float = 0.0, clock: Callable[[], float] = time.perf_counter,
+               sleep: Callable[[float], None] = time.sleep,
+               group: Callable[[Any], Any] = lambda k: k) -> dict[Any, list[float]]:
+    """Seconds of every timed call of each of ``calls``: warm-up, then ``rounds`` rounds in a
+    rotated order (round r starts at group r), a pause before each group (one model's calls
+    at every batch size), and at least ``per_round`` calls per round, more for fast calls
+    (``min_round_s`` of calls, estimated from the warm-up)."""
+    wanted = {k: per_round if isinstance(per_round, int) else per_round[k] for k in calls}
+    for key, fn in calls.items():
+        time_calls(fn, 0, warmup, clock)
+        est = float(np.min(time_calls(fn, 3, 0, clock)))  # a first call pays for allocations
+        if min_round_s > 0 and est > 0:
+            wanted[key] = max(wanted[key], min(10_000, int(np.ceil(min_round_s / est))))
+    groups: dict[Any, list[Any]] = {}
+    for key in calls:
+        groups.setdefault(group(key), []).append(key)
+    order = list(groups)
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    for r in range(rounds):
+        for g in order[r % len(order):] + order[:r % len(order)]:
+            if pause_s > 0:
+                sleep(pause_s)
+            for key in groups[g]:
+                times[key] += time_calls(calls[key], wanted[key], 0, clock)
+    return times

@@ -60,7 +60,7 @@ def test_report_schema(text_run) -> None:
     timing = base["timing"]
     assert timing["rounds"] == FAST.bench.rounds and "interleaved" in timing["order"]
     for c in [base, *(c for c in report["candidates"] if c["error"] is None)]:
-        assert c["bench_calls"] == timing["calls_batch"] >= FAST.bench.iterations_bn
+        assert c["bench_calls"] >= timing["calls_batch"] >= FAST.bench.iterations_bn
 
 
 def test_failure_is_recorded_and_others_go_on(text_run) -> None:

@@ -46,11 +46,13 @@ def test_two_interleaved_runs_rank_clearly_different_models_alike(tmp_path: Path
                                          ("large", 1024, 2))}
     rows = [Batch(inputs={"pixel_values": torch.rand(32, 64)})]
     settings = BenchSettings(batch=32, warmup=1, iterations_b1=4, iterations_bn=8, rounds=4,
-                             pause_s=0.0)
+                             pause_s=0.0, min_round_s=0.02)
     rankings = []
     for _ in range(2):
         timed = benchmark_many(paths, rows, settings)
-        assert {r.calls for r in timed.values()} == {settings.timing()["calls_batch"]} == {8}
+        # at least the calls promised; a fast model gets more (min_round_s of calls per round)
+        assert all(r.calls >= settings.timing()["calls_batch"] == 8 for r in timed.values())
+        assert timed["small"].calls > timed["large"].calls
         rankings.append(sorted(timed, key=lambda k: -timed[k].throughput_rps))
     assert rankings[0] == rankings[1] == ["small", "medium", "large"]
 
@@ -61,7 +63,7 @@ def test_rounds_rotate_the_order_and_pause_before_each_model(tmp_path: Path) -> 
     ticks = iter(range(10_000))
     pauses: list[float] = []
     settings = BenchSettings(batch=4, warmup=1, iterations_b1=3, iterations_bn=3, rounds=3,
-                             pause_s=0.5)
+                             pause_s=0.5, min_round_s=0.0)
     timed = benchmark_many(paths, rows, settings, clock=lambda: float(next(ticks)),
                            sleep=pauses.append)
     # one pause per model per round; one call per round and batch size (3 calls over 3 rounds)
