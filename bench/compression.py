@@ -140,6 +140,10 @@ def _quality(fig: dict[str, Any] | None) -> str:
     return f"{fig['mean']:.4f}/{fig['p5']:.4f}/{fig['worst']:.4f}"
 
 
+def _mb(size: float) -> str:
+    return f"{size / 1e6:.2f}" if size < 1e7 else f"{size / 1e6:.1f}"
+
+
 def _val(fig: dict[str, Any] | None) -> str:
     if not fig:
         return "-"
@@ -257,13 +261,13 @@ def main() -> int:
                           for st in info.get("steps", []) for k, v in st.items())
         mark = " *selected" if name == report["selected"] else ""
         gate = ("pass " if info.get("passed") else "FAIL ") if "passed" in info else ""
-        packed = f"{info['packed'] / 1e6:.1f}" if info["packed"] else "-"
+        packed = _mb(info["packed"]) if info["packed"] else "-"
         rss = f"{info['rss'] / 1e6:.0f}" if info.get("rss") else "-"
         pay = (f"{info['payback']:,}" if info["payback"] is not None
                else ("never" if info.get("saves") is not None else "-"))
         print(f"{name:<24}{med[name] * 1000:>8.1f}{med['torch-fp32'] / med[name]:>7.2f}x"
               f"{ort8 / med[name]:>7.2f}x{_val(info.get('validation')):>9}  "
-              f"{_quality(info.get('test')):<22}{info['size'] / 1e6:>6.1f}"
+              f"{_quality(info.get('test')):<22}{_mb(info['size']):>6}"
               f"{100 * info['size'] / fp32_size:>6.1f}%{packed:>7}{rss:>7}{pay:>13}  "
               f"{gate}{info['kind']}{': ' + steps if steps else ''}{mark}")
     for rep in (report, alone_report):

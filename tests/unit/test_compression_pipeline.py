@@ -159,6 +159,10 @@ def test_the_table_shows_the_test_split_and_packed_sizes(text_run) -> None:
     assert f"{by['int8']['cost']['cpu_seconds']:.0f} cpu-s" in text
     payback = by["int8"]["cost"]["payback_requests"]
     assert (f"{payback:,} requests" if payback else "never (saves nothing)") in text
+    # how the speeds were measured: how many calls, interleaved
+    timing = report["baseline"]["timing"]
+    assert f"speed: {timing['calls_batch']}+ calls per model at batch" in text
+    assert f"{timing['rounds']} interleaved rounds" in text
 
 
 def test_files_and_no_staging_left(text_run) -> None:
