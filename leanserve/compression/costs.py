@@ -109,7 +109,7 @@ def candidate_costs(cpu_seconds: float, price: CpuPrice | None, threads: int,
 
 
 _RSS_PROBE = """
-import json, resource, sys
+import json, sys
 import numpy as np
 import onnxruntime as ort
 opts = ort.SessionOptions()
@@ -119,7 +119,10 @@ sess = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"
 names = {i.name for i in sess.get_inputs()}
 feed = {k: v for k, v in np.load(sys.argv[3]).items() if k in names}
 sess.run(None, feed)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+# VmHWM: the peak of this process image only. getrusage's ru_maxrss is carried over from the
+# parent across fork and exec, so it would report the (larger) parent's size.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps(int(hwm.split()[1]) * 1024))
 """
 
 
