@@ -1,7 +1,11 @@
 """Compression benchmark: every candidate, each technique alone, and ONNX Runtime's plain int8
 side by side in one run.
 
-    python bench/compression.py [SPEC] [--out DIR] [--rounds N] [--no-alone]
+    python bench/compression.py [SPEC] [--out DIR] [--reuse DIR] [--rounds N] [--no-alone]
+
+``--reuse DIR`` takes the compress() results an earlier run left in DIR (report.json, and
+alone/report.json when there) instead of compressing again: a second, independent timing of
+the same artifacts.
 
 One run of `compress()` on the spec (default examples/minilm-cpu.yaml), then, in the same
 process with 2 threads and batch 32 of held-out rows (tokens up to maxSequenceLength):
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -47,6 +52,7 @@ import torch
 from leanserve.api.load import LoadedSpec, load_one, parse
 from leanserve.api.spec import QualityMetric
 from leanserve.compression.benchmark import interleave, take_rows
+from leanserve.compression.costs import serving_peak_rss
 from leanserve.compression.evaluate import summary
 from leanserve.compression.export import export_onnx, feeds, run_onnx, session
 from leanserve.compression.loading import batches, load_data, load_model, split3
@@ -154,6 +160,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("spec", nargs="?", default="examples/minilm-cpu.yaml")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a DIR of an earlier run: time its artifacts again, compress nothing")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--calls", type=int, default=2, help="calls per model per round")
     ap.add_argument("--no-alone", action="store_true",
@@ -163,13 +171,19 @@ def main() -> int:
     warnings.simplefilter("ignore")
     loaded = load_one(args.spec)
     spec = loaded.spec
-    out = args.out or Path(tempfile.mkdtemp(prefix="leanserve-bench-"))
+    out = args.reuse or args.out or Path(tempfile.mkdtemp(prefix="leanserve-bench-"))
     t0 = time.perf_counter()
-    report = compress(loaded, out, settings=Settings(threads=THREADS))
-    print(f"compress(): {time.perf_counter() - t0:.0f} s, report in {out / 'report.json'}")
+    if args.reuse:
+        report = json.loads((out / "report.json").read_text())
+        print(f"reusing compress() results in {out}")
+    else:
+        report = compress(loaded, out, settings=Settings(threads=THREADS))
+        print(f"compress(): {time.perf_counter() - t0:.0f} s, report in {out / 'report.json'}")
     alone = None if args.no_alone else single_steps(loaded)
     alone_report: dict = {"candidates": []}
-    if alone is not None:
+    if alone is not None and args.reuse and (out / "alone" / "report.json").exists():
+        alone_report = json.loads((out / "alone" / "report.json").read_text())
+    elif alone is not None:
         t0 = time.perf_counter()
         alone_report = compress(alone, out / "alone", settings=Settings(threads=THREADS))
         print(f"compress() of each technique alone: {time.perf_counter() - t0:.0f} s")
@@ -218,10 +232,9 @@ def main() -> int:
     for name, path in extra.items():
         sess = session(path, THREADS)
         calls[name] = lambda s=sess: run_onnx(s, bench_batch)
-        src = report["baseline"] if name == "onnx-fp32" else {}
-        rowsinfo[name] = {"kind": "baseline" if src else "ORT default", "size": path.stat().st_size,
-                          "packed": None, "payback": None, "rss": src.get("peak_rss_bytes"),
-                          **figures(sess)}
+        rowsinfo[name] = {"kind": "baseline" if name == "onnx-fp32" else "ORT default",
+                          "size": path.stat().st_size, "packed": None, "payback": None,
+                          "path": path, **figures(sess)}
     for kind, rep, root in (("candidate", report, out), ("alone", alone_report, out / "alone")):
         for c in rep["candidates"]:
             if not c["artifact"] or c["error"]:
@@ -233,11 +246,14 @@ def main() -> int:
                                    "packed": c.get("packed_size_bytes"),
                                    "payback": cost.get("payback_requests"),
                                    "saves": (cost.get("serving") or {}).get("saving_per_million"),
-                                   "rss": c.get("peak_rss_bytes"), "steps": c["steps"],
+                                   "path": root / c["artifact"], "steps": c["steps"],
                                    "validation": c.get("validation"), "test": c.get("test"),
                                    "passed": c["passed"]}
 
     med, counts = timed(calls, args.rounds, args.calls)
+    for info in rowsinfo.values():  # one fresh serving process per model, after the timing
+        if info.get("path") is not None:
+            info["rss"] = serving_peak_rss(info["path"], bench_batch, THREADS)
 
     seq = bench_batch.inputs[next(iter(bench_batch.inputs))].shape
     mask = bench_batch.inputs.get("attention_mask")
@@ -251,7 +267,8 @@ def main() -> int:
           f"{len(test_rows)} test rows\n")
     qhead = "val acc" if metric is QualityMetric.ACCURACY else "val mean"
     thead = "test acc [95% CI]" if metric is QualityMetric.ACCURACY else "test mean/p5/worst"
-    head = (f"{'model':<24}{'ms/b32':>8}{'vs fp32':>8}{'vs ort8':>8}{qhead:>9}  {thead:<22}"
+    head = (f"{'model':<24}{'ms/b32':>8}{'vs torch':>9}{'vs onnx32':>10}{'vs ort8':>8}"
+            f"{qhead:>9}  {thead:<22}"
             f"{'MB':>6}{'% fp32':>7}{'packed':>7}{'RSS MB':>7}{'payback req':>13}  gate/steps")
     print(head)
     print("-" * len(head))
@@ -265,7 +282,8 @@ def main() -> int:
         rss = f"{info['rss'] / 1e6:.0f}" if info.get("rss") else "-"
         pay = (f"{info['payback']:,}" if info["payback"] is not None
                else ("never" if info.get("saves") is not None else "-"))
-        print(f"{name:<24}{med[name] * 1000:>8.1f}{med['torch-fp32'] / med[name]:>7.2f}x"
+        print(f"{name:<24}{med[name] * 1000:>8.1f}{med['torch-fp32'] / med[name]:>8.2f}x"
+              f"{med['onnx-fp32'] / med[name]:>9.2f}x"
               f"{ort8 / med[name]:>7.2f}x{_val(info.get('validation')):>9}  "
               f"{_quality(info.get('test')):<22}{_mb(info['size']):>6}"
               f"{100 * info['size'] / fp32_size:>6.1f}%{packed:>7}{rss:>7}{pay:>13}  "
