@@ -109,7 +109,7 @@ def test_qat_serves_int8_closer_to_the_teacher_than_post_training_int8(tiny,
                                                                         tmp_path: Path) -> None:
     m, data = tiny
     train, held = data[:4], data[4:]
-    cfg = QuantizeStep(method=QuantizeMethod.QAT, per_channel=True, train_steps=40,
+    cfg = QuantizeStep(method=QuantizeMethod.QAT, per_channel=True, train_steps=20,
                        learning_rate=1e-4)
     tech = lookup(cfg)
     assert tech.stage is Stage.TORCH
@@ -117,7 +117,7 @@ def test_qat_serves_int8_closer_to_the_teacher_than_post_training_int8(tiny,
     assert out.module is None and out.onnx_path is not None
     ops = {n.op_type for n in onnx.load(str(out.onnx_path)).graph.node}
     assert "MatMulInteger" in ops  # a real int8 graph, activations quantized per call
-    assert out.notes["qat_steps"] == 40 and out.notes["quantize"] == "qat"
+    assert out.notes["qat_steps"] == 20 and out.notes["quantize"] == "qat"
     assert out.notes["qat_loss_last"] < out.notes["qat_loss_first"]
     ptq_cfg = QuantizeStep(method=QuantizeMethod.INT8_DYNAMIC, per_channel=True)
     base = export_onnx(m.module, train[0], tmp_path / "base.onnx", Task.FEATURE_EXTRACTION,
