@@ -283,10 +283,10 @@ def test_select_prefers_throughput_then_quality_then_size() -> None:
              {**base, "name": "c", "throughput_rps": 99, "size_bytes": 1, "passed": False}]
     assert select(cands) == "b"
     assert select([cands[2]]) is None
-    # within the noise of the benchmark (5%), the one that keeps more quality
+    # within the noise of the benchmark (10%), the one that keeps more quality
     near = [{**base, "name": "fast", "throughput_rps": 100, "size_bytes": 1},
-            {**base, "name": "exact", "throughput_rps": 96, "size_bytes": 2, "quality_drop": 0.001}]
+            {**base, "name": "exact", "throughput_rps": 91, "size_bytes": 2, "quality_drop": 0.001}]
     assert select(near) == "exact"
     # clearly faster wins whatever its quality (it passed the gate)
-    near[1]["throughput_rps"] = 90
+    near[1]["throughput_rps"] = 85
     assert select(near) == "fast"
