@@ -92,6 +92,12 @@ class QuantizeMethod(str, enum.Enum):
     INT4_WEIGHT_ONLY = "int4-weight-only"
     POWER_OF_TWO = "power-of-two"
     BINARY = "binary"
+    QAT = "qat"
+
+
+class ActivationQuant(str, enum.Enum):
+    DYNAMIC = "dynamic"
+    STATIC = "static"
 
 
 class PruneMethod(str, enum.Enum):
@@ -207,6 +213,25 @@ class QuantizeStep(Model):
                                 description="Bits per weight of token-embedding tables "
                                             "(int8-dynamic): 8, or 4 with one scale per "
                                             "block of 64 weights.")
+    block_size: int = Field(32, ge=16, le=256,
+                            description="int4-weight-only: weights per scale (a power of two; "
+                                        "MatMulNBits blocks).")
+    activations: Lax[ActivationQuant] = Field(
+        ActivationQuant.DYNAMIC,
+        description="qat: int8 activations quantized per call (dynamic, MatMulInteger) or with "
+                    "ranges calibrated on calibrationSamples rows (static, QDQ).")
+    train_steps: int = Field(200, ge=1, le=100_000,
+                             description="qat: fine-tuning steps with fake-quantized weights "
+                                         "and activations.")
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="qat: optimizer learning rate.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"blockSize must be a power of two (16, 32, 64, 128, 256), "
+                             f"not {value}")
+        return value
 
 
 class PruneStep(Model):

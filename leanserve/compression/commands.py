@@ -88,4 +88,10 @@ def report_table(report: dict[str, Any]) -> Table:
                   _fmt(lat.get("p50"), ".2f"), _fmt(lat.get("p95"), ".2f"),
                   _fmt(c["throughput_rps"], ".0f"), _fmt(c["speedup"], ".2f"),
                   *_cost(c.get("cost")), gate)
+    timing = b.get("timing")
+    if timing:
+        t.caption = (f"speed: {timing['calls_batch']}+ calls per model at batch "
+                     f"{timing['batch']} and {timing['calls_1']}+ at batch 1, "
+                     f"{timing['threads']} threads, every model timed together in "
+                     f"{timing['rounds']} interleaved rounds (medians)")
     return t

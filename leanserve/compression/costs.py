@@ -3,8 +3,9 @@
 Compression is not free: a distillation can burn CPU-hours, and a candidate that serves 5%
 faster may never earn that back. Every candidate therefore reports
 
-- ``cpu_seconds``: the CPU time its steps, export, evaluation and benchmark took (this process
-  and any worker it started, such as torchrun's), and ``usd`` at the price of a CPU-hour on the
+- ``cpu_seconds``: the CPU time its steps, export and evaluation took (this process and any
+  worker it started, such as torchrun's; the timing every model shares, run interleaved at the
+  end, is not counted), and ``usd`` at the price of a CPU-hour on the
   pool the Job runs on (the cheapest CPU pool of the spec, per core of its cpu request);
 - ``serving``: the cost of one million requests at the benchmark's throughput on the same cores,
   for the candidate and for the baseline, and the saving per million;
@@ -108,7 +109,7 @@ def candidate_costs(cpu_seconds: float, price: CpuPrice | None, threads: int,
 
 
 _RSS_PROBE = """
-import json, resource, sys
+import json, sys
 import numpy as np
 import onnxruntime as ort
 opts = ort.SessionOptions()
@@ -118,7 +119,10 @@ sess = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"
 names = {i.name for i in sess.get_inputs()}
 feed = {k: v for k, v in np.load(sys.argv[3]).items() if k in names}
 sess.run(None, feed)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+# VmHWM: the peak of this process image only. getrusage's ru_maxrss is carried over from the
+# parent across fork and exec, so it would report the (larger) parent's size.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps(int(hwm.split()[1]) * 1024))
 """
 
 

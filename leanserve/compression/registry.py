@@ -58,6 +58,9 @@ class Context:
     threads: int = 2
     num_labels: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    to_onnx: Callable[[Model, Path], Model] | None = None
+    """The pipeline's export (padding-free where it fits, the checks it runs): a torch step
+    whose result is only meaningful as a quantized graph (``qat``) exports with it."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ from leanserve.compression.registry import CompressionError
 
 MODULES = (
     "leanserve.compression.quantize",
+    "leanserve.compression.qat",
     "leanserve.compression.prune",
     "leanserve.compression.distill",
     "leanserve.compression.lowrank",

@@ -180,7 +180,7 @@ def summary(report: dict[str, Any], slo_ms: float) -> str:
     speed = m.get("speedup") or sel.get("speedup") or 0
     parts.append(
         f"{len(passed)} of {len(cands)} candidates passed the quality gate ({gate}); "
-        f"{sel['name']} was chosen as the fastest of them (ties within 5% go to the smaller "
+        f"{sel['name']} was chosen as the fastest of them (ties within 10% go to the smaller "
         f"quality drop): {speed:.2f}x the baseline's throughput"
         + (" (rechecked interleaved with the baseline)" if m.get("speedup") else "")
         + f", {ratio:.1f}x smaller ({mib(base.get('size_bytes'))} -> "

@@ -36,7 +36,7 @@ def test_minilm_compresses_and_gates(tmp_path: Path) -> None:
                                                 "reconstruct": True}}]},
     ]
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(doc))
-    settings = Settings(bench=BenchSettings(warmup=1, iterations_b1=5, iterations_bn=2))
+    settings = Settings(bench=BenchSettings(warmup=1, iterations_b1=5, iterations_bn=2, rounds=2))
     report = compress(load_one(tmp_path / "spec.yaml"), tmp_path / "out", settings=settings)
 
     assert json.loads((tmp_path / "out" / "report.json").read_text())["selected"] in (

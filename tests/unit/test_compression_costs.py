@@ -51,3 +51,29 @@ def test_cpu_clock_counts_children_it_waited_for() -> None:
         subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"],
                        check=True)
     assert spent[0] > 0.05
+
+
+def test_peak_rss_is_the_serving_process_own(tmp_path) -> None:
+    """A probe started from a big process reports its own peak, not its parent's (getrusage's
+    ru_maxrss survives fork and exec)."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from leanserve.compression.costs import serving_peak_rss
+    from leanserve.compression.registry import Batch
+
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["pixel_values", "w"], ["logits"])], "g",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["b", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    ballast = np.ones(96 * 2**20, np.float64)  # 768 MiB resident in this process
+    rss = serving_peak_rss(tmp_path / "m.onnx", Batch(inputs={"pixel_values": torch.ones(2, 8)}),
+                           threads=1)
+    assert ballast.sum() > 0
+    assert rss is not None and 10 * 2**20 < rss < 512 * 2**20

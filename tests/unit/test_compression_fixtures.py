@@ -30,7 +30,8 @@ WORDS = (
     "dance", "paint", "code", "test", "bug", "fix"
 )
 
-FAST = Settings(bench=BenchSettings(warmup=1, iterations_b1=3, iterations_bn=2), batch_size=8)
+FAST = Settings(bench=BenchSettings(warmup=1, iterations_b1=3, iterations_bn=2, rounds=2,
+                                    min_round_s=0.005), batch_size=8)
 """Pipeline settings for tests: a real benchmark, a few iterations."""
 
 

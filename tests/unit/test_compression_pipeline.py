@@ -37,6 +37,7 @@ def text_run(tmp_path_factory: pytest.TempPathFactory):
         {"name": "bad-order", "steps": [q("fp16"), q("binary")]},
         {"name": "fp16", "steps": [q("fp16")]},
         {"name": "binary", "steps": [q("binary")]},
+        {"name": "qat", "steps": [q("qat", trainSteps=4, perChannel=True)]},
     ], max_drop=0.05)
     loaded = write_spec(root, doc)
     events = []
@@ -55,6 +56,11 @@ def test_report_schema(text_run) -> None:
     assert next(c["name"] for c in report["candidates"]) == report["selected"]
     for c in report["candidates"]:
         assert set(c) >= CANDIDATE_KEYS
+    # every model that built was timed in the same interleaved rounds; the report says how
+    timing = base["timing"]
+    assert timing["rounds"] == FAST.bench.rounds and "interleaved" in timing["order"]
+    for c in [base, *(c for c in report["candidates"] if c["error"] is None)]:
+        assert c["bench_calls"] >= timing["calls_batch"] >= FAST.bench.iterations_bn
 
 
 def test_failure_is_recorded_and_others_go_on(text_run) -> None:
@@ -64,7 +70,10 @@ def test_failure_is_recorded_and_others_go_on(text_run) -> None:
     assert bad["passed"] is False and bad["artifact"] is None
     assert "spec.compression.candidates[1].steps[1].quantize" in bad["error"]
     assert "earlier step already produced the ONNX graph" in bad["error"]
-    for name in ("int8", "fp16", "binary"):
+    # qat: fine-tuned in torch, exported by the pipeline (padding-free), served as int8
+    assert by["qat"]["notes"]["qat_steps"] == 4
+    assert by["qat"]["notes"]["graph"].startswith("padding-free")
+    for name in ("int8", "fp16", "binary", "qat"):
         assert by[name]["error"] is None
         assert (out / by[name]["artifact"]).exists()
         assert (out / "artifacts" / name / "tokenizer" / "tokenizer_config.json").exists()
@@ -150,6 +159,10 @@ def test_the_table_shows_the_test_split_and_packed_sizes(text_run) -> None:
     assert f"{by['int8']['cost']['cpu_seconds']:.0f} cpu-s" in text
     payback = by["int8"]["cost"]["payback_requests"]
     assert (f"{payback:,} requests" if payback else "never (saves nothing)") in text
+    # how the speeds were measured: how many calls, interleaved
+    timing = report["baseline"]["timing"]
+    assert f"speed: {timing['calls_batch']}+ calls per model at batch" in text
+    assert f"{timing['rounds']} interleaved rounds" in text
 
 
 def test_files_and_no_staging_left(text_run) -> None:
@@ -162,7 +175,7 @@ def test_files_and_no_staging_left(text_run) -> None:
         assert (out / "model_repository" / "tiny" / "config.pbtxt").exists()
     kinds = [e.kind for e in events]
     assert kinds[0] is EventKind.BASELINE and kinds[-1] is EventKind.DONE
-    assert kinds.count(EventKind.CANDIDATE_DONE) == 4
+    assert kinds.count(EventKind.CANDIDATE_DONE) == 5
 
 
 def test_missing_model_fails_run_and_leaves_no_result(tmp_path: Path) -> None:
@@ -189,6 +202,9 @@ def test_torchscript_cnn_with_accuracy_and_onnx_input(tmp_path: Path) -> None:
     doc = spec_dict(model.name, data.name, [
         {"name": "w8", "steps": [q("int8-weight-only")]},
         {"name": "pow2", "steps": [q("power-of-two")]},
+        {"name": "qat", "steps": [q("qat", activations="static", trainSteps=4,
+                                    calibrationSamples=16, perChannel=True)]},
+        {"name": "int4", "steps": [q("int4-weight-only", blockSize=16)]},
     ], fmt="torchscript", task="image-classification", metric="accuracy", max_drop=0.5)
     report = compress(write_spec(tmp_path, doc), tmp_path / "out", settings=FAST)
     assert report["baseline"]["quality"] == pytest.approx(1.0)  # labels are its own argmax
@@ -197,6 +213,12 @@ def test_torchscript_cnn_with_accuracy_and_onnx_input(tmp_path: Path) -> None:
     # power-of-two weights are stored as fp32 in the served file: only the packed size is small
     assert by["pow2"]["packed_size_bytes"] < report["baseline"]["size_bytes"] / 4
     assert by["pow2"]["size_bytes"] > by["pow2"]["packed_size_bytes"]
+    # QAT trains an eager copy: a TorchScript forward that is not a plain Sequential cannot be
+    # rebuilt, and the candidate says so (test_compression_qat trains an eager CNN)
+    assert "cannot be rebuilt" in by["qat"]["error"]
+    # int4: MatMulNBits in the served file
+    assert by["int4"]["error"] is None and by["int4"]["notes"]["int4_matmuls"] == 2
+    assert by["int4"]["size_bytes"] < report["baseline"]["size_bytes"]
     # the exported artifact, given back as an onnx model: ONNX steps run, torch steps refused
     onnx_doc = spec_dict("out/baseline/model.onnx", data.name, [
         {"name": "int8", "steps": [q("int8-dynamic")]},
@@ -261,10 +283,10 @@ def test_select_prefers_throughput_then_quality_then_size() -> None:
              {**base, "name": "c", "throughput_rps": 99, "size_bytes": 1, "passed": False}]
     assert select(cands) == "b"
     assert select([cands[2]]) is None
-    # within the noise of the benchmark (5%), the one that keeps more quality
+    # within the noise of the benchmark (10%), the one that keeps more quality
     near = [{**base, "name": "fast", "throughput_rps": 100, "size_bytes": 1},
-            {**base, "name": "exact", "throughput_rps": 96, "size_bytes": 2, "quality_drop": 0.001}]
+            {**base, "name": "exact", "throughput_rps": 91, "size_bytes": 2, "quality_drop": 0.001}]
     assert select(near) == "exact"
     # clearly faster wins whatever its quality (it passed the gate)
-    near[1]["throughput_rps"] = 90
+    near[1]["throughput_rps"] = 85
     assert select(near) == "fast"

@@ -134,8 +134,7 @@ def test_int8_weight_only_stores_int8_weights(tiny, tmp_path: Path) -> None:
     assert len(int8) == out.notes["weights_int8"] > 0
 
 
-FAKE_BITS = {QuantizeMethod.INT4_WEIGHT_ONLY: 4, QuantizeMethod.POWER_OF_TWO: 4,
-             QuantizeMethod.BINARY: 1}
+FAKE_BITS = {QuantizeMethod.POWER_OF_TWO: 4, QuantizeMethod.BINARY: 1}
 
 
 @pytest.mark.parametrize("method", list(FAKE_BITS))
@@ -161,8 +160,7 @@ def test_fake_quant_methods_account_packed_bytes(method: QuantizeMethod, tiny,
     fp32 = 4 * sum(p.numel() for p in m.module.parameters())
     assert out.packed_bytes < fp32 * (bits + 2) / 32
     # the teacher is untouched
-    assert not torch.equal(next(out.module.parameters()), next(m.module.parameters())) or \
-        method is QuantizeMethod.INT4_WEIGHT_ONLY
+    assert not torch.equal(next(out.module.parameters()), next(m.module.parameters()))
 
 
 def test_fake_quant_values_are_on_the_grid() -> None:
@@ -336,3 +334,43 @@ def test_int8_dynamic_with_4_bit_tables_is_smaller(tiny, tmp_path: Path,
         # standard ONNX ops only: the artifact loads on any ONNX Runtime a Triton image ships
         assert {n.domain for n in onnx.load(str(out.onnx_path)).graph.node} <= {"", "ai.onnx"}
     assert sizes[4] < sizes[8]
+
+
+def test_int4_is_served_at_4_bits(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, data, _, _, _ = tiny
+    base = export_onnx(m.module, data[0], tmp_path / "packed.onnx", Task.FEATURE_EXTRACTION,
+                       pack=True)
+    ref = run_onnx(session(base), data[1])
+    monkeypatch.setattr(quantize_mod, "MIN_VOCAB_ROWS", 1)  # the tiny tables count
+    cfg = QuantizeStep(method=QuantizeMethod.INT4_WEIGHT_ONLY, block_size=16)
+    tech = lookup(cfg)
+    assert tech.stage is Stage.ONNX
+    out = tech.transform(Model(onnx_path=base), cfg, _ctx(m, data, tmp_path))
+    assert out.packed_bytes is None  # the file is the size
+    g = onnx.load(str(out.onnx_path)).graph
+    nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
+    # per layer: fused QKV, attention output, FFN in and out
+    assert len(nbits) == out.notes["int4_matmuls"] == 4 * 2
+    assert all(next(a.i for a in n.attribute if a.name == "bits") == 4 for n in nbits)
+    assert not [n for n in g.node if n.op_type == "MatMul" and n.input[1] in
+                {t.name for t in g.initializer}]  # no fp32 weight MatMul is left
+    got = run_onnx(session(out.onnx_path), data[1])
+    assert got.shape == ref.shape and mean_cosine(got, ref) > 0.9
+    assert weight_bytes(out.onnx_path) < 0.25 * weight_bytes(base)
+    with pytest.raises(ValueError, match="power of two"):
+        QuantizeStep(method=QuantizeMethod.INT4_WEIGHT_ONLY, block_size=48)
+
+
+def test_int4_on_the_cnn_quantizes_its_linear_layers(tmp_path: Path) -> None:
+    net = ImageClassifier(TinyCNN()).eval()
+    batch = Batch(inputs={"pixel_values": torch.rand(4, 1, 8, 8)})
+    path = export_onnx(net, batch, tmp_path / "m.onnx", Task.IMAGE_CLASSIFICATION)
+    ctx = Context(task=Task.IMAGE_CLASSIFICATION, train=[batch], teacher=net,
+                  workdir=tmp_path / "w")
+    cfg = QuantizeStep(method=QuantizeMethod.INT4_WEIGHT_ONLY, block_size=16)
+    out = lookup(cfg).transform(Model(onnx_path=path), cfg, ctx)
+    assert out.notes["int4_matmuls"] == 2 and out.notes["embedding_tables_4bit"] == 0
+    got = run_onnx(session(out.onnx_path), batch)
+    with torch.no_grad():
+        ref = net(**batch.inputs).numpy()
+    assert np.abs(got - ref).max() < 0.2 * np.abs(ref).max()
