@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -481,7 +482,12 @@ def build_monitor(owner: Owner, kind: MonitorKind) -> dict[str, Any] | None:
     """A ServiceMonitor or PodMonitor for Triton's metrics port (None when neither CRD exists)."""
     if kind is MonitorKind.NONE:
         return None
-    endpoint = {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    # Triton's series carry model and version only: the pod's pool label becomes `pool`, which
+    # the per-pool panels and the autoscaler's per-pool rate group by.
+    pool_label = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", Label.POOL.value)
+    endpoint = {"port": "metrics", "path": "/metrics", "interval": "15s",
+                "relabelings": [{"sourceLabels": [pool_label], "targetLabel": "pool",
+                                 "action": "replace"}]}
     spec: dict[str, Any] = {"selector": {"matchLabels": selector(owner, Component.SERVING)}}
     if kind is MonitorKind.SERVICE_MONITOR:
         spec["endpoints"] = [endpoint]

@@ -118,7 +118,14 @@ def test_monitors_select_the_serving_metrics_port(kind: MonitorKind) -> None:
     m = builders.build_monitor(OWNER, kind)
     assert m is not None and m["kind"] == kind.value
     endpoints = m["spec"].get("endpoints") or m["spec"].get("podMetricsEndpoints")
-    assert endpoints == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    assert len(endpoints) == 1
+    endpoint = endpoints[0]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == \
+        ("metrics", "/metrics", "15s")
+    # Triton's series get the pod's pool label as `pool` (per-pool panels, rate_by_pool)
+    assert endpoint["relabelings"] == [{
+        "sourceLabels": ["__meta_kubernetes_pod_label_leanserve_io_pool"],
+        "targetLabel": "pool", "action": "replace"}]
     assert m["spec"]["selector"]["matchLabels"] == builders.build_service(OWNER)["spec"][
         "selector"]
     assert builders.build_monitor(OWNER, MonitorKind.NONE) is None
