@@ -342,7 +342,8 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
     owner = params if params is not None else module
     trainable = [p for p in owner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.01)
-    amp = MixedPrecision.create(cfg.precision, module_device(owner), field_name=cfg.precision_field)
+    device = module_device(owner)
+    amp = MixedPrecision.create(cfg.precision, device, field_name=cfg.precision_field)
     per_rank = len(data) // world
     if per_rank == 0:
         raise ValueError(f"{len(data)} training rows cannot be split over {world} workers")
@@ -396,6 +397,10 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
                 if done >= total:
                     break
                 inputs, targets, labels = data.rows(idx)
+                if device.type != "cpu":
+                    inputs = {k: v.to(device) for k, v in inputs.items()}
+                    targets = targets.to(device)
+                    labels = labels.to(device) if labels is not None else None
                 mask = inputs.get(ATTENTION_MASK)
                 with amp.autocast():
                     if teacher is not None:
@@ -414,6 +419,7 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
                             assert mask is not None
                             want = data.tokens(idx, mask.shape[1])
                             assert want is not None
+                            want = want.to(device)
                             loss = loss + cfg.token_weight * token_loss(captured[-1], want, mask)
                         if s_taps is not None and t_taps is not None:
                             assert mask is not None

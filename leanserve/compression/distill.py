@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leanserve.api.spec import DistillStep, Task
-from leanserve.compression import _ddp_distill, _ddp_train
+from leanserve.compression import _ddp_distill, _ddp_train, precision
 from leanserve.compression.modules import TextEncoder
 from leanserve.compression.prune import describe, field, transformer_layers
 from leanserve.compression.registry import (
@@ -375,6 +375,8 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                         "model (put distill before any ONNX quantization step)")
     if not ctx.train:
         raise StepError("spec.data: distillation needs training rows (the data has none)")
+    if cfg.workers == 1:  # DDP workers check on their own device (a GPU pod may have one)
+        precision.check(cfg.precision.value, field(ctx, "distill", "precision"))
     # Learn the uncompressed model's outputs even when an earlier step changed the model: the
     # quality gate compares against that model.
     per_batch = cfg.hidden_weight > 0 or cfg.relation_weight > 0
@@ -414,7 +416,8 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
         torch.manual_seed(ctx.seed)
         for p in student.parameters():
             p.requires_grad_(True)
-        losses = _ddp_train.train(student, data, tc, teacher=teacher)
+        with precision.on_training_device(student, *([teacher] if teacher else [])):
+            losses = _ddp_train.train(student, data, tc, teacher=teacher)
         mode = "in-process"
     elif cluster is not None:
         rank, world = cluster

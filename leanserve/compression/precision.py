@@ -106,6 +106,34 @@ class MixedPrecision:
         return took
 
 
+def training_device() -> torch.device:
+    """Where an in-process training step runs: the first CUDA GPU when there is one (the step
+    moves the model there and back), else the CPU."""
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check(precision: str, field_name: str) -> None:
+    """Refuse, before any work, a precision this machine cannot train in (StepError naming
+    ``field_name``)."""
+    resolve(precision, training_device(), field_name=field_name)
+
+
+@contextlib.contextmanager
+def on_training_device(*modules: torch.nn.Module) -> Iterator[torch.device]:
+    """Move ``modules`` to ``training_device()`` for the block and back to the CPU after."""
+    device = training_device()
+    if device.type == "cpu":
+        yield device
+        return
+    try:
+        for m in modules:
+            m.to(device)
+        yield device
+    finally:
+        for m in modules:
+            m.to("cpu")
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """Where ``module``'s parameters live (CPU for a module without parameters)."""
     for p in module.parameters():
@@ -113,4 +141,5 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["PRECISIONS", "MixedPrecision", "module_device", "resolve"]
+__all__ = ["PRECISIONS", "MixedPrecision", "check", "module_device", "on_training_device",
+           "resolve", "training_device"]
