@@ -26,7 +26,7 @@ import torch
 
 from leanserve.api.load import load_one
 from leanserve.api.spec import DistillStep
-from leanserve.compression.distill import distill
+from leanserve.compression.distill import ON_STEP, distill
 from leanserve.compression.loading import batches, load_data, load_model, split3
 from leanserve.compression.pipeline import Settings
 from leanserve.compression.registry import Batch, Context, Model
@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", type=Path, help="append the result as a JSON line")
+    ap.add_argument("--checkpoints", type=int, nargs="*", default=[],
+                    help="also evaluate on validation after these steps (mid-schedule: the "
+                         "learning rate has not decayed yet, so a run of that many steps in "
+                         "all would do at least as well)")
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
     loaded = load_one(Path(args.spec))
@@ -77,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(task=spec.model.task, train=train, teacher=teacher, workdir=Path(tmp),
                       seed=s.seed, threads=THREADS)
         started = time.monotonic()
+        curve: list[dict[str, object]] = []
+        reference = embed(teacher, val)
+
+        def on_step(step: int, total: int, loss: float, student: torch.nn.Module) -> None:
+            if step in args.checkpoints:
+                curve.append({"step": step, "seconds": round(time.monotonic() - started, 1),
+                              "loss": round(loss, 5),
+                              "validation": cosines(embed(student, val), reference)})
+                print(json.dumps(curve[-1]), flush=True)
+
+        ctx.extra[ON_STEP] = on_step
         out = distill(Model(module=teacher), cfg, ctx)
         seconds = time.monotonic() - started
     assert out.module is not None
@@ -87,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "kept": out.notes.get("teacher_layers_kept"),
         "validation": cosines(embed(out.module, val), embed(teacher, val)),
         "test": cosines(embed(out.module, test), embed(teacher, test)),
-        "loss_last": out.notes["distill_loss"][-1:],
+        "loss_last": out.notes["distill_loss"][-1:], "curve": curve,
     }
     print(json.dumps(result))
     if args.out:

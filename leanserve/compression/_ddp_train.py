@@ -11,6 +11,7 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,7 +326,9 @@ class TrainConfig:
 
 def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0,
           world: int = 1, params: nn.Module | None = None,
-          teacher: nn.Module | None = None) -> list[float]:
+          teacher: nn.Module | None = None,
+          on_step: Callable[[int, int, float, nn.Module], None] | None = None
+          ) -> list[float]:
     """Train ``module`` (a DDP wrapper when world > 1) to match the teacher.
 
     Each epoch draws one permutation of the rows from the seed (identical on every rank) and
@@ -338,6 +341,9 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
 
     The module stays in eval mode: we fit a teacher's deterministic function, and dropout only
     slows that down (there is no BatchNorm statistic to learn either).
+
+    ``on_step(step, total, loss, module)`` is called after every optimizer step (progress,
+    checkpoints).
     """
     owner = params if params is not None else module
     trainable = [p for p in owner.parameters() if p.requires_grad]
@@ -437,6 +443,8 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
                 sched.step()
                 done += 1
                 losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(done, total, losses[-1], inner)
             if losses:
                 history.append(sum(losses) / len(losses))
     finally:

@@ -63,6 +63,10 @@ after is stuck tearing the process group down (seen with gloo on CPU: a rank wai
 teardown for a peer that has exited, and torchrun waits for it forever). It is stopped and the
 result stands."""
 
+ON_STEP = "on_train_step"
+"""ctx.extra key: an optional callable(step, total, loss, student) called after each
+in-process training step (bench/distill.py evaluates checkpoints with it)."""
+
 JOB_FILES = ("student.json", "student.safetensors", "data.pt", "train.json")
 
 
@@ -417,7 +421,8 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
         for p in student.parameters():
             p.requires_grad_(True)
         with precision.on_training_device(student, *([teacher] if teacher else [])):
-            losses = _ddp_train.train(student, data, tc, teacher=teacher)
+            losses = _ddp_train.train(student, data, tc, teacher=teacher,
+                                      on_step=ctx.extra.get(ON_STEP))
         mode = "in-process"
     elif cluster is not None:
         rank, world = cluster
