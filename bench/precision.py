@@ -27,6 +27,7 @@ import torch
 
 from leanserve.api.load import load_one
 from leanserve.api.spec import Precision, Task
+from leanserve.compression import techniques
 from leanserve.compression.loading import batches, load_data, load_model, split3
 from leanserve.compression.pipeline import Settings
 from leanserve.compression.registry import Batch, Context, Model, lookup
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("spec", nargs="?", default="examples/digits-cnn.yaml")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    techniques.load_all()
     torch.set_num_threads(THREADS)
     loaded = load_one(Path(args.spec))
     spec = loaded.spec
