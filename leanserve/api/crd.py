@@ -7,6 +7,7 @@ translates one into the other. deploy/crds/ holds the output; a test fails when 
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import yaml
@@ -70,7 +71,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         elif key in ("items", "additionalProperties"):
             out[key] = _structural(value, defs)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)  # a shared $def's list would dump as a YAML alias
     if "properties" in out or node.get("additionalProperties") is False:
         out.setdefault("type", "object")
     return out

@@ -100,6 +100,18 @@ class ActivationQuant(str, enum.Enum):
     STATIC = "static"
 
 
+class Precision(str, enum.Enum):
+    """Arithmetic of a training step (leanserve.compression.precision)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+PRECISION_DESCRIPTION = ("Training arithmetic: fp32, bf16 (autocast, CPU or GPU) or fp16 "
+                         "(autocast with a gradient scaler, GPU only).")
+
+
 class PruneMethod(str, enum.Enum):
     MAGNITUDE = "magnitude"
     STRUCTURED = "structured"
@@ -246,6 +258,7 @@ class PruneStep(Model):
     reconstruct: bool = Field(False, description="Transformers: refit the Linear after the "
                               "removed neurons or heads by least squares on training "
                               "activations, so each layer keeps its output.")
+    precision: Lax[Precision] = Field(Precision.FP32, description=PRECISION_DESCRIPTION)
 
 
 class StudentConfig(Model):
@@ -272,6 +285,20 @@ class DistillStep(Model):
     learning_rate: float = Field(5e-5, gt=0, le=1, description="Optimizer learning rate.")
     batch_size: int = Field(32, ge=1, le=4096, description="Rows per step per worker.")
     workers: int = Field(1, ge=1, le=64, description="DDP world size.")
+    steps: int | None = Field(None, ge=1, le=10_000_000,
+                              description="Optimizer steps in all (overrides epochs; the "
+                                          "training rows are cycled).")
+    hidden_weight: float = Field(0.0, ge=0, le=100,
+                                 description="Weight of the hidden-state loss between each "
+                                             "student layer and the teacher layer it was "
+                                             "copied from.")
+    relation_weight: float = Field(0.0, ge=0, le=100,
+                                   description="Weight of MiniLM v2's attention-relation loss "
+                                               "(query/key/value relations of the last "
+                                               "layers, KL).")
+    relation_heads: int = Field(12, ge=1, le=256,
+                                description="Relation heads of the attention-relation loss.")
+    precision: Lax[Precision] = Field(Precision.FP32, description=PRECISION_DESCRIPTION)
 
     @model_validator(mode="after")
     def _needs_student(self) -> DistillStep:
@@ -289,6 +316,10 @@ class LowRankStep(Model):
     rank_ratio: float | None = Field(None, gt=0, le=1, description="Rank kept, as a share.")
     energy: float | None = Field(None, gt=0, le=1,
                                  description="Share of squared singular values kept.")
+    fine_tune_epochs: int = Field(0, ge=0, le=100,
+                                  description="Epochs of fine-tuning the factored model "
+                                              "towards the original's outputs.")
+    precision: Lax[Precision] = Field(Precision.FP32, description=PRECISION_DESCRIPTION)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> LowRankStep:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -55,7 +55,8 @@ def _to(data: _ddp_train.TrainData, device: torch.device) -> _ddp_train.TrainDat
 
 
 def train_in_group(student: nn.Module, data: _ddp_train.TrainData, tc: _ddp_train.TrainConfig,
-                   rank: int, world: int) -> tuple[list[float], str]:
+                   rank: int, world: int, teacher: nn.Module | None = None
+                   ) -> tuple[list[float], str]:
     """Join the process group as ``rank``, train ``student`` in place on this rank's shard,
     and leave the group. Returns the loss per epoch averaged over ranks, and the backend."""
     use_cuda = torch.cuda.is_available()
@@ -66,25 +67,30 @@ def train_in_group(student: nn.Module, data: _ddp_train.TrainData, tc: _ddp_trai
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda
                               else "cpu")
         student.to(device)
+        if teacher is not None:
+            teacher.to(device)
         if use_cuda:
             data = _to(data, device)
         for p in student.parameters():
             p.requires_grad_(True)
-        _ddp_train.freeze_unused(student, data, tc.task)
+        _ddp_train.freeze_unused(student, data, tc.task, teacher=teacher)
         ddp = DistributedDataParallel(student, device_ids=[device.index] if use_cuda else None)
-        losses = _ddp_train.train(ddp, data, tc, rank=rank, world=world, params=student)
+        losses = _ddp_train.train(ddp, data, tc, rank=rank, world=world, params=student,
+                                  teacher=teacher)
         mean = torch.tensor(losses, device=device)
         dist.all_reduce(mean)
         mean /= world
         dist.barrier()
         student.to("cpu")
+        if teacher is not None:
+            teacher.to("cpu")
         return mean.tolist(), backend
     finally:
         dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from leanserve.compression.distill import build_from_description, read_train_config
+    from leanserve.compression.distill import load_model_files, read_train_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", type=Path, required=True, help="directory from write_job")
@@ -96,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = where
     tc, threads = read_train_config(job)
     torch.set_num_threads(threads)
-    student = build_from_description(json.loads((job / "student.json").read_text()))
-    student.load_state_dict(load_file(str(job / "student.safetensors")))
+    student = load_model_files(job, "student")
+    teacher = load_model_files(job, "teacher").eval() if tc.uses_teacher else None
     data = _ddp_train.TrainData.load(job / "data.pt")
-    losses, backend = train_in_group(student, data, tc, rank, world)
+    losses, backend = train_in_group(student, data, tc, rank, world, teacher=teacher)
     if rank == 0:
         state = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
         save_file(state, str(job / "trained.safetensors"))

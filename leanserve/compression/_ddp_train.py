@@ -11,6 +11,7 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanserve.api.spec import Task
+from leanserve.compression.precision import MixedPrecision, module_device
 
 ATTENTION_MASK = "attention_mask"
 
@@ -50,6 +52,11 @@ class TrainData:
             inputs = {k: v[:, :length] if v.dim() == 2 else v for k, v in inputs.items()}
         labels = self.labels[idx] if self.labels is not None else None
         return inputs, self.targets[idx], labels
+
+    def lengths(self) -> torch.Tensor | None:
+        """Real tokens per row (None for inputs without an attention mask)."""
+        mask = self.inputs.get(ATTENTION_MASK)
+        return None if mask is None else mask.sum(1)
 
     def tokens(self, idx: torch.Tensor, length: int) -> torch.Tensor | None:
         if self.token_targets is None:
@@ -87,17 +94,27 @@ def _pad_cat3(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect(batches: list, teacher: nn.Module, *, tokens: bool = True) -> TrainData:
+def collect(batches: list, teacher: nn.Module, *, tokens: bool = True,
+            outputs: bool = True) -> TrainData:
     """Turn the pipeline's batches into rows with the teacher's outputs (run once, in eval).
 
     With ``tokens`` and a transformer teacher (a ``backbone`` attribute), the last hidden state
     of every token is kept too: a few hundred sentences give a few thousand token targets,
     far more signal for a student than one embedding per sentence.
+
+    Without ``outputs`` the teacher is not run at all and ``targets`` is empty ([rows, 0]): for
+    training that runs the teacher on each batch anyway (``train(..., teacher=...)``), where
+    computing its outputs up front for tens of thousands of rows would only cost time.
     """
     if not batches:
         raise ValueError("no training rows")
     names = list(batches[0].inputs)
     inputs = {n: _pad_cat([b.inputs[n] for b in batches]) for n in names}
+    have_labels = all(b.labels is not None for b in batches)
+    labels = torch.cat([b.labels for b in batches]).long() if have_labels else None
+    if not outputs:
+        rows = next(iter(inputs.values())).shape[0]
+        return TrainData(inputs=inputs, targets=torch.zeros(rows, 0), labels=labels)
     backbone = getattr(teacher, "backbone", None)
     width = inputs[ATTENTION_MASK].shape[1] if ATTENTION_MASK in inputs else 0
     hidden = getattr(getattr(backbone, "config", None), "hidden_size", 0)
@@ -114,8 +131,6 @@ def collect(batches: list, teacher: nn.Module, *, tokens: bool = True) -> TrainD
     finally:
         if handle is not None:
             handle.remove()
-    have_labels = all(b.labels is not None for b in batches)
-    labels = torch.cat([b.labels for b in batches]).long() if have_labels else None
     return TrainData(inputs=inputs, targets=targets, labels=labels,
                      token_targets=_pad_cat3(states) if keep_tokens else None)
 
@@ -147,7 +162,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor |
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student, labels)
 
 
-def freeze_unused(module: nn.Module, data: TrainData, task: Task) -> list[str]:
+def freeze_unused(module: nn.Module, data: TrainData, task: Task,
+                  teacher: nn.Module | None = None) -> list[str]:
     """Stop training parameters the output does not depend on (BERT's pooler, say).
 
     DDP refuses parameters that get no gradient; one probe backward on two rows finds them,
@@ -155,6 +171,9 @@ def freeze_unused(module: nn.Module, data: TrainData, task: Task) -> list[str]:
     """
     module.zero_grad(set_to_none=True)
     inputs, targets, labels = data.rows(torch.arange(min(2, len(data))))
+    if teacher is not None:
+        with torch.no_grad():
+            targets = teacher(**inputs).float()
     with torch.enable_grad():
         out = module(**inputs)
         kd_loss(out, targets, labels, task=task, temperature=1.0, alpha=0.5).backward()
@@ -165,6 +184,110 @@ def freeze_unused(module: nn.Module, data: TrainData, task: Task) -> list[str]:
             frozen.append(name)
     module.zero_grad(set_to_none=True)
     return frozen
+
+
+# --------------------------------------------------------------------------------------------
+# intermediate-layer losses: the teacher runs beside the student on each batch
+
+
+class Taps:
+    """Forward hooks on a transformer text model (a ``backbone`` with ``encoder.layer``):
+    the outputs of the encoder layers named in ``layers`` and, with ``relations``, the last
+    layer's query, key and value projections ([batch, seq, width] each)."""
+
+    def __init__(self, module: nn.Module, layers: list[int], *, relations: bool) -> None:
+        inner = getattr(module, "module", module)  # under DDP the model is .module
+        encoder_layers = list(inner.backbone.encoder.layer)
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.qkv: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for i in layers:
+            self._handles.append(encoder_layers[i].register_forward_hook(
+                lambda _m, _a, out, i=i: self.hidden.__setitem__(
+                    i, out[0] if isinstance(out, tuple) else out)))
+        if relations:
+            attn = relation_projections(encoder_layers[-1])
+            if attn is None:
+                raise ValueError("the attention of this model has no query/key/value "
+                                 "projections to take relations from")
+            for name, lin in attn.items():
+                self._handles.append(lin.register_forward_hook(
+                    lambda _m, _a, out, name=name: self.qkv.__setitem__(name, out)))
+
+    def clear(self) -> None:
+        self.hidden.clear()
+        self.qkv.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def relation_projections(layer: nn.Module) -> dict[str, nn.Module] | None:
+    """A BERT-style layer's query, key and value Linear modules (None where it has none)."""
+    attn = getattr(getattr(layer, "attention", None), "self", None)
+    found = {n: getattr(attn, n, None) for n in ("query", "key", "value")}
+    if any(not isinstance(m, nn.Linear) for m in found.values()):
+        return None
+    return found  # type: ignore[return-value]
+
+
+def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
+    """Mean squared error between a student layer's and a teacher layer's hidden states over
+    real tokens, relative to the teacher's mean square (so every layer weighs alike whatever
+    its scale)."""
+    m = mask.unsqueeze(-1).to(torch.float32)
+    s, t = student.float(), teacher.float()
+    err = ((s - t).pow(2) * m).sum()
+    return err / (t.pow(2) * m).sum().clamp(min=1e-12)
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                  heads: int) -> torch.Tensor:
+    """MiniLM v2's self-attention relation loss for one of query, key or value: both
+    [batch, seq, width] are split into ``heads`` relation heads, each gives the relation
+    softmax(X X^T / sqrt(d)) over real tokens, and the student's relations learn the
+    teacher's by KL divergence (averaged over heads and real query tokens). The widths of the
+    two models may differ: the relations are [seq, seq] either way."""
+
+    def relations(x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        if w % heads:
+            raise ValueError(f"{heads} relation heads do not divide width {w}")
+        d = w // heads
+        x = x.float().view(b, n, heads, d).transpose(1, 2)  # [b, heads, n, d]
+        scores = x @ x.transpose(-1, -2) / math.sqrt(d)
+        keep = mask[:, None, None, :].bool()
+        return scores.masked_fill(~keep, torch.finfo(scores.dtype).min).log_softmax(-1)
+
+    log_s, log_t = relations(student), relations(teacher)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [b, heads, n]
+    q = mask[:, None, :].to(kl.dtype)
+    return (kl * q).sum() / (q.sum() * heads).clamp(min=1.0)
+
+
+GROUP_BATCHES = 50
+"""Length grouping: rows are sorted by length within windows of this many batches."""
+
+
+def length_grouped(rows: torch.Tensor, lengths: torch.Tensor, batch_size: int,
+                   gen: torch.Generator) -> list[torch.Tensor]:
+    """``rows`` (already in random order) cut into batches of rows of similar length, in a
+    random order of batches: rows are sorted by token count within windows of GROUP_BATCHES
+    batches. Each batch is trimmed to its longest row (``TrainData.rows``), so on real text
+    (a mean of ~20 tokens, a few rows of 128) a step computes on far less padding. The draw
+    depends only on the generator and the number of rows, so every DDP rank takes as many
+    steps."""
+    window = batch_size * GROUP_BATCHES
+    out: list[torch.Tensor] = []
+    for start in range(0, len(rows), window):
+        part = rows[start:start + window]
+        part = part[torch.argsort(lengths[part], stable=True)]
+        out += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    shuffle = torch.randperm(len(out), generator=gen)
+    return [out[int(i)] for i in shuffle]
 
 
 @dataclass(frozen=True)
@@ -180,27 +303,58 @@ class TrainConfig:
     """Share of the steps with a linearly rising learning rate, then linear decay to zero."""
     token_weight: float = 1.0
     """Weight of the per-token hidden-state loss where the data carries token targets."""
+    steps: int | None = None
+    """Optimizer steps in all (overrides epochs; the rows are cycled, a new order each pass)."""
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state loss between each student layer and its teacher layer
+    (needs the teacher at training time)."""
+    relation_weight: float = 0.0
+    """Weight of MiniLM v2's attention-relation loss between the last layers (query, key and
+    value relations; needs the teacher at training time)."""
+    relation_heads: int = 12
+    layer_map: tuple[int, ...] | None = None
+    """The teacher layer each student layer learns from (hidden-state loss)."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast) or fp16 (CUDA autocast + GradScaler): see precision.py."""
+    precision_field: str = "precision"
+    """The spec field named when the precision cannot run here."""
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.hidden_weight > 0 or self.relation_weight > 0
 
 
 def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0,
-          world: int = 1, params: nn.Module | None = None) -> list[float]:
-    """Train ``module`` (a DDP wrapper when world > 1) to match ``data.targets``.
+          world: int = 1, params: nn.Module | None = None,
+          teacher: nn.Module | None = None,
+          on_step: Callable[[int, int, float, nn.Module], None] | None = None
+          ) -> list[float]:
+    """Train ``module`` (a DDP wrapper when world > 1) to match the teacher.
 
     Each epoch draws one permutation of the rows from the seed (identical on every rank) and
     gives rank r the rows r, r + world, ...; every rank takes the same number of steps, which
-    DDP requires. Returns the mean loss per epoch as this rank saw it.
+    DDP requires. Returns the mean loss per epoch (per pass over the rows) as this rank saw it.
 
-    The module stays in eval mode: we fit a teacher's deterministic function from a few hundred
-    rows, and dropout only slows that down (there is no BatchNorm statistic to learn either).
+    With ``teacher`` (needed when ``cfg.uses_teacher``), the teacher runs on each batch: its
+    output is the target (``data.targets`` may then be empty) and its hidden states and last
+    layer's query/key/value feed the hidden-state and attention-relation losses.
+
+    The module stays in eval mode: we fit a teacher's deterministic function, and dropout only
+    slows that down (there is no BatchNorm statistic to learn either).
+
+    ``on_step(step, total, loss, module)`` is called after every optimizer step (progress,
+    checkpoints).
     """
     owner = params if params is not None else module
     trainable = [p for p in owner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.01)
+    device = module_device(owner)
+    amp = MixedPrecision.create(cfg.precision, device, field_name=cfg.precision_field)
     per_rank = len(data) // world
     if per_rank == 0:
         raise ValueError(f"{len(data)} training rows cannot be split over {world} workers")
     steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs
     warmup = max(1, int(total * cfg.warmup_fraction))
 
     def schedule(step: int) -> float:
@@ -216,35 +370,87 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
     captured: list[torch.Tensor] = []
     handle = None
     width = getattr(getattr(backbone, "config", None), "hidden_size", None)
-    if (data.token_targets is not None and cfg.token_weight > 0
+    if cfg.uses_teacher and teacher is None:
+        raise ValueError("hidden-state and relation losses need the teacher")
+    s_taps = t_taps = None
+    pairs: list[tuple[int, int]] = []
+    if teacher is not None:
+        teacher.eval()
+        if cfg.uses_teacher:
+            t_width = teacher.backbone.config.hidden_size
+            n_student = len(inner.backbone.encoder.layer)
+            layer_map = cfg.layer_map or tuple(range(n_student))
+            if cfg.hidden_weight > 0 and width == t_width:
+                pairs = list(enumerate(layer_map))
+            relations = cfg.relation_weight > 0
+            s_taps = Taps(inner, [s for s, _ in pairs], relations=relations)
+            t_taps = Taps(teacher, sorted({t for _, t in pairs}), relations=relations)
+    elif (data.token_targets is not None and cfg.token_weight > 0
             and width == data.token_targets.shape[-1]):
         handle = backbone.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
     history: list[float] = []
+    done = 0
+    lengths = data.lengths()
     try:
-        for _ in range(cfg.epochs):
+        while done < total:
             perm = torch.randperm(len(data), generator=gen)
             mine = perm[rank::world][:per_rank]
+            order = (length_grouped(mine, lengths, cfg.batch_size, gen) if lengths is not None
+                     else [mine[i:i + cfg.batch_size] for i in range(0, per_rank,
+                                                                     cfg.batch_size)])
             losses = []
-            for start in range(0, per_rank, cfg.batch_size):
-                idx = mine[start:start + cfg.batch_size]
+            for idx in order:
+                if done >= total:
+                    break
                 inputs, targets, labels = data.rows(idx)
+                if device.type != "cpu":
+                    inputs = {k: v.to(device) for k, v in inputs.items()}
+                    targets = targets.to(device)
+                    labels = labels.to(device) if labels is not None else None
+                mask = inputs.get(ATTENTION_MASK)
+                with amp.autocast():
+                    if teacher is not None:
+                        with torch.no_grad():
+                            if t_taps is not None:
+                                t_taps.clear()
+                            targets = teacher(**inputs).float()
+                    with torch.enable_grad():
+                        captured.clear()
+                        if s_taps is not None:
+                            s_taps.clear()
+                        out = module(**inputs)
+                        loss = kd_loss(out.float(), targets, labels, task=cfg.task,
+                                       temperature=cfg.temperature, alpha=cfg.alpha)
+                        if handle is not None and captured:
+                            assert mask is not None
+                            want = data.tokens(idx, mask.shape[1])
+                            assert want is not None
+                            want = want.to(device)
+                            loss = loss + cfg.token_weight * token_loss(captured[-1], want, mask)
+                        if s_taps is not None and t_taps is not None:
+                            assert mask is not None
+                            if pairs:
+                                hid = sum(hidden_loss(s_taps.hidden[s], t_taps.hidden[t], mask)
+                                          for s, t in pairs) / len(pairs)
+                                loss = loss + cfg.hidden_weight * hid
+                            if cfg.relation_weight > 0:
+                                rel = sum(relation_loss(s_taps.qkv[k], t_taps.qkv[k], mask,
+                                                        cfg.relation_heads)
+                                          for k in ("query", "key", "value")) / 3
+                                loss = loss + cfg.relation_weight * rel
                 with torch.enable_grad():
-                    captured.clear()
-                    out = module(**inputs)
-                    loss = kd_loss(out, targets, labels, task=cfg.task,
-                                   temperature=cfg.temperature, alpha=cfg.alpha)
-                    if handle is not None and captured:
-                        mask = inputs[ATTENTION_MASK]
-                        want = data.tokens(idx, mask.shape[1])
-                        assert want is not None
-                        loss = loss + cfg.token_weight * token_loss(captured[-1], want, mask)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
+                    amp.step(loss, opt)
                 sched.step()
+                done += 1
                 losses.append(float(loss.detach()))
-            history.append(sum(losses) / len(losses))
+                if on_step is not None:
+                    on_step(done, total, losses[-1], inner)
+            if losses:
+                history.append(sum(losses) / len(losses))
     finally:
         if handle is not None:
             handle.remove()
+        for taps in (s_taps, t_taps):
+            if taps is not None:
+                taps.remove()
     return history

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leanserve.api.spec import DistillStep, Task
-from leanserve.compression import _ddp_distill, _ddp_train
+from leanserve.compression import _ddp_distill, _ddp_train, precision
 from leanserve.compression.modules import TextEncoder
 from leanserve.compression.prune import describe, field, transformer_layers
 from leanserve.compression.registry import (
@@ -61,6 +62,10 @@ last all-reduce and barrier, so by then every rank has trained; a rank still ali
 after is stuck tearing the process group down (seen with gloo on CPU: a rank waits in its
 teardown for a peer that has exited, and torchrun waits for it forever). It is stopped and the
 result stands."""
+
+ON_STEP = "on_train_step"
+"""ctx.extra key: an optional callable(step, total, loss, student) called after each
+in-process training step (bench/distill.py evaluates checkpoints with it)."""
 
 JOB_FILES = ("student.json", "student.safetensors", "data.pt", "train.json")
 
@@ -108,6 +113,8 @@ def select_layers(teacher: nn.Module, keep_n: int, data: _ddp_train.TrainData,
     probe.backbone.encoder = _shallow(teacher.backbone.encoder)
     layers = list(teacher.backbone.encoder.layer)
     inputs, targets, labels = data.rows(torch.arange(min(PROBE_ROWS, len(data))))
+    if targets.shape[-1] == 0:  # the teacher runs per batch in training: run it here too
+        targets = teacher(**inputs).float()
 
     def loss_of(subset: list[int]) -> float:
         probe.backbone.encoder.layer = nn.ModuleList([layers[i] for i in subset])
@@ -243,30 +250,52 @@ def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context,
 # training: in-process, or torchrun with DDP
 
 
-def _train_config(cfg: DistillStep, ctx: Context) -> _ddp_train.TrainConfig:
-    return _ddp_train.TrainConfig(task=ctx.task, epochs=cfg.epochs,
-                                  learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                                  temperature=cfg.temperature, alpha=cfg.alpha, seed=ctx.seed)
+def _train_config(cfg: DistillStep, ctx: Context,
+                  layer_map: list[int] | None = None) -> _ddp_train.TrainConfig:
+    return _ddp_train.TrainConfig(
+        task=ctx.task, epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size, temperature=cfg.temperature, alpha=cfg.alpha,
+        seed=ctx.seed, steps=cfg.steps, hidden_weight=cfg.hidden_weight,
+        relation_weight=cfg.relation_weight, relation_heads=cfg.relation_heads,
+        layer_map=tuple(layer_map) if layer_map else None, precision=cfg.precision.value,
+        precision_field=field(ctx, "distill", "precision"))
+
+
+def _save_model(job: Path, name: str, model: TextEncoder) -> None:
+    (job / f"{name}.json").write_text(json.dumps(describe_student(model)))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(job / f"{name}.safetensors"))
+
+
+def load_model_files(job: Path, name: str) -> TextEncoder:
+    """A model ``write_job`` saved as ``name``.json + ``name``.safetensors."""
+    model = build_from_description(json.loads((job / f"{name}.json").read_text()))
+    model.load_state_dict(load_file(str(job / f"{name}.safetensors")))
+    return model
 
 
 def write_job(job: Path, student: TextEncoder, data: _ddp_train.TrainData,
-              tc: _ddp_train.TrainConfig, threads: int) -> None:
-    """Everything a DDP worker needs, as tensor-only and JSON files (no pickled code)."""
+              tc: _ddp_train.TrainConfig, threads: int,
+              teacher: TextEncoder | None = None) -> None:
+    """Everything a DDP worker needs, as tensor-only and JSON files (no pickled code); the
+    teacher too when the losses need it at training time."""
     job.mkdir(parents=True, exist_ok=True)
-    (job / "student.json").write_text(json.dumps(describe_student(student)))
-    state = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
-    save_file(state, str(job / "student.safetensors"))
+    _save_model(job, "student", student)
+    if teacher is not None:
+        _save_model(job, "teacher", teacher)
     data.save(job / "data.pt")
-    (job / "train.json").write_text(json.dumps({
-        "task": tc.task.value, "epochs": tc.epochs, "learning_rate": tc.learning_rate,
-        "batch_size": tc.batch_size, "temperature": tc.temperature, "alpha": tc.alpha,
-        "seed": tc.seed, "threads": threads}))
+    raw = dataclasses.asdict(tc)
+    raw.update(task=tc.task.value, threads=threads,
+               layer_map=list(tc.layer_map) if tc.layer_map else None)
+    (job / "train.json").write_text(json.dumps(raw))
 
 
 def read_train_config(job: Path) -> tuple[_ddp_train.TrainConfig, int]:
     raw = json.loads((job / "train.json").read_text())
     threads = int(raw.pop("threads", 1))
     raw["task"] = Task(raw["task"])
+    if raw.get("layer_map") is not None:
+        raw["layer_map"] = tuple(raw["layer_map"])
     return _ddp_train.TrainConfig(**raw), threads
 
 
@@ -350,21 +379,50 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                         "model (put distill before any ONNX quantization step)")
     if not ctx.train:
         raise StepError("spec.data: distillation needs training rows (the data has none)")
+    if cfg.workers == 1:  # DDP workers check on their own device (a GPU pod may have one)
+        precision.check(cfg.precision.value, field(ctx, "distill", "precision"))
     # Learn the uncompressed model's outputs even when an earlier step changed the model: the
     # quality gate compares against that model.
-    data = _ddp_train.collect(ctx.train, ctx.teacher)
+    per_batch = cfg.hidden_weight > 0 or cfg.relation_weight > 0
+    teacher = ctx.teacher if per_batch else None
+    if per_batch and not (isinstance(teacher, TextEncoder)
+                          and transformer_layers(teacher) is not None):
+        knob = "hiddenWeight" if cfg.hidden_weight > 0 else "relationWeight"
+        raise StepError(f"{field(ctx, 'distill', knob)}: intermediate-layer losses need a "
+                        f"transformer teacher (got {describe(ctx.teacher)}; allowed: 0)")
+    if cfg.relation_weight > 0 and _ddp_train.relation_projections(
+            transformer_layers(ctx.teacher)[-1]) is None:  # type: ignore[index]
+        raise StepError(f"{field(ctx, 'distill', 'relationWeight')}: the teacher's attention "
+                        "has no query/key/value projections (allowed: 0)")
+    # With per-batch losses the teacher runs beside the student on every batch; its outputs
+    # are not computed up front (tens of thousands of rows would cost a pass for nothing).
+    data = _ddp_train.collect(ctx.train, ctx.teacher, outputs=not per_batch,
+                              tokens=not per_batch)
     student, notes = build_student(model.module, cfg, ctx, data)
     if len(data) < cfg.workers:
         raise StepError(f"{field(ctx, 'distill', 'workers')}: {cfg.workers} workers for "
                         f"{len(data)} training rows (allowed: at most {len(data)})")
-    tc = _train_config(cfg, ctx)
+    layer_map = notes.get("teacher_layers_kept")
+    if layer_map is None and cfg.student is not None:
+        layer_map = layer_indices(len(transformer_layers(ctx.teacher) or []),
+                                  cfg.student.num_layers)
+    tc = _train_config(cfg, ctx, layer_map)
+    if cfg.relation_weight > 0:
+        for m in (student, ctx.teacher):
+            width = m.backbone.config.hidden_size  # type: ignore[union-attr]
+            if width % cfg.relation_heads:
+                raise StepError(f"{field(ctx, 'distill', 'relationHeads')}: "
+                                f"{cfg.relation_heads} does not divide the width {width} "
+                                f"(allowed: a divisor of {width})")
     started = time.monotonic()
     cluster = _ddp_distill.environment() if cfg.workers > 1 else None
     if cfg.workers == 1:
         torch.manual_seed(ctx.seed)
         for p in student.parameters():
             p.requires_grad_(True)
-        losses = _ddp_train.train(student, data, tc)
+        with precision.on_training_device(student, *([teacher] if teacher else [])):
+            losses = _ddp_train.train(student, data, tc, teacher=teacher,
+                                      on_step=ctx.extra.get(ON_STEP))
         mode = "in-process"
     elif cluster is not None:
         rank, world = cluster
@@ -373,11 +431,13 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                             f"this pod belongs to a group of WORLD_SIZE={world} (allowed: "
                             "the same workers on every distill step of a spec)")
         # Every pod built this same student from the same rows: train it together in process.
-        losses, _ = _ddp_distill.train_in_group(student, data, tc, rank, world)
+        losses, _ = _ddp_distill.train_in_group(student, data, tc, rank, world,
+                                                teacher=teacher)
         mode = f"pods (rank {rank})"
     else:
         job = Path(ctx.workdir) / "distill-job"
-        write_job(job, student, data, tc, threads=max(1, ctx.threads // cfg.workers))
+        write_job(job, student, data, tc, threads=max(1, ctx.threads // cfg.workers),
+                  teacher=teacher)  # type: ignore[arg-type]
         result = run_torchrun(job, cfg.workers)
         student.load_state_dict(load_file(str(job / "trained.safetensors")))
         losses = result["losses"]
@@ -386,7 +446,11 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
     for p in student.parameters():
         p.requires_grad_(False)
     notes.update({"distill_workers": cfg.workers, "distill_mode": mode,
-                  "distill_epochs": cfg.epochs,
+                  "distill_epochs": cfg.epochs, "distill_steps": tc.steps,
+                  "distill_precision": tc.precision,
+                  "distill_losses": ["soft-target/embedding"]
+                  + (["hidden-state"] if cfg.hidden_weight > 0 else [])
+                  + (["attention-relation"] if cfg.relation_weight > 0 else []),
                   "distill_rows": len(data),
                   "distill_loss": [round(x, 5) for x in losses],
                   "distill_seconds": round(time.monotonic() - started, 1)})
@@ -400,6 +464,7 @@ __all__ = [
     "build_student",
     "distill",
     "layer_indices",
+    "load_model_files",
     "read_train_config",
     "run_torchrun",
     "select_layers",

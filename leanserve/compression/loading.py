@@ -285,7 +285,7 @@ def load_data(uri: str, task: Task, base_dir: Path | None) -> Rows:
     if path.suffix == ".npz":
         rows = _load_npz(path, uri)
     elif path.suffix in (".jsonl", ".json"):
-        rows = _load_jsonl(path, uri)
+        rows = _load_jsonl(path, uri, task)
     else:
         raise LoadError(f"{DATA_URI}: {uri!r} is neither .jsonl nor .npz (allowed: jsonl with "
                         "{\"text\", \"label\"} rows, npz with x and y)")
@@ -298,7 +298,7 @@ def load_data(uri: str, task: Task, base_dir: Path | None) -> Rows:
     return rows
 
 
-def _load_jsonl(path: Path, uri: str) -> Rows:
+def _load_jsonl(path: Path, uri: str, task: Task | None = None) -> Rows:
     texts: list[str] = []
     labels: list[int] = []
     train_only: list[bool] = []
@@ -319,6 +319,8 @@ def _load_jsonl(path: Path, uri: str) -> Rows:
         texts.append(obj["text"])
         if "label" in obj:
             labels.append(int(obj["label"]))
+    if labels and len(labels) != len(texts) and task is Task.FEATURE_EXTRACTION:
+        labels = []  # an embedding model learns and is judged without labels: mixed is fine
     if labels and len(labels) != len(texts):
         raise LoadError(f"{DATA_URI}: {uri!r}: some rows have a label and some do not")
     return Rows(texts=texts, labels=np.asarray(labels, dtype=np.int64) if labels else None,
@@ -346,7 +348,9 @@ def split(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows]:
 
     Rows marked ``"split": "train"`` always train; ``eval_fraction`` of the *other* rows is
     held out, drawn exactly as if the marked rows were not in the file (so adding training-only
-    text never changes which rows evaluate quality).
+    text never changes which rows evaluate quality). A training-only row whose text (compared
+    case- and space-insensitively) is also a held-out row's is dropped: no model may train on
+    a sentence its quality is judged on.
     """
     fixed = rows.train_only if rows.train_only is not None else np.zeros(len(rows), bool)
     pool = np.flatnonzero(~fixed)
@@ -356,8 +360,17 @@ def split(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows]:
                         "needed (train and eval)")
     perm = np.random.default_rng(seed).permutation(n)
     n_eval = min(n - 1, max(1, round(n * eval_fraction)))
-    train = np.sort(np.concatenate([pool[perm[n_eval:]], np.flatnonzero(fixed)]))
-    return rows.take(train), rows.take(np.sort(pool[perm[:n_eval]]))
+    held = np.sort(pool[perm[:n_eval]])
+    extra = np.flatnonzero(fixed)
+    if rows.texts is not None and len(extra):
+        seen = {_norm(rows.texts[i]) for i in held}
+        extra = np.asarray([i for i in extra if _norm(rows.texts[i]) not in seen], dtype=np.int64)
+    train = np.sort(np.concatenate([pool[perm[n_eval:]], extra]))
+    return rows.take(train), rows.take(held)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def split3(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows, Rows]:

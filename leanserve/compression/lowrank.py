@@ -5,19 +5,22 @@ Linear(in, r) followed by Linear(r, out) (a Conv2d k x k becomes Conv2d(in, r, k
 1 x 1 Conv2d(r, out)). The rank is chosen per layer by ``rankRatio`` (a share of the full rank)
 or by ``energy`` (the smallest rank keeping that share of the sum of squared singular values).
 A layer is left as it is when r * (in + out) >= in * out: the two layers would cost as much
-compute and memory as the one they replace.
+compute and memory as the one they replace. With ``fineTuneEpochs`` the factored model then
+learns the original's outputs on the training rows (in ``precision``: fp32, bf16 or fp16).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
 from leanserve.api.spec import LowRankStep
-from leanserve.compression.prune import editable_copy, field
+from leanserve.compression.precision import check
+from leanserve.compression.prune import editable_copy, field, fine_tune
 from leanserve.compression.registry import Context, Model, Stage, StepError, register
 
 
@@ -97,6 +100,8 @@ def low_rank(model: Model, cfg: LowRankStep, ctx: Context) -> Model:
     if model.module is None:
         raise StepError(f"{field(ctx, 'lowRank', 'rankRatio')}: low-rank factorization needs a "
                         "torch model (put lowRank before any ONNX quantization step)")
+    if cfg.fine_tune_epochs:
+        check(cfg.precision.value, field(ctx, "lowRank", "precision"))
     module = editable_copy(model.module, ctx)
     with torch.no_grad():
         notes = factorize(module, cfg)
@@ -105,6 +110,12 @@ def low_rank(model: Model, cfg: LowRankStep, ctx: Context) -> Model:
         value = cfg.rank_ratio if cfg.rank_ratio is not None else cfg.energy
         raise StepError(f"{field(ctx, 'lowRank', knob)}: {value} keeps so high a rank that no "
                         "layer gets cheaper by factoring (allowed: a lower value)")
+    if cfg.fine_tune_epochs:
+        started = time.monotonic()
+        fine_tune(module, ctx, cfg.fine_tune_epochs, precision=cfg.precision.value,
+                  kind="lowRank")
+        notes.update(fine_tune_epochs=cfg.fine_tune_epochs, precision=cfg.precision.value,
+                     fine_tune_seconds=round(time.monotonic() - started, 1))
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)

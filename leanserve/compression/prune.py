@@ -47,6 +47,7 @@ from torch.nn.utils import prune as torch_prune
 
 from leanserve.api.spec import Granularity, Importance, PruneMethod, PruneStep
 from leanserve.compression import _ddp_train
+from leanserve.compression import precision as precision_mod
 from leanserve.compression.registry import Context, Model, Stage, StepError, register
 
 GRAD_BATCHES = 4
@@ -161,8 +162,10 @@ def describe(module: nn.Module) -> str:
     return "an MLP"
 
 
-def fine_tune(module: nn.Module, ctx: Context, epochs: int, *, lr: float | None = None) -> None:
-    """Train ``module`` towards the teacher's outputs on ctx.train for ``epochs`` epochs."""
+def fine_tune(module: nn.Module, ctx: Context, epochs: int, *, lr: float | None = None,
+              precision: str = "fp32", kind: str = "prune") -> None:
+    """Train ``module`` towards the teacher's outputs on ctx.train for ``epochs`` epochs, in
+    ``precision`` (precision.py; ``kind`` names the step in a refusal)."""
     if epochs <= 0 or not ctx.train:
         return
     # The teacher's outputs do not change between calls: compute them once per context.
@@ -176,10 +179,12 @@ def fine_tune(module: nn.Module, ctx: Context, epochs: int, *, lr: float | None 
     cfg = _ddp_train.TrainConfig(
         task=ctx.task, epochs=epochs,
         learning_rate=lr if lr is not None else FINE_TUNE_LR[is_text],
-        batch_size=max(1, int(rows)), seed=ctx.seed)
+        batch_size=max(1, int(rows)), seed=ctx.seed, precision=precision,
+        precision_field=field(ctx, kind, "precision"))
     for p in module.parameters():
         p.requires_grad_(True)
-    _ddp_train.train(module, data, cfg)
+    with precision_mod.on_training_device(module):
+        _ddp_train.train(module, data, cfg)
 
 
 def accumulate_grads(module: nn.Module, ctx: Context, batches: int = GRAD_BATCHES) -> None:
@@ -249,7 +254,7 @@ def _magnitude(module: nn.Module, cfg: PruneStep, ctx: Context) -> dict[str, Any
                                         importance_scores=scores, amount=float(amount))
         done = target
         # with the masks still applied, so pruned weights stay zero while the rest adapts
-        fine_tune(module, ctx, cfg.fine_tune_epochs)
+        fine_tune(module, ctx, cfg.fine_tune_epochs, precision=cfg.precision.value)
     for m, name in params:
         torch_prune.remove(m, name)
     module.zero_grad(set_to_none=True)
@@ -443,7 +448,7 @@ def _transformer_structured(module: nn.Module, layers: list[nn.Module], cfg: Pru
                 else:
                     removed += fn(lay, keep_n, cfg.importance, x=x)
         module.zero_grad(set_to_none=True)
-        fine_tune(module, ctx, cfg.fine_tune_epochs)
+        fine_tune(module, ctx, cfg.fine_tune_epochs, precision=cfg.precision.value)
     unit = "heads" if by_heads else "neurons"
     kept = [(lay.attention.self.num_attention_heads if by_heads
              else lay.intermediate.dense.out_features) for lay in layers]
@@ -518,7 +523,7 @@ def _cnn_structured(module: nn.Module, cfg: PruneStep, ctx: Context) -> dict[str
         else:
             pruner.step()
         module.zero_grad(set_to_none=True)
-        fine_tune(module, ctx, cfg.fine_tune_epochs)
+        fine_tune(module, ctx, cfg.fine_tune_epochs, precision=cfg.precision.value)
     after = sum(p.numel() for p in module.parameters())
     kept = [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for m in targets]
     return {f"kept_{unit}_per_layer": kept, "params_before": before, "params_after": after,
@@ -534,6 +539,8 @@ def prune(model: Model, cfg: PruneStep, ctx: Context) -> Model:
     if model.module is None:
         raise StepError(f"{field(ctx, 'prune', 'method')}: pruning needs a torch model "
                         "(put prune before any ONNX quantization step)")
+    if cfg.fine_tune_epochs:
+        precision_mod.check(cfg.precision.value, field(ctx, "prune", "precision"))
     module = editable_copy(model.module, ctx)
     layers = transformer_layers(module)
     if cfg.reconstruct and (layers is None or cfg.method is PruneMethod.MAGNITUDE):
@@ -563,6 +570,8 @@ def prune(model: Model, cfg: PruneStep, ctx: Context) -> Model:
     for p in module.parameters():
         p.requires_grad_(False)
     notes = {"prune_method": cfg.method.value, **notes}
+    if cfg.fine_tune_epochs:
+        notes["precision"] = cfg.precision.value
     if cfg.method is PruneMethod.STRUCTURED:
         notes["granularity"] = cfg.granularity.value
     return Model(module=module, notes={**model.notes, **notes})

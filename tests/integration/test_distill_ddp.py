@@ -46,13 +46,17 @@ def test_two_workers_train_the_student(tmp_path: Path) -> None:
     teacher = tiny_text()
     data = rows()
     ctx = Context(task=Task.FEATURE_EXTRACTION, train=data, teacher=teacher, workdir=tmp_path)
-    cfg = DistillStep(student_layers=2, epochs=6, learning_rate=1e-3, batch_size=8, workers=2)
+    # the hidden-state and relation losses need the teacher in every worker: it travels too
+    cfg = DistillStep(student_layers=2, epochs=6, learning_rate=1e-3, batch_size=8, workers=2,
+                      hidden_weight=1.0, relation_weight=1.0, relation_heads=4)
     start = distill(Model(module=teacher), cfg.model_copy(update={"workers": 1,
                                                                   "learning_rate": 1e-9}), ctx)
     out = distill(Model(module=teacher), cfg, ctx)
     result = json.loads((tmp_path / "distill-job" / "result.json").read_text())
     assert result["world_size"] == 2 and result["backend"] == "gloo"
+    assert (tmp_path / "distill-job" / "teacher.safetensors").exists()
     assert out.notes["distill_workers"] == 2 and out.notes["distill_mode"] == "torchrun"
+    assert out.notes["distill_losses"][1:] == ["hidden-state", "attention-relation"]
     losses = out.notes["distill_loss"]
     assert len(losses) == 6 and losses[-1] < losses[0]
     # rank 0's weights were loaded back and improve on the untrained student

@@ -171,6 +171,32 @@ def test_train_only_rows_are_never_held_out_and_leave_the_eval_rows_unchanged(
     assert not set(tr.texts) & set(ev.texts)
 
 
+def test_a_training_row_equal_to_a_held_out_row_is_dropped(tmp_path: Path) -> None:
+    plain = write_jsonl(tmp_path / "d.jsonl", 40, labels=False)
+    lines = plain.read_text().splitlines()
+    _, ev = split(load_data(str(plain), Task.FEATURE_EXTRACTION, None), 0.25, seed=3)
+    assert ev.texts is not None
+    copies = [json.dumps({"text": "  " + ev.texts[0].upper() + " ", "split": "train"}),
+              json.dumps({"text": "a sentence no one holds out", "split": "train"})]
+    mixed = tmp_path / "m.jsonl"
+    mixed.write_text("\n".join(lines + copies) + "\n")
+    tr, ev2 = split(load_data(str(mixed), Task.FEATURE_EXTRACTION, None), 0.25, seed=3)
+    assert ev2.texts == ev.texts and len(tr) == 30 + 1
+    assert "a sentence no one holds out" in tr.texts
+
+
+def test_unlabelled_training_rows_beside_labelled_ones(tmp_path: Path) -> None:
+    labelled = write_jsonl(tmp_path / "d.jsonl", 10).read_text()
+    mixed = tmp_path / "m.jsonl"
+    mixed.write_text(labelled + json.dumps({"text": "extra", "split": "train"}) + "\n")
+    # an embedding model needs no labels: the rows load (without labels)
+    rows = load_data(str(mixed), Task.FEATURE_EXTRACTION, None)
+    assert len(rows) == 11 and rows.labels is None
+    # a classifier does: refused as before
+    with pytest.raises(LoadError, match="some rows have a label and some do not"):
+        load_data(str(mixed), Task.TEXT_CLASSIFICATION, None)
+
+
 def test_unknown_split_value_names_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "b.jsonl"
     bad.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b", "split": "eval"})

@@ -32,3 +32,19 @@ def test_no_held_out_sentence_is_in_the_training_corpus() -> None:
             for line in (CORPUS.parent / "sentences.jsonl").read_text().splitlines()}
     assert not held & {json.loads(line)["text"].lower()
                        for line in CORPUS.read_text().splitlines()}
+
+
+def test_minilm_data_holds_out_only_hand_written_sentences_and_trains_on_the_corpus() -> None:
+    from leanserve.api.spec import Task
+    from leanserve.compression.loading import load_data, split3
+
+    data = CORPUS.parent / "minilm.jsonl"
+    sentences = [json.loads(line)["text"]
+                 for line in (CORPUS.parent / "sentences.jsonl").read_text().splitlines()]
+    corpus = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()]
+    rows = load_data(str(data), Task.FEATURE_EXTRACTION, None)
+    assert rows.texts == sentences + corpus  # make_corpus.py's output is current
+    train, val, test = split3(rows, 0.25, seed=0)  # examples/minilm-cpu.yaml's split
+    assert len(val) == len(test) == 50 and len(train) == 300 + len(corpus)
+    assert set(val.texts) | set(test.texts) <= set(sentences)
+    assert not (set(val.texts) | set(test.texts)) & set(train.texts)

@@ -210,3 +210,87 @@ def test_cnn_is_refused_with_a_reason(tmp_path: Path) -> None:
     ctx = ctx_for(net, Task.IMAGE_CLASSIFICATION, data, tmp_path)
     with pytest.raises(StepError, match=r"distill\.studentLayers: .*got an MLP"):
         distill(Model(module=net), DistillStep(student_layers=1), ctx)
+
+
+def test_hidden_and_relation_losses_are_zero_only_for_the_teacher_itself() -> None:
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randn(2, 6, 32, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    assert float(_ddp_train.hidden_loss(t, t, mask)) == pytest.approx(0.0, abs=1e-7)
+    assert float(_ddp_train.relation_loss(t, t, mask, heads=4)) == pytest.approx(0.0, abs=1e-6)
+    s = t.clone()
+    s[0, 4:] = torch.randn(2, 32, generator=gen)  # padding differs: neither loss may see it
+    assert float(_ddp_train.hidden_loss(s, t, mask)) == pytest.approx(0.0, abs=1e-7)
+    assert float(_ddp_train.relation_loss(s, t, mask, heads=4)) == pytest.approx(0.0, abs=1e-6)
+    # hidden: relative squared error (s = 2t gives |t|^2 / |t|^2 = 1)
+    assert float(_ddp_train.hidden_loss(2 * t, t, mask)) == pytest.approx(1.0, rel=1e-5)
+    # relations compare [seq, seq] maps, so a student of another width still compares
+    other = torch.randn(2, 6, 16, generator=gen)
+    assert float(_ddp_train.relation_loss(other, t, mask, heads=4)) > 0.01
+
+
+def test_hidden_and_relation_losses_train_a_closer_student(tmp_path: Path) -> None:
+    teacher = tiny_text()
+    data = batches()
+    hooks = [len(m._forward_hooks) for m in teacher.modules()]
+    ctx = ctx_for(teacher, Task.FEATURE_EXTRACTION, data, tmp_path)
+    base = {"studentLayers": 2, "steps": 30, "learningRate": 1e-3, "batchSize": 16}
+    plain = distill(Model(module=teacher), DistillStep.model_validate(base), ctx)
+    both = distill(Model(module=teacher), DistillStep.model_validate(
+        {**base, "hiddenWeight": 1.0, "relationWeight": 1.0, "relationHeads": 4}), ctx)
+    assert both.notes["distill_losses"] == ["soft-target/embedding", "hidden-state",
+                                            "attention-relation"]
+    assert both.notes["distill_steps"] == 30
+    assert both.notes["distill_loss"][-1] < both.notes["distill_loss"][0]
+    # the intermediate losses pull every kept layer towards the teacher's: the student's
+    # hidden states end closer to the teacher layers they came from than the plain student's
+    assert [len(m._forward_hooks) for m in teacher.modules()] == hooks  # taps removed
+    kept = both.notes["teacher_layers_kept"]
+    assert plain.notes["teacher_layers_kept"] == kept
+    mask = data[0].inputs["attention_mask"]
+
+    def layer_gap(student: nn.Module) -> float:
+        with torch.no_grad():
+            s = student.backbone(**data[0].inputs, output_hidden_states=True).hidden_states
+            t = teacher.backbone(**data[0].inputs, output_hidden_states=True).hidden_states
+        return sum(float(_ddp_train.hidden_loss(s[i + 1], t[k + 1], mask))
+                   for i, k in enumerate(kept[:-1]))
+
+    assert layer_gap(both.module) < layer_gap(plain.module)
+    assert len(teacher.backbone.encoder.layer) == 4
+
+
+def test_relation_heads_must_divide_the_width(tmp_path: Path) -> None:
+    teacher = tiny_text()
+    ctx = ctx_for(teacher, Task.FEATURE_EXTRACTION, batches(n=1), tmp_path)
+    cfg = DistillStep(student_layers=1, relation_weight=1.0, relation_heads=5)
+    with pytest.raises(StepError) as err:
+        distill(Model(module=teacher), cfg, ctx)
+    assert str(err.value).startswith(f"{STEP_PATH}.distill.relationHeads:")
+
+
+def test_length_grouping_keeps_every_row_once_in_similar_length_batches() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 129, (1000,), generator=gen)
+    rows = torch.randperm(1000, generator=gen)
+    out = _ddp_train.length_grouped(rows, lengths, 32, gen)
+    assert sorted(torch.cat(out).tolist()) == list(range(1000))
+    padded = sum(len(b) * int(lengths[b].max()) for b in out)
+    plain = sum(len(b) * int(lengths[b].max()) for b in rows.split(32))
+    assert padded < 0.7 * plain  # far less padding than random batches
+
+
+def test_job_carries_the_teacher_and_the_new_settings(tmp_path: Path) -> None:
+    teacher = tiny_text(layers=2)
+    student = copy.deepcopy(teacher)
+    data = _ddp_train.collect(batches(n=1), teacher, outputs=False)
+    assert data.targets.shape == (16, 0) and data.token_targets is None
+    tc = _ddp_train.TrainConfig(task=Task.FEATURE_EXTRACTION, epochs=1, learning_rate=1e-3,
+                                steps=7, hidden_weight=0.5, relation_weight=2.0,
+                                relation_heads=4, layer_map=(0, 1), precision="bf16")
+    write_job(tmp_path, student, data, tc, threads=1, teacher=teacher)
+    from leanserve.compression.distill import load_model_files, read_train_config
+
+    assert read_train_config(tmp_path) == (tc, 1)
+    x = batches(n=1)[0].inputs
+    torch.testing.assert_close(load_model_files(tmp_path, "teacher").eval()(**x), teacher(**x))
