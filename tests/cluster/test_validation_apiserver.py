@@ -79,7 +79,7 @@ def test_what_leanserve_accepts_the_api_server_accepts() -> None:
 
     seen = {"accepted": 0}
 
-    @settings(max_examples=150, deadline=None, derandomize=True,
+    @settings(max_examples=300, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow])
     @given(mutated())
     def check(doc: dict) -> None:
