@@ -160,14 +160,14 @@ def wait_for(probe: Any, timeout: float, what: str, interval: float = 0.5) -> An
         time.sleep(interval)
 
 
-def finish_job_pod(api: Any, ns: str, job: str, message: str) -> str:
+def finish_job_pod(api: Any, ns: str, job: str, message: str, timeout: float = 60) -> str:
     """Play the kubelet for a compression Job: its scheduled pod ran and succeeded, leaving
     ``message`` (what `leanserve.operator.jobrunner` writes) as its termination message."""
     def scheduled() -> dict[str, Any] | None:
         pods = api.get(f"/api/v1/namespaces/{ns}/pods", labelSelector=f"job-name={job}")
         return next((p for p in pods["items"] if (p.get("spec") or {}).get("nodeName") and
                      (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")), None)
-    pod = wait_for(scheduled, 60, f"a scheduled pod of Job {job}")
+    pod = wait_for(scheduled, timeout, f"a scheduled pod of Job {job}")
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     api.merge_patch(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status", {
         "status": {"phase": "Succeeded", "startTime": now, "containerStatuses": [{

@@ -19,6 +19,7 @@ from typing import Any
 
 from clusterlib import (
     OperatorProcess,
+    finish_job_pod,
     wait_for,
 )
 from kubeapi import Api
@@ -105,21 +106,6 @@ def items(api: Api, path: str) -> list[dict[str, Any]]:
     return list(api.get(path)["items"])
 
 
-def finish_pod(api: Api, ns: str, job: str, message: str) -> None:
-    """Play the kubelet: the Job's pod ran and succeeded, leaving ``message``."""
-    def scheduled() -> dict[str, Any] | None:
-        pods = api.get(f"/api/v1/namespaces/{ns}/pods", labelSelector=f"job-name={job}")
-        return next((p for p in pods["items"] if (p.get("spec") or {}).get("nodeName")), None)
-    pod = wait_for(scheduled, 90, f"a scheduled pod of Job {job}")
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    api.merge_patch(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status", {
-        "status": {"phase": "Succeeded", "startTime": now, "containerStatuses": [{
-            "name": "compress", "ready": False, "restartCount": 0, "started": False,
-            "image": pod["spec"]["containers"][0]["image"], "imageID": "",
-            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
-                                     "startedAt": now, "finishedAt": now}}}]}})
-
-
 def test_operator_recovers_from_api_server_restarts_mid_reconcile(
         control_plane: Any, operator_kubeconfig: Path, ns: str, tmp_path: Path) -> None:
     api = Api(control_plane.server, control_plane.dir / "pki")
@@ -150,8 +136,8 @@ def test_operator_recovers_from_api_server_restarts_mid_reconcile(
                       "candidates": [{"name": "int8", "passed": True, "quality": 0.995}]}
             for name, job in by_model.items():
                 uri = f"pvc://models/leanserve/{name}/{job.rsplit('-', 1)[1]}/model_repository"
-                finish_pod(api, ns, job, handback.encode(handback.summarize(
-                    report, uri, "c" * 64)))
+                finish_job_pod(api, ns, job, handback.encode(handback.summarize(
+                    report, uri, "c" * 64)), timeout=90)
             time.sleep(0.2)
             restart_apiserver(control_plane, delay=1.0)
 

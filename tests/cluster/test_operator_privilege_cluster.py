@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from clusterlib import (
     OperatorProcess,
+    finish_job_pod,
     service_account_kubeconfig,
     wait_for,
 )
@@ -116,23 +117,6 @@ def children(api: Api, ns: str) -> dict[str, list[str]]:
                                ("ConfigMap", f"/api/v1/namespaces/{ns}/configmaps"))}
 
 
-def finish_pod(api: Api, ns: str, job: str, message: str) -> None:
-    """Play the kubelet: the Job's pod ran and succeeded, leaving ``message``."""
-    def scheduled() -> dict[str, Any] | None:
-        pods = api.get(f"/api/v1/namespaces/{ns}/pods", labelSelector=f"job-name={job}")
-        return next((p for p in pods["items"] if (p.get("spec") or {}).get("nodeName")), None)
-    pod = wait_for(scheduled, 60, f"a scheduled pod of Job {job}")
-    assert pod["spec"]["automountServiceAccountToken"] is False
-    assert not any(v.get("projected") for v in pod["spec"].get("volumes") or [])  # no token
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    api.merge_patch(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status", {
-        "status": {"phase": "Succeeded", "startTime": now, "containerStatuses": [{
-            "name": "compress", "ready": False, "restartCount": 0, "started": False,
-            "image": pod["spec"]["containers"][0]["image"], "imageID": "",
-            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
-                                     "startedAt": now, "finishedAt": now}}}]}})
-
-
 def exported(op: OperatorProcess, name: str, **labels: str) -> float | None:
     """One sample of the operator's /metrics (None: not exported)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -199,10 +183,13 @@ def test_refused_fields_are_named_nothing_is_made_and_allowed_values_work(
             report = {"metric": "cosine", "selected": "int8", "baseline": {"quality": 1.0},
                       "candidates": [{"name": "int8", "passed": True, "quality": 0.995}]}
             uri = f"pvc://models/leanserve/priv/{job.rsplit('-', 1)[1]}/model_repository"
-            finish_pod(api, ns, job, handback.encode(handback.summarize(
+            pod = finish_job_pod(api, ns, job, handback.encode(handback.summarize(
                 report, uri, "c" * 64, {"pools": {"cpu-small": {
                     "capacity_rps": 50.0, "cost_per_million_requests": 0.6,
                     "measured": True}}})))
+            pod_spec = api.get(f"/api/v1/namespaces/{ns}/pods/{pod}")["spec"]
+            assert pod_spec["automountServiceAccountToken"] is False
+            assert not any(v.get("projected") for v in pod_spec.get("volumes") or [])  # no token
             serving = wait_for(lambda: (m := cmod(api, ns)) and
                                m["status"].get("phase") == "Serving" and m, 120,
                                "phase Serving")
