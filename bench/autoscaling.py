@@ -19,8 +19,11 @@ the most those limits serve.
 Targets, on every HELD-OUT trace (bench/traces-heldout/, made by bench/make_traces.py with other
 seeds and parameters, never used to choose anything): leanserve keeps >= 99% of requests within
 the SLO and at least as many as both HPA baselines, at <= 0.85x the cost of the 70% baseline and
-<= the cost of the 85% one. Exit status 0 only when all pass. A start-up sensitivity table
-follows (``--no-sensitivity`` skips it).
+<= the cost of the 85% one. Exit status 0 only when all pass. Under each table, the proven lower
+bound on what any policy (even one that knows the future and starts replicas instantly) pays for
+the share the targets ask (leanserve.autoscaling.bound): where it is above the cost ceiling, the
+targets cannot all hold on that trace, whatever the policy. A start-up sensitivity table follows
+(``--no-sensitivity`` skips it).
 
     python bench/autoscaling.py [--profile FILE | --estimated] [--startup-seconds 30]
                                 [--out bench-out/autoscaling]
@@ -119,7 +122,32 @@ def run_set(label: str, traces: dict[str, Any], pools: Any, target: Any, cfg: An
               f"{ls['cost'] / h85['cost']:8.3f} | {ls['cost'] / orc['cost']:9.3f} | "
               f"{ls['interval_attainment']:11.2%} | {verdict}")
         rows.append((name, s))
+    print_bounds(traces, dict(rows), pools, target, cfg)
     return rows
+
+
+def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools: Any,
+                 target: Any, cfg: Any) -> None:
+    """Per trace, the proven lower bound (leanserve.autoscaling.bound) on what ANY policy pays
+    for the share the targets ask (the most of 99%, hpa70's and hpa85's), against the cost
+    ceilings; and leanserve's cost over the bound at its own share (1.0: nothing could do it
+    cheaper)."""
+    from leanserve.autoscaling.bound import cost_lower_bound
+
+    print("lower bound on the cost of ANY policy (it knows the future, starts replicas at once, "
+          "mixes pools freely):")
+    print(f"| {'trace':8} | {'share asked':>11} | bound/hpa70 | bound/hpa85 | "
+          f"{'share and cost targets together':44} | ls $/bound at ls's share |")
+    for name, s in rows.items():
+        h70, h85, ls = s["hpa"], s["hpa85"], s["leanserve"]
+        share = max(TARGET_ATTAINMENT, h70["slo_attainment"], h85["slo_attainment"])
+        b = cost_lower_bound(traces[name], pools, target, share, cfg)
+        own = cost_lower_bound(traces[name], pools, target, ls["slo_attainment"], cfg)
+        ceiling = min(MAX_VS_HPA70 * h70["cost"], MAX_VS_HPA85 * h85["cost"])
+        verdict = ("IMPOSSIBLE (bound above the ceiling: proven)" if b.cost > ceiling
+                   else "possible for a clairvoyant policy")
+        print(f"| {name:8} | {share:11.3%} | {b.cost / h70['cost']:11.3f} | "
+              f"{b.cost / h85['cost']:11.3f} | {verdict:44} | {ls['cost'] / own.cost:23.3f} |")
 
 
 ABLATIONS = {

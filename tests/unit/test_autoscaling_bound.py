@@ -1,0 +1,61 @@
+"""The cost lower bound is below what every contender the simulator runs pays for the share it
+reaches (so "the bound is above the ceiling" proves a target pair impossible), close to the oracle
+(so it is not vacuous), and rises with the share asked."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from leanserve.autoscaling.bound import _step_share, cost_lower_bound
+from leanserve.autoscaling.policy import PoolCapacity, Target
+from leanserve.autoscaling.simulate import SimConfig, Trace, _Queues, simulate
+
+POOLS = [PoolCapacity("cpu-small", 40.0, 0.10), PoolCapacity("cpu-large", 170.0, 0.38)]
+TARGET = Target(latency_p95_ms=100.0, max_replicas=10, max_hourly_cost=2.0)
+CFG = SimConfig(startup_seconds=30.0)
+
+
+def _trace() -> Trace:
+    """Half an hour: a slow rise, a jump and a fall, with noise (seeded)."""
+    rng = np.random.default_rng(7)
+    t = np.arange(0, 1800, 10.0)
+    rate = 60 + 140 * np.clip((t - 300) / 600, 0, 1) + np.where((t > 1100) & (t < 1300), 250, 0)
+    rate = rate * rng.normal(1.0, 0.05, t.size)
+    return Trace(tuple(t), tuple(float(max(0.0, r)) for r in rate))
+
+
+def test_no_contender_pays_less_than_the_bound_at_the_share_it_reaches():
+    trace = _trace()
+    sim = simulate(trace, POOLS, TARGET, CFG)
+    for name, run in sim.runs.items():
+        s = run.summary()
+        bound = cost_lower_bound(trace, POOLS, TARGET, s["slo_attainment"], CFG)
+        assert bound.feasible
+        assert bound.cost <= s["cost"] * (1 + 1e-9), name
+    # the oracle pays for no start-up either: the bound is close to it, not vacuous
+    oracle = sim.runs["oracle"].summary()
+    assert cost_lower_bound(trace, POOLS, TARGET, oracle["slo_attainment"], CFG).cost \
+        >= 0.9 * oracle["cost"]
+
+
+def test_the_bound_rises_with_the_share_and_refuses_the_unreachable():
+    trace = _trace()
+    costs = [cost_lower_bound(trace, POOLS, TARGET, s, CFG).cost for s in (0.9, 0.99, 0.9999)]
+    assert costs[0] < costs[1] < costs[2]
+    # a budget that affords one small replica cannot keep 99% within the SLO at 400 req/s
+    poor = Target(latency_p95_ms=100.0, max_replicas=10, max_hourly_cost=0.1)
+    b = cost_lower_bound(trace, POOLS, poor, 0.99, CFG)
+    assert not b.feasible and math.isinf(b.cost) and b.best_share < 0.99
+
+
+@pytest.mark.parametrize("load", [10.0, 39.0, 60.0, 120.0, 400.0])
+def test_a_steps_share_is_at_least_the_simulators_from_any_backlog(load: float):
+    mix = {"cpu-small": 2, "cpu-large": 0}
+    upper = float(_step_share(np.array([load]), mix, POOLS, 100.0, 10.0)[0])
+    for backlog in (0.0, 1e-6, 5.0, 500.0):
+        q = _Queues({"cpu-small": backlog, "cpu-large": 0.0})
+        req, within, *_ = q.step(load, mix, POOLS, 100.0, 10.0)
+        assert within / req <= upper + 1e-12
