@@ -167,6 +167,10 @@ def test_job_runs_leanserve_compress_with_the_mounted_spec() -> None:
     assert mounted["spec"]["model"]["uri"] == "file:///stores/models/minilm"
     assert mounted["spec"]["data"]["uri"] == "file:///stores/datasets/sentences.jsonl"
     assert parse(mounted).spec.model.uri == "file:///stores/models/minilm"
+    # the Job writes the Triton repository under the spec's metadata.name (the pipeline names
+    # the model after it), and the autoscaler queries Triton's metrics for model=<CR name>:
+    # they must be one name, or autoscaling finds no metrics
+    assert mounted["metadata"]["name"] == OWNER.name
 
 
 def test_s3_uses_the_secret_and_tritonserver_reads_s3() -> None:
