@@ -9,7 +9,10 @@ them. Names (all labelled ``model``; per-pool ones also ``pool``):
 - leanserve_hourly_cost_usd, leanserve_max_hourly_cost_usd, leanserve_cost_per_million_requests_usd
 - leanserve_request_rate, leanserve_observed_p95_ms, leanserve_slo_p95_ms
 - leanserve_slo_met (1, 0, or NaN when unknown), leanserve_slo_attainment_ratio (share of
-  decisions with known latency that met the SLO), leanserve_metrics_available (0 or 1)
+  decisions with known latency that met the SLO since this exporter started),
+  leanserve_slo_checks_total{met="true"|"false"} (the same decisions as a counter: the
+  dashboard's attainment is its increase over a window, which a restart does not reset),
+  leanserve_metrics_available (0 or 1)
 - leanserve_decisions_total{code}, leanserve_last_decision_info{code, reason}
 - leanserve_metrics_errors_total{kind}: Prometheus answers that gave no usable number (unreachable,
   http, malformed, query, empty, ambiguous, not_finite); pass ``reading`` to ``record``
@@ -76,6 +79,9 @@ class LeanserveMetrics:
         self.attainment = Gauge("leanserve_slo_attainment_ratio",
                                 "Share of decisions with known latency that met the SLO",
                                 key, registry=r)
+        self.checks = Counter("leanserve_slo_checks",
+                              "Decisions with known latency, by whether p95 met the SLO",
+                              [*key, "met"], registry=r)
         self.available = Gauge("leanserve_metrics_available",
                                "1 when Prometheus gave usable metrics at the last decision",
                                key, registry=r)
@@ -142,6 +148,9 @@ class LeanserveMetrics:
         if decision.slo_met is not None:
             att.known += 1
             att.met += int(decision.slo_met)
+            for met in ("true", "false"):  # both series exist, so a ratio of increases has data
+                self._at(self.checks, key, met)
+            self._at(self.checks, key, "true" if decision.slo_met else "false").inc()
         self._at(self.attainment, key).set(att.met / att.known if att.known else math.nan)
         self._at(self.decisions, key, decision.code.value).inc()
         self._at(self.last, key).info({"code": decision.code.value,

@@ -174,6 +174,10 @@ def test_exporter_private_registry_and_values():
     assert 'leanserve_metrics_available{model="minilm"} 0.0' in text
     assert 'leanserve_slo_met{model="minilm"} NaN' in text
     assert 'leanserve_slo_attainment_ratio{model="minilm"} 1.0' in text
+    # the counter behind a restart-safe attainment: one decision met, the unknown one is not
+    # counted, and the other series exists at 0 (a ratio of increases then has data)
+    assert 'leanserve_slo_checks_total{met="true",model="minilm"} 1.0' in text
+    assert 'leanserve_slo_checks_total{met="false",model="minilm"} 0.0' in text
     assert 'code="MetricsUnavailable"' in text
     assert "leanserve_desired_replicas{" not in generate_latest(m2.registry).decode()
 
