@@ -209,7 +209,8 @@ def simulate(
              "model load).", min=0, max=MAX_STARTUP_SECONDS)] = DEFAULT_STARTUP_SECONDS,
 ) -> None:
     """Replay a load trace against leanserve's policy (the shipped settings, printed), static,
-    HPA at 70% and 85%, KEDA and an oracle; every request judged against the SLO."""
+    HPA at 70% and 85%, KEDA and an oracle; every request judged against the SLO. Prints the
+    proven lower bound on what any policy pays for the share leanserve reached."""
     from leanserve.autoscaling.commands import simulate_command
 
     simulate_command(trace=trace, spec=spec, profile=profile, out=out, console=console,

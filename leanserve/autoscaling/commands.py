@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from leanserve import fsio
+from leanserve.autoscaling.bound import cost_lower_bound
 from leanserve.autoscaling.errors import PolicyError
 from leanserve.autoscaling.policy import PoolCapacity, Target, pools_from_profile
 from leanserve.autoscaling.simulate import (
@@ -122,7 +123,11 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
     cfg = SimConfig(startup_seconds=startup_seconds)
     sim = simulate(tr, pools, target, cfg)
     console.print(describe_settings(sim), highlight=False)
-    summary = write_outputs(sim, out, f"{trace.name} ({source})")
+    ls = sim.runs["leanserve"].summary()
+    bound = cost_lower_bound(tr, pools, target, ls["slo_attainment"], cfg)
+    summary = write_outputs(sim, out, f"{trace.name} ({source})", extra={"lower_bound": {
+        "share": bound.share, "cost": bound.cost, "leanserve_over_bound":
+            ls["cost"] / bound.cost if bound.cost > 0 else None}})
     table = Table(title=f"{trace.name}: {len(sim.runs['leanserve'].interval_share)} intervals "
                         f"of {target.interval_seconds:g}s, SLO p95<={target.latency_p95_ms:g}ms, "
                         f"replica start-up {startup_seconds:g}s, {source}")
@@ -136,4 +141,9 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
                       f"{s['interval_attainment']:.2%}", f"{s['replica_minutes']:.1f}",
                       f"{s['cost'] / oracle:.2f}x", s["note"])
     console.print(table)
+    if bound.cost > 0:
+        console.print(f"lower bound: no policy, even one that knows the load ahead and starts "
+                      f"replicas at once, keeps {bound.share:.2%} of requests within the SLO for "
+                      f"less than {bound.cost:.4f} USD; leanserve paid "
+                      f"{ls['cost'] / bound.cost:.2f}x that", highlight=False)
     console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")

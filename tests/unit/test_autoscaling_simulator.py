@@ -130,7 +130,13 @@ def test_simulate_command_prints_the_shipped_settings(tmp_path: Path):
     assert doc["settings"]["startup_seconds"] == 30.0
     assert all(0 <= p["slo_attainment"] <= 1 for p in doc["policies"].values())
     assert (out / "simulation.png").is_file()
-    assert "bound" not in result.output.lower()
+    # the only bound printed is the proven one (leanserve.autoscaling.bound): below what
+    # leanserve paid for the share it reached
+    assert "lower bound: no policy" in result.output
+    lb = doc["lower_bound"]
+    assert lb["share"] == doc["policies"]["leanserve"]["slo_attainment"]
+    assert 0 < lb["cost"] <= doc["policies"]["leanserve"]["cost"]
+    assert lb["leanserve_over_bound"] >= 1.0
 
 
 def test_a_latency_curve_round_trips_as_json():
