@@ -274,7 +274,10 @@ def freeze_embeddings(module: nn.Module) -> list[str]:
     A student copies the teacher's embedding table (on MiniLM 12M of its parameters, more than
     four encoder layers). Training moves only the rows of the tokens the training text holds,
     so the layers learn to read moved rows while every other token keeps the teacher's: frozen,
-    a word the training text never had reaches the layers as the teacher's did."""
+    a word the training text never had reaches the layers as the teacher's did.
+
+    Measured on all-MiniLM-L6-v2, 4 of 6 layers, 1200 steps (bench/distill.py, fortunes and
+    docstrings only): validation mean cosine 0.942 frozen, 0.943 not; no gain there."""
     inner = getattr(module, "module", module)
     embeddings = getattr(getattr(inner, "backbone", None), "embeddings", None)
     if embeddings is None:
