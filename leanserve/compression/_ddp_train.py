@@ -307,7 +307,12 @@ def noisy_inputs(inputs: dict[str, torch.Tensor], share: float, pool: torch.Tens
     """``inputs`` with about ``share`` of each row's real tokens (not its first or last)
     replaced by tokens drawn uniformly from ``pool``: new sentences every step from the same
     text, and words the rows hold in contexts they do not. The teacher labels the noisy rows,
-    so the student learns the teacher's function on them rather than a corrupted target."""
+    so the student learns the teacher's function on them rather than a corrupted target.
+
+    Measured on all-MiniLM-L6-v2, 4 of 6 layers, 1200 steps, lr 5e-4 (bench/distill.py): 0.15
+    gives validation mean cosine 0.945, none 0.948; it does not help a run that short (whether
+    it narrows the gap of longer runs, which fit their training rows far better than new
+    text, is not measured)."""
     ids = inputs["input_ids"]
     mask = inputs[ATTENTION_MASK].bool()
     inner = mask.clone()
