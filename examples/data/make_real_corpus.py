@@ -11,13 +11,19 @@ Debian machine with Python 3.11 has (no network at run time, no hub):
   sets of jokes about groups of people, drugs or sex, ASCII art and chat logs are left out too;
 - the docstrings of CPython 3.11's standard library (Python Software Foundation License),
   parsed with ``ast`` from the interpreter's own source files: prose sentences only (no code,
-  no doctest lines).
+  no doctest lines);
+- WordNet 3.0 (Debian's ``wordnet-base``, ``apt-get install wordnet-base``; WordNet 3.0
+  licence, Princeton University, see /usr/share/doc/wordnet-base/copyright): the usage examples
+  of its synsets ("he scored twice in the final minutes") and their definitions, every field of
+  everyday English (sports, cooking, travel, money, health, science, films); with
+  ``--wordnet 0`` it is left out. Phrases of 4 to 60 words.
 
 Each row is ``{"text", "source", "split": "train"}``: training and calibration text only, so a
-spec's held-out rows never come from it. Sentences of 5 to 60 words, deduplicated, in a seeded
-random order.
+spec's held-out rows never come from it. Sentences of 5 to 60 words (WordNet's: 4 to 60),
+deduplicated, in a seeded random order: the fortunes and docstrings first (up to
+``--max-rows``), then up to ``--wordnet`` WordNet rows, half examples and half definitions.
 
-    python examples/data/make_real_corpus.py [--max-rows 20000] [--seed 0]
+    python examples/data/make_real_corpus.py [--max-rows 20000] [--wordnet 20000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 OUT = HERE / "real_corpus.jsonl"
 FORTUNES = Path("/usr/share/games/fortunes")
+WORDNET = Path("/usr/share/wordnet")
+WORDNET_POS = ("noun", "verb", "adj", "adv")
+QUOTED = re.compile(r'"([^"]+)"')
 FORTUNE_SETS = (
     "art", "computers", "cookie", "definitions", "education", "food", "fortunes", "goedel",
     "humorists", "kids", "law", "literature", "love", "magic", "medicine", "miscellaneous",
@@ -92,9 +101,31 @@ def docstrings() -> Iterator[tuple[str, str]]:
                         yield sentence, "python-docstrings"
 
 
+def wordnet() -> tuple[list[str], list[str]]:
+    """WordNet's usage examples and definitions, in file order (each synset line of data.POS
+    ends in ``| definition; "example"; "example"``)."""
+    if not WORDNET.is_dir():
+        raise SystemExit(f"{WORDNET} is missing: apt-get install wordnet-base (or --wordnet 0)")
+    examples: list[str] = []
+    definitions: list[str] = []
+    for pos in WORDNET_POS:
+        for line in (WORDNET / f"data.{pos}").read_text(encoding="latin-1").splitlines():
+            if line.startswith(" ") or "|" not in line:  # the licence header
+                continue
+            gloss = line.split("|", 1)[1].strip()
+            definition = gloss.split('"')[0].strip().rstrip(";").strip()
+            for text, out in [(definition, definitions),
+                              *((q.strip(), examples) for q in QUOTED.findall(gloss))]:
+                if 4 <= len(text.split()) <= 60 and not NOT_PROSE.search(text):
+                    out.append(text)
+    return examples, definitions
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-rows", type=int, default=20000)
+    ap.add_argument("--wordnet", type=int, default=20000,
+                    help="WordNet rows after the others (half examples, half definitions)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     seen: set[str] = set()
@@ -106,6 +137,18 @@ def main() -> None:
             rows.append({"text": text, "source": source, "split": "train"})
     random.Random(args.seed).shuffle(rows)
     rows = rows[:args.max_rows]
+    if args.wordnet:
+        rng = random.Random(args.seed + 1)
+        picked: list[tuple[str, str]] = []
+        for kind, texts in zip(("wordnet/example", "wordnet/definition"), wordnet(),
+                               strict=True):
+            fresh = [t for t in dict.fromkeys(texts) if t.lower() not in seen]
+            picked += [(t, kind) for t in rng.sample(fresh, min(len(fresh), args.wordnet // 2))]
+        rng.shuffle(picked)
+        for text, kind in picked:
+            if text.lower() not in seen:
+                seen.add(text.lower())
+                rows.append({"text": text, "source": kind, "split": "train"})
     with OUT.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -299,6 +299,13 @@ class DistillStep(Model):
     relation_heads: int = Field(12, ge=1, le=256,
                                 description="Relation heads of the attention-relation loss.")
     precision: Lax[Precision] = Field(Precision.FP32, description=PRECISION_DESCRIPTION)
+    freeze_embeddings: bool = Field(False, description="Keep the student's input embeddings "
+                                                       "as copied from the teacher; only the "
+                                                       "encoder layers train.")
+    token_noise: float = Field(0.0, ge=0, lt=1,
+                               description="Share of each training row's tokens replaced, "
+                                           "anew at every step, by tokens drawn from the "
+                                           "training text; the teacher labels the noisy rows.")
 
     @model_validator(mode="after")
     def _needs_student(self) -> DistillStep:

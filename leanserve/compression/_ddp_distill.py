@@ -74,6 +74,8 @@ def train_in_group(student: nn.Module, data: _ddp_train.TrainData, tc: _ddp_trai
         for p in student.parameters():
             p.requires_grad_(True)
         _ddp_train.freeze_unused(student, data, tc.task, teacher=teacher)
+        if tc.freeze_embeddings:
+            _ddp_train.freeze_embeddings(student)
         ddp = DistributedDataParallel(student, device_ids=[device.index] if use_cuda else None)
         losses = _ddp_train.train(ddp, data, tc, rank=rank, world=world, params=student,
                                   teacher=teacher)

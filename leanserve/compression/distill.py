@@ -258,7 +258,8 @@ def _train_config(cfg: DistillStep, ctx: Context,
         seed=ctx.seed, steps=cfg.steps, hidden_weight=cfg.hidden_weight,
         relation_weight=cfg.relation_weight, relation_heads=cfg.relation_heads,
         layer_map=tuple(layer_map) if layer_map else None, precision=cfg.precision.value,
-        precision_field=field(ctx, "distill", "precision"))
+        precision_field=field(ctx, "distill", "precision"),
+        freeze_embeddings=cfg.freeze_embeddings, token_noise=cfg.token_noise)
 
 
 def _save_model(job: Path, name: str, model: TextEncoder) -> None:
@@ -383,11 +384,12 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
         precision.check(cfg.precision.value, field(ctx, "distill", "precision"))
     # Learn the uncompressed model's outputs even when an earlier step changed the model: the
     # quality gate compares against that model.
-    per_batch = cfg.hidden_weight > 0 or cfg.relation_weight > 0
+    per_batch = cfg.hidden_weight > 0 or cfg.relation_weight > 0 or cfg.token_noise > 0
     teacher = ctx.teacher if per_batch else None
     if per_batch and not (isinstance(teacher, TextEncoder)
                           and transformer_layers(teacher) is not None):
-        knob = "hiddenWeight" if cfg.hidden_weight > 0 else "relationWeight"
+        knob = ("hiddenWeight" if cfg.hidden_weight > 0 else
+                "relationWeight" if cfg.relation_weight > 0 else "tokenNoise")
         raise StepError(f"{field(ctx, 'distill', knob)}: intermediate-layer losses need a "
                         f"transformer teacher (got {describe(ctx.teacher)}; allowed: 0)")
     if cfg.relation_weight > 0 and _ddp_train.relation_projections(

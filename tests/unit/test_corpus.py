@@ -17,14 +17,22 @@ def test_rows_are_training_only_prose_from_the_allowed_sets() -> None:
     finally:
         sys.path.pop(0)
     rows = [json.loads(line) for line in CORPUS.read_text().splitlines()]
-    assert len(rows) == 20000
+    assert len(rows) == 40000
     allowed = {f"fortunes/{name}" for name in FORTUNE_SETS} | {"python-docstrings"}
-    for row in rows:
-        assert row["split"] == "train" and row["source"] in allowed
-        assert 5 <= len(row["text"].split()) <= 60
+    wordnet = {"wordnet/example", "wordnet/definition"}
+    for i, row in enumerate(rows):
+        assert row["split"] == "train"
+        # the first 20,000 rows are the fortunes and docstrings, then 10,000 of each WordNet kind
+        assert row["source"] in (allowed if i < 20000 else wordnet)
+        assert (5 if i < 20000 else 4) <= len(row["text"].split()) <= 60
+    assert sum(r["source"] == "wordnet/example" for r in rows) == 10000
     assert len({r["text"].lower() for r in rows}) == len(rows)
     words = {w.lower().strip(".,;:!?\"'()") for r in rows for w in r["text"].split()}
-    assert len(words) > 15000  # the template corpus had 713
+    assert len(words) > 30000  # the template corpus had 713
+    held = {w.lower().strip(".,;:!?\"'()") for line in
+            (CORPUS.parent / "sentences.jsonl").read_text().splitlines()
+            for w in json.loads(line)["text"].split()}
+    assert len(held & words) > 0.8 * len(held)  # fortunes and docstrings alone: 76%
 
 
 def test_no_held_out_sentence_is_in_the_training_corpus() -> None:

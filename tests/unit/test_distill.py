@@ -294,3 +294,72 @@ def test_job_carries_the_teacher_and_the_new_settings(tmp_path: Path) -> None:
     assert read_train_config(tmp_path) == (tc, 1)
     x = batches(n=1)[0].inputs
     torch.testing.assert_close(load_model_files(tmp_path, "teacher").eval()(**x), teacher(**x))
+
+
+def test_token_noise_replaces_inner_real_tokens_from_the_training_text() -> None:
+    data = _ddp_train.collect(batches(n=2), tiny_text(layers=1), outputs=False)
+    pool = _ddp_train.token_pool(data)
+    ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
+    last = mask.sum(1) - 1
+    inner = mask.bool().clone()
+    inner[:, 0] = False
+    inner[torch.arange(len(ids)), last] = False
+    assert set(pool.tolist()) == set(ids[inner].tolist())  # first/last tokens, padding out
+    gen = torch.Generator().manual_seed(0)
+    noisy = _ddp_train.noisy_inputs(data.inputs, 0.5, pool, gen)["input_ids"]
+    changed = noisy != ids
+    assert not (changed & ~inner).any()  # [CLS], [SEP] and padding stay
+    assert 0.3 < float(changed[inner].float().mean()) < 0.6  # ~half (a draw may match)
+    assert set(noisy[changed].tolist()) <= set(pool.tolist())
+    again = _ddp_train.noisy_inputs(data.inputs, 0.5, pool, torch.Generator().manual_seed(0))
+    assert torch.equal(again["input_ids"], noisy)  # seeded
+    assert torch.equal(_ddp_train.noisy_inputs(data.inputs, 0.0, pool, gen)["input_ids"], ids)
+
+
+def test_frozen_embeddings_and_token_noise_train_the_layers_only(tmp_path: Path) -> None:
+    teacher = tiny_text()
+    ctx = ctx_for(teacher, Task.FEATURE_EXTRACTION, batches(n=2), tmp_path)
+    cfg = DistillStep.model_validate({"studentLayers": 2, "steps": 10, "learningRate": 1e-3,
+                                      "batchSize": 16, "freezeEmbeddings": True,
+                                      "tokenNoise": 0.2})
+    out = distill(Model(module=teacher), cfg, ctx)
+    student = out.module
+    for name, p in teacher.backbone.embeddings.state_dict().items():
+        torch.testing.assert_close(student.backbone.embeddings.state_dict()[name], p)
+    moved = [n for n, p in student.backbone.encoder.layer[0].state_dict().items()
+             if not torch.equal(p, teacher.backbone.encoder.layer[
+                 out.notes["teacher_layers_kept"][0]].state_dict()[n])]
+    assert moved  # the layers trained
+    assert out.notes["distill_loss"][-1] < out.notes["distill_loss"][0]
+    assert mean_cos(student, teacher, batches(n=1)) > 0.9
+
+
+def test_frozen_embeddings_in_a_ddp_group(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DDP path freezes before wrapping (DDP would wait forever for the frozen tables'
+    gradients otherwise): a group of one, gloo, in process."""
+    import socket
+
+    from leanserve.compression import _ddp_distill
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    teacher = tiny_text(layers=2)
+    student = copy.deepcopy(teacher)
+    data = _ddp_train.collect(batches(n=1), teacher, outputs=False)
+    tc = _ddp_train.TrainConfig(task=Task.FEATURE_EXTRACTION, epochs=1, learning_rate=1e-3,
+                                steps=3, hidden_weight=0.5, layer_map=(0, 1),
+                                freeze_embeddings=True, token_noise=0.1)
+    write_job(tmp_path, student, data, tc, threads=1, teacher=teacher)
+    from leanserve.compression.distill import read_train_config
+
+    assert read_train_config(tmp_path) == (tc, 1)
+    losses, _ = _ddp_distill.train_in_group(student, data, tc, 0, 1, teacher=teacher)
+    assert len(losses) == 3  # one step per pass over the 16 rows
+    torch.testing.assert_close(student.backbone.embeddings.word_embeddings.weight,
+                               teacher.backbone.embeddings.word_embeddings.weight)
+    assert not torch.equal(student.backbone.encoder.layer[0].output.dense.weight,
+                           teacher.backbone.encoder.layer[0].output.dense.weight)
