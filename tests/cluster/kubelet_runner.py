@@ -92,6 +92,10 @@ class KubeletRunner:
     """Per-pod directories (volumes, logs) go here."""
     extra_env: Mapping[str, str] = field(default_factory=dict)
     poll: float = 0.3
+    namespaces: frozenset[str] | None = None
+    """Only pods of these namespaces run (None: every namespace). A test that owns its
+    namespace names it: another module's Job pod left Pending in a namespace being deleted
+    would otherwise run here, against this test's claim directories."""
     runs: dict[str, Run] = field(default_factory=dict)
     finished: dict[str, int] = field(default_factory=dict)
     """namespace/name -> exit code of every pod run to completion."""
@@ -131,7 +135,8 @@ class KubeletRunner:
     # ---------------------------------------------------------------------------- polling
 
     def _tick(self) -> None:
-        pods = self.api.get("/api/v1/pods", labelSelector=SELECTOR)["items"]
+        pods = [p for p in self.api.get("/api/v1/pods", labelSelector=SELECTOR)["items"]
+                if self.namespaces is None or p["metadata"]["namespace"] in self.namespaces]
         seen = set()
         for pod in pods:
             key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"

@@ -143,7 +143,7 @@ def test_minilm_cluster_lifecycle_from_apply_to_serving(
         tmp_path: Path) -> None:
     cp, ns = control_plane, "ml"
     api = Api(cp.server, cp.dir / "pki")
-    with KubeletRunner(api, stores, tmp_path / "pods") as runner:
+    with KubeletRunner(api, stores, tmp_path / "pods", namespaces=frozenset({ns})) as runner:
         cp.kubectl("apply", "-f", str(ROOT / "examples" / "minilm-cluster.yaml"))
         job = wait_for(lambda: (get_json(cp, "jobs", "-n", ns, "-l", f"{MODEL}=minilm")
                                 or {}).get("items"), 60, "the compression Job")[0]

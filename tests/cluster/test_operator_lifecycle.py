@@ -79,9 +79,11 @@ def models(control_plane: Any, ns: str, digits_files: Path, tmp_path: Path) -> P
 
 
 @pytest.fixture
-def runner(control_plane: Any, models: Path, tmp_path: Path) -> Iterator[KubeletRunner]:
+def runner(control_plane: Any, ns: str, models: Path, tmp_path: Path
+           ) -> Iterator[KubeletRunner]:
     api = Api(control_plane.server, control_plane.dir / "pki")
-    with KubeletRunner(api, {"models": models}, tmp_path / "pods") as r:
+    with KubeletRunner(api, {"models": models}, tmp_path / "pods",
+                       namespaces=frozenset({ns})) as r:
         yield r
 
 
@@ -206,7 +208,8 @@ def test_operator_killed_at_each_step_makes_no_duplicate(
     assert children(cp, ns) == first, "a restarted operator re-created a child"
     # Step 2: the Job completes while no operator runs; the next one picks it up.
     operators.kill(op)
-    with KubeletRunner(api, {"models": models}, tmp_path / "pods") as runner:
+    with KubeletRunner(api, {"models": models}, tmp_path / "pods",
+                       namespaces=frozenset({ns})) as runner:
         cp.kubectl("wait", f"job/{get_json(cp, 'jobs', '-n', ns)['items'][0]['metadata']['name']}",
                    "-n", ns, "--for=condition=Complete", "--timeout=120s")
         assert not runner.errors, runner.errors
