@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -343,9 +343,17 @@ def _slice_inputs(layer: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     return _slice_linear(layer, keep, 1)
 
 
+class _Captured(Exception):
+    """Raised by ``layer_inputs``' hook once it holds the Linear's input: the rest of the
+    forward pass (the layers after it) would compute nothing it keeps."""
+
+
 def layer_inputs(module: nn.Module, linear: nn.Linear, ctx: Context,
                  limit: int = RECONSTRUCT_TOKENS) -> torch.Tensor:
-    """What ``linear`` receives inside ``module`` on the training rows, real tokens only."""
+    """What ``linear`` receives inside ``module`` on the training rows, real tokens only.
+
+    Each batch's forward pass stops at ``linear``: for layer i of n that is about (i + 1) / n
+    of a full pass, so collecting for every layer in turn costs about half as much."""
     rows: list[torch.Tensor] = []
     mask: list[torch.Tensor | None] = [None]
 
@@ -356,13 +364,15 @@ def layer_inputs(module: nn.Module, linear: nn.Linear, ctx: Context,
             rows.append(x[m.bool()])
         else:
             rows.append(x.reshape(-1, x.shape[-1]))
+        raise _Captured
 
     handle = linear.register_forward_pre_hook(grab)
     try:
         with torch.no_grad():
             for batch in ctx.train:
                 mask[0] = batch.inputs.get("attention_mask")
-                module(**batch.inputs)
+                with suppress(_Captured):
+                    module(**batch.inputs)
                 if sum(len(r) for r in rows) >= limit:
                     break
     finally:

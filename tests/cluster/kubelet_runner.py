@@ -10,7 +10,8 @@ and the real scheduler binds to a fake node are picked up here instead:
   a node and still Pending;
 - the pod's own container ``command`` + ``args`` run as a local process, with the environment of
   the test process (standing in for the image's) plus the pod's ``env`` and ``envFrom``
-  (values, ConfigMap and Secret keys, field references);
+  (values, ConfigMap and Secret keys, field references); a pod whose ConfigMap or Secret does
+  not exist yet stays Pending and is tried again on the next poll, as a kubelet retries;
 - volumes become local directories: each ``persistentVolumeClaim`` the directory the test maps
   the claim to, ``configMap``/``secret`` volumes their keys written as files, ``emptyDir`` and
   everything else a fresh directory. Without a mount namespace the process sees host paths, so
@@ -92,10 +93,18 @@ class KubeletRunner:
     """Per-pod directories (volumes, logs) go here."""
     extra_env: Mapping[str, str] = field(default_factory=dict)
     poll: float = 0.3
+    namespaces: frozenset[str] | None = None
+    """Only pods of these namespaces run (None: every namespace). A test that owns its
+    namespace names it: another module's Job pod left Pending in a namespace being deleted
+    would otherwise run here, against this test's claim directories."""
     runs: dict[str, Run] = field(default_factory=dict)
     finished: dict[str, int] = field(default_factory=dict)
     """namespace/name -> exit code of every pod run to completion."""
     errors: list[str] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)
+    """namespace/name -> why a pod has not started yet: a ConfigMap or Secret it reads does not
+    exist (yet). The operator applies a Job's spec ConfigMap just after the Job, so its pod can
+    be bound before the ConfigMap exists; a kubelet retries the mount, and so does this."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -131,7 +140,8 @@ class KubeletRunner:
     # ---------------------------------------------------------------------------- polling
 
     def _tick(self) -> None:
-        pods = self.api.get("/api/v1/pods", labelSelector=SELECTOR)["items"]
+        pods = [p for p in self.api.get("/api/v1/pods", labelSelector=SELECTOR)["items"]
+                if self.namespaces is None or p["metadata"]["namespace"] in self.namespaces]
         seen = set()
         for pod in pods:
             key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
@@ -173,9 +183,16 @@ class KubeletRunner:
             env = self._env(ns, pod, container, rewrite)
             argv = [rewrite(a) for a in
                     (container.get("command") or []) + (container.get("args") or [])]
-        except (ApiError, KeyError, ValueError) as exc:
+        except ApiError as exc:
+            if exc.status != 404:
+                self._fail_to_start(key, pod, container, f"{type(exc).__name__}: {exc}")
+            else:  # as a kubelet does: wait (Pending) until the ConfigMap or Secret exists
+                self.waiting[key] = str(exc)
+            return
+        except (KeyError, ValueError) as exc:
             self._fail_to_start(key, pod, container, f"{type(exc).__name__}: {exc}")
             return
+        self.waiting.pop(key, None)
         if argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable  # the image's python is the test environment's
         log = base / "log"

@@ -97,9 +97,6 @@ def test_kubelet_runner_runs_job_pods_and_reports_like_a_kubelet(
     (store / "in.txt").write_text("hello")
     labels = {"app.kubernetes.io/managed-by": "leanserve",
               "app.kubernetes.io/component": "compression"}
-    cp.kubectl("create", "configmap", "conf", "-n", namespace,
-               "--from-literal=spec.yaml=uri: file:///stores/data/in.txt\n",
-               "--from-literal=GREETING=hi")
     pv_and_claim(cp, namespace, "data", store)
     ok = ("import os,pathlib,yaml\n"
           "uri = yaml.safe_load(open('/spec/spec.yaml'))['uri'].removeprefix('file://')\n"
@@ -120,11 +117,18 @@ def test_kubelet_runner_runs_job_pods_and_reports_like_a_kubelet(
         cp.kubectl("apply", "-f", "-", input=json.dumps(
             _job("ok", namespace, ok, labels, volumes, mounts, env)))
         cp.kubectl("apply", "-f", "-", input=json.dumps(_job("bad", namespace, fail, labels)))
+        # the ConfigMap "ok" reads comes after its pod is bound (the operator applies a Job's
+        # ConfigMap just after the Job): the pod waits for it, as with a kubelet
+        wait_for(lambda: runner.waiting, 60, "the ok pod waiting for its ConfigMap")
+        cp.kubectl("create", "configmap", "conf", "-n", namespace,
+                   "--from-literal=spec.yaml=uri: file:///stores/data/in.txt\n",
+                   "--from-literal=GREETING=hi")
         cp.kubectl("wait", "job/ok", "-n", namespace, "--for=condition=Complete",
                    "--timeout=60s")
         cp.kubectl("wait", "job/bad", "-n", namespace, "--for=condition=Failed",
                    "--timeout=60s")
         assert not runner.errors, runner.errors
+        assert not runner.waiting, runner.waiting
     assert (store / "out.txt").read_text() == "hellohi"
     (ok_pod,) = get_json(cp, "pods", "-n", namespace, "-l", "job-name=ok")["items"]
     term = ok_pod["status"]["containerStatuses"][0]["state"]["terminated"]

@@ -291,3 +291,40 @@ def test_transformer_only_options_are_refused_on_a_cnn(tmp_path: Path, change: d
     with pytest.raises(StepError) as err:
         prune(Model(module=cnn), PruneStep(**cfg), ctx)
     assert str(err.value).startswith(f"{STEP_PATH}.prune.{next(iter(change))}: ")
+
+
+def test_layer_inputs_stop_at_the_linear_and_match_a_full_pass(tmp_path: Path) -> None:
+    """``layer_inputs`` ends each forward pass at the hooked Linear: the layers after it never
+    run, and what it collects equals the real-token inputs a full pass gives that Linear."""
+    from leanserve.compression.prune import layer_inputs
+
+    teacher = tiny_text(layers=3)
+    batches = text_batches(n=3)
+    layers = teacher.backbone.encoder.layer
+    target = layers[1].output.dense
+    full: list[torch.Tensor] = []
+
+    def keep(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        full.append(args[0].detach())
+
+    handle = target.register_forward_pre_hook(keep)
+    with torch.no_grad():
+        expected = []
+        for b in batches:
+            teacher(**b.inputs)
+            expected.append(full[-1][b.inputs["attention_mask"].bool()])
+    handle.remove()
+    later: list[int] = []
+    handle = layers[2].register_forward_pre_hook(lambda *_: later.append(1))
+    try:
+        got = layer_inputs(teacher, target, ctx_for(teacher, Task.FEATURE_EXTRACTION, batches,
+                                                    tmp_path), limit=10_000)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, torch.cat(expected))
+    assert later == []  # the third layer never ran
+    # the limit still ends collection early, on real tokens
+    first = int(batches[0].inputs["attention_mask"].sum())
+    short = layer_inputs(teacher, target, ctx_for(teacher, Task.FEATURE_EXTRACTION, batches,
+                                                  tmp_path), limit=first)
+    torch.testing.assert_close(short, expected[0])
