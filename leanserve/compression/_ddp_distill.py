@@ -19,6 +19,7 @@ The backend is gloo on CPU and nccl when CUDA is present.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from datetime import timedelta
@@ -63,6 +64,7 @@ def train_in_group(student: nn.Module, data: _ddp_train.TrainData, tc: _ddp_trai
     backend = "nccl" if use_cuda else "gloo"
     os.environ.setdefault("MASTER_PORT", "29500")
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=RENDEZVOUS_TIMEOUT)
+    ddp: DistributedDataParallel | None = None
     try:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda
                               else "cpu")
@@ -88,6 +90,12 @@ def train_in_group(student: nn.Module, data: _ddp_train.TrainData, tc: _ddp_trai
             teacher.to("cpu")
         return mean.tolist(), backend
     finally:
+        # The DDP wrapper's reducer holds the process group. Left to this frame's unwinding,
+        # its destructor would run after destroy_process_group, in the caller's frame, and can
+        # block in gloo's native code once the peer has gone (seen: rank 1 hung there after
+        # rank 0 finished). Free it while the group still exists.
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 
