@@ -23,6 +23,17 @@ INTERRUPTED_EXIT = 130
 STATUS_STYLE = {"ok": "green", "warnings": "yellow", "failed": "red", "interrupted": "red"}
 
 
+def candidate_line(name: str, r: dict[str, Any]) -> str:
+    """The progress line of one compressed candidate. Its speed is timed only once every
+    candidate is built (interleaved with the baseline), so a line without it says nothing of
+    speed rather than 0x."""
+    if r.get("error"):
+        return f"candidate {name}: error: {r['error']}"
+    speed = "" if r.get("speedup") is None else f", speedup {r['speedup']:.2f}x"
+    return (f"candidate {name}: quality drop {r.get('quality_drop', 0):.4f}{speed}, "
+            f"{'passed' if r.get('passed') else 'failed'} the gate")
+
+
 def plan_line(spec: Any) -> str:
     """The plan in words a user reads at a glance (the gate is an allowed drop, not a bound)."""
     return (f"candidates: {', '.join(c.name for c in spec.compression.candidates)}; "
@@ -45,11 +56,7 @@ def run_command(spec: Path, *, workdir: Path, load_seconds: float, console: Cons
         if kind == "candidate-start":
             say(f"candidate {ev.index + 1}/{ev.total}: {ev.name} ...")
         elif kind == "candidate-done":
-            r = ev.result or {}
-            what = f"error: {r['error']}" if r.get("error") else (
-                f"quality drop {r.get('quality_drop', 0):.4f}, speedup {r.get('speedup') or 0:.2f}x"
-                f", {'passed' if r.get('passed') else 'failed'} the gate")
-            say(f"candidate {ev.name}: {what}")
+            say(candidate_line(ev.name, ev.result or {}))
         elif kind == "baseline":
             say("baseline exported, evaluated and benchmarked")
 

@@ -367,3 +367,13 @@ def test_help_shows_plain_names_and_plan_says_what_the_gate_allows() -> None:
         quality=SimpleNamespace(max_drop=0.01, metric=SimpleNamespace(value="cosine")))
     line = plan_line(spec)
     assert "gate: quality drop <= 0.01 (cosine)" in line and "cosine<=" not in line
+
+
+def test_a_candidates_progress_line_says_nothing_of_speed_before_it_is_timed() -> None:
+    from leanserve.local.commands import candidate_line
+
+    before = candidate_line("int8", {"quality_drop": 0.0038, "speedup": None, "passed": True})
+    assert before == "candidate int8: quality drop 0.0038, passed the gate"
+    timed = candidate_line("int8", {"quality_drop": 0.0038, "speedup": 1.75, "passed": True})
+    assert "speedup 1.75x" in timed
+    assert candidate_line("x", {"error": "boom"}) == "candidate x: error: boom"
