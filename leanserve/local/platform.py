@@ -179,7 +179,8 @@ class LocalPlatform:
 
 def _live(replica: Replica) -> bool:
     try:
-        return requests.get(replica.server.http_url + "/v2/health/live",
+        # http_url is host:port (as tritonclient takes it), not a URL
+        return requests.get(f"http://{replica.server.http_url}/v2/health/live",
                             timeout=LIVENESS_TIMEOUT_S).status_code == 200
     except requests.RequestException:
         return False
