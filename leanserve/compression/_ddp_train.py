@@ -294,12 +294,16 @@ def token_pool(data: TrainData) -> torch.Tensor:
     """The distinct token ids of the training rows, without each row's first and last real
     token (a BERT tokenizer's [CLS] and [SEP]) and padding: what ``noisy_inputs`` draws from."""
     ids = data.inputs["input_ids"]
-    mask = data.inputs[ATTENTION_MASK].bool()
+    return torch.unique(ids[_inner_tokens(data.inputs[ATTENTION_MASK])])
+
+
+def _inner_tokens(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's real tokens but its first and last ([CLS] and [SEP] of a BERT tokenizer)."""
+    mask = attention_mask.bool()
     inner = mask.clone()
     inner[:, 0] = False
-    last = mask.sum(1) - 1
-    inner[torch.arange(len(ids)), last.clamp(min=0)] = False
-    return torch.unique(ids[inner])
+    inner[torch.arange(len(mask)), (mask.sum(1) - 1).clamp(min=0)] = False
+    return inner
 
 
 def noisy_inputs(inputs: dict[str, torch.Tensor], share: float, pool: torch.Tensor,
@@ -314,11 +318,7 @@ def noisy_inputs(inputs: dict[str, torch.Tensor], share: float, pool: torch.Tens
     it narrows the gap of longer runs, which fit their training rows far better than new
     text, is not measured)."""
     ids = inputs["input_ids"]
-    mask = inputs[ATTENTION_MASK].bool()
-    inner = mask.clone()
-    inner[:, 0] = False
-    inner[torch.arange(len(ids)), (mask.sum(1) - 1).clamp(min=0)] = False
-    hit = (torch.rand(ids.shape, generator=gen) < share) & inner
+    hit = (torch.rand(ids.shape, generator=gen) < share) & _inner_tokens(inputs[ATTENTION_MASK])
     draw = pool[torch.randint(len(pool), ids.shape, generator=gen)]
     return {**inputs, "input_ids": torch.where(hit, draw.to(ids.dtype), ids)}
 

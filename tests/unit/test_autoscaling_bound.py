@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from leanserve.autoscaling.bound import _step_share, cost_lower_bound
+from leanserve.autoscaling.bound import _step_share, _within, cost_lower_bound
+from leanserve.autoscaling.capacity import DEFAULT_CURVE, LatencyCurve
 from leanserve.autoscaling.policy import PoolCapacity, Target
 from leanserve.autoscaling.simulate import SimConfig, Trace, _Queues, simulate
 
@@ -59,3 +60,12 @@ def test_a_steps_share_is_at_least_the_simulators_from_any_backlog(load: float):
         q = _Queues({"cpu-small": backlog, "cpu-large": 0.0})
         req, within, *_ = q.step(load, mix, POOLS, 100.0, 10.0)
         assert within / req <= upper + 1e-12
+
+
+@pytest.mark.parametrize("curve", [DEFAULT_CURVE, LatencyCurve(0.017, 0.180, 1.236, True)])
+def test_the_vectorised_share_is_the_curves(curve: LatencyCurve):
+    """bound._within is LatencyCurve.within over arrays (the bound needs millions of them)."""
+    us = np.linspace(-0.1, 1.5, 33)
+    for wait in (0.0, 0.3, 1.2):
+        got = _within(us, wait, curve.a, curve.b, curve.m)
+        assert got == pytest.approx([curve.within(float(u), wait) for u in us], abs=1e-12)
