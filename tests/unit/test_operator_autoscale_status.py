@@ -15,6 +15,7 @@ from leanserve.api.load import load_one
 from leanserve.autoscaling.capacity import DEFAULT_CURVE, curve_from_profile
 from leanserve.autoscaling.policy import Decision, HistoryEntry
 from leanserve.autoscaling.policy import Reason as PolicyReason
+from leanserve.operator import handback
 from leanserve.operator.autoscale import (
     HISTORY_SECONDS,
     decision_from_status,
@@ -22,7 +23,6 @@ from leanserve.operator.autoscale import (
     pools_from_status,
     status_patch,
 )
-from leanserve.operator import handback
 
 ROOT = Path(__file__).resolve().parents[2]
 
