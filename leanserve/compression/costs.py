@@ -147,3 +147,15 @@ def serving_peak_rss(onnx_path: Path, batch: Batch, threads: int,
         return int(json.loads(done.stdout.strip().splitlines()[-1]))
     except (ValueError, IndexError):
         return None
+
+
+def cost_cells(cost: dict[str, Any] | None) -> tuple[str, str]:
+    """What the recipe cost to run, and after how many requests its serving saving repays it
+    (a candidate's ``cost`` in report.json; `leanserve run` prints the same words)."""
+    if not cost:
+        return "-", "-"
+    spent = f"{cost['cpu_seconds']:.0f} cpu-s" + (
+        f", ${cost['usd']:.4f}" if cost.get("usd") is not None else "")
+    if cost.get("payback_requests") is not None:
+        return spent, f"{cost['payback_requests']:,} requests"
+    return spent, "never (saves nothing)" if cost.get("serving") else "-"

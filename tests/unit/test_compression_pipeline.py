@@ -159,6 +159,8 @@ def test_the_table_shows_the_test_split_and_packed_sizes(text_run) -> None:
     assert f"{by['int8']['cost']['cpu_seconds']:.0f} cpu-s" in text
     payback = by["int8"]["cost"]["payback_requests"]
     assert (f"{payback:,} requests" if payback else "never (saves nothing)") in text
+    # one serving instance's peak memory next to the served file's size
+    assert "peak RSS MB" in text and f"{by['int8']['peak_rss_bytes'] / 1e6:.0f}" in text
     # how the speeds were measured: how many calls, interleaved
     timing = report["baseline"]["timing"]
     assert f"speed: {timing['calls_batch']}+ calls per model at batch" in text
