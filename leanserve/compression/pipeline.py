@@ -31,7 +31,7 @@ import torch
 
 from leanserve import fsio
 from leanserve.api.load import LoadedSpec
-from leanserve.api.spec import Candidate, QualityMetric, Task
+from leanserve.api.spec import Candidate, QualityMetric, QuantizeMethod, QuantizeStep, Task
 from leanserve.compression import techniques
 from leanserve.compression.benchmark import BenchSettings, benchmark_many, take_rows
 from leanserve.compression.costs import (
@@ -58,6 +58,7 @@ from leanserve.compression.loading import (
     long_rows,
     split3,
 )
+from leanserve.compression.quantize import FAKE, serve_packed
 from leanserve.compression.registry import (
     Batch,
     CompressionError,
@@ -304,9 +305,9 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
                 run.model.tokenizer.save_pretrained(str(art_dir / TOKENIZER))
             result["artifact"] = f"{ARTIFACTS}/{cand.name}/{MODEL_FILE}"
             result["notes"] = _jsonable(model.notes)
-            # size_bytes is the file that is served; a fake-quantized scheme (int4, binary,
-            # power-of-two) stores fp32 values, so what a packed file would hold is reported apart
-            # and never selected on.
+            # size_bytes is the file that is served (power-of-two and binary weights packed,
+            # decoded at load); packed_size_bytes is what the scheme's packing alone would hold,
+            # reported apart and never selected on.
             result["size_bytes"] = art.stat().st_size
             result["packed_size_bytes"] = model.packed_bytes
             outputs = predict(art, run.eval, run.settings.threads)
@@ -392,7 +393,25 @@ def _apply_steps(run: _Run, index: int, cand: Candidate, workdir: Path) -> Model
             model.module.eval()
     if model.module is not None:
         model = _to_onnx(run, model, workdir / "final-export")
+        fake = [st.config.method for st in cand.steps
+                if isinstance(st.config, QuantizeStep) and st.config.method in FAKE]
+        if fake:  # the fp32 values on a power-of-two or binary grid: served packed
+            model = _serve_packed(model, fake[-1], workdir / "final-export")
     return model
+
+
+def _serve_packed(model: Model, method: QuantizeMethod, where: Path) -> Model:
+    """The exported graph with its grid weights stored packed (quantize.serve_packed); the
+    fp32 graph, saying why, when no weight is on the grid any more (a later training step
+    moved them off it)."""
+    assert model.onnx_path is not None
+    out = where / "packed.onnx"
+    try:
+        notes = serve_packed(model.onnx_path, out, method)
+    except StepError as exc:
+        return Model(onnx_path=model.onnx_path, packed_bytes=model.packed_bytes,
+                     notes={**model.notes, "size": f"served as fp32: {exc}"})
+    return Model(onnx_path=out, packed_bytes=model.packed_bytes, notes={**model.notes, **notes})
 
 
 def _no_teacher() -> torch.nn.Module:
