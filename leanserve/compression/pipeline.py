@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from leanserve.compression.costs import (
     candidate_costs,
     cpu_clock,
     cpu_price,
+    gpu_price,
     serving_peak_rss,
 )
 from leanserve.compression.evaluate import (
@@ -58,6 +60,7 @@ from leanserve.compression.loading import (
     long_rows,
     split3,
 )
+from leanserve.compression.precision import training_device
 from leanserve.compression.quantize import FAKE, serve_packed
 from leanserve.compression.registry import (
     Batch,
@@ -293,6 +296,8 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
     }
     workdir = run.stage_dir / "work" / cand.name
     workdir.mkdir(parents=True, exist_ok=True)
+    on_gpu = training_device().type == "cuda"  # training steps hold the GPU while they run
+    started = time.monotonic()
     with cpu_clock() as spent:
         try:
             model = _apply_steps(run, index, cand, workdir)
@@ -324,7 +329,9 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
             result["passed"] = False
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    result["cost"] = {"cpu_seconds": spent[0]}  # priced once every model is timed (_time_all)
+    # priced once every model is timed (_time_all)
+    result["cost"] = {"cpu_seconds": spent[0],
+                      "gpu_seconds": time.monotonic() - started if on_gpu else None}
     if result["artifact"] is not None and result["error"] is None:
         result["peak_rss_bytes"] = serving_peak_rss(run.stage_dir / result["artifact"],
                                                     take_rows(run.eval, run.settings.bench.batch),
@@ -350,9 +357,11 @@ def _time_all(run: _Run, results: list[dict[str, Any]]) -> None:
         if bench is not None:
             r.update(bench.as_report())
             r["speedup"] = bench.throughput_rps / base_rps if base_rps else None
-        spent = (r.get("cost") or {}).get("cpu_seconds", 0.0)
-        r["cost"] = candidate_costs(spent, cpu_price(run.loaded.spec), s.threads, base_rps,
-                                    r["throughput_rps"])
+        spent = r.get("cost") or {}
+        r["cost"] = candidate_costs(spent.get("cpu_seconds", 0.0), cpu_price(run.loaded.spec),
+                                    s.threads, base_rps, r["throughput_rps"],
+                                    gpu_seconds=spent.get("gpu_seconds"),
+                                    gpu=gpu_price(run.loaded.spec))
 
 
 def _describe(exc: BaseException) -> str:

@@ -124,6 +124,8 @@ def test_each_candidate_says_what_it_cost_saves_and_holds_in_memory(text_run) ->
     for c in report["candidates"]:
         cost = c["cost"]
         assert cost["cpu_seconds"] > 0 and cost["pool"] == "cpu"
+        # no GPU trained anything here: no GPU time, and none priced
+        assert cost["gpu_seconds"] is None and cost["gpu_pool"] is None
         # the spec's one pool: $0.10 an hour, no cpu request, so one core
         assert cost["usd"] == pytest.approx(cost["cpu_seconds"] / 3600 * 0.1, rel=0.01)
         if c["error"] is not None:
