@@ -236,6 +236,17 @@ class QuantizeStep(Model):
                              description="qat: fine-tuning steps with fake-quantized weights "
                                          "and activations.")
     learning_rate: float = Field(1e-5, gt=0, le=1, description="qat: optimizer learning rate.")
+    precision: Lax[Precision] = Field(Precision.FP32,
+                                      description="qat: " + PRECISION_DESCRIPTION[0].lower()
+                                      + PRECISION_DESCRIPTION[1:])
+
+    @model_validator(mode="after")
+    def _precision_trains(self) -> QuantizeStep:
+        if self.precision is not Precision.FP32 and self.method is not QuantizeMethod.QAT:
+            raise ValueError(f"quantize precision {self.precision.value} applies to training; "
+                             f"method {self.method.value} does not train (allowed: fp32, or "
+                             "method qat)")
+        return self
 
     @field_validator("block_size")
     @classmethod

@@ -119,12 +119,32 @@ def fit_curve(trials: Sequence[tuple[float, float]], capacity_rps: float, slo_ms
     return best[1] if best is not None else DEFAULT_CURVE
 
 
+def curve_from_dict(d: Any) -> LatencyCurve | None:
+    """A fitted curve stored as ``{"a", "b", "m"}`` (``LatencyCurve.to_dict``, or the compression
+    Job's termination message: the operator keeps it in status.compression.curve); None when it
+    is not one (missing, not numbers, a shape the fit never gives: b <= 0, m <= 0)."""
+    if not isinstance(d, Mapping):
+        return None
+    try:
+        a, b, m = (float(d[k]) for k in ("a", "b", "m"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not all(math.isfinite(x) for x in (a, b, m)) or b <= 0 or m <= 0:
+        return None
+    return LatencyCurve(a, b, m, True)
+
+
 def curve_from_profile(profile: Mapping[str, Any]) -> LatencyCurve:
-    """The curve of the profile's chosen config: its grid entry's trials, fitted; else default.
+    """The curve of the profile's chosen config: its grid entry's trials, fitted; else the
+    profile's ``curve`` (a fit made where the trials were, e.g. in the compression Job); else
+    the default shape.
 
     The grid entry is the one whose config equals profile["config"] (the profiler's choice);
     its capacity_rps and the profile's slo_latency_p95_ms normalise the trials.
     """
+    stored = curve_from_dict(profile.get("curve")) if isinstance(profile, Mapping) else None
+    if stored is not None and not profile.get("grid"):
+        return stored
     try:
         cfg = profile.get("config")
         slo = float(profile.get("slo_latency_p95_ms") or 0)

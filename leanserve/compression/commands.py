@@ -10,6 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from leanserve.api.load import load_one
+from leanserve.compression.costs import cost_cells
 from leanserve.compression.pipeline import Event, EventKind, compress
 
 
@@ -44,6 +45,10 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.0f}"
+
+
 def _test(fig: dict[str, Any] | None) -> str:
     """The test split's figure: never used to gate or select, shown so a user can check it."""
     if not fig:
@@ -54,27 +59,18 @@ def _test(fig: dict[str, Any] | None) -> str:
     return f"{fig['mean']:.4f}/{fig['p5']:.4f}/{fig['worst']:.4f}"
 
 
-def _cost(cost: dict[str, Any] | None) -> tuple[str, str]:
-    """What the recipe cost to run, and after how many requests its serving saving repays it."""
-    if not cost:
-        return "-", "-"
-    spent = f"{cost['cpu_seconds']:.0f} cpu-s" + (
-        f", ${cost['usd']:.4f}" if cost.get("usd") is not None else "")
-    if cost.get("payback_requests") is not None:
-        return spent, f"{cost['payback_requests']:,} requests"
-    return spent, "never (saves nothing)" if cost.get("serving") else "-"
-
-
 def report_table(report: dict[str, Any]) -> Table:
     t = Table(title=f"{report['model']}: {report['metric']} gate, max drop {report['max_drop']:g}")
     for col in ("candidate", "size MB", "quality", "drop", "test mean/p5/worst", "p50 ms (b1)",
-                "p95 ms (b1)", "rows/s (b32)", "speedup", "cost", "pays back after", "gate"):
+                "p95 ms (b1)", "rows/s (b32)", "speedup", "peak RSS MB", "cost",
+                "pays back after", "gate"):
         t.add_column(col, justify="left" if col in ("candidate", "gate") else "right")
     b = report["baseline"]
     t.add_row("baseline (fp32)", _fmt(b["size_bytes"] / 1e6, ".1f"), _fmt(b["quality"], ".4f"),
               "-", _test(b.get("test")), _fmt(b["latency_ms"]["p50"], ".2f"),
               _fmt(b["latency_ms"]["p95"], ".2f"),
-              _fmt(b["throughput_rps"], ".0f"), "1.00", "", "", "")
+              _fmt(b["throughput_rps"], ".0f"), "1.00", _mb(b.get("peak_rss_bytes")), "", "",
+              "")
     for c in report["candidates"]:
         lat = c["latency_ms"] or {}
         gate = ("[red]error[/red]: " + c["error"]) if c["error"] else (
@@ -87,7 +83,7 @@ def report_table(report: dict[str, Any]) -> Table:
                   _fmt(c["quality"], ".4f"), _fmt(c["quality_drop"], ".4f"), _test(c.get("test")),
                   _fmt(lat.get("p50"), ".2f"), _fmt(lat.get("p95"), ".2f"),
                   _fmt(c["throughput_rps"], ".0f"), _fmt(c["speedup"], ".2f"),
-                  *_cost(c.get("cost")), gate)
+                  _mb(c.get("peak_rss_bytes")), *cost_cells(c.get("cost")), gate)
     timing = b.get("timing")
     if timing:
         t.caption = (f"speed: {timing['calls_batch']}+ calls per model at batch "

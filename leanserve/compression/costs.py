@@ -7,6 +7,10 @@ faster may never earn that back. Every candidate therefore reports
   worker it started, such as torchrun's; the timing every model shares, run interleaved at the
   end, is not counted), and ``usd`` at the price of a CPU-hour on the
   pool the Job runs on (the cheapest CPU pool of the spec, per core of its cpu request);
+- ``gpu_seconds``: where the training steps ran on a CUDA GPU (``precision.training_device``:
+  a `leanserve compress` or `run` on a GPU machine; the operator's Job asks for none), the wall
+  time the candidate held it, priced into ``usd`` at the cheapest GPU pool's price per GPU
+  (``gpu_pool``; unpriced, and said so, when the spec has no GPU pool); None without a GPU;
 - ``serving``: the cost of one million requests at the benchmark's throughput on the same cores,
   for the candidate and for the baseline, and the saving per million;
 - ``payback_requests``: after how many served requests the saving has paid the compression cost
@@ -56,6 +60,26 @@ def cpu_price(spec: CompressedModelSpec) -> CpuPrice | None:
     return best
 
 
+@dataclass(frozen=True)
+class GpuPrice:
+    pool: str
+    usd_per_gpu_hour: float
+
+
+def gpu_price(spec: CompressedModelSpec) -> GpuPrice | None:
+    """The price of one GPU-hour on the cheapest GPU pool (None when the spec has none)."""
+    best: GpuPrice | None = None
+    for pool in spec.node_pools:
+        if pool.accelerator is Accelerator.NONE:
+            continue
+        res = {**pool.resources.requests, **pool.resources.limits}
+        gpus = _cores(res.get("nvidia.com/gpu"))
+        price = GpuPrice(pool.name, pool.hourly_price / gpus)
+        if best is None or price.usd_per_gpu_hour < best.usd_per_gpu_hour:
+            best = price
+    return best
+
+
 def _cores(quantity: Any) -> float:
     """Cores of a Kubernetes cpu quantity ("2", "500m", 1.5); 1 when none is given."""
     if quantity is None:
@@ -88,13 +112,19 @@ def per_million(usd_per_hour: float, rps: float | None) -> float | None:
 
 
 def candidate_costs(cpu_seconds: float, price: CpuPrice | None, threads: int,
-                    baseline_rps: float | None, rps: float | None) -> dict[str, Any]:
+                    baseline_rps: float | None, rps: float | None, *,
+                    gpu_seconds: float | None = None,
+                    gpu: GpuPrice | None = None) -> dict[str, Any]:
     """The report's ``cost`` entry of one candidate (see the module docstring)."""
-    out: dict[str, Any] = {"cpu_seconds": cpu_seconds, "usd": None, "pool": None,
+    out: dict[str, Any] = {"cpu_seconds": cpu_seconds, "gpu_seconds": gpu_seconds,
+                           "usd": None, "pool": None, "gpu_pool": None,
                            "serving": None, "payback_requests": None}
     if price is None:
         return out
     usd = cpu_seconds / 3600.0 * price.usd_per_cpu_hour
+    if gpu_seconds and gpu is not None:
+        usd += gpu_seconds / 3600.0 * gpu.usd_per_gpu_hour
+        out["gpu_pool"] = gpu.pool
     hourly = price.usd_per_cpu_hour * threads
     base, ours = per_million(hourly, baseline_rps), per_million(hourly, rps)
     out.update(usd=usd, pool=price.pool)
@@ -147,3 +177,19 @@ def serving_peak_rss(onnx_path: Path, batch: Batch, threads: int,
         return int(json.loads(done.stdout.strip().splitlines()[-1]))
     except (ValueError, IndexError):
         return None
+
+
+def cost_cells(cost: dict[str, Any] | None) -> tuple[str, str]:
+    """What the recipe cost to run, and after how many requests its serving saving repays it
+    (a candidate's ``cost`` in report.json; `leanserve run` prints the same words)."""
+    if not cost:
+        return "-", "-"
+    spent = f"{cost['cpu_seconds']:.0f} cpu-s"
+    if cost.get("gpu_seconds"):
+        spent += f" + {cost['gpu_seconds']:.0f} gpu-s" + (
+            "" if cost.get("gpu_pool") else " (unpriced: no GPU pool)")
+    if cost.get("usd") is not None:
+        spent += f", ${cost['usd']:.4f}"
+    if cost.get("payback_requests") is not None:
+        return spent, f"{cost['payback_requests']:,} requests"
+    return spent, "never (saves nothing)" if cost.get("serving") else "-"

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,14 @@ import torch
 
 from leanserve import fsio
 from leanserve.api.load import LoadedSpec
-from leanserve.api.spec import Candidate, QualityMetric, Task
+from leanserve.api.spec import Candidate, QualityMetric, QuantizeMethod, QuantizeStep, Task
 from leanserve.compression import techniques
 from leanserve.compression.benchmark import BenchSettings, benchmark_many, take_rows
 from leanserve.compression.costs import (
     candidate_costs,
     cpu_clock,
     cpu_price,
+    gpu_price,
     serving_peak_rss,
 )
 from leanserve.compression.evaluate import (
@@ -58,6 +60,8 @@ from leanserve.compression.loading import (
     long_rows,
     split3,
 )
+from leanserve.compression.precision import training_device
+from leanserve.compression.quantize import FAKE, serve_packed
 from leanserve.compression.registry import (
     Batch,
     CompressionError,
@@ -292,6 +296,8 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
     }
     workdir = run.stage_dir / "work" / cand.name
     workdir.mkdir(parents=True, exist_ok=True)
+    on_gpu = training_device().type == "cuda"  # training steps hold the GPU while they run
+    started = time.monotonic()
     with cpu_clock() as spent:
         try:
             model = _apply_steps(run, index, cand, workdir)
@@ -304,9 +310,9 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
                 run.model.tokenizer.save_pretrained(str(art_dir / TOKENIZER))
             result["artifact"] = f"{ARTIFACTS}/{cand.name}/{MODEL_FILE}"
             result["notes"] = _jsonable(model.notes)
-            # size_bytes is the file that is served; a fake-quantized scheme (int4, binary,
-            # power-of-two) stores fp32 values, so what a packed file would hold is reported apart
-            # and never selected on.
+            # size_bytes is the file that is served (power-of-two and binary weights packed,
+            # decoded at load); packed_size_bytes is what the scheme's packing alone would hold,
+            # reported apart and never selected on.
             result["size_bytes"] = art.stat().st_size
             result["packed_size_bytes"] = model.packed_bytes
             outputs = predict(art, run.eval, run.settings.threads)
@@ -323,7 +329,9 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
             result["passed"] = False
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    result["cost"] = {"cpu_seconds": spent[0]}  # priced once every model is timed (_time_all)
+    # priced once every model is timed (_time_all)
+    result["cost"] = {"cpu_seconds": spent[0],
+                      "gpu_seconds": time.monotonic() - started if on_gpu else None}
     if result["artifact"] is not None and result["error"] is None:
         result["peak_rss_bytes"] = serving_peak_rss(run.stage_dir / result["artifact"],
                                                     take_rows(run.eval, run.settings.bench.batch),
@@ -349,9 +357,11 @@ def _time_all(run: _Run, results: list[dict[str, Any]]) -> None:
         if bench is not None:
             r.update(bench.as_report())
             r["speedup"] = bench.throughput_rps / base_rps if base_rps else None
-        spent = (r.get("cost") or {}).get("cpu_seconds", 0.0)
-        r["cost"] = candidate_costs(spent, cpu_price(run.loaded.spec), s.threads, base_rps,
-                                    r["throughput_rps"])
+        spent = r.get("cost") or {}
+        r["cost"] = candidate_costs(spent.get("cpu_seconds", 0.0), cpu_price(run.loaded.spec),
+                                    s.threads, base_rps, r["throughput_rps"],
+                                    gpu_seconds=spent.get("gpu_seconds"),
+                                    gpu=gpu_price(run.loaded.spec))
 
 
 def _describe(exc: BaseException) -> str:
@@ -392,7 +402,25 @@ def _apply_steps(run: _Run, index: int, cand: Candidate, workdir: Path) -> Model
             model.module.eval()
     if model.module is not None:
         model = _to_onnx(run, model, workdir / "final-export")
+        fake = [st.config.method for st in cand.steps
+                if isinstance(st.config, QuantizeStep) and st.config.method in FAKE]
+        if fake:  # the fp32 values on a power-of-two or binary grid: served packed
+            model = _serve_packed(model, fake[-1], workdir / "final-export")
     return model
+
+
+def _serve_packed(model: Model, method: QuantizeMethod, where: Path) -> Model:
+    """The exported graph with its grid weights stored packed (quantize.serve_packed); the
+    fp32 graph, saying why, when no weight is on the grid any more (a later training step
+    moved them off it)."""
+    assert model.onnx_path is not None
+    out = where / "packed.onnx"
+    try:
+        notes = serve_packed(model.onnx_path, out, method)
+    except StepError as exc:
+        return Model(onnx_path=model.onnx_path, packed_bytes=model.packed_bytes,
+                     notes={**model.notes, "size": f"served as fp32: {exc}"})
+    return Model(onnx_path=out, packed_bytes=model.packed_bytes, notes={**model.notes, **notes})
 
 
 def _no_teacher() -> torch.nn.Module:

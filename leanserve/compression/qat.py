@@ -12,7 +12,10 @@ rounding ONNX Runtime will do:
   calibrator finds on the same rows);
 - with ``embeddingBits: 4``, the vocabulary tables at 4 bits per weight, one scale per
   EMBEDDING_BLOCK weights (``quantize.quantize_embeddings``).
-Rounding passes gradients straight through (the straight-through estimator). The loss is the
+Rounding passes gradients straight through (the straight-through estimator). ``precision``
+(leanserve.compression.precision) runs the fine-tune's forward pass in bf16 autocast (CPU or GPU)
+or fp16 with a gradient scaler (GPU only); the weights, their int8 simulation and the optimizer
+stay fp32. The loss is the
 distillation loss of the other training steps against the uncompressed model (cosine + MSE for
 embeddings; soft targets and labels for classifiers). After ``trainSteps`` steps the
 fake-quantization is removed, the fine-tuned fp32 module is exported by the pipeline's own
@@ -30,6 +33,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -149,8 +153,10 @@ class FakeQuant:
             real = x
             if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 real = x[mask.bool()]
-            lo, hi = obs.range(real)
-            return (fake_activation_uint8(x, lo, hi), *args[1:])
+            lo, hi = obs.range(real.float())
+            # the rounding in fp32 whatever autocast runs the layer in (bf16 holds the 256
+            # levels, not the arithmetic that finds them)
+            return (fake_activation_uint8(x.float(), lo, hi).to(x.dtype), *args[1:])
 
         return hook
 
@@ -183,8 +189,15 @@ def train_qat(module: nn.Module, ctx: Context, cfg: QuantizeStep) -> dict[str, o
     """Fine-tune ``module`` in place with int8 fake-quantization; returns what the report
     says of it (steps, loss at the start and the end, layers simulated)."""
     from leanserve.compression._ddp_train import kd_loss
+    from leanserve.compression.precision import (
+        MixedPrecision,
+        on_training_device,
+        training_device,
+    )
     from leanserve.compression.quantize import EMBEDDING_BLOCK, MIN_VOCAB_ROWS
 
+    where = f"{ctx.extra.get('step_path', 'quantize')}.quantize.precision"
+    amp = MixedPrecision.create(cfg.precision.value, training_device(), field_name=where)
     static = cfg.activations is ActivationQuant.STATIC
     block = EMBEDDING_BLOCK if cfg.embedding_bits == 4 and not static else None
     fq = FakeQuant(module, static).attach(cfg.per_channel, block, MIN_VOCAB_ROWS)
@@ -193,28 +206,36 @@ def train_qat(module: nn.Module, ctx: Context, cfg: QuantizeStep) -> dict[str, o
         raise StepError(f"{ctx.extra.get('step_path', 'quantize')}.quantize.method: qat found "
                         "no Linear or Conv layer to quantize in the model")
     module.eval()  # dropout off, BatchNorm statistics frozen (they are folded at export)
-    params = list(module.parameters())
-    for p in params:
+    for p in module.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     losses: list[float] = []
+    teacher = ctx.teacher if isinstance(ctx.teacher, nn.Module) else None
     try:
-        with _grad_enabled():
+        with _grad_enabled(), on_training_device(module, *([teacher] if teacher else [])) as dev:
+            # the optimizer is made where the parameters train (its state follows them)
+            opt = torch.optim.AdamW(list(module.parameters()), lr=cfg.learning_rate,
+                                    weight_decay=0.0)
+
+            def on(b: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                return ({k: v.to(dev) for k, v in b.inputs.items()},
+                        None if b.labels is None else b.labels.to(dev))
+
             if static:  # ranges first seen on the calibration rows, as the calibrator will
                 with torch.no_grad():
                     for b in ctx.train[:max(1, math.ceil(cfg.calibration_samples / 32))]:
-                        fq.mask[0] = b.inputs.get("attention_mask")
-                        module(**b.inputs)
+                        inputs, _ = on(b)
+                        fq.mask[0] = inputs.get("attention_mask")
+                        module(**inputs)
             for b in _batches(ctx, cfg.train_steps):
+                inputs, labels = on(b)
                 with torch.no_grad():
-                    target = ctx.teacher(**b.inputs).float()
-                fq.mask[0] = b.inputs.get("attention_mask")
-                out = module(**b.inputs)
-                loss = kd_loss(out, target, b.labels, task=ctx.task,
+                    target = ctx.teacher(**inputs).float()
+                fq.mask[0] = inputs.get("attention_mask")
+                with amp.autocast():
+                    out = module(**inputs)
+                loss = kd_loss(out.float(), target, labels, task=ctx.task,
                                temperature=QAT_TEMPERATURE, alpha=QAT_ALPHA)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                amp.step(loss, opt)
                 losses.append(loss.item())
     finally:
         fq.mask[0] = None
@@ -226,7 +247,8 @@ def train_qat(module: nn.Module, ctx: Context, cfg: QuantizeStep) -> dict[str, o
     return {"qat_steps": len(losses), "qat_layers": fq.layers, "qat_tables_4bit": fq.tables,
             "qat_loss_first": float(f"{sum(head) / len(head):.4g}"),
             "qat_loss_last": float(f"{sum(tail) / len(tail):.4g}"),
-            "qat_activations": cfg.activations.value}
+            "qat_activations": cfg.activations.value, "precision": cfg.precision.value,
+            **({"skipped_steps": amp.skipped_steps} if amp.scaler is not None else {})}
 
 
 @register(QuantizeStep, Stage.TORCH, method=QuantizeMethod.QAT.value)
@@ -242,6 +264,9 @@ def qat(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
                         "the validation and test splits")
     if ctx.to_onnx is None:
         raise StepError("quantize qat: no export available in this context")
+    from leanserve.compression.precision import check
+
+    check(cfg.precision.value, f"{ctx.extra.get('step_path', 'quantize')}.quantize.precision")
     module = editable_copy(model.module, ctx)  # TorchScript Sequentials become eager modules
     notes = train_qat(module, ctx, cfg)
     exported = ctx.to_onnx(Model(module=module.eval(), notes=model.notes),

@@ -27,10 +27,13 @@ Where each method runs, and why:
   not faster, and the gate decides.
 - qat (torch stage, then ONNX): quantization-aware training, in ``qat.py``.
 - power-of-two, binary (torch stage): fake-quantized weights (the rounded values stored back as
-  fp32) with ``packed_bytes`` counting what a packed file would hold: power-of-two = 4 bits
-  (sign + 3-bit exponent) + one fp32 scale per row; binary = 1 bit/weight + one fp32 scale
-  (mean |w|) per row. Parameters not quantized (biases, norms) count at 4 bytes. The report's
-  size_bytes is the served fp32 file; the packed size is its own field, never selected on.
+  fp32, so later training steps and the export see them) with ``packed_bytes`` counting what
+  the packing alone holds: power-of-two = 4 bits (sign + 3-bit exponent) + one fp32 scale per
+  row; binary = 1 bit/weight + one fp32 scale (mean |w|) per row. Parameters not quantized
+  (biases, norms) count at 4 bytes. When the candidate's graph is exported, ``serve_packed``
+  stores every weight still exactly on the grid packed, decoded by ONNX Runtime when it loads
+  the graph: the served file (size_bytes) is about the packed size, the compute is fp32. The
+  packed size stays its own field, never selected on.
 """
 
 from __future__ import annotations
@@ -698,3 +701,133 @@ def _fake(model: Model, cfg: QuantizeStep, ctx: Context) -> Model:
 
 for _method in FAKE:
     register(QuantizeStep, Stage.TORCH, method=_method.value)(_fake)
+
+
+# --------------------------------------------------------------------------------------------
+# power-of-two and binary weights served packed, decoded when ONNX Runtime loads the graph
+
+PACKED_MIN_WEIGHTS = 256
+"""Initializers with fewer values stay fp32 (biases, norms: not quantized, and not worth it)."""
+POW2_TABLE = "leanserve_pow2_pairs"
+SIGN_TABLE = "leanserve_sign_octets"
+
+
+def _pow2_levels() -> np.ndarray:
+    """The 16 values of a power-of-two code: bit 3 the sign, bits 0-2 zero (0) or 2^-(k-1)."""
+    mags = np.array([0.0] + [2.0 ** -k for k in range(POW2_LEVELS)], np.float32)
+    return np.concatenate([mags, -mags]).astype(np.float32)
+
+
+def _pow2_codes(q: np.ndarray) -> np.ndarray | None:
+    """Codes of values already on the grid (q = value / row scale), None when one is not."""
+    levels = _pow2_levels()
+    codes = np.full(q.shape, -1, np.int16)
+    for code, level in enumerate(levels):
+        if code == 8:  # -0 is 0
+            continue
+        codes[q == level] = code
+    return None if (codes < 0).any() else codes.astype(np.uint8)
+
+
+def _pack_rows(w: np.ndarray, method: QuantizeMethod) -> tuple[np.ndarray, np.ndarray] | None:
+    """(packed bytes [rows, cols * bits / 8], scales [rows, 1]) of a [rows, cols] matrix whose
+    every row is exactly on the method's grid (decoding gives back the same fp32 values); None
+    otherwise."""
+    cols = w.shape[1]
+    if method is QuantizeMethod.POWER_OF_TWO:
+        if cols % 2:
+            return None
+        scale = np.abs(w).max(1, keepdims=True).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(scale > 0, w / np.where(scale > 0, scale, 1), 0).astype(np.float32)
+        codes = _pow2_codes(q)
+        if codes is None:
+            return None
+        decoded = _pow2_levels()[codes] * scale
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    else:
+        if cols % 8:
+            return None
+        scale = np.abs(w[:, :1]).astype(np.float32)
+        bits = (w >= 0).astype(np.uint8)
+        decoded = np.where(bits == 1, 1.0, -1.0).astype(np.float32) * scale
+        packed = np.packbits(bits, axis=1, bitorder="little")
+    if not np.array_equal(decoded.astype(np.float32), w):
+        return None
+    return packed, scale
+
+
+def _decode_table(method: QuantizeMethod) -> onnx.TensorProto:
+    """byte -> the 2 (power-of-two) or 8 (binary) values it holds, low bits first."""
+    byte = np.arange(256)
+    if method is QuantizeMethod.POWER_OF_TWO:
+        lv = _pow2_levels()
+        return numpy_helper.from_array(np.stack([lv[byte & 15], lv[byte >> 4]], 1), POW2_TABLE)
+    signs = np.unpackbits(byte.astype(np.uint8)[:, None], axis=1, bitorder="little")
+    return numpy_helper.from_array(np.where(signs == 1, 1.0, -1.0).astype(np.float32),
+                                   SIGN_TABLE)
+
+
+def serve_packed(src: Path, dst: Path, method: QuantizeMethod) -> dict[str, object]:
+    """Write ``src`` with every fp32 weight that is exactly on ``method``'s grid (power-of-two:
+    4 bits a weight; binary: 1 bit) stored packed, one fp32 scale per output channel, behind a
+    decoding subgraph of standard ONNX ops (Gather through a 256-entry table, Reshape, Mul,
+    Transpose). Every input of that subgraph is a constant, so ONNX Runtime folds it into the
+    fp32 weights when it loads the graph: the file is the packed size, the compute and the
+    results are the fp32 graph's. A weight's output channel is its first axis (Conv, Gemm with
+    transB, Gather tables) or its last (MatMul); whichever makes every row exact is used, and a
+    weight for which neither does is left as it is. Returns notes for the report."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    table = _decode_table(method)
+    width = 2 if method is QuantizeMethod.POWER_OF_TWO else 8
+    nodes: list[onnx.NodeProto] = []
+    keep: list[onnx.TensorProto] = []
+    extra: list[onnx.TensorProto] = []
+    packed_n = 0
+    for init in graph.initializer:
+        w = numpy_helper.to_array(init) if init.data_type == TensorProto.FLOAT else None
+        done = None
+        if w is not None and w.ndim >= 2 and w.size >= PACKED_MIN_WEIGHTS:
+            for axis in (0, w.ndim - 1):
+                moved = np.moveaxis(w, axis, 0)
+                got = _pack_rows(np.ascontiguousarray(moved.reshape(moved.shape[0], -1)), method)
+                if got is not None:
+                    done = (axis, moved.shape, got)
+                    break
+        if done is None:
+            keep.append(init)
+            continue
+        axis, moved_shape, (packed, scale) = done
+        name, n = init.name, f"leanserve_packed_{packed_n}"
+        rows, cols = moved_shape[0], int(np.prod(moved_shape[1:]))
+        extra += [numpy_helper.from_array(packed, f"{n}_bytes"),
+                  numpy_helper.from_array(scale, f"{n}_scale"),
+                  numpy_helper.from_array(np.array([rows, cols], np.int64), f"{n}_rows_shape"),
+                  numpy_helper.from_array(np.array(moved_shape, np.int64), f"{n}_shape")]
+        last = name if axis == 0 else f"{n}_moved"
+        nodes += [
+            helper.make_node("Cast", [f"{n}_bytes"], [f"{n}_index"], to=TensorProto.INT32),
+            helper.make_node("Gather", [table.name, f"{n}_index"], [f"{n}_values"], axis=0),
+            helper.make_node("Reshape", [f"{n}_values", f"{n}_rows_shape"], [f"{n}_rows"]),
+            helper.make_node("Mul", [f"{n}_rows", f"{n}_scale"], [f"{n}_scaled"]),
+            helper.make_node("Reshape", [f"{n}_scaled", f"{n}_shape"], [last]),
+        ]
+        if axis != 0:  # back from output channel first to the initializer's own layout
+            perm = [*range(1, w.ndim), 0]
+            nodes.append(helper.make_node("Transpose", [last], [name], perm=perm))
+        assert packed.shape == (rows, cols // width)
+        packed_n += 1
+    if packed_n == 0:
+        raise StepError(f"quantize {method.value}: no weight of the exported graph is on the "
+                        f"{method.value} grid, so nothing could be stored packed")
+    del graph.initializer[:]
+    graph.initializer.extend([*keep, table, *extra])
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *old])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return {"served_packed": packed_n,
+            "size": f"served packed ({8 // width} bit(s) a weight + one fp32 scale per output "
+                    "channel), decoded when ONNX Runtime loads the graph (fp32 compute)"}

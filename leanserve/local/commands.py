@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from leanserve.api.load import load_one
+from leanserve.compression.costs import cost_cells
 from leanserve.local.outcome import mib, rate, selected_candidate, served_pools, usd
 from leanserve.local.pipeline import RunError, RunSettings, run_pipeline
 from leanserve.quiet import quiet_libraries
@@ -98,12 +99,19 @@ def summary_table(report: dict[str, Any]) -> Table:
     t.add_row("selected", sel["name"])
     t.add_row("size: baseline -> selected",
               f"{mib(base['size_bytes'])} -> {mib(sel['size_bytes'])}")
+    if base.get("peak_rss_bytes") and sel.get("peak_rss_bytes"):
+        t.add_row("peak memory of one serving instance: baseline -> selected",
+                  f"{mib(base['peak_rss_bytes'])} -> {mib(sel['peak_rss_bytes'])}")
     t.add_row(f"quality ({comp.get('metric', '')}) drop", f"{sel['quality_drop']:.4f}")
     m = report.get("measurement") or {}
     speed = f"{sel.get('speedup') or 0:.2f}x"
     if m.get("speedup"):
         speed += f" (rechecked {m['speedup']:.2f}x" + (", NOISY" if m.get("noisy") else "") + ")"
     t.add_row("throughput vs baseline", speed)
+    if sel.get("cost"):
+        spent, payback = cost_cells(sel["cost"])
+        t.add_row("compression cost of the selected recipe", spent)
+        t.add_row("pays for itself after", payback)
     for pool, c in cost.items():
         if isinstance(c, dict):
             t.add_row(f"pool {pool}: one replica at SLO / per 1M requests",

@@ -189,21 +189,27 @@ def _img(b64: str | None, alt: str) -> str:
 
 
 def _candidates(comp: dict[str, Any]) -> str:
+    from leanserve.compression.costs import cost_cells
+
     base = comp.get("baseline", {})
-    rows = [["baseline (fp32)", mib(base.get("size_bytes")), _num(base.get("quality"), 4), "-",
+    rows = [["baseline (fp32)", mib(base.get("size_bytes")), mib(base.get("peak_rss_bytes")),
+             _num(base.get("quality"), 4), "-",
              _num((base.get("latency_ms") or {}).get("p50"), 2),
-             rate(base.get("throughput_rps"), "rows/s"), "1.00x", "", ""]]
+             rate(base.get("throughput_rps"), "rows/s"), "1.00x", "", "", "", ""]]
     for c in comp.get("candidates", []):
         mark = "selected" if c.get("name") == comp.get("selected") else (
             "passed" if c.get("passed") else "failed")
         sp = c.get("speedup")
-        rows.append([c.get("name"), mib(c.get("size_bytes")), _num(c.get("quality"), 4),
-                     _num(c.get("quality_drop"), 4),
+        rows.append([c.get("name"), mib(c.get("size_bytes")), mib(c.get("peak_rss_bytes")),
+                     _num(c.get("quality"), 4), _num(c.get("quality_drop"), 4),
                      _num((c.get("latency_ms") or {}).get("p50"), 2),
                      rate(c.get("throughput_rps"), "rows/s"),
-                     f"{sp:.2f}x" if sp else "-", mark, c.get("error") or ""])
-    return _table(rows, ["candidate", "size", "quality", "drop", "p50 ms (batch 1)",
-                         "throughput (batch 32)", "vs baseline", "gate", "error"])
+                     f"{sp:.2f}x" if sp else "-", *cost_cells(c.get("cost")), mark,
+                     c.get("error") or ""])
+    return _table(rows, ["candidate", "size (served file)", "peak memory (one instance)",
+                         "quality", "drop", "p50 ms (batch 1)", "throughput (batch 32)",
+                         "vs baseline", "compression cost", "pays for itself after", "gate",
+                         "error"])
 
 
 def _measurement(m: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from leanserve.autoscaling.errors import AutoscalingError, PolicyError
 from leanserve.autoscaling.metrics import PrometheusSource, Queries, Reading, observe
-from leanserve.autoscaling.policy import Decision, decide, pools_from_profile
+from leanserve.autoscaling.policy import Decision, PoolCapacity, decide, pools_from_profile
 from leanserve.autoscaling.policy import Reason as PolicyReason
 from leanserve.operator import privilege
 from leanserve.operator.constants import Reason
@@ -44,6 +44,14 @@ def decision_from_status(saved: dict[str, Any] | None) -> Decision | None:
 def decision_to_status(decision: Decision) -> dict[str, Any]:
     """status.autoscaling for a Decision: policy.Decision.to_status (JSON-safe, bounded)."""
     return decision.to_status()
+
+
+def pools_from_status(compression: Mapping[str, Any], spec: Any) -> list[PoolCapacity]:
+    """The pools the policy plans with, from status.compression: each pool's capacity from the
+    Job's profile and the latency curve fitted to its trials (``curve``; the default shape when
+    the Job left none). PolicyError when the profile lacks a pool of the spec."""
+    return pools_from_profile({"pools": compression.get("pools"),
+                               "curve": compression.get("curve")}, spec)
 
 
 def state_of(decision: Decision, reading: Reading) -> dict[str, str] | None:
@@ -88,7 +96,8 @@ def step(body: dict[str, Any], rt: Any, logger: Any, loop: asyncio.AbstractEvent
     res = to_resource(body)
     spec, status = res.spec, dict(body.get("status") or {})
     saved = dict(status.get("autoscaling") or {})
-    pools_profile = (status.get("compression") or {}).get("pools")
+    compression = status.get("compression") or {}
+    pools_profile = compression.get("pools")
     if spec is None or not pools_profile:
         return None  # no serving profile: the planner's condition Autoscaling says so
     problem = privilege.prometheus_problem(spec.autoscaling.prometheus_url, rt.settings)
@@ -100,7 +109,7 @@ def step(body: dict[str, Any], rt: Any, logger: Any, loop: asyncio.AbstractEvent
     platform = KubernetesPlatform(rt.client, loop, res.owner.namespace, deployments or {})
     now = time.time()
     try:
-        pools = pools_from_profile({"pools": pools_profile}, spec)
+        pools = pools_from_status(compression, spec)
     except PolicyError as exc:
         return _write(platform, res.owner.name, status_patch(
             saved, None, {"reason": Reason.PROFILE_INVALID.value, "message": str(exc)}, now))

@@ -13,9 +13,13 @@ Format (version 1), keys kept short to fit many candidates::
                   "gpu": true},  # gpu: the KIND_GPU sibling <uri>-gpu was written too
      "baseline": {"quality": 1.0, "p95": 12.3},
      "candidates": [{"name", "passed", "quality", "drop", "speedup", "size", "error"}],
-     "pools": {"<pool>": {"capacity_rps", "cost_per_million_requests", "measured"}}}
+     "pools": {"<pool>": {"capacity_rps", "cost_per_million_requests", "measured"}},
+     "curve": {"a", "b", "m"}}
 
-``pools`` is present only when the Job profiled the selected model (DESIGN.md section 6 format).
+``pools`` is present only when the Job profiled the selected model (DESIGN.md section 6 format);
+``curve`` too, when the profile's trials gave a fitted latency-versus-load curve
+(leanserve.autoscaling.capacity): the profile's grid stays in the Job, and without ``curve``
+the operator's autoscaler would plan every replica with the default shape, not the measured one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from leanserve.autoscaling.capacity import curve_from_profile
 from leanserve.operator.constants import TERMINATION_LIMIT
 
 VERSION = 1
@@ -61,6 +66,9 @@ def summarize(report: dict[str, Any], artifact_uri: str, sha256: str,
                    if k in ("capacity_rps", "cost_per_million_requests", "measured")}
             for name, p in profile["pools"].items()
         }
+        curve = curve_from_profile(profile)
+        if curve.fitted:
+            summary["curve"] = {k: float(f"{getattr(curve, k):.6g}") for k in ("a", "b", "m")}
     return summary
 
 
@@ -77,6 +85,7 @@ def encode(summary: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
         s["truncated"] = True
     if len(text.encode()) > limit:
         s.pop("pools", None)
+        s.pop("curve", None)
         text = json.dumps(s, separators=(",", ":"))
     return text
 

@@ -8,7 +8,15 @@ import sys
 import pytest
 
 from leanserve.api.spec import CompressedModelSpec
-from leanserve.compression.costs import CpuPrice, candidate_costs, cpu_clock, cpu_price
+from leanserve.compression.costs import (
+    CpuPrice,
+    GpuPrice,
+    candidate_costs,
+    cost_cells,
+    cpu_clock,
+    cpu_price,
+    gpu_price,
+)
 
 
 def _spec(pools: list[dict]) -> CompressedModelSpec:
@@ -44,6 +52,31 @@ def test_payback_is_the_compression_cost_over_the_saving_per_request() -> None:
     slower = candidate_costs(720.0, price, 2, 100.0, 90.0)
     assert slower["serving"]["saving_per_million"] < 0 and slower["payback_requests"] is None
     assert candidate_costs(5.0, None, 2, 100.0, 200.0)["usd"] is None
+
+
+def test_gpu_time_is_priced_at_the_cheapest_gpu_pool_and_said_when_it_cannot_be() -> None:
+    spec = _spec([
+        {"name": "small", "hourlyPrice": 0.10, "resources": {"requests": {"cpu": "2"}}},
+        {"name": "gpu1", "hourlyPrice": 1.20, "accelerator": "nvidia-gpu",
+         "resources": {"limits": {"nvidia.com/gpu": 1}}},
+        {"name": "gpu4", "hourlyPrice": 4.00, "accelerator": "nvidia-gpu",
+         "resources": {"limits": {"nvidia.com/gpu": 4}}},
+    ])
+    gpu = gpu_price(spec)
+    assert gpu == GpuPrice("gpu4", pytest.approx(1.0))  # $1.00 a GPU-hour beats $1.20
+    assert gpu_price(_spec([{"name": "c", "hourlyPrice": 0.1}])) is None
+    # 720 CPU-seconds at $0.05 a core-hour ($0.01) + 36 GPU-seconds at $1.00 an hour ($0.01)
+    cost = candidate_costs(720.0, CpuPrice("small", 0.05), 2, 100.0, 200.0, gpu_seconds=36.0,
+                           gpu=gpu)
+    assert cost["usd"] == pytest.approx(0.02) and cost["gpu_pool"] == "gpu4"
+    assert cost["payback_requests"] == 144_000  # twice the CPU-only cost, twice the requests
+    assert cost_cells(cost) == ("720 cpu-s + 36 gpu-s, $0.0200", "144,000 requests")
+    unpriced = candidate_costs(720.0, CpuPrice("small", 0.05), 2, 100.0, 200.0,
+                               gpu_seconds=36.0, gpu=None)
+    assert unpriced["usd"] == pytest.approx(0.01) and unpriced["gpu_pool"] is None
+    assert cost_cells(unpriced)[0] == "720 cpu-s + 36 gpu-s (unpriced: no GPU pool), $0.0100"
+    assert candidate_costs(720.0, CpuPrice("small", 0.05), 2, 100.0, 200.0)["gpu_seconds"] \
+        is None
 
 
 def test_cpu_clock_counts_children_it_waited_for() -> None:

@@ -34,6 +34,7 @@ from leanserve.compression.quantize import (
     fake_quantize,
     gemm_as_matmul,
     quantize_embeddings,
+    serve_packed,
     smooth_activations,
 )
 from leanserve.compression.registry import Batch, Context, Model, Stage, StepError, lookup
@@ -374,3 +375,59 @@ def test_int4_on_the_cnn_quantizes_its_linear_layers(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = net(**batch.inputs).numpy()
     assert np.abs(got - ref).max() < 0.2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("method,bits", [(QuantizeMethod.POWER_OF_TWO, 4),
+                                         (QuantizeMethod.BINARY, 1)])
+def test_grid_weights_are_served_packed_and_decoded_at_load(method: QuantizeMethod, bits: int,
+                                                            tiny, tmp_path: Path) -> None:
+    """Power-of-two and binary weights are stored packed in the served file and decoded by
+    ONNX Runtime when it loads the graph: the outputs are the fp32 graph's, bit for bit, on
+    the BERT-fused graph (QKV weights concatenated, MatMul weights transposed) and on a CNN."""
+    m, data, _, _, root = tiny
+    q, packed_estimate, n = fake_quantize(m.module, method)
+    raw = export_onnx(q, data[0], tmp_path / "raw.onnx", Task.FEATURE_EXTRACTION)
+    fp32 = optimize(raw, tmp_path / "fp32.onnx", bert=m.bert, check=data[0]).path
+    notes = serve_packed(fp32, tmp_path / "packed.onnx", method)
+    g = onnx.load(str(tmp_path / "packed.onnx")).graph
+    big = [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT and
+           int(np.prod(i.dims)) >= quantize_mod.PACKED_MIN_WEIGHTS and
+           not i.name.startswith("leanserve_")]
+    # every weight matrix is packed (q, k and v fused into one per layer; what stays fp32 is
+    # small: biases, norms, the token-type table)
+    assert notes["served_packed"] == 10 and n == 16 and big == []
+    def weight_bytes(graph: onnx.GraphProto) -> int:
+        return sum(numpy_helper.to_array(i).nbytes for i in graph.initializer)
+
+    # the weights take what the packed estimate says (+ the 256-entry decoding table and each
+    # weight's two shapes), and the file shrinks by what they no longer take (less under 1 kB
+    # per weight for its decoding nodes)
+    table = 256 * (8 // bits) * 4
+    assert weight_bytes(g) <= packed_estimate + table + 32 * notes["served_packed"]
+    size, before = (tmp_path / "packed.onnx").stat().st_size, fp32.stat().st_size
+    saved = weight_bytes(onnx.load(str(fp32)).graph) - weight_bytes(g)
+    assert size <= before - saved + 1024 * notes["served_packed"]
+    for batch in data[1:]:
+        assert np.array_equal(run_onnx(session(tmp_path / "packed.onnx"), batch),
+                              run_onnx(session(fp32), batch))
+    # decoded at load: the graph ONNX Runtime runs has no decoding node left
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "as-loaded.onnx")
+    ort.InferenceSession(str(tmp_path / "packed.onnx"), opts, providers=["CPUExecutionProvider"])
+    loaded = onnx.load(str(tmp_path / "as-loaded.onnx")).graph
+    assert not [n for n in loaded.node if any("leanserve_" in x for x in n.input)]
+    net, x = ImageClassifier(TinyCNN()).eval(), torch.rand(4, 1, 8, 8)
+    qc, _, _ = fake_quantize(net, method)
+    cnn = export_onnx(qc, Batch({"pixel_values": x}), tmp_path / "cnn.onnx",
+                      Task.IMAGE_CLASSIFICATION)
+    # three of its four weights (the first conv's 72 values stay fp32: below
+    # PACKED_MIN_WEIGHTS)
+    assert serve_packed(cnn, tmp_path / "cnn-packed.onnx", method)["served_packed"] == 3
+    assert np.array_equal(run_onnx(session(tmp_path / "cnn-packed.onnx"),
+                                   Batch({"pixel_values": x})),
+                          run_onnx(session(cnn), Batch({"pixel_values": x})))
+    # the uncompressed graph has no weight on the grid: refused, not silently left fp32
+    with pytest.raises(StepError, match="no weight of the exported graph is on the"):
+        serve_packed(root / "base" / "model.onnx", tmp_path / "no.onnx", method)

@@ -377,3 +377,35 @@ def test_a_candidates_progress_line_says_nothing_of_speed_before_it_is_timed() -
     timed = candidate_line("int8", {"quality_drop": 0.0038, "speedup": 1.75, "passed": True})
     assert "speedup 1.75x" in timed
     assert candidate_line("x", {"error": "boom"}) == "candidate x: error: boom"
+
+
+def test_run_says_what_the_selected_recipe_cost_when_it_pays_back_and_what_it_holds() -> None:
+    """`leanserve run`'s table and report.html carry each candidate's compression cost, the
+    requests after which its serving saving repays it, and one serving instance's peak memory
+    next to the served file's size (the compression report's own figures)."""
+    from rich.console import Console
+
+    from leanserve.local.commands import summary_table
+
+    report = _report()
+    comp = report["compression"]
+    comp["baseline"]["peak_rss_bytes"] = 300 * 2**20
+    cand = comp["candidates"][0]
+    cand["peak_rss_bytes"] = 180 * 2**20
+    cand["cost"] = {"cpu_seconds": 412.0, "usd": 0.0114, "pool": "small",
+                    "serving": {"saving_per_million": 0.2}, "payback_requests": 57_000}
+    slower = {**cand, "name": "fp16", "speedup": 0.8, "passed": False, "peak_rss_bytes": None,
+              "cost": {"cpu_seconds": 9.0, "usd": None, "serving": {"saving_per_million": -1},
+                       "payback_requests": None}}
+    comp["candidates"].append(slower)
+    report["verdict"] = verdict(report, 100.0)
+    console = Console(width=200, record=True)
+    console.print(summary_table(report))
+    text = console.export_text()
+    assert "compression cost of the selected recipe" in text and "412 cpu-s, $0.0114" in text
+    assert "pays for itself after" in text and "57,000 requests" in text
+    assert "300.0 MiB -> 180.0 MiB" in text
+    page = render_html(report, timeline_b64=None, pareto_b64=None)
+    assert "pays for itself after" in page and "peak memory (one instance)" in page
+    assert "<td>57,000 requests</td>" in page and "<td>412 cpu-s, $0.0114</td>" in page
+    assert "<td>180.0 MiB</td>" in page and "<td>never (saves nothing)</td>" in page

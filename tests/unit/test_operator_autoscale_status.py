@@ -6,14 +6,25 @@ least every HISTORY_SECONDS (the history a restart resumes from), never for a ne
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+
+from leanserve.api.load import load_one
+from leanserve.autoscaling.capacity import DEFAULT_CURVE, curve_from_profile
 from leanserve.autoscaling.policy import Decision, HistoryEntry
 from leanserve.autoscaling.policy import Reason as PolicyReason
+from leanserve.operator import handback
 from leanserve.operator.autoscale import (
     HISTORY_SECONDS,
     decision_from_status,
     decision_to_status,
+    pools_from_status,
     status_patch,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def decision(t: float, replicas: dict[str, int], rate: float = 10.0,
@@ -55,3 +66,31 @@ def test_new_replicas_or_a_new_obstacle_are_written_at_once() -> None:
         {"state": {"reason": "ProfileInvalid", "message": "m"}}
     assert status_patch({"state": {"reason": "ProfileInvalid"}}, None,
                         {"reason": "ProfileInvalid", "message": "m"}, 2.0) is None
+
+
+def test_the_cluster_autoscaler_plans_with_the_curve_the_job_measured() -> None:
+    """The Job's profile keeps its trials; the termination message carries the curve fitted to
+    them, and the operator's step plans each replica with it rather than the default shape."""
+    profile = json.loads((ROOT / "bench/profiles/minilm-cpu.json").read_text())
+    fitted = curve_from_profile(profile)
+    assert fitted.fitted and fitted != DEFAULT_CURVE
+    report = {"selected": "int8", "metric": "cosine",
+              "candidates": [{"name": "int8", "passed": True, "quality": 0.995}]}
+    summary = handback.decode(handback.encode(handback.summarize(
+        report, "pvc://m/x/model_repository", "a" * 64, profile)))
+    assert summary is not None
+    compression = {**summary, "recipeHash": "h", "job": "j"}  # as the planner stores it
+    spec = load_one(ROOT / "examples/minilm-cpu.yaml").spec
+    pools = pools_from_status(compression, spec)
+    assert [p.name for p in pools] == [p.name for p in spec.node_pools]
+    for p in pools:
+        assert (p.curve.a, p.curve.b, p.curve.m) == pytest.approx(
+            (fitted.a, fitted.b, fitted.m), rel=1e-5)
+        # what a replica carries at 99% within the SLO differs from the default shape's
+        assert p.per_replica(0.99) == pytest.approx(
+            p.capacity_rps * fitted.load_for(0.99), rel=1e-4)
+        assert abs(p.per_replica(0.99) - p.capacity_rps * DEFAULT_CURVE.load_for(0.99)) > 1
+    # a status written before the curve was carried, or an unusable one: the default shape
+    for curve in (None, {"a": 0.1, "b": -1, "m": 1.2}, {"a": "x"}):
+        old = {**compression, "curve": curve}
+        assert all(p.curve == DEFAULT_CURVE for p in pools_from_status(old, spec))

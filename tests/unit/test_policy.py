@@ -178,7 +178,42 @@ def test_pools_from_profile_and_errors():
                                       "cpu-large": {"capacity_rps": 1}}}, S())
 
 
-def test_the_shipped_settings_are_the_defaults():
+def test_every_caller_of_the_policy_runs_the_shipped_settings():
+    """The operator, `leanserve run`, `leanserve simulate` and the benches run PolicySettings()
+    as shipped: nothing in the project builds other settings, and a copy of them changes only
+    the start-up (physics: each platform's own), except the bench's labelled knob ablation."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from leanserve.autoscaling.policy import decide
+    from leanserve.autoscaling.simulate import SimConfig
+
+    assert inspect.signature(decide).parameters["settings"].default is SETTINGS
+    assert SimConfig().settings is SETTINGS
+    root = Path(__file__).resolve().parents[2]
+    copies = 0
+    for path in [*root.glob("leanserve/**/*.py"), *root.glob("bench/*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        exempt = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                  and f.name == "ablation" and path.name == "autoscaling.py"
+                  for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or id(node) in exempt:
+                continue
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(
+                f, ast.Attribute) else ""
+            if name == "PolicySettings":
+                assert path.name == "policy.py", f"{path}:{node.lineno} builds PolicySettings"
+            first = node.args[0] if node.args else None
+            if name == "replace" and (
+                    (isinstance(first, ast.Name) and first.id == "SETTINGS")
+                    or (isinstance(first, ast.Attribute) and first.attr == "settings")):
+                changed = {k.arg for k in node.keywords}
+                assert changed == {"startup_seconds"}, f"{path}:{node.lineno} changes {changed}"
+                copies += 1
+    assert copies >= 2  # `leanserve run` (its measured start-up) and the simulator's
     assert PolicySettings() == SETTINGS
 
 
