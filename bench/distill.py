@@ -27,9 +27,16 @@ Measured (all-MiniLM-L6-v2, 4 of 6 layers kept: 0, 3, 4, 5; --hidden 1 --relatio
     + WordNet 40,300             3600   5e-4                      0.954 (0.958)
     + WordNet 40,300, 3 layers   1200   5e-4   (keeps 0,4,5)      0.918 (0.923)
     + WordNet 40,300, 5 layers   1200   5e-4   (keeps 0,1,3,4,5)  0.976 (0.977)
+    + WordNet + the 300 own      1200   5e-4   own rows 0.9955    0.949 (0.955)
+      training rows x20
 
-The last run fits the hand-written training rows to 0.983 while validation is at 0.954: the
-student now generalises worse than it fits, and the 0.99 gate is not reached.
+The 3600-step run fits the hand-written training rows to 0.983 while validation is at 0.954:
+the student generalises worse than it fits, and the 0.99 gate is not reached. The last row
+(the spec's own 300 hand-written training rows repeated 20 times as training-only rows, so a
+seventh of the rows are written like the held-out ones; chosen and judged on validation)
+makes that plain: the student fits those rows to 0.9955 (0.966 without the repeats) and
+validation moves by 0.001. A 4-layer student can fit this kind of text; what it lacks is
+enough varied text to generalise from, and the steps to learn it on two cores.
 """
 
 from __future__ import annotations
