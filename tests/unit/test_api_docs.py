@@ -3,10 +3,10 @@ it names every field, condition type, reason, label and annotation the code ship
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import yaml
+from scripts_by_path import load_script
 
 from leanserve.api.spec import ConditionType
 from leanserve.operator.constants import Annotation, Label, Reason
@@ -15,11 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("api_docs", ROOT / "scripts/api_docs.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/api_docs.py")
 
 
 def test_docs_api_md_is_current():

@@ -3,22 +3,15 @@ the held-out set is another draw of every shape, not a copy of the tuning set (i
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
+
+from scripts_by_path import ROOT, load_script
 
 from leanserve.autoscaling.simulate import load_trace
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("make_traces", ROOT / "bench/make_traces.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_traces", mod)  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/make_traces.py")
 
 
 def test_committed_traces_are_the_generators_and_held_out_is_another_draw(tmp_path: Path):
