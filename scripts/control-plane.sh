@@ -161,7 +161,9 @@ fail_up() {
 # unknown for quota" instead of the "exceeded quota" a real cluster gives) and what they need to work
 # (claims bound to volumes, the root CA ConfigMap, endpoints for Services, the node lifecycle
 # controller that lifts the not-ready taint admission puts on new nodes: kwok renews the nodes'
-# Leases, so they stay Ready while kwok runs).
+# Leases, so they stay Ready while kwok runs). The volume binder resyncs every second, not every
+# 15 s: a claim created together with its pre-bound volume often finds the volume missing from
+# the binder's cache and waited for the next resync (0, 15 or 30 s per claim, measured).
 CONTROLLERS=garbage-collector-controller,namespace-controller,serviceaccount-controller
 CONTROLLERS+=,serviceaccount-token-controller,job-controller,deployment-controller
 CONTROLLERS+=,replicaset-controller,ttl-after-finished-controller,pod-garbage-collector-controller
@@ -214,7 +216,7 @@ cmd_up() {
     start "$d" kube-controller-manager "$BIN/kube-controller-manager" \
         --kubeconfig="$k" --authentication-kubeconfig="$k" --authorization-kubeconfig="$k" \
         --bind-address=127.0.0.1 --secure-port="$kcm" --leader-elect=false \
-        --controllers="$CONTROLLERS" \
+        --controllers="$CONTROLLERS" --pvclaimbinder-sync-period=1s \
         --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
         --service-cluster-ip-range=10.0.0.0/24 --v=1
     start "$d" kube-scheduler "$BIN/kube-scheduler" \
