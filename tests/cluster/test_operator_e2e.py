@@ -132,8 +132,7 @@ def short_corpus(src: Path, dest: Path, training_rows: int = TRAINING_ROWS) -> t
 
     The held-out rows, and so the validation and test splits, are exactly the example's
     (loading.split draws them as if the training-only rows were absent). Fewer training rows
-    only shorten the pruning refit's activation pass (prune.RECONSTRUCT_TOKENS real tokens,
-    ~900 rows of the full file, ~400 here), which was most of the Job's time."""
+    only shorten the work done on them (tokenizing; int8's calibration reads a few)."""
     pool, train, out = 0, 0, []
     for line in src.read_text().splitlines():
         if json.loads(line).get("split") == "train":
@@ -147,7 +146,7 @@ def short_corpus(src: Path, dest: Path, training_rows: int = TRAINING_ROWS) -> t
     return pool, train
 
 
-#: The longest the MiniLM Job may take (~2 min on 2 idle cores; several times that under load),
+#: The longest the MiniLM Job may take (~1 min on 2 idle cores; several times that under load),
 #: below pytest's 900 s timeout so that a slow Job fails with its pod's log.
 JOB_TIMEOUT_S = 780
 
