@@ -161,7 +161,9 @@ fail_up() {
 # unknown for quota" instead of the "exceeded quota" a real cluster gives) and what they need to work
 # (claims bound to volumes, the root CA ConfigMap, endpoints for Services, the node lifecycle
 # controller that lifts the not-ready taint admission puts on new nodes: kwok renews the nodes'
-# Leases, so they stay Ready while kwok runs).
+# Leases, so they stay Ready while kwok runs). The volume binder resyncs every second, not every
+# 15 s: a claim created together with its pre-bound volume often finds the volume missing from
+# the binder's cache and waited for the next resync (0, 15 or 30 s per claim, measured).
 CONTROLLERS=garbage-collector-controller,namespace-controller,serviceaccount-controller
 CONTROLLERS+=,serviceaccount-token-controller,job-controller,deployment-controller
 CONTROLLERS+=,replicaset-controller,ttl-after-finished-controller,pod-garbage-collector-controller
@@ -214,7 +216,7 @@ cmd_up() {
     start "$d" kube-controller-manager "$BIN/kube-controller-manager" \
         --kubeconfig="$k" --authentication-kubeconfig="$k" --authorization-kubeconfig="$k" \
         --bind-address=127.0.0.1 --secure-port="$kcm" --leader-elect=false \
-        --controllers="$CONTROLLERS" \
+        --controllers="$CONTROLLERS" --pvclaimbinder-sync-period=1s \
         --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
         --service-cluster-ip-range=10.0.0.0/24 --v=1
     start "$d" kube-scheduler "$BIN/kube-scheduler" \
@@ -237,21 +239,36 @@ cmd_up() {
     echo "control-plane.sh: up in $(python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)") s; KUBECONFIG=$k" >&2
 }
 
-cmd_down() {  # stop, newest first, every process `up` recorded whose command line names DIR
-    local d pid name pids=() i
+any_alive() {
+    local pid
+    for pid in "$@"; do alive "$pid" && return 0; done
+    return 1
+}
+
+stop_pids() {  # TERM every pid at once, KILL what is left after 5 s, wait until all are gone
+    local pid n
+    [ $# -gt 0 ] || return 0
+    kill -TERM "$@" 2>/dev/null || true
+    for ((n = 0; n < 50; n++)); do any_alive "$@" || break; sleep 0.1; done
+    for pid in "$@"; do alive "$pid" && kill -KILL "$pid" 2>/dev/null || true; done
+    # Gone from the process table, not merely exited (init reaps the orphans).
+    for pid in "$@"; do
+        for ((n = 0; n < 50; n++)); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
+    done
+}
+
+cmd_down() {  # stop every process `up` recorded whose command line names DIR: all but etcd
+    # together (each takes 1-3 s to exit and be reaped: one by one that was 10 s), then etcd
+    local d pid name rest=() store=()
     d="$(cd "$1" 2>/dev/null && pwd)" || return 0
     [ -f "$d/pids" ] || return 0
-    mapfile -t pids < <(tac "$d/pids")
-    for i in "${pids[@]}"; do
-        read -r pid name <<< "$i"
+    while read -r pid name; do
         if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF "$d"; then
-            kill -TERM "$pid" 2>/dev/null || true
-            for ((n = 0; n < 50; n++)); do alive "$pid" || break; sleep 0.1; done
-            alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-            # Gone from the process table, not merely exited (init reaps the orphan).
-            for ((n = 0; n < 50; n++)); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
+            if [ "$name" = etcd ]; then store+=("$pid"); else rest+=("$pid"); fi
         fi
-    done
+    done < "$d/pids"
+    stop_pids "${rest[@]}"
+    stop_pids "${store[@]}"
     rm -f "$d/pids"
 }
 

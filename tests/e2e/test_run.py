@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = "examples/minilm-one.yaml"
+DECISION = re.compile(r"\bt=\s*\d+\.\ds\s")
 NOISE = ("is an Enum subclass", "Loading weights", "Failed to load", "Traceback")
 
 
@@ -143,14 +145,18 @@ def test_sigint_mid_run_stops_everything_and_writes_a_partial_report(layout: Pat
     try:
         deadline = time.monotonic() + 600
         assert proc.stdout is not None
+        # mid-burst: once the load runs and the autoscaler has taken its first decision (the
+        # run prints each decision, "t=  3.0s ...", after it is in the report's state)
+        burst = False
         for line in proc.stdout:
             seen.append(line)
-            if "load burst" in line:
+            burst = burst or "load burst" in line
+            if burst and DECISION.search(line):
                 break
             assert time.monotonic() < deadline, "".join(seen[-30:])
         else:
-            pytest.fail("run ended before the load started:\n" + "".join(seen[-30:]))
-        time.sleep(8)
+            pytest.fail("run ended before its first decision under load:\n"
+                        + "".join(seen[-30:]))
         assert _processes_under(layout), "expected tritonserver/prometheus to be running"
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)

@@ -260,7 +260,10 @@ def test_serve_command_stops_on_ctrl_c_and_reaps(cluster_repo: Path,
     proc = subprocess.Popen([sys.executable, "-m", "leanserve", "serve", str(cluster_repo),
                              "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
                              "--metrics-port", str(ports[2])],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            # pytest run as a background job ignores SIGINT and the child would
+                            # inherit that (Python then installs no KeyboardInterrupt): restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     server_pids: list[int] = []
     try:
         deadline = time.monotonic() + 90
