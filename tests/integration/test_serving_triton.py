@@ -248,6 +248,7 @@ def test_bench_command_writes_json(server: LocalTriton, tmp_path: Path) -> None:
 
 def test_serve_command_stops_on_ctrl_c_and_reaps(cluster_repo: Path,
                                                  serving_group_members) -> None:
+    import contextlib
     import os
     import signal
     import subprocess
@@ -295,3 +296,7 @@ def test_serve_command_stops_on_ctrl_c_and_reaps(cluster_repo: Path,
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+        for pid in server_pids:  # killed or failed, `leanserve serve` may leave its server
+            if serving_group_members(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
