@@ -42,46 +42,42 @@ from leanserve.compression.registry import Batch
 
 
 @dataclass(frozen=True)
-class CpuPrice:
+class UnitPrice:
+    """What one unit of a resource (a core, a GPU) costs for an hour on the pool cheapest in it."""
+
     pool: str
-    usd_per_cpu_hour: float
+    usd_per_hour: float
 
 
-def cpu_price(spec: CompressedModelSpec) -> CpuPrice | None:
-    """The price of one core-hour on the cheapest CPU pool (None when the spec has none)."""
-    best: CpuPrice | None = None
+def _cheapest_unit(spec: CompressedModelSpec, resource: str, *,
+                   accelerated: bool) -> UnitPrice | None:
+    """The cheapest hour of one ``resource`` unit over the spec's CPU pools (``accelerated``
+    False) or accelerator pools (True): a pool's price over the units it requests (or limits
+    to; 1 when it names none); None when the spec has no such pool."""
+    best: UnitPrice | None = None
     for pool in spec.node_pools:
-        if pool.accelerator is not Accelerator.NONE:
+        if (pool.accelerator is not Accelerator.NONE) != accelerated:
             continue
-        cores = _cores(pool.resources.requests.get("cpu") or pool.resources.limits.get("cpu"))
-        price = CpuPrice(pool.name, pool.hourly_price / cores)
-        if best is None or price.usd_per_cpu_hour < best.usd_per_cpu_hour:
+        res = pool.resources
+        units = _cores(res.requests.get(resource) or res.limits.get(resource))
+        price = UnitPrice(pool.name, pool.hourly_price / units)
+        if best is None or price.usd_per_hour < best.usd_per_hour:
             best = price
     return best
 
 
-@dataclass(frozen=True)
-class GpuPrice:
-    pool: str
-    usd_per_gpu_hour: float
+def cpu_price(spec: CompressedModelSpec) -> UnitPrice | None:
+    """The price of one core-hour on the cheapest CPU pool (the pool the Job runs on)."""
+    return _cheapest_unit(spec, "cpu", accelerated=False)
 
 
-def gpu_price(spec: CompressedModelSpec) -> GpuPrice | None:
-    """The price of one GPU-hour on the cheapest GPU pool (None when the spec has none)."""
-    best: GpuPrice | None = None
-    for pool in spec.node_pools:
-        if pool.accelerator is Accelerator.NONE:
-            continue
-        res = {**pool.resources.requests, **pool.resources.limits}
-        gpus = _cores(res.get("nvidia.com/gpu"))
-        price = GpuPrice(pool.name, pool.hourly_price / gpus)
-        if best is None or price.usd_per_gpu_hour < best.usd_per_gpu_hour:
-            best = price
-    return best
+def gpu_price(spec: CompressedModelSpec) -> UnitPrice | None:
+    """The price of one GPU-hour on the cheapest GPU pool."""
+    return _cheapest_unit(spec, "nvidia.com/gpu", accelerated=True)
 
 
 def _cores(quantity: Any) -> float:
-    """Cores of a Kubernetes cpu quantity ("2", "500m", 1.5); 1 when none is given."""
+    """Units of a Kubernetes quantity ("2", "500m", 1.5; cores or GPUs); 1 when none is given."""
     if quantity is None:
         return 1.0
     text = str(quantity).strip()
@@ -111,21 +107,21 @@ def per_million(usd_per_hour: float, rps: float | None) -> float | None:
     return usd_per_hour / (rps * 3600.0) * 1e6
 
 
-def candidate_costs(cpu_seconds: float, price: CpuPrice | None, threads: int,
+def candidate_costs(cpu_seconds: float, price: UnitPrice | None, threads: int,
                     baseline_rps: float | None, rps: float | None, *,
                     gpu_seconds: float | None = None,
-                    gpu: GpuPrice | None = None) -> dict[str, Any]:
+                    gpu: UnitPrice | None = None) -> dict[str, Any]:
     """The report's ``cost`` entry of one candidate (see the module docstring)."""
     out: dict[str, Any] = {"cpu_seconds": cpu_seconds, "gpu_seconds": gpu_seconds,
                            "usd": None, "pool": None, "gpu_pool": None,
                            "serving": None, "payback_requests": None}
     if price is None:
         return out
-    usd = cpu_seconds / 3600.0 * price.usd_per_cpu_hour
+    usd = cpu_seconds / 3600.0 * price.usd_per_hour
     if gpu_seconds and gpu is not None:
-        usd += gpu_seconds / 3600.0 * gpu.usd_per_gpu_hour
+        usd += gpu_seconds / 3600.0 * gpu.usd_per_hour
         out["gpu_pool"] = gpu.pool
-    hourly = price.usd_per_cpu_hour * threads
+    hourly = price.usd_per_hour * threads
     base, ours = per_million(hourly, baseline_rps), per_million(hourly, rps)
     out.update(usd=usd, pool=price.pool)
     if base is not None and ours is not None:

@@ -9,8 +9,7 @@ import pytest
 
 from leanserve.api.spec import CompressedModelSpec
 from leanserve.compression.costs import (
-    CpuPrice,
-    GpuPrice,
+    UnitPrice,
     candidate_costs,
     cost_cells,
     cpu_clock,
@@ -38,11 +37,11 @@ def test_the_cheapest_cpu_core_prices_the_job() -> None:
          "resources": {"limits": {"nvidia.com/gpu": 1}}},
     ])
     # per core: 0.05, 0.0475, 0.06; the GPU pool never runs the Job
-    assert cpu_price(spec) == CpuPrice("large", pytest.approx(0.0475))
+    assert cpu_price(spec) == UnitPrice("large", pytest.approx(0.0475))
 
 
 def test_payback_is_the_compression_cost_over_the_saving_per_request() -> None:
-    price = CpuPrice("small", 0.05)
+    price = UnitPrice("small", 0.05)
     # 720 CPU-seconds at $0.05 a core-hour: $0.01; on 2 cores ($0.10/h) 100 rps -> $0.2778 per
     # million, 200 rps -> $0.1389: a saving of $0.1389 per million pays $0.01 in 72,000 requests
     cost = candidate_costs(720.0, price, 2, 100.0, 200.0)
@@ -63,19 +62,19 @@ def test_gpu_time_is_priced_at_the_cheapest_gpu_pool_and_said_when_it_cannot_be(
          "resources": {"limits": {"nvidia.com/gpu": 4}}},
     ])
     gpu = gpu_price(spec)
-    assert gpu == GpuPrice("gpu4", pytest.approx(1.0))  # $1.00 a GPU-hour beats $1.20
+    assert gpu == UnitPrice("gpu4", pytest.approx(1.0))  # $1.00 a GPU-hour beats $1.20
     assert gpu_price(_spec([{"name": "c", "hourlyPrice": 0.1}])) is None
     # 720 CPU-seconds at $0.05 a core-hour ($0.01) + 36 GPU-seconds at $1.00 an hour ($0.01)
-    cost = candidate_costs(720.0, CpuPrice("small", 0.05), 2, 100.0, 200.0, gpu_seconds=36.0,
+    cost = candidate_costs(720.0, UnitPrice("small", 0.05), 2, 100.0, 200.0, gpu_seconds=36.0,
                            gpu=gpu)
     assert cost["usd"] == pytest.approx(0.02) and cost["gpu_pool"] == "gpu4"
     assert cost["payback_requests"] == 144_000  # twice the CPU-only cost, twice the requests
     assert cost_cells(cost) == ("720 cpu-s + 36 gpu-s, $0.0200", "144,000 requests")
-    unpriced = candidate_costs(720.0, CpuPrice("small", 0.05), 2, 100.0, 200.0,
+    unpriced = candidate_costs(720.0, UnitPrice("small", 0.05), 2, 100.0, 200.0,
                                gpu_seconds=36.0, gpu=None)
     assert unpriced["usd"] == pytest.approx(0.01) and unpriced["gpu_pool"] is None
     assert cost_cells(unpriced)[0] == "720 cpu-s + 36 gpu-s (unpriced: no GPU pool), $0.0100"
-    assert candidate_costs(720.0, CpuPrice("small", 0.05), 2, 100.0, 200.0)["gpu_seconds"] \
+    assert candidate_costs(720.0, UnitPrice("small", 0.05), 2, 100.0, 200.0)["gpu_seconds"] \
         is None
 
 
