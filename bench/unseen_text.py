@@ -43,6 +43,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,12 +97,6 @@ def draw(texts: list[str], rows: int) -> list[str]:
     return random.Random(SEED).sample(texts, min(rows, len(texts)))
 
 
-def cosine_summary(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"mean": round(float(cos.mean()), 4), "p5": round(float(np.percentile(cos, 5)), 4),
-            "min": round(float(cos.min()), 4)}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", nargs="?", type=Path, default=ROOT / "leanserve-run")
@@ -112,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from leanserve.api.load import load_one
+    from leanserve.api.spec import QualityMetric
+    from leanserve.compression.evaluate import summary
     from leanserve.compression.export import run_onnx, session
     from leanserve.compression.loading import Rows, batches, load_model
 
@@ -141,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     base = session(baseline)
-    result: dict[str, dict[str, dict[str, float]]] = {}
+    result: dict[str, dict[str, dict[str, Any]]] = {}
     for label, texts in sets.items():
         parts = batches(Rows(texts=texts), tokenizer=tokenizer,
                         max_length=spec.model.max_sequence_length, batch_size=32)
@@ -150,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         for art in arts:
             sess = session(art / "model.onnx")
             out = np.concatenate([run_onnx(sess, b) for b in parts])
-            result[label][art.name] = cosine_summary(out, ref)
+            result[label][art.name] = summary(QualityMetric.COSINE, out, ref, None)
         print(f"{label} ({len(texts)} rows; cosine to the fp32 baseline: mean / p5 / worst)")
         for name, s in result[label].items():
-            print(f"  {name:20s} {s['mean']:.4f} / {s['p5']:.4f} / {s['min']:.4f}")
+            print(f"  {name:20s} {s['mean']:.4f} / {s['p5']:.4f} / {s['worst']:.4f}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

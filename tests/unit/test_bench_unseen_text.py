@@ -28,10 +28,3 @@ def test_draw_is_fixed_by_the_seed_and_never_repeats_a_row() -> None:
     assert a == b and len(set(a)) == 30 and set(a) <= set(rows)
     assert sorted(mod.draw(rows, 500)) == sorted(rows)
 
-
-def test_cosine_summary_of_identical_and_opposite_rows() -> None:
-    import numpy as np
-
-    a = np.array([[1.0, 0.0], [0.0, 2.0]])
-    s = _bench().cosine_summary(a, np.array([[2.0, 0.0], [0.0, -1.0]]))
-    assert s == {"mean": 0.0, "p5": -0.9, "min": -1.0}
