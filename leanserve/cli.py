@@ -71,7 +71,8 @@ def friendly(fn: F) -> F:
 @app.command()
 @friendly
 def validate(
-    specs: Annotated[list[Path], typer.Argument(help="CompressedModel YAML files.")],
+    specs: Annotated[list[Path], typer.Argument(help="CompressedModel YAML files.",
+                                                metavar="SPEC")],
     check_paths: Annotated[bool, typer.Option(
         help="Warn about local model and data paths (file://, relative, package://) that do "
              "not exist; relative paths are resolved against the spec file's folder.")] = True,
@@ -137,7 +138,7 @@ def run(
 @app.command()
 @friendly
 def compress(
-    spec: Annotated[Path, typer.Argument(help="CompressedModel YAML.")],
+    spec: Annotated[Path, typer.Argument(help="CompressedModel YAML.", metavar="SPEC")],
     out: Annotated[Path, typer.Option(help="Output directory (report.json, artifacts/, "
                                            "model_repository/).")],
 ) -> None:
@@ -150,7 +151,7 @@ def compress(
 @app.command()
 @friendly
 def serve(
-    repo: Annotated[Path, typer.Argument(help="Triton model repository.")],
+    repo: Annotated[Path, typer.Argument(help="Triton model repository.", metavar="REPO")],
     http_port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     grpc_port: Annotated[int, typer.Option(min=1, max=65535)] = 8001,
     metrics_port: Annotated[int, typer.Option(min=1, max=65535)] = 8002,
@@ -185,7 +186,7 @@ def bench(
 @app.command()
 @friendly
 def profile(
-    repo: Annotated[Path, typer.Argument(help="Triton model repository.")],
+    repo: Annotated[Path, typer.Argument(help="Triton model repository.", metavar="REPO")],
     spec: Annotated[Path, typer.Option(help="CompressedModel YAML (SLO and pools).")],
     out: Annotated[Path | None, typer.Option(help="Profile JSON (default REPO/profile.json).")]
     = None,

@@ -360,6 +360,11 @@ def test_help_shows_plain_names_and_plan_says_what_the_gate_allows() -> None:
         out = CliRunner().invoke(app, args, terminal_width=100).output
         assert "<bool>" not in out and "{spec}" not in out, out
     assert "[SPEC]" in CliRunner().invoke(app, ["run", "--help"]).output
+    # every positional argument is named in capitals, as `run`'s [SPEC] is
+    for command, name in (("validate", "{SPEC}..."), ("compress", "{SPEC}"), ("serve", "{REPO}"),
+                          ("profile", "{REPO}")):
+        usage = CliRunner().invoke(app, [command, "--help"]).output.splitlines()[0]
+        assert usage.endswith(f"[OPTIONS] {name}"), usage
     spec = SimpleNamespace(
         compression=SimpleNamespace(candidates=[SimpleNamespace(name="int8")]),
         node_pools=[SimpleNamespace(name="small", hourly_price=0.1)],
