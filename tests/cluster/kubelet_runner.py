@@ -9,7 +9,8 @@ and the real scheduler binds to a fake node are picked up here instead:
   ``app.kubernetes.io/component=compression`` (leanserve/operator/builders.py) that are bound to
   a node and still Pending;
 - the pod's own container ``command`` + ``args`` run as a local process, with the environment of
-  the test process (standing in for the image's) plus the pod's ``env`` and ``envFrom``
+  the test process (standing in for the image's, with this tree's code first on PYTHONPATH)
+  plus the pod's ``env`` and ``envFrom``
   (values, ConfigMap and Secret keys, field references); a pod whose ConfigMap or Secret does
   not exist yet stays Pending and is tried again on the next poll, as a kubelet retries;
 - volumes become local directories: each ``persistentVolumeClaim`` the directory the test maps
@@ -48,6 +49,9 @@ from typing import Any
 from kubeapi import Api, ApiError
 
 SELECTOR = "app.kubernetes.io/managed-by=leanserve,app.kubernetes.io/component=compression"
+ROOT = Path(__file__).resolve().parents[2]
+"""The tree under test: its leanserve is the image's (not whichever tree the environment's
+editable install points at)."""
 MESSAGE_LIMIT = 4096  # the kubelet's limit on a termination message
 FALLBACK_LINES = 80
 
@@ -280,6 +284,9 @@ class KubeletRunner:
         env = dict(os.environ)
         # The image's PATH: this interpreter's bin first (python, leanserve).
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        # The image's leanserve: this tree's code, as the operator under test runs it.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", ""))
+                                            if p)
         env.update(self.extra_env)
         for src in container.get("envFrom", []):
             prefix = src.get("prefix", "")

@@ -140,3 +140,19 @@ def test_kubelet_runner_runs_job_pods_and_reports_like_a_kubelet(
     assert (bad_pod["status"]["phase"], term["exitCode"]) == ("Failed", 3)
     assert term["message"].splitlines()[-1] == "the last line"  # FallbackToLogsOnError
 
+
+def test_a_job_pod_runs_the_leanserve_of_the_tree_under_test(tmp_path: Path) -> None:
+    """The venv's editable install may point at another clone (the last one set up): the
+    image's leanserve must be this tree's, as the operator under test is."""
+    import os
+    import subprocess
+    import sys
+
+    runner = KubeletRunner(None, {}, tmp_path)  # type: ignore[arg-type]  # no API call here
+    pod = {"metadata": {"name": "p", "namespace": "ns"}, "spec": {}}
+    env = runner._env("ns", pod, {"env": [{"name": "X", "value": "1"}]}, lambda v: v)
+    root = Path(__file__).resolve().parents[2]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(root) and env["X"] == "1"
+    found = subprocess.run([sys.executable, "-c", "import leanserve; print(leanserve.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(found.stdout.strip()).parent == root / "leanserve", found.stdout
