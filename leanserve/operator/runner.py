@@ -161,5 +161,7 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
         operator.result()
         await elector.release()
     finally:
+        if rt.bridge is not None:  # the cleanup handler closed it, unless kopf was cancelled
+            await rt.bridge.close()
         await rt.kube.close()
         rt.kube = None

@@ -1,0 +1,122 @@
+"""How the synchronous autoscaling step reaches the operator's event loop, and how a stop does.
+
+The policy and its metric source are synchronous (leanserve.autoscaling, shared with `leanserve
+run`), so each step runs in a worker thread. Every request the step makes — its Prometheus
+queries and its Kubernetes writes — runs on the operator's event loop through this bridge, never
+as blocking I/O in the thread. That is what lets the operator stop at once: a blocking query in a
+thread cannot be interrupted, and ``asyncio.run`` joins the default executor's threads before it
+returns, so a Prometheus that never answers held every SIGTERM (each rollout of the operator's
+Deployment) for up to one query timeout per query of the step.
+
+On ``stop`` (the operator is stopping: SIGTERM, SIGINT, its stop flag, a lost Lease) queries in
+flight are cancelled and no new request starts, except that a step which has begun writing its
+decision (it scaled a Deployment) may finish writing it (the status) until ``abort``, which the
+caller calls after a short grace (STOP_GRACE_SECONDS) and which cancels every request. A write is
+one request, applied by the API server whole or not at all: a decision is written or it is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import aiohttp
+
+T = TypeVar("T")
+
+STOP_GRACE_SECONDS = 1.0
+"""How long a stopping operator lets a step finish writing a decision it has begun to write."""
+
+
+class Stopped(BaseException):
+    """The operator is stopping: the step ends where it is.
+
+    A BaseException, like asyncio.CancelledError, so that the metric source's catch-all for
+    transport failures does not turn it into "no data" and carry on with the next query."""
+
+
+class Bridge:
+    """Runs the step's requests on ``loop``; ``call`` is for the worker thread, ``stop``,
+    ``abort`` and ``close`` for the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._stopping = threading.Event()
+        self._aborted = False  # read and written on the loop only
+        self._calls: dict[asyncio.Task[Any], bool] = {}  # request -> may finish after stop
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float, *, finishing: bool = False) -> T:
+        """Run ``coro`` on the loop and wait for it (worker thread only). ``finishing``: the
+        rest of a decision being written, allowed after ``stop`` until ``abort``.
+
+        Stopped when the operator stops first; TimeoutError after ``timeout`` seconds."""
+        if self.stopping and not finishing:
+            coro.close()
+            raise Stopped
+        future = asyncio.run_coroutine_threadsafe(self._tracked(coro, finishing), self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise Stopped from None
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer within {timeout:g}s") from None
+
+    async def _tracked(self, coro: Coroutine[Any, Any, T], finishing: bool) -> T:
+        # On the loop, like stop and abort: a request starts either before them (and is
+        # cancelled by them) or after (and never starts).
+        if self._aborted or (self.stopping and not finishing):
+            coro.close()
+            raise asyncio.CancelledError
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls[task] = finishing
+        try:
+            return await coro
+        finally:
+            self._calls.pop(task, None)
+
+    def http_get(self, url: str, params: dict[str, str], timeout: float) -> tuple[int, bytes]:
+        """leanserve.autoscaling.metrics.HttpGet on the loop's own session (no Kubernetes
+        credentials: a session of its own, not the API client's)."""
+        return self.call(self._get(url, params, timeout), timeout + 1.0)
+
+    async def _get(self, url: str, params: dict[str, str], timeout: float) -> tuple[int, bytes]:
+        if self._session is None:
+            # trust_env: the proxy variables apply, as they did with requests
+            self._session = aiohttp.ClientSession(trust_env=True)
+        async with self._session.get(url, params=params,
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as reply:
+            return reply.status, await reply.read()
+
+    def stop(self) -> None:
+        """Cancel the queries in flight; from now on only a decision being written proceeds."""
+        self._stopping.set()
+        for task, finishing in list(self._calls.items()):
+            if not finishing:
+                task.cancel()
+
+    def abort(self) -> None:
+        """Cancel every request in flight and refuse every new one."""
+        self._stopping.set()
+        self._aborted = True
+        for task in list(self._calls):
+            task.cancel()
+
+    async def close(self) -> None:
+        self.abort()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
