@@ -12,13 +12,15 @@ On ``stop`` (the operator is stopping: SIGTERM, SIGINT, its stop flag, a lost Le
 flight are cancelled and no new request starts, except that a step which has begun writing its
 decision (it scaled a Deployment) may finish writing it (the status) until ``abort``, which the
 caller calls after a short grace (STOP_GRACE_SECONDS) and which cancels every request. A write is
-one request, applied by the API server whole or not at all: a decision is written or it is not.
+one request, applied by the API server whole or not at all, and a decision's writes are begun
+only before a stop: a decision is written or it is not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -29,6 +31,14 @@ T = TypeVar("T")
 
 STOP_GRACE_SECONDS = 1.0
 """How long a stopping operator lets a step finish writing a decision it has begun to write."""
+
+
+class Request(enum.Enum):
+    """What a request is to a stopping operator."""
+
+    QUERY = "query"  # a read: cancelled by stop
+    WRITE = "write"  # a decision's first write: refused after stop, finished once begun
+    FINISH = "finish"  # the rest of a decision being written: sent after stop until abort
 
 
 class Stopped(BaseException):
@@ -46,7 +56,7 @@ class Bridge:
         self._loop = loop
         self._stopping = threading.Event()
         self._aborted = False  # read and written on the loop only
-        self._calls: dict[asyncio.Task[Any], bool] = {}  # request -> may finish after stop
+        self._calls: dict[asyncio.Task[Any], Request] = {}  # in flight
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -57,15 +67,16 @@ class Bridge:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float, *, finishing: bool = False) -> T:
-        """Run ``coro`` on the loop and wait for it (worker thread only). ``finishing``: the
-        rest of a decision being written, allowed after ``stop`` until ``abort``.
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float,
+             kind: Request = Request.QUERY) -> T:
+        """Run ``coro`` on the loop and wait for it (worker thread only).
 
-        Stopped when the operator stops first; TimeoutError after ``timeout`` seconds."""
-        if self.stopping and not finishing:
+        Stopped when the operator stops first (see Request); TimeoutError after ``timeout``
+        seconds (the request is cancelled)."""
+        if self.stopping and kind is not Request.FINISH:
             coro.close()
             raise Stopped
-        future = asyncio.run_coroutine_threadsafe(self._tracked(coro, finishing), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._tracked(coro, kind), self._loop)
         try:
             return future.result(timeout)
         except concurrent.futures.CancelledError:
@@ -74,15 +85,15 @@ class Bridge:
             future.cancel()
             raise TimeoutError(f"no answer within {timeout:g}s") from None
 
-    async def _tracked(self, coro: Coroutine[Any, Any, T], finishing: bool) -> T:
+    async def _tracked(self, coro: Coroutine[Any, Any, T], kind: Request) -> T:
         # On the loop, like stop and abort: a request starts either before them (and is
-        # cancelled by them) or after (and never starts).
-        if self._aborted or (self.stopping and not finishing):
+        # cancelled by them as its kind says) or after (and never starts).
+        if self._aborted or (self.stopping and kind is not Request.FINISH):
             coro.close()
             raise asyncio.CancelledError
         task = asyncio.current_task()
         assert task is not None
-        self._calls[task] = finishing
+        self._calls[task] = kind
         try:
             return await coro
         finally:
@@ -104,8 +115,8 @@ class Bridge:
     def stop(self) -> None:
         """Cancel the queries in flight; from now on only a decision being written proceeds."""
         self._stopping.set()
-        for task, finishing in list(self._calls.items()):
-            if not finishing:
+        for task, kind in list(self._calls.items()):
+            if kind is Request.QUERY:
                 task.cancel()
 
     def abort(self) -> None:

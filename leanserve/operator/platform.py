@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
-from leanserve.operator.bridge import Bridge
+from leanserve.operator.bridge import Bridge, Request
 from leanserve.operator.builders import deployment_name
 from leanserve.operator.constants import FIELD_MANAGER
 from leanserve.operator.kube import Kinds, KubeClient
@@ -32,7 +32,7 @@ class KubernetesPlatform:
 
     One instance serves one autoscaling step; ``scale`` updates its snapshot, so a second read
     in the same step sees what was set. Its first write starts only while the operator is not
-    stopping; the writes after it finish the same decision (``Bridge.call``'s ``finishing``).
+    stopping; the writes after it finish the same decision (bridge.Request).
     """
 
     def __init__(self, kube: KubeClient, bridge: Bridge, namespace: str,
@@ -45,8 +45,9 @@ class KubernetesPlatform:
         self._writing = False
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        finishing, self._writing = self._writing, True
-        return self._bridge.call(coro, self._timeout, finishing=finishing)
+        kind = Request.FINISH if self._writing else Request.WRITE
+        self._writing = True
+        return self._bridge.call(coro, self._timeout, kind)
 
     def current_replicas(self, model: str) -> dict[str, int]:
         return {p: d.replicas for p, d in self._deployments.items()}
