@@ -14,18 +14,25 @@ decision (it scaled a Deployment) may finish writing it (the status) until ``abo
 caller calls after a short grace (STOP_GRACE_SECONDS) and which cancels every request. A write is
 one request, applied by the API server whole or not at all, and a decision's writes are begun
 only before a stop: a decision is written or it is not.
+
+The Prometheus host's name is looked up in a daemon thread of its own (``DaemonResolver``):
+aiohttp's default resolver runs getaddrinfo in the loop's executor, which asyncio.run joins, and
+a DNS server that does not answer holds getaddrinfo for its timeouts (glibc: 5 s, twice).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
+import socket
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 T = TypeVar("T")
 
@@ -48,12 +55,64 @@ class Stopped(BaseException):
     transport failures does not turn it into "no data" and carry on with the next query."""
 
 
+Lookup = Callable[..., list[tuple[Any, ...]]]
+
+
+class DaemonResolver(AbstractResolver):
+    """aiohttp's resolver, with getaddrinfo in a daemon thread per lookup (aiohttp caches the
+    answers): a lookup abandoned by a stop holds neither asyncio.run's executor shutdown nor
+    the interpreter's exit, and delivers nothing once the loop is gone."""
+
+    def __init__(self, lookup: Lookup = socket.getaddrinfo) -> None:
+        self._lookup = lookup
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[tuple[Any, ...]]] = loop.create_future()
+
+        def deliver(result: list[tuple[Any, ...]] | None, error: BaseException | None) -> None:
+            if answer.done():
+                return  # the request was cancelled meanwhile
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(result or [])
+
+        def look_up() -> None:
+            result, error = None, None
+            try:
+                result = self._lookup(host, port, family=family, type=socket.SOCK_STREAM)
+            except Exception as exc:  # gaierror and the like: the request's failure
+                error = exc
+            # RuntimeError: the loop is closed, nobody waits for this answer any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver, result, error)
+
+        threading.Thread(target=look_up, name=f"resolve-{host}", daemon=True).start()
+        infos = await answer
+        found: list[ResolveResult] = []
+        for fam, _, proto, _, address in infos:
+            ip = str(address[0])
+            if fam == socket.AF_INET6 and len(address) > 3 and address[3]:
+                ip = f"{ip}%{address[3]}"  # a link-local address keeps its scope
+            found.append({"hostname": host, "host": ip, "port": int(address[1]),
+                          "family": fam, "proto": proto,
+                          "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})
+        return found
+
+    async def close(self) -> None:
+        pass
+
+
 class Bridge:
     """Runs the step's requests on ``loop``; ``call`` is for the worker thread, ``stop``,
     ``abort`` and ``close`` for the loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 resolver: AbstractResolver | None = None) -> None:
         self._loop = loop
+        self._resolver = resolver
         self._stopping = threading.Event()
         self._aborted = False  # read and written on the loop only
         self._calls: dict[asyncio.Task[Any], Request] = {}  # in flight
@@ -107,7 +166,9 @@ class Bridge:
     async def _get(self, url: str, params: dict[str, str], timeout: float) -> tuple[int, bytes]:
         if self._session is None:
             # trust_env: the proxy variables apply, as they did with requests
-            self._session = aiohttp.ClientSession(trust_env=True)
+            self._session = aiohttp.ClientSession(
+                trust_env=True,
+                connector=aiohttp.TCPConnector(resolver=self._resolver or DaemonResolver()))
         async with self._session.get(url, params=params,
                                      timeout=aiohttp.ClientTimeout(total=timeout)) as reply:
             return reply.status, await reply.read()

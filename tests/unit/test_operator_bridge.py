@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 import pytest
 
-from leanserve.operator.bridge import Bridge, Request, Stopped
+from leanserve.operator.bridge import Bridge, DaemonResolver, Request, Stopped
 from leanserve.operator.handlers import Runtime, autoscale_once
 from leanserve.operator.metrics import OperatorMetrics
 from leanserve.operator.settings import OperatorSettings
@@ -91,6 +91,45 @@ async def test_stop_cancels_a_query_in_flight_and_the_step_thread_ends(silent: S
         await asyncio.to_thread(bridge.http_get, silent.url, {}, HANG)
     await bridge.close()
     assert silent.count == 1
+
+
+def test_a_name_lookup_that_never_returns_holds_no_exit() -> None:
+    """A DNS server that does not answer holds getaddrinfo for its timeouts (glibc: 5 s, twice).
+    aiohttp's default resolver runs it in the loop's executor, which asyncio.run joins; the
+    bridge's resolver does not, so the operator's asyncio.run returns with the lookup pending."""
+    started, released = threading.Event(), threading.Event()
+
+    def lookup(*args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        started.set()
+        released.wait(HANG)
+        raise socket.gaierror("no answer")
+
+    async def main() -> None:
+        bridge = Bridge(asyncio.get_running_loop(), DaemonResolver(lookup))
+        step = asyncio.create_task(asyncio.to_thread(
+            bridge.http_get, "http://prometheus.example:9090/api/v1/query", {}, HANG))
+        assert await asyncio.to_thread(started.wait, 10)
+        bridge.stop()
+        with pytest.raises(Stopped):
+            await step
+        await bridge.close()
+
+    try:
+        asyncio.run(main())
+        assert started.is_set() and not released.is_set()  # returned, the lookup still pending
+    finally:
+        released.set()
+
+
+async def test_the_resolver_answers_as_aiohttp_expects() -> None:
+    found = await DaemonResolver().resolve("localhost", 9090, socket.AF_INET)
+    assert {"host": "127.0.0.1", "port": 9090, "hostname": "localhost"}.items() <= \
+        found[0].items()
+
+    def unknown(*args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    with pytest.raises(socket.gaierror):  # an OSError: aiohttp's ClientConnectorDNSError
+        await DaemonResolver(unknown).resolve("prometheus.example", 9090)
 
 
 async def test_a_decision_being_written_is_finished_after_stop_until_abort() -> None:
