@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from leanserve.autoscaling.errors import MetricsError
+
 T = TypeVar("T")
 
 STOP_GRACE_SECONDS = 1.0
@@ -169,9 +171,13 @@ class Bridge:
             self._session = aiohttp.ClientSession(
                 trust_env=True,
                 connector=aiohttp.TCPConnector(resolver=self._resolver or DaemonResolver()))
-        async with self._session.get(url, params=params,
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as reply:
-            return reply.status, await reply.read()
+        try:
+            async with self._session.get(url, params=params,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as reply:
+                return reply.status, await reply.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # as metrics.requests_get
+            raise MetricsError(f"Prometheus unreachable at {url}: "
+                               f"{exc.__class__.__name__}") from None
 
     def stop(self) -> None:
         """Cancel the queries in flight; from now on only a decision being written proceeds."""

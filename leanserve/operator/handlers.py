@@ -111,7 +111,8 @@ class Runtime:
         return {d.pool: d for d in self.serving_index.get((namespace, name), ())}
 
     def bridge_for(self, loop: asyncio.AbstractEventLoop) -> Bridge:
-        """The bridge to ``loop`` (a new one for a new loop: a restarted operator)."""
+        """The bridge to ``loop``: the one the startup handler made, or a new one where none
+        was made for this loop (a Runtime driven without kopf). A stopped one stays stopped."""
         if self.bridge is None or self.bridge.loop is not loop:
             self.bridge = Bridge(loop)
         return self.bridge
@@ -651,6 +652,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def startup(logger: Any, **kwargs: Any) -> None:
         rt.serving_index = kwargs[SERVING_INDEX]
+        rt.bridge = Bridge(asyncio.get_running_loop())  # a stop from now on reaches the steps
         if rt.kube is None:  # run_operator made one already; a bare registry makes its own
             rt.kube = KubeClient.from_connection(rt.login(), relogin=rt.login)
             own.append(rt.kube)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import kopf
 import pytest
 
+from leanserve.autoscaling.metrics import PrometheusSource, Queries
 from leanserve.operator.bridge import Bridge, DaemonResolver, Request, Stopped
 from leanserve.operator.handlers import Runtime, autoscale_once
 from leanserve.operator.metrics import OperatorMetrics
@@ -130,6 +132,21 @@ async def test_the_resolver_answers_as_aiohttp_expects() -> None:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     with pytest.raises(socket.gaierror):  # an OSError: aiohttp's ClientConnectorDNSError
         await DaemonResolver(unknown).resolve("prometheus.example", 9090)
+
+
+async def test_an_unreachable_prometheus_is_no_data_in_one_line() -> None:
+    """The bridge's transport failures read as metrics.requests_get's did: MetricsError, kind
+    unreachable, named by the error's class."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    bridge = Bridge(asyncio.get_running_loop())
+    source = PrometheusSource(f"http://127.0.0.1:{port}", Queries("m"), clock=time.time,
+                              http=bridge.http_get)
+    reading = await asyncio.to_thread(source.read)
+    await bridge.close()
+    assert reading.request_rate is None and set(reading.error_kinds) == {"unreachable"}
+    assert reading.problems[0] == f"request rate: Prometheus unreachable at " \
+        f"http://127.0.0.1:{port}/api/v1/query: ClientConnectorError"
 
 
 async def test_a_decision_being_written_is_finished_after_stop_until_abort() -> None:
