@@ -234,5 +234,6 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
                 loop.remove_signal_handler(sig)
         if rt.bridge is not None:  # the cleanup handler closed it, unless kopf was cancelled
             await rt.bridge.close()
+            rt.bridge = None  # it belongs to this loop
         await rt.kube.close()
         rt.kube = None
