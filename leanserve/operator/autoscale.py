@@ -16,7 +16,6 @@ What stops the autoscaler (no metrics, a refusal, a profile without a pool, the 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +25,7 @@ from leanserve.autoscaling.metrics import PrometheusSource, Queries, Reading, ob
 from leanserve.autoscaling.policy import Decision, PoolCapacity, decide, pools_from_profile
 from leanserve.autoscaling.policy import Reason as PolicyReason
 from leanserve.operator import privilege
+from leanserve.operator.bridge import Bridge
 from leanserve.operator.constants import Reason
 from leanserve.operator.errors import ApiError, OperatorError
 from leanserve.operator.planner import DeploymentObservation
@@ -83,13 +83,15 @@ def status_patch(saved: Mapping[str, Any], decision: Decision | None,
     return {**decision_to_status(decision), "state": state}
 
 
-def step(body: dict[str, Any], rt: Any, logger: Any, loop: asyncio.AbstractEventLoop,
+def step(body: dict[str, Any], rt: Any, logger: Any, bridge: Bridge,
          deployments: Mapping[str, DeploymentObservation] | None = None
          ) -> dict[str, Any] | None:
     """Observe, decide, scale, record. Returns the status patch it wrote (None: none).
 
-    Runs in a worker thread; ``loop`` is the operator's event loop, where its client lives;
-    ``deployments`` are the model's serving Deployments by pool, from the watch.
+    Runs in a worker thread; every request goes through ``bridge`` to the operator's event
+    loop, where its clients live, and raises bridge.Stopped once the operator stops (before
+    anything is written, or after the whole decision is); ``deployments`` are the model's
+    serving Deployments by pool, from the watch.
     """
     from leanserve.operator.handlers import to_resource
 
@@ -106,7 +108,7 @@ def step(body: dict[str, Any], rt: Any, logger: Any, loop: asyncio.AbstractEvent
         # Forbidden) and stops the autoscaler, this only closes the window before it does.
         raise OperatorError(problem)
     key = (res.owner.namespace, res.owner.name)
-    platform = KubernetesPlatform(rt.client, loop, res.owner.namespace, deployments or {})
+    platform = KubernetesPlatform(rt.client, bridge, res.owner.namespace, deployments or {})
     now = time.time()
     try:
         pools = pools_from_status(compression, spec)
@@ -116,7 +118,8 @@ def step(body: dict[str, Any], rt: Any, logger: Any, loop: asyncio.AbstractEvent
     previous = rt.decisions.get(key) or decision_from_status(saved)
     try:
         source = PrometheusSource(url=spec.autoscaling.prometheus_url,
-                                  queries=Queries(model=res.owner.name), clock=time.time)
+                                  queries=Queries(model=res.owner.name), clock=time.time,
+                                  http=bridge.http_get)
         obs, reading = observe(source, platform, res.owner.name)
         now = time.time()
         decision = decide(obs, pools, spec, previous, now)

@@ -31,6 +31,7 @@ import kopf
 from leanserve.api.load import SpecError, parse
 from leanserve.api.spec import GROUP, PLURAL, VERSION, CompressedModelSpec, Phase
 from leanserve.operator import builders, planner, privilege, stores
+from leanserve.operator.bridge import STOP_GRACE_SECONDS, Bridge, Stopped
 from leanserve.operator.builders import Owner
 from leanserve.operator.constants import (
     MANAGER,
@@ -63,6 +64,8 @@ class Runtime:
     mono: Callable[[], float] = time.monotonic
     kube: KubeClient | None = None
     autoscale: Callable[..., Any] | None = None  # leanserve.operator.autoscale.step when wired
+    # The autoscaling step's way to this loop (its requests), stopped with the operator.
+    bridge: Bridge | None = field(default=None, repr=False)
     _monitor: tuple[float, MonitorKind] | None = field(default=None, repr=False)
     # Events of one model arrive from several watches and the loop: one lock per model
     # serializes its reconciles and autoscaling steps. The status this process last wrote
@@ -106,6 +109,13 @@ class Runtime:
         if self.serving_index is None:
             return None
         return {d.pool: d for d in self.serving_index.get((namespace, name), ())}
+
+    def bridge_for(self, loop: asyncio.AbstractEventLoop) -> Bridge:
+        """The bridge to ``loop``: the one the startup handler made, or a new one where none
+        was made for this loop (a Runtime driven without kopf). A stopped one stays stopped."""
+        if self.bridge is None or self.bridge.loop is not loop:
+            self.bridge = Bridge(loop)
+        return self.bridge
 
     @property
     def client(self) -> KubeClient:
@@ -548,15 +558,23 @@ async def autoscale_once(rt: Runtime, key: Key, body: dict[str, Any], logger: An
                                                         Phase.DEGRADED.value):
         return
     # The policy and its metric source are synchronous (leanserve.autoscaling): each step runs
-    # in a worker thread, under the model's lock so a reconcile never interleaves with it. It
-    # reads the Deployments from the watch (a snapshot taken here, on the loop) and writes the
-    # status only when the decision changes; what it wrote is folded into the cached body so
-    # the next plan sees the decision before the watch brings it.
+    # in a worker thread, under the model's lock so a reconcile never interleaves with it, and
+    # makes its requests on this loop through rt.bridge. It reads the Deployments from the watch
+    # (a snapshot taken here, on the loop) and writes the status only when the decision changes;
+    # what it wrote is folded into the cached body so the next plan sees the decision before
+    # the watch brings it.
     async with rt.lock(*key):
         deployments = await serving_deployments(rt, *key)
+        bridge = rt.bridge_for(asyncio.get_running_loop())
+        running = asyncio.ensure_future(asyncio.to_thread(rt.autoscale, body, rt, logger, bridge,
+                                                          deployments))
         try:
-            written = await asyncio.to_thread(rt.autoscale, body, rt, logger,
-                                              asyncio.get_running_loop(), deployments)
+            written = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await _stop_step(bridge, running)
+            raise
+        except Stopped:
+            return  # the operator is stopping (the bridge was stopped from elsewhere)
         except (OperatorError, aiohttp.ClientError, TimeoutError) as exc:
             rt.metrics.errors.labels(kind="autoscale").inc()
             logger.warning(f"autoscaling skipped: {exc!s}")
@@ -565,6 +583,21 @@ async def autoscale_once(rt: Runtime, key: Key, body: dict[str, Any], logger: An
             count_requests(rt)
         if written:
             remember_status(rt, key, written)
+
+
+async def _stop_step(bridge: Bridge, running: asyncio.Future[Any]) -> None:
+    """The operator is stopping (this loop's task is cancelled) during a step: its queries end
+    now; a decision it is writing gets STOP_GRACE_SECONDS to be written whole; then every
+    request is cancelled and the thread, which waits on nothing but them, ends at once. So the
+    thread never outlives the operator and asyncio.run's executor shutdown does not wait."""
+    try:
+        bridge.stop()
+        await asyncio.wait({running}, timeout=STOP_GRACE_SECONDS)
+    finally:
+        bridge.abort()
+        await asyncio.wait({running})
+        if not running.cancelled():
+            running.exception()  # retrieved: Stopped, or what the step raised; stopping anyway
 
 
 def remember_status(rt: Runtime, key: Key, patch: dict[str, Any]) -> None:
@@ -619,6 +652,7 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def startup(logger: Any, **kwargs: Any) -> None:
         rt.serving_index = kwargs[SERVING_INDEX]
+        rt.bridge = Bridge(asyncio.get_running_loop())  # a stop from now on reaches the steps
         if rt.kube is None:  # run_operator made one already; a bare registry makes its own
             rt.kube = KubeClient.from_connection(rt.login(), relogin=rt.login)
             own.append(rt.kube)
@@ -629,9 +663,11 @@ def build_registry(rt: Runtime) -> kopf.OperatorRegistry:
     @kopf.on.cleanup(registry=registry)
     async def shutdown(**_: Any) -> None:
         for task in tasks:
-            task.cancel()
+            task.cancel()  # a step in flight is stopped (_stop_step)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if rt.bridge is not None:
+            await rt.bridge.close()
         for kube in own:
             await kube.close()
             rt.kube = None

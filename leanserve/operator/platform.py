@@ -7,17 +7,18 @@ the autoscaler's last decision, so the two never fight over ``spec.replicas``, a
 reconcile and autoscaling step hold the same lock). A pool the decision names that has no
 Deployment yet is not scaled here: the planner creates it from the decision in status. The port
 is synchronous (leanserve.autoscaling.platform.Platform) and runs in a worker thread; every
-request goes through the operator's one async client on the operator's event loop — one HTTP
-session, the credentials kopf logged in with, no second TLS setup or CA file.
+request goes through the operator's one async client on the operator's event loop (through
+``bridge.Bridge``, so a stopping operator never waits on it) — one HTTP session, the credentials
+kopf logged in with, no second TLS setup or CA file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
+from leanserve.operator.bridge import Bridge, Request
 from leanserve.operator.builders import deployment_name
 from leanserve.operator.constants import FIELD_MANAGER
 from leanserve.operator.kube import Kinds, KubeClient
@@ -30,19 +31,23 @@ class KubernetesPlatform:
     """Platform over one model's serving Deployments, as the watch last saw them.
 
     One instance serves one autoscaling step; ``scale`` updates its snapshot, so a second read
-    in the same step sees what was set.
+    in the same step sees what was set. Its first write starts only while the operator is not
+    stopping; the writes after it finish the same decision (bridge.Request).
     """
 
-    def __init__(self, kube: KubeClient, loop: asyncio.AbstractEventLoop, namespace: str,
+    def __init__(self, kube: KubeClient, bridge: Bridge, namespace: str,
                  deployments: Mapping[str, DeploymentObservation], timeout: float = 30.0) -> None:
         self._kube = kube
-        self._loop = loop
+        self._bridge = bridge
         self._ns = namespace
         self._timeout = timeout
         self._deployments = dict(deployments)
+        self._writing = False
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self._timeout)
+        kind = Request.FINISH if self._writing else Request.WRITE
+        self._writing = True
+        return self._bridge.call(coro, self._timeout, kind)
 
     def current_replicas(self, model: str) -> dict[str, int]:
         return {p: d.replicas for p, d in self._deployments.items()}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import signal
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,12 @@ from leanserve.operator.kube import KubeClient
 from leanserve.operator.lease import LeaderElector, identity
 from leanserve.operator.metrics import OperatorMetrics
 from leanserve.operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+STOP_FLAG_POLL_SECONDS = 0.05
+"""How often a caller's threading.Event stop flag is looked at (a thread blocked on it would
+hold asyncio.run's executor shutdown)."""
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SERVICE_ACCOUNT_DIR_ENV = "LEANSERVE_OPERATOR_SERVICE_ACCOUNT_DIR"
@@ -111,11 +119,57 @@ def make_runtime(settings: OperatorSettings, metrics: OperatorMetrics | None = N
                    autoscale=step)
 
 
+@dataclass
+class Stopper:
+    """kopf's stop flag, raised by SIGTERM or SIGINT or by the caller's stop flag.
+
+    It stops the autoscaler's requests (``Bridge.stop``) *before* kopf begins to stop: kopf
+    first lets the handlers in flight finish (``settings.queueing.exit_timeout``, 2 s), and a
+    reconcile waiting for its model's lock behind an autoscaling step would otherwise hold the
+    exit for that long before the cleanup handler stopped the step.
+    """
+
+    rt: Runtime
+    flag: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stop(self, why: str) -> None:
+        if not self.flag.is_set():
+            logger.info(f"{why}: the operator is stopping")
+        if self.rt.bridge is not None:
+            self.rt.bridge.stop()
+        self.flag.set()
+
+    async def take_signals(self, ready: asyncio.Event) -> list[signal.Signals]:
+        """Once kopf is ready, handle SIGINT and SIGTERM here (main thread only); returns the
+        signals taken. kopf installs its own handlers when it spawns its tasks, before its
+        startup handlers run and readiness is raised, so these replace them (both stop kopf)."""
+        await ready.wait()
+        await asyncio.sleep(0)
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        loop = asyncio.get_running_loop()
+        taken = [signal.SIGINT, signal.SIGTERM]
+        for sig in taken:
+            loop.add_signal_handler(sig, self.stop, f"Signal {sig.name} received")
+        return taken
+
+    async def relay(self, stop_flag: threading.Event) -> None:
+        while not stop_flag.is_set():
+            await asyncio.sleep(STOP_FLAG_POLL_SECONDS)
+        self.stop("The stop flag is raised")
+
+
+async def _relay_ready(ready: asyncio.Event, ready_flag: threading.Event) -> None:
+    await ready.wait()
+    ready_flag.set()
+
+
 async def run_operator(rt: Runtime, *, namespace: str | None = None,
                        tuning: KopfTuning = KopfTuning(),
                        stop_flag: threading.Event | None = None,
                        ready_flag: threading.Event | None = None) -> None:
-    """Run the operator until ``stop_flag``; with leader election, only while holding the Lease.
+    """Run the operator until ``stop_flag``, SIGTERM or SIGINT (see Stopper); with leader
+    election, only while holding the Lease, which it gives up on a clean stop.
 
     One API client (one HTTP session) serves the Lease, the handlers and the autoscaler's
     writes; kopf's watches use kopf's own, from the same credentials.
@@ -128,6 +182,9 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
         kwargs["clusterwide"] = True
     rt.kube = KubeClient.from_connection(rt.login(), relogin=rt.login)
     elector: LeaderElector | None = None
+    stopper, ready = Stopper(rt), asyncio.Event()
+    helpers: list[asyncio.Task[Any]] = []
+    signals = asyncio.ensure_future(stopper.take_signals(ready))
     try:
         if rt.settings.leader_election:
             s = rt.settings
@@ -135,13 +192,17 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
                                     s.lease_seconds)
             if not await elector.acquire(lambda: bool(stop_flag and stop_flag.is_set())):
                 return
+        if stop_flag is not None:
+            helpers.append(asyncio.create_task(stopper.relay(stop_flag)))
+        if ready_flag is not None:
+            helpers.append(asyncio.create_task(_relay_ready(ready, ready_flag)))
         operator = asyncio.ensure_future(kopf.operator(
             registry=build_registry(rt),
             settings=kopf_settings(tuning, namespaced=bool(namespace)),
             standalone=True,
             liveness_endpoint=f"http://0.0.0.0:{port}/healthz" if port else None,
-            stop_flag=stop_flag,
-            ready_flag=ready_flag,
+            stop_flag=stopper.flag,
+            ready_flag=ready,
             **kwargs,
         ))
         if elector is None:
@@ -150,6 +211,8 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
         holding = asyncio.ensure_future(elector.hold())
         done, _ = await asyncio.wait({operator, holding}, return_when=asyncio.FIRST_COMPLETED)
         if holding in done:
+            if rt.bridge is not None:
+                rt.bridge.stop()  # stop acting now: no query outlives the Lease
             operator.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await operator
@@ -161,5 +224,16 @@ async def run_operator(rt: Runtime, *, namespace: str | None = None,
         operator.result()
         await elector.release()
     finally:
+        for task in (signals, *helpers):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if signals.done() and not signals.cancelled():
+            loop = asyncio.get_running_loop()
+            for sig in signals.result():
+                loop.remove_signal_handler(sig)
+        if rt.bridge is not None:  # the cleanup handler closed it, unless kopf was cancelled
+            await rt.bridge.close()
+            rt.bridge = None  # it belongs to this loop
         await rt.kube.close()
         rt.kube = None

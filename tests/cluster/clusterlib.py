@@ -87,6 +87,7 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, log: Path, args: tuple[str, ...] = (),
                  **env: str) -> None:
         self.log = log
+        self.stop_seconds: float | None = None  # from SIGTERM to exit, once stopped
         self.metrics_port = free_port()
         e = python_env(KUBECONFIG=str(kubeconfig),
                        LEANSERVE_OPERATOR_METRICS_PORT=str(self.metrics_port),
@@ -111,12 +112,16 @@ class OperatorProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            t0 = time.monotonic()
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+            self.stop_seconds = time.monotonic() - t0
+            print(f"operator {self.proc.pid} exited {self.stop_seconds:.2f} s after SIGTERM "
+                  f"(code {self.proc.returncode})")
         self._out.close()
 
     def __enter__(self) -> OperatorProcess:

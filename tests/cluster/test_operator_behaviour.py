@@ -386,6 +386,9 @@ def test_two_replicas_never_both_act(control_plane: Any, api: Api, ns: str,
             with pytest.raises(OSError):  # b has not started acting: no metrics served yet
                 scrape(b, "leanserve_operator_jobs_created_total")
             a.stop()
+            # op-a gave the Lease up on SIGTERM (else op-b waits a whole lease duration)
+            assert a.proc.returncode == 0
+            assert api.get(lease_path)["spec"]["holderIdentity"] in ("", "op-b")
             wait_for(lambda: api.get(lease_path)["spec"]["holderIdentity"] == "op-b", 30,
                      "op-b to take the Lease once op-a stopped")
             apply(control_plane, model("leader2", ns))

@@ -10,12 +10,18 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,6 +29,7 @@ import kmock
 import kopf
 import pytest
 
+from leanserve.autoscaling.metrics import PrometheusSource
 from leanserve.operator import access, handback
 from leanserve.operator.constants import Label
 from leanserve.operator.handlers import Runtime
@@ -32,6 +39,8 @@ from leanserve.operator.runner import KopfTuning, make_runtime, run_operator
 from leanserve.operator.settings import OperatorSettings, PolicySettings
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 NS = "ml"
 TEST_CLIENT = "leanserve-tests"  # the User-Agent of the test's own requests
@@ -583,6 +592,97 @@ async def test_restart_mid_flight_makes_no_duplicate_and_keeps_status() -> None:
         # No monitoring CRDs here: the pods carry Prometheus's scrape annotations instead.
         ann = d["spec"]["template"]["metadata"]["annotations"]
         assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8002"
+
+
+class SilentPrometheus:
+    """A TCP server that accepts every connection and never answers (a hung Prometheus)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        self.sock.close()
+        self._thread.join(timeout=5)
+        for conn in self.held:
+            conn.close()
+
+
+async def test_sigterm_stops_the_operator_at_once_while_a_prometheus_query_hangs(
+        tmp_path: Path, serving_group_members: Callable[[int], list[int]]) -> None:
+    """`leanserve operator` exits cleanly on SIGTERM (every rollout of its Deployment) while its
+    autoscaler waits on a Prometheus that never answers, before that query's own timeout and
+    with no query after the signal. Before, asyncio.run joined the worker thread blocked in the
+    query, and the exit waited for each query of the step to time out (5 x 5 s). A reconcile
+    waiting for the model's lock behind the step is not cut off by kopf's drain timeout either:
+    the step stops at the signal, not at the cleanup after the drain."""
+    prom = SilentPrometheus()
+    profile = {**PROFILE, "gpu-t4": {"capacity_rps": 400, "cost_per_million_requests": 9.9,
+                                     "measured": False}}
+    async with emulator() as c:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": c.url}}],
+            "users": [{"name": "operator", "user": {"token": "t"}}],
+            "contexts": [{"name": "emulator",
+                          "context": {"cluster": "emulator", "user": "operator"}}]}))
+        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH")))),
+                   KUBECONFIG=str(kubeconfig), LEANSERVE_OPERATOR_ALLOWED_PROMETHEUS_URLS=prom.url,
+                   LEANSERVE_OPERATOR_METRICS_PORT="0", LEANSERVE_OPERATOR_LIVENESS_PORT="0",
+                   LEANSERVE_OPERATOR_LEASE_NAMESPACE=NS)
+        log = tmp_path / "operator.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "leanserve", "operator", "--namespace",
+                                     NS], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+        try:
+            await create(c, model_body(autoscaling={
+                "minReplicas": 1, "maxReplicas": 4, "maxHourlyCost": 2.0,
+                "prometheusUrl": prom.url, "intervalSeconds": 1}))
+            job = (await c.wait("the Job", lambda: c.children(Kinds.JOB), timeout=60))[0]
+            uri = f"pvc://models/leanserve/minilm/{job['metadata']['name'].rsplit('-', 1)[1]}" \
+                  "/model_repository"
+            await c.finish_job(job, summary("int8", "a" * 64, uri, profile))
+            await c.wait("the Deployment", lambda: c.get(Kinds.DEPLOYMENT, "minilm-cpu-large"))
+            await c.make_available("minilm-cpu-large")
+            await c.wait_phase("Serving")
+
+            async def waiting() -> bool:
+                return bool(prom.held)
+            await c.wait("an autoscaling query", waiting)
+            # a watch event: its reconcile waits for the model's lock, held by the step
+            await c.kube.patch(Kinds.COMPRESSED_MODEL, NS, "minilm",
+                               {"metadata": {"labels": {"poke": "1"}}})
+            await asyncio.sleep(0.5)
+            queries = len(prom.held)
+            os.killpg(proc.pid, signal.SIGTERM)
+            # the emulator keeps answering (the Lease's release) while this thread waits
+            code = await asyncio.to_thread(proc.wait, PrometheusSource.timeout)
+            assert code == 0, log.read_text()
+            assert len(prom.held) == queries  # no query after the signal
+            assert serving_group_members(proc.pid) == []
+            text = log.read_text()
+            assert "Signal SIGTERM received" in text and "Traceback" not in text, text
+            # kopf's drain found no handler still running: none was cancelled
+            assert "Unprocessed streams" not in text and "is cancelled" not in text, text
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            prom.close()
 
 
 async def _cond(c: Cluster, ctype: str, status: str) -> dict[str, Any] | None:
