@@ -159,6 +159,11 @@ class ConditionType(str, enum.Enum):
     SLO_MET = "SLOMet"
     BUDGET_MET = "BudgetMet"
     AUTOSCALING = "Autoscaling"
+    # kstatus' abnormal-true conditions (Flux, kpt, Config Sync): present and True only while
+    # the operator works towards the spec (Reconciling) or has stopped and needs a person
+    # (Stalled); absent otherwise.
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
 
 
 class ConditionStatus(str, enum.Enum):

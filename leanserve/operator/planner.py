@@ -158,6 +158,35 @@ class Conditions:
 
 T, F, U = ConditionStatus.TRUE, ConditionStatus.FALSE, ConditionStatus.UNKNOWN
 
+# kstatus' abnormal-true conditions: they repeat Ready's reason and message, and the phase Event
+# already announces every change of theirs.
+KSTATUS_CONDITIONS = frozenset({ConditionType.RECONCILING.value, ConditionType.STALLED.value})
+# Phases in which the operator (or a controller under it) works towards the spec.
+PROGRESSING_PHASES = frozenset({Phase.COMPRESSING, Phase.DEPLOYING, Phase.DEGRADED})
+# Ready reasons outside phase Failed that wait for a person: a Job whose pod the cluster does
+# not start (quota, admission), a child the API server refuses.
+STALLED_REASONS = frozenset({Reason.JOB_NOT_STARTING.value, Reason.API_REFUSED.value})
+
+
+def set_progress(conds: Conditions, phase: Phase, rolling: str = "") -> None:
+    """Reconciling=True while the operator works towards the spec (compressing, rolling out,
+    replacing unavailable replicas, a pool joining while others serve: ``rolling``), Stalled=True
+    when it has stopped and needs a person (phase Failed, a Job that starts no pod, a refusal);
+    neither otherwise: kstatus reads their absence as normal. Call after Ready is set."""
+    ready = conds._out[ConditionType.READY.value]
+    compressed = conds._out.get(ConditionType.COMPRESSED.value) or {}
+    for ctype in KSTATUS_CONDITIONS:
+        conds._out.pop(ctype, None)
+    # phase Compressing keeps Ready's reason Compressing; Compressed says JobNotStarting
+    stuck = next((c["reason"] for c in (ready, compressed) if c.get("reason") in STALLED_REASONS),
+                 None)
+    if phase is Phase.FAILED or stuck:
+        conds.set(ConditionType.STALLED, T, stuck or ready["reason"], ready["message"])
+    elif phase in PROGRESSING_PHASES:
+        conds.set(ConditionType.RECONCILING, T, ready["reason"], ready["message"])
+    elif rolling:
+        conds.set(ConditionType.RECONCILING, T, Reason.ROLLING_OUT, rolling)
+
 
 # ---------------------------------------------------------------------------- pool choice
 
@@ -347,9 +376,10 @@ def plan(res: Resource, observed: Observed, now: datetime,
         recipe.update(outcome=Reason.COMPRESSED.value, message=message)
         conds.set(ConditionType.COMPRESSED, T, Reason.COMPRESSED, message)
 
+    rolling = ""
     if artifact.get("uri"):
-        serving_phase, serving_message = _plan_serving(res, observed, compression, artifact,
-                                                       conds, out, status, settings)
+        serving_phase, serving_message, rolling = _plan_serving(
+            res, observed, compression, artifact, conds, out, status, settings)
         if phase is None:
             phase, message = serving_phase, serving_message
     else:
@@ -369,7 +399,7 @@ def plan(res: Resource, observed: Observed, now: datetime,
             failed = next(c for c in conds.as_list() if c["type"] == ConditionType.COMPRESSED.value)
             reason = Reason(failed["reason"])
         conds.set(ConditionType.READY, F, reason, message)
-    return _finish(out, prev, status, conds, phase, message)
+    return _finish(out, prev, status, conds, phase, message, rolling)
 
 
 def decided_replicas(spec: CompressedModelSpec, status: Mapping[str, Any]) -> dict[str, int]:
@@ -447,7 +477,9 @@ def autoscaling_condition(spec: CompressedModelSpec, status: Mapping[str, Any],
 
 def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, Any],
                   artifact: Mapping[str, Any], conds: Conditions, out: Desired,
-                  status: dict[str, Any], settings: OperatorSettings) -> tuple[Phase, str]:
+                  status: dict[str, Any], settings: OperatorSettings) -> tuple[Phase, str, str]:
+    """The serving children, conditions and status; returns the phase, its message and, when a
+    pool rolls out while others serve, a message that says so ("" otherwise)."""
     spec, owner = res.spec, res.owner
     assert spec is not None
     choice = choose_pool(spec, compression.get("pools"))
@@ -480,6 +512,7 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
     degraded = [p for p in wanted if (o := observed.deployments.get(p)) is not None and
                 o.current and o.ready > 0 and not o.available and (not steady or lost)]
     where = ", ".join(f"{p} ({ready[p]}/{n} ready)" for p, n in wanted.items())
+    rolling: list[str] = []
     if serving and not (steady and degraded):
         # A pool that joins (an autoscaler's pool switch) rolls out while the others serve.
         rolling = [p for p in wanted if p not in serving]
@@ -530,7 +563,10 @@ def _plan_serving(res: Resource, observed: Observed, compression: Mapping[str, A
     status["cost"] = {"hourly": hourly,
                       "perMillionRequests": round(_per_million(wanted, by_name, compression,
                                                                choice), 6)}
-    return phase, message
+    joining = f"rolling out {compression.get('selected')} to " + ", ".join(
+        f"{builders.deployment_name(owner.name, p)} ({ready[p]}/{wanted[p]} ready)"
+        for p in rolling) + " while " + ", ".join(serving) + " serve" if rolling else ""
+    return phase, message, joining
 
 
 def _per_million(wanted: Mapping[str, int], pools: Mapping[str, NodePool],
@@ -547,8 +583,9 @@ def _per_million(wanted: Mapping[str, int], pools: Mapping[str, NodePool],
 
 
 def _finish(out: Desired, prev: Mapping[str, Any], status: dict[str, Any], conds: Conditions,
-            phase: Phase, message: str) -> Desired:
-    """Seal the status and announce what changed.
+            phase: Phase, message: str, rolling: str = "") -> Desired:
+    """Seal the status (with kstatus' Reconciling/Stalled: set_progress) and announce what
+    changed.
 
     Every phase transition is one Event whose reason is the new Ready reason (Compressing,
     JobFailed, InvalidSpec, RollingOut, Serving, ...), type Warning for Failed and Degraded. An
@@ -556,6 +593,7 @@ def _finish(out: Desired, prev: Mapping[str, Any], status: dict[str, Any], conds
     already says it (Compressed -> JobFailed repeats Compressing -> Failed); conditions that
     merely appear, Ready itself and Unknown states are no news.
     """
+    set_progress(conds, phase, rolling)
     status["phase"] = phase.value
     status["conditions"] = conds.as_list()
     old_phase = prev.get("phase") or Phase.PENDING.value
@@ -566,8 +604,8 @@ def _finish(out: Desired, prev: Mapping[str, Any], status: dict[str, Any], conds
         out.events.append(EventIntent(announced, f"{old_phase} -> {phase.value}: {message}",
                                       warning=phase in (Phase.FAILED, Phase.DEGRADED)))
     for c in conds.news:
-        if c["type"] == ConditionType.READY.value or c["status"] == U.value or \
-                c["reason"] == announced:
+        if c["type"] == ConditionType.READY.value or c["type"] in KSTATUS_CONDITIONS or \
+                c["status"] == U.value or c["reason"] == announced:
             continue
         out.events.append(EventIntent(c["reason"], f"{c['type']}={c['status']}: {c['message']}",
                                       warning=c["status"] == F.value and
@@ -580,8 +618,8 @@ def refused(res: Resource, desired: Desired, message: str, now: datetime) -> Des
     """The status and Event for a plan the API refused to carry out (quota, webhook, 422).
 
     The planned status stands, except Ready: False with reason APIRefused and the server's
-    message, so `kubectl get`/`describe` says why nothing happens. One Warning Event when the
-    refusal is new.
+    message, so `kubectl get`/`describe` says why nothing happens, and Stalled=True with the
+    same (kstatus: Failed). One Warning Event when the refusal is new.
     """
     prev = {c.get("type"): c for c in (res.status or {}).get("conditions") or []
             if isinstance(c, Mapping)}
@@ -590,6 +628,7 @@ def refused(res: Resource, desired: Desired, message: str, now: datetime) -> Des
         if c["type"] != ConditionType.READY.value:
             conds._out[c["type"]] = dict(c)
     conds.set(ConditionType.READY, F, Reason.API_REFUSED, message)
+    set_progress(conds, Phase(desired.status.get("phase") or Phase.PENDING.value))
     out = Desired(status={**desired.status, "conditions": conds.as_list()})
     if (prev.get(ConditionType.READY.value) or {}).get("reason") != Reason.API_REFUSED.value or \
             (prev.get(ConditionType.READY.value) or {}).get("message") != message[:2048]:

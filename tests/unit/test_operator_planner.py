@@ -467,3 +467,85 @@ def test_a_scale_of_a_serving_pool_is_no_rollout_but_lost_replicas_are_degraded(
     d = planner.plan(Resource(OWNER, 1, SPEC, (), other), Observed(deployments={"cpu": scaling}),
                      NOW, S)
     assert d.status["phase"] == "Deploying"
+
+
+# ------------------------------------------------ kstatus: Reconciling and Stalled (GitOps)
+
+
+def progress(d: planner.Desired) -> dict[str, tuple[str, str, str]]:
+    """The kstatus conditions of a plan: type -> (status, reason, message)."""
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in d.status["conditions"]
+            if c["type"] in ("Reconciling", "Stalled")}
+
+
+def ready_of(d: planner.Desired) -> tuple[str, str]:
+    c = next(c for c in d.status["conditions"] if c["type"] == "Ready")
+    return c["reason"], c["message"]
+
+
+@pytest.mark.parametrize(("case", "kstatus"), [
+    ("new", "Reconciling"), ("running", "Reconciling"), ("succeeded", "Reconciling"),
+    ("old-artifact", "Reconciling"), ("monitor", "Reconciling"), ("degraded", "Reconciling"),
+    ("failed", "Stalled"), ("no-candidate", "Stalled"), ("no-report", "Stalled"),
+    ("available", None),
+])
+def test_reconciling_while_working_stalled_when_a_person_is_needed(
+        case: str, kstatus: str | None) -> None:
+    """kstatus' abnormal-true pattern: at most one of them, True, with Ready's reason and
+    message; neither (absent, not False) once the model serves."""
+    observed, status, _, _, _ = CASES[case]
+    d = planner.plan(Resource(OWNER, 3, SPEC, (), status), observed, NOW, S)
+    got = progress(d)
+    if kstatus is None:
+        assert got == {}
+        return
+    reason, message = ready_of(d)
+    assert got == {kstatus: ("True", reason, message)}
+    assert all(c["observedGeneration"] == 3 for c in d.status["conditions"])
+
+
+@pytest.mark.parametrize("errors", [("spec.slo.latencyP95Ms: must be > 0 (got -1)",), ()])
+def test_an_invalid_spec_is_stalled_at_once(errors: tuple[str, ...]) -> None:
+    d = planner.plan(Resource(OWNER, 2, None, errors), Observed(), NOW, S)
+    assert progress(d) == {"Stalled": ("True", "InvalidSpec", ready_of(d)[1])}
+
+
+def test_a_job_that_cannot_start_is_stalled_and_a_refusal_too() -> None:
+    created_at = NOW - timedelta(seconds=S.job.start_timeout_seconds + 5)
+    stuck = JobObservation(JP.name, JobState.RUNNING, created=created_at, started=False,
+                           waiting="FailedCreate: pods is forbidden: exceeded quota: compute")
+    d = planner.plan(Resource(OWNER, 1, SPEC), Observed(job=stuck), NOW, S)
+    assert d.status["phase"] == "Compressing"
+    assert progress(d) == {"Stalled": ("True", "JobNotStarting", ready_of(d)[1])}
+    first = planner.plan(Resource(OWNER, 1, SPEC), Observed(), NOW, S)
+    r = planner.refused(Resource(OWNER, 1, SPEC, (), first.status), first, "exceeded quota", NOW)
+    assert progress(r) == {"Stalled": ("True", "APIRefused", "exceeded quota")}
+    assert [e.reason for e in r.events] == ["APIRefused"]  # no Event of their own
+
+
+def test_a_pool_joining_while_another_serves_is_reconciling_and_ready() -> None:
+    switching = Resource(OWNER, 1, SPEC, (), decided({"cpu": 2, "gpu-t4": 1}))
+    d = planner.plan(switching, Observed(deployments={"cpu": serving("cpu", 2)}), NOW, S)
+    assert d.status["phase"] == "Serving" and conds(d)["Ready"] == ("True", "Serving")
+    status, reason, message = progress(d)["Reconciling"]
+    assert (status, reason) == ("True", "RollingOut")
+    assert "minilm-gpu-t4 (0/1 ready)" in message and "while cpu serve" in message
+    assert "Stalled" not in progress(d)
+
+
+def test_the_kstatus_conditions_go_away_and_post_no_events_of_their_own() -> None:
+    """Compressing -> Failed -> (retry) Compressing -> ... -> Serving: each change of
+    Reconciling/Stalled rides on the phase Event; once serving both are gone, so a `kubectl
+    get -o yaml` and kstatus see only Ready."""
+    first = planner.plan(Resource(OWNER, 1, SPEC), Observed(), NOW, S)
+    assert set(progress(first)) == {"Reconciling"}
+    failed = planner.plan(Resource(OWNER, 1, SPEC, (), first.status), Observed(job=FAILED_JOB),
+                          NOW + timedelta(minutes=1), S)
+    assert set(progress(failed)) == {"Stalled"}
+    assert [e.reason for e in failed.events] == ["JobFailed"]
+    prev = {**compressed_status(), "conditions": failed.status["conditions"]}
+    obs = Observed(deployments={"cpu": DeploymentObservation("cpu", 2, 2, 2, True, "f" * 64)})
+    up = planner.plan(Resource(OWNER, 1, SPEC, (), prev), obs, NOW + timedelta(minutes=2), S)
+    assert progress(up) == {} and conds(up)["Ready"] == ("True", "Serving")
+    assert all(e.reason not in ("Reconciling", "Stalled") and not e.message.startswith(
+        ("Reconciling=", "Stalled=")) for e in [*first.events, *failed.events, *up.events])
