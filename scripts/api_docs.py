@@ -110,6 +110,16 @@ def render() -> str:
         "Types, in the order status lists them: "
         + ", ".join(f"`{c.value}`" for c in ConditionType) + ".",
         "",
+        "`Ready` is True while the model serves (phase Serving). `Reconciling` and `Stalled` "
+        "follow kstatus' abnormal-true convention (Flux's health checks, kpt, Config Sync): "
+        "they are absent unless True. `Reconciling=True` while the operator works towards the "
+        "spec (phases Compressing, Deploying, Degraded, with Ready's reason and message; "
+        "reason `RollingOut` while a pool joins others that serve); `Stalled=True` when it has "
+        "stopped and needs a person (phase Failed, `JobNotStarting`, `APIRefused`: Ready's "
+        "reason and message). kstatus reads an object as InProgress before the operator has "
+        "written its generation (`status` defaults to `{phase: Pending, observedGeneration: "
+        "0}`) and while `Reconciling`, Failed while `Stalled`, Current when `Ready` is True.",
+        "",
         "| reason | Event type |",
         "|---|---|",
     ]

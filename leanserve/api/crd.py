@@ -90,6 +90,11 @@ def crd() -> dict[str, Any]:
     """The CompressedModel CRD as a dict (apiextensions.k8s.io/v1)."""
     status = openapi_schema(CompressedModelStatus)
     status["x-kubernetes-preserve-unknown-fields"] = True
+    # An object the operator has not written yet reads as status {phase: Pending,
+    # observedGeneration: 0} (the API server defaults it on every read): kstatus (Flux's health
+    # checks) sees generation 1 not observed, InProgress, instead of Current for an object with
+    # no status at all, and `kubectl get` shows Pending at once.
+    status["default"] = {}
     # Conditions are a map keyed by type (as metav1.Condition lists are): one per type, and
     # server-side apply merges them by type instead of replacing the list.
     status["properties"]["conditions"].update({"x-kubernetes-list-type": "map",
