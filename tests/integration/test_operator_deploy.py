@@ -88,11 +88,15 @@ def lua_literal(v: Any) -> str:
 
 
 def cm(phase: str | None, ready: tuple[str, str] | None, gen: int = 1,
-       observed: int = 1) -> dict[str, Any]:
+       observed: int = 1, kstatus: str = "") -> dict[str, Any]:
+    """kstatus: "Reconciling" or "Stalled", True, with Ready's reason and message."""
     obj: dict[str, Any] = {"metadata": {"name": "m", "generation": gen}}
     if phase is not None:
         obj["status"] = {"phase": phase, "observedGeneration": observed, "conditions": [
             {"type": "Compressed", "status": "True", "reason": "Compressed", "message": "ok"}]}
+        if kstatus and ready:
+            obj["status"]["conditions"].append({"type": kstatus, "status": "True",
+                                                "reason": ready[1], "message": "msg " + ready[1]})
         if ready:
             obj["status"]["conditions"].append({"type": "Ready", "status": ready[0],
                                                 "reason": ready[1], "message": "msg " + ready[1]})
@@ -109,6 +113,14 @@ def cm(phase: str | None, ready: tuple[str, str] | None, gen: int = 1,
     (cm("Degraded", ("False", "ReplicasUnavailable")), "Degraded"),
     (cm("Failed", ("False", "JobFailed")), "Degraded"),
     (cm("Failed", ("False", "InvalidSpec")), "Degraded"),
+    # with the kstatus conditions the operator writes (tests/unit/test_operator_planner.py)
+    (cm("Compressing", ("False", "Compressing"), kstatus="Reconciling"), "Progressing"),
+    (cm("Compressing", ("False", "JobNotStarting"), kstatus="Stalled"), "Degraded"),
+    (cm("Serving", ("False", "APIRefused"), kstatus="Stalled"), "Degraded"),
+    (cm("Failed", ("False", "NoCandidatePassed"), kstatus="Stalled"), "Degraded"),
+    (cm("Degraded", ("False", "ReplicasUnavailable"), kstatus="Reconciling"), "Degraded"),
+    (cm("Serving", ("True", "Serving"), kstatus="Reconciling"), "Healthy"),
+    (cm("Pending", None, gen=1, observed=0), "Progressing"),  # the CRD's status default
 ])
 def test_argocd_health_lua(obj: dict[str, Any], health: str) -> None:
     lua = shutil.which("lua5.4") or shutil.which("lua")
