@@ -3,6 +3,7 @@
 #
 #   scripts/control-plane.sh build      build the pinned binaries once (no-op when present)
 #   scripts/control-plane.sh bin        print the binaries directory
+#   scripts/control-plane.sh kstatus    print the path of kstatus (object JSON on stdin -> verdict)
 #   scripts/control-plane.sh up DIR     start etcd, kube-apiserver, kube-controller-manager,
 #                                       kube-scheduler and kwok; write DIR/kubeconfig
 #   scripts/control-plane.sh down DIR   stop everything `up DIR` started
@@ -20,6 +21,10 @@ VERSION="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}"
 CACHE="${LEANSERVE_K8S_CACHE:-$HOME/.cache/leanserve/k8s}"
 BIN="$CACHE/$VERSION/bin"
 BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
+# kstatus (sigs.k8s.io/cli-utils/pkg/kstatus/status: the rules of Flux's health checks, kpt and
+# Config Sync) as a command for the tests; its version is scripts/control-plane/kstatus/go.mod's.
+KSTATUS_VERSION="$(awk '$1 == "sigs.k8s.io/cli-utils" {print $2}' "$MODS/kstatus/go.mod")"
+KSTATUS="$CACHE/cli-utils-${KSTATUS_VERSION:?no cli-utils in kstatus/go.mod}/bin/kstatus"
 
 die() { echo "control-plane.sh: $*" >&2; exit 1; }
 
@@ -29,6 +34,7 @@ have_binaries() {
 }
 
 cmd_build() {
+    build_kstatus
     have_binaries && return 0
     command -v go >/dev/null || die "go is not installed; it is needed to build the control plane"
     local tmp start
@@ -53,6 +59,18 @@ cmd_build() {
     rm -rf "$tmp"
     trap - EXIT
     echo "control-plane.sh: built in $(( $(date +%s) - start )) s" >&2
+}
+
+build_kstatus() {  # seconds when cold (its modules are few; Kubernetes' are the control plane's)
+    [ -x "$KSTATUS" ] && return 0
+    command -v go >/dev/null || die "go is not installed; it is needed to build kstatus"
+    local start
+    start=$(date +%s)
+    mkdir -p "$(dirname "$KSTATUS")"
+    (cd "$MODS/kstatus" && go build -trimpath -ldflags="-s -w" -o "$KSTATUS.tmp.$$" .) \
+        || { rm -f "$KSTATUS.tmp.$$"; die "building kstatus failed"; }
+    mv -f "$KSTATUS.tmp.$$" "$KSTATUS"
+    echo "control-plane.sh: built kstatus $KSTATUS_VERSION in $(( $(date +%s) - start )) s" >&2
 }
 
 
@@ -275,7 +293,8 @@ cmd_down() {  # stop every process `up` recorded whose command line names DIR: a
 case "${1:-}" in
     build) cmd_build ;;
     bin) echo "$BIN" ;;
+    kstatus) echo "$KSTATUS" ;;
     up) [ $# -eq 2 ] || die "usage: $0 up DIR"; cmd_build; cmd_up "$2" ;;
     down) [ $# -eq 2 ] || die "usage: $0 down DIR"; cmd_down "$2" ;;
-    *) die "usage: $0 build | bin | up DIR | down DIR" ;;
+    *) die "usage: $0 build | bin | kstatus | up DIR | down DIR" ;;
 esac
