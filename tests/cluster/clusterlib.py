@@ -149,6 +149,18 @@ def pv_and_claim(cp: Any, ns: str, claim: str, path: Path) -> None:
                "--timeout=60s")
 
 
+def kstatus(obj: dict[str, Any]) -> dict[str, Any]:
+    """kstatus' verdict on ``obj`` (sigs.k8s.io/cli-utils' status.Compute, as Flux's health
+    checks, kpt and Config Sync compute it): ``{"status": "InProgress|Current|Failed|...",
+    "message": ..., "conditions": ["Reconciling=True/Reason", ...]}``."""
+    binary = subprocess.run(["bash", str(ROOT / "scripts" / "control-plane.sh"), "kstatus"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run([binary], input=json.dumps(obj), capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
 def get_json(cp: Any, *args: str) -> Any:
     out = cp.kubectl("get", *args, "-o", "json", check=False)
     return json.loads(out.stdout) if out.returncode == 0 else None

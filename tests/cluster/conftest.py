@@ -38,10 +38,18 @@ def binaries_dir() -> Path:
     return Path(out.stdout.strip())
 
 
+def kstatus_binary() -> Path:
+    """kstatus (cli-utils' status rules: Flux, kpt, Config Sync), built with the binaries."""
+    out = subprocess.run(["bash", str(SCRIPT), "kstatus"], capture_output=True, text=True,
+                         check=True)
+    return Path(out.stdout.strip())
+
+
 def binaries_built() -> bool:
     b = binaries_dir()
     return all((b / n).is_file() for n in ("etcd", "kube-apiserver", "kube-controller-manager",
-                                           "kube-scheduler", "kubectl", "kwok"))
+                                           "kube-scheduler", "kubectl", "kwok")) and \
+        kstatus_binary().is_file()
 
 
 @dataclass

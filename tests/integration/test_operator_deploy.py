@@ -84,7 +84,25 @@ def lua_literal(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if v is None:
+        return "nil"
+    escaped = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") \
+        .replace("\r", "\\r")
+    return '"' + escaped + '"'
+
+
+def argocd_health(obj: dict[str, Any]) -> tuple[str, str]:
+    """(status, message) of deploy/argocd/health.lua for ``obj``, run by lua5.4 as Argo CD runs
+    it (skips the test without a Lua interpreter)."""
+    lua = shutil.which("lua5.4") or shutil.which("lua")
+    if lua is None:
+        pytest.skip("no Lua interpreter (scripts/setup.sh installs lua5.4)")
+    script = f"local function health(obj)\n{LUA.read_text()}\nend\n" \
+             f"local hs = health({lua_literal(obj)})\nio.write(hs.status, '|', hs.message)\n"
+    out = subprocess.run([lua, "-"], input=script, capture_output=True, text=True, timeout=10,
+                         check=True).stdout
+    status, message = out.split("|", 1)
+    return status, message
 
 
 def cm(phase: str | None, ready: tuple[str, str] | None, gen: int = 1,
@@ -123,14 +141,7 @@ def cm(phase: str | None, ready: tuple[str, str] | None, gen: int = 1,
     (cm("Pending", None, gen=1, observed=0), "Progressing"),  # the CRD's status default
 ])
 def test_argocd_health_lua(obj: dict[str, Any], health: str) -> None:
-    lua = shutil.which("lua5.4") or shutil.which("lua")
-    if lua is None:
-        pytest.skip("no Lua interpreter (scripts/setup.sh installs lua5.4)")
-    script = f"local function health(obj)\n{LUA.read_text()}\nend\n" \
-             f"local hs = health({lua_literal(obj)})\nio.write(hs.status, '|', hs.message)\n"
-    out = subprocess.run([lua, "-"], input=script, capture_output=True, text=True, timeout=10,
-                         check=True).stdout
-    status, message = out.split("|", 1)
+    status, message = argocd_health(obj)
     assert status == health
     assert message  # Argo CD shows it; never empty
     if obj.get("status", {}).get("conditions", [{}])[-1].get("type") == "Ready" and \
