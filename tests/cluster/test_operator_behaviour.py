@@ -33,6 +33,7 @@ from clusterlib import (
     delete_namespace,
     install_crd,
     install_operator,
+    kstatus,
     pv_and_claim,
     service_account_kubeconfig,
     wait_for,
@@ -195,6 +196,7 @@ def test_no_candidate_stays_failed_with_the_report_even_after_the_job_is_gone(
     assert failed["status"]["recipe"]["outcome"] == "NoCandidatePassed"
     assert failed["status"]["compression"]["candidates"][0]["name"] == "int8"
     assert failed["status"]["compression"].get("selected") is None  # null: absent
+    assert kstatus(failed)["conditions"] == ["Stalled=True/NoCandidatePassed"]  # kstatus Failed
 
     # The TTL controller's deletion, done now: background propagation, as it does.
     api.request("DELETE", f"/apis/batch/v1/namespaces/{ns}/jobs/{name}",
@@ -321,6 +323,8 @@ def test_an_admission_refusal_reaches_status_with_the_servers_message(
         events = [e for e in api.get(f"/api/v1/namespaces/{ns}/events")["items"]
                   if e["reason"] == "APIRefused"]
         assert len(events) == 1 and "policy no-jobs" in events[0]["message"]
+        verdict = kstatus(refused)  # Stalled: Flux's health check fails without a timeout
+        assert verdict["status"] == "Failed" and "policy no-jobs" in verdict["message"]
     finally:
         control_plane.kubectl("delete", "validatingadmissionpolicybinding", policy,
                               check=False)
@@ -328,6 +332,8 @@ def test_an_admission_refusal_reaches_status_with_the_servers_message(
     wait_for(lambda: jobs(api, ns), 60, "the Job once the policy is gone")
     wait_for(lambda: condition(cmod(api, ns, "refused"), "Ready").get("reason")
              == "Compressing", 30, "Ready back to Compressing")
+    assert kstatus(cmod(api, ns, "refused"))["conditions"] == [  # type: ignore[arg-type]
+        "Reconciling=True/Compressing"]  # Stalled gone with the refusal
 
 
 def test_a_quota_refusal_reaches_status_with_the_servers_message(
@@ -356,12 +362,14 @@ def test_a_quota_refusal_reaches_status_with_the_servers_message(
         message = condition(stuck, "Compressed")["message"]
         print(f"Compressed: JobNotStarting: {message}")
         assert "exceeded quota: small" in message and "requests.cpu" in message, message
+        assert kstatus(stuck)["conditions"] == ["Stalled=True/JobNotStarting"]
         apply(control_plane, model("second", ns))
         refused = wait_for(lambda: condition(cmod(api, ns, "second"), "Ready").get("reason")
                            == "APIRefused" and cmod(api, ns, "second"), 60, "Ready=APIRefused")
         message = condition(refused, "Ready")["message"]
         print(f"Ready: APIRefused: {message}")
         assert "exceeded quota: small" in message and "count/jobs.batch" in message, message
+        assert kstatus(refused)["conditions"] == ["Stalled=True/APIRefused"]
         assert len(jobs(api, ns)) == 1
         assert rbac_refusals(op) == []
 
