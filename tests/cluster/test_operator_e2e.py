@@ -81,7 +81,9 @@ def test_deploy_operator_applies(control_plane: Any, installed: Any) -> None:
 
 
 def _namespace(cp: Any, ns: str) -> None:
-    cp.kubectl("create", "namespace", ns)
+    # created or kept: another module may have left it (test_validation_apiserver keeps ml)
+    cp.kubectl("apply", "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
     wait_for(lambda: cp.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0,
              30, f"the default ServiceAccount of {ns}")
 
