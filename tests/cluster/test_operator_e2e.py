@@ -237,8 +237,9 @@ def test_minilm_cluster_lifecycle_from_apply_to_serving(
     assert report["selected"] == selected
     assert [c["name"] for c in report["candidates"]] == ["int8"]
     # ... from the claim's data: 300 of the 400 hand-written rows train (100 held out, 50
-    # validation and 50 test), with the claim's training-only rows
-    assert report["rows"] == {"train": 300 + TRAINING_ROWS, "eval": 50}, report["rows"]
+    # validation and 50 test), with the claim's training-only rows; validation adds the 150
+    # real rows marked "split": "validation"
+    assert report["rows"] == {"train": 300 + TRAINING_ROWS, "eval": 50 + 150}, report["rows"]
     assert (out / "model_repository").is_dir()
     conds = {c["type"]: c for c in status["conditions"]}
     assert all(c["status"] in ("True", "False", "Unknown") for c in conds.values())
