@@ -203,9 +203,14 @@ class DataSource(Model):
     """Calibration, evaluation and distillation data."""
 
     uri: Uri = Field(description="jsonl ({\"text\", \"label\"}) or npz (x, y); a URI as "
-                     "spec.model.uri, relative paths resolve against the spec file's folder.")
+                     "spec.model.uri, relative paths resolve against the spec file's folder. A "
+                     "jsonl row may carry \"split\": \"train\" (only trained and calibrated "
+                     "on), \"validation\" (always in the split that gates quality) or "
+                     "\"test\" (always in the reported split); a held-out row is never "
+                     "trained on.")
     eval_fraction: float = Field(0.25, gt=0, lt=1,
-                                 description="Share of rows held out to evaluate quality.")
+                                 description="Share of the rows without a \"split\" held out "
+                                 "to evaluate quality (half validation, half test).")
 
 
 class Artifacts(Model):

@@ -37,6 +37,15 @@ S3_ROOT_ENV = "LEANSERVE_S3_ROOT"
 
 TRAIN_SPLIT = "train"
 """A jsonl row with ``"split": "train"`` is used for training and calibration, never held out."""
+VALIDATION_SPLIT = "validation"
+"""A jsonl row with ``"split": "validation"`` is always a validation row (gates quality, chooses
+settings), never trained or calibrated on."""
+TEST_SPLIT = "test"
+"""A jsonl row with ``"split": "test"`` is always a test row (reported only), never trained or
+calibrated on."""
+SPLITS = (TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT)
+"""The values of a jsonl row's ``"split"`` key; a row without the key is divided by
+spec.data.evalFraction."""
 
 
 class LoadError(CompressionError):
@@ -262,8 +271,15 @@ class Rows:
     texts: list[str] | None = None
     x: np.ndarray | None = None
     labels: np.ndarray | None = None
-    train_only: np.ndarray | None = None
-    """Bool per row: True for rows marked ``"split": "train"`` (never held out)."""
+    marks: np.ndarray | None = None
+    """Per row, the jsonl ``"split"`` value ("train", "validation" or "test"), or "" for a row
+    without one (divided by evalFraction); None when no row is marked."""
+
+    @property
+    def train_only(self) -> np.ndarray | None:
+        """Bool per row: True for rows marked ``"split": "train"`` (never held out); None when
+        no row is marked."""
+        return None if self.marks is None else self.marks == TRAIN_SPLIT
 
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else (
@@ -274,7 +290,7 @@ class Rows:
             texts=[self.texts[i] for i in idx] if self.texts is not None else None,
             x=self.x[idx] if self.x is not None else None,
             labels=self.labels[idx] if self.labels is not None else None,
-            train_only=self.train_only[idx] if self.train_only is not None else None,
+            marks=self.marks[idx] if self.marks is not None else None,
         )
 
 
@@ -301,7 +317,7 @@ def load_data(uri: str, task: Task, base_dir: Path | None) -> Rows:
 def _load_jsonl(path: Path, uri: str, task: Task | None = None) -> Rows:
     texts: list[str] = []
     labels: list[int] = []
-    train_only: list[bool] = []
+    marks: list[str] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -312,10 +328,12 @@ def _load_jsonl(path: Path, uri: str, task: Task | None = None) -> Rows:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise LoadError(f"{DATA_URI}: {uri!r} line {n} has no \"text\" string")
         split_name = obj.get("split")
-        if split_name not in (None, TRAIN_SPLIT):
+        if split_name is not None and split_name not in SPLITS:
             raise LoadError(f"{DATA_URI}: {uri!r} line {n}: \"split\" is {split_name!r} "
-                            f"(allowed: \"{TRAIN_SPLIT}\" for training-only rows, or no key)")
-        train_only.append(split_name == TRAIN_SPLIT)
+                            f"(allowed: \"{TRAIN_SPLIT}\" for training-only rows, "
+                            f"\"{VALIDATION_SPLIT}\" or \"{TEST_SPLIT}\" for rows always held "
+                            "out, or no key to let evalFraction divide them)")
+        marks.append(split_name or "")
         texts.append(obj["text"])
         if "label" in obj:
             labels.append(int(obj["label"]))
@@ -324,7 +342,7 @@ def _load_jsonl(path: Path, uri: str, task: Task | None = None) -> Rows:
     if labels and len(labels) != len(texts):
         raise LoadError(f"{DATA_URI}: {uri!r}: some rows have a label and some do not")
     return Rows(texts=texts, labels=np.asarray(labels, dtype=np.int64) if labels else None,
-                train_only=np.asarray(train_only, dtype=bool) if any(train_only) else None)
+                marks=np.asarray(marks, dtype=object) if any(marks) else None)
 
 
 def _load_npz(path: Path, uri: str) -> Rows:
@@ -344,29 +362,45 @@ def _load_npz(path: Path, uri: str) -> Rows:
 
 
 def split(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows]:
-    """(train, eval), deterministic for a seed; each part gets at least one row.
+    """(train, held out), deterministic for a seed; each part gets at least one row.
 
-    Rows marked ``"split": "train"`` always train; ``eval_fraction`` of the *other* rows is
-    held out, drawn exactly as if the marked rows were not in the file (so adding training-only
-    text never changes which rows evaluate quality). A training-only row whose text (compared
-    case- and space-insensitively) is also a held-out row's is dropped: no model may train on
+    Rows marked ``"split": "train"`` always train, rows marked ``"validation"`` or ``"test"``
+    are always held out; ``eval_fraction`` of the *unmarked* rows is held out, drawn exactly as
+    if the marked rows were not in the file (so adding marked rows never changes which unmarked
+    rows evaluate quality). A training row whose text (compared case- and space-insensitively)
+    is also a held-out row's is dropped when either of the two is marked: no model may train on
     a sentence its quality is judged on.
     """
-    fixed = rows.train_only if rows.train_only is not None else np.zeros(len(rows), bool)
-    pool = np.flatnonzero(~fixed)
-    n = len(pool)
-    if n < 2:
-        raise LoadError(f"{DATA_URI}: has {n} row(s) that may be held out; at least 2 are "
-                        "needed (train and eval)")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_eval = min(n - 1, max(1, round(n * eval_fraction)))
-    held = np.sort(pool[perm[:n_eval]])
-    extra = np.flatnonzero(fixed)
-    if rows.texts is not None and len(extra):
-        seen = {_norm(rows.texts[i]) for i in held}
-        extra = np.asarray([i for i in extra if _norm(rows.texts[i]) not in seen], dtype=np.int64)
-    train = np.sort(np.concatenate([pool[perm[n_eval:]], extra]))
+    train, held, _ = _divide(rows, eval_fraction, seed)
     return rows.take(train), rows.take(held)
+
+
+def _divide(rows: Rows, eval_fraction: float, seed: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, held out, the unmarked held-out rows) as sorted row indices (see ``split``)."""
+    marks = rows.marks if rows.marks is not None else np.full(len(rows), "", dtype=object)
+    pool = np.flatnonzero(marks == "")
+    fixed_held = np.flatnonzero((marks == VALIDATION_SPLIT) | (marks == TEST_SPLIT))
+    n = len(pool)
+    if n < 2 and not len(fixed_held):
+        raise LoadError(f"{DATA_URI}: has {n} row(s) that may be held out; at least 2 are "
+                        "needed (train and eval), or rows marked \"split\": \"validation\" "
+                        "and \"test\"")
+    perm = np.random.default_rng(seed).permutation(n)
+    # with no marked held-out rows, one unmarked row always trains (as it always did)
+    n_eval = 0 if n < 2 else min(n - 1, max(1, round(n * eval_fraction)))
+    drawn = np.sort(pool[perm[:n_eval]])
+    held = np.sort(np.concatenate([drawn, fixed_held]))
+    train = np.sort(np.concatenate([pool[perm[n_eval:]], np.flatnonzero(marks == TRAIN_SPLIT)]))
+    if rows.texts is not None and rows.marks is not None and len(train):
+        every = {_norm(rows.texts[i]) for i in held}
+        fixed = {_norm(rows.texts[i]) for i in fixed_held}
+        train = np.asarray([i for i in train if _norm(rows.texts[i]) not in
+                            (every if marks[i] == TRAIN_SPLIT else fixed)], dtype=np.int64)
+    if not len(train):
+        raise LoadError(f"{DATA_URI}: no row is left to train on (every row is held out or "
+                        "repeats a held-out one): add rows, or mark some \"split\": \"train\"")
+    return train, held, drawn
 
 
 def _norm(text: str) -> str:
@@ -374,17 +408,25 @@ def _norm(text: str) -> str:
 
 
 def split3(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows, Rows]:
-    """(train, validation, test): ``split``'s held-out rows halved at random, deterministic for a
-    seed. Validation chooses settings and gates quality; test is reported and never decides
-    anything. Their union is ``split``'s held-out set, so adding training-only text moves
-    neither."""
-    train, held = split(rows, eval_fraction, seed)
-    if len(held) < 2:
-        raise LoadError(f"{DATA_URI}: {len(held)} held-out row(s); at least 2 are needed "
-                        "(validation and test): add rows or raise spec.data.evalFraction")
-    perm = np.random.default_rng(seed + 1).permutation(len(held))
-    half = (len(held) + 1) // 2
-    return train, held.take(np.sort(perm[:half])), held.take(np.sort(perm[half:]))
+    """(train, validation, test), deterministic for a seed. The unmarked held-out rows of
+    ``split`` are halved at random (the larger half to validation); rows marked
+    ``"split": "validation"`` or ``"test"`` join their split. Validation chooses settings and
+    gates quality; test is reported and never decides anything. Their union is ``split``'s
+    held-out set, so adding training-only text moves neither, and adding marked held-out rows
+    moves no unmarked one."""
+    train, _held, drawn = _divide(rows, eval_fraction, seed)
+    marks = rows.marks if rows.marks is not None else np.full(len(rows), "", dtype=object)
+    perm = np.random.default_rng(seed + 1).permutation(len(drawn))
+    half = (len(drawn) + 1) // 2
+    val = np.sort(np.concatenate([drawn[np.sort(perm[:half])],
+                                  np.flatnonzero(marks == VALIDATION_SPLIT)]))
+    test = np.sort(np.concatenate([drawn[np.sort(perm[half:])],
+                                   np.flatnonzero(marks == TEST_SPLIT)]))
+    if not len(val) or not len(test):
+        raise LoadError(f"{DATA_URI}: {len(val)} validation and {len(test)} test row(s); at "
+                        "least 1 of each is needed: add rows, raise spec.data.evalFraction, or "
+                        "mark rows \"split\": \"validation\" / \"test\"")
+    return rows.take(train), rows.take(val), rows.take(test)
 
 
 def long_rows(rows: Rows, *, tokenizer: Any, max_length: int) -> Rows:

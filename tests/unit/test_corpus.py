@@ -42,17 +42,36 @@ def test_no_held_out_sentence_is_in_the_training_corpus() -> None:
                        for line in CORPUS.read_text().splitlines()}
 
 
-def test_minilm_data_holds_out_only_hand_written_sentences_and_trains_on_the_corpus() -> None:
-    from leanserve.api.spec import Task
-    from leanserve.compression.loading import load_data, split3
+def test_minilm_data_holds_out_hand_written_and_real_rows_and_trains_on_the_rest() -> None:
+    import sys
 
+    from leanserve.api.spec import Task
+    from leanserve.compression.loading import _norm, load_data, split3
+
+    sys.path.insert(0, str(CORPUS.parent))
+    try:
+        from make_corpus import KINDS, held_out
+    finally:
+        sys.path.pop(0)
     data = CORPUS.parent / "minilm.jsonl"
     sentences = [json.loads(line)["text"]
                  for line in (CORPUS.parent / "sentences.jsonl").read_text().splitlines()]
-    corpus = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()]
+    corpus = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    marked = held_out(corpus)
     rows = load_data(str(data), Task.FEATURE_EXTRACTION, None)
-    assert rows.texts == sentences + corpus  # make_corpus.py's output is current
+    assert rows.texts == sentences + [r["text"] for r in corpus]
+    assert rows.marks is not None  # make_corpus.py's output is current
+    assert list(rows.marks) == [""] * len(sentences) + [marked.get(i, "train")
+                                                        for i in range(len(corpus))]
     train, val, test = split3(rows, 0.25, seed=0)  # examples/minilm-cpu.yaml's split
-    assert len(val) == len(test) == 50 and len(train) == 300 + len(corpus)
-    assert set(val.texts) | set(test.texts) <= set(sentences)
-    assert not (set(val.texts) | set(test.texts)) & set(train.texts)
+    assert len(val) == len(test) == 50 + 150 and len(train) == 300 + len(corpus) - 300
+    for part, name in ((val, "validation"), (test, "test")):
+        assert part.texts is not None
+        assert len(set(part.texts) & set(sentences)) == 50
+        sources = [corpus[i]["source"] for i, where in marked.items() if where == name]
+        for prefixes in KINDS.values():  # a third of the real rows from each kind
+            assert sum(s.startswith(prefixes) for s in sources) == 50
+    assert train.texts is not None and val.texts is not None and test.texts is not None
+    assert not {_norm(t) for t in val.texts + test.texts} & {_norm(t) for t in train.texts}
+    # the sample is fixed (SEED), not drawn afresh
+    assert held_out(corpus) == marked and held_out(corpus, seed=1) != marked
