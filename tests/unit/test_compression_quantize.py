@@ -282,6 +282,33 @@ def test_padding_free_graph_escapes_the_skip_layer_norm_fusion(tiny, tmp_path: P
     assert ops.count("LayerNormalization") >= 2 * 2  # two per layer of the tiny BERT
 
 
+def test_padding_free_attention_reads_q_k_v_in_place(tiny, tmp_path: Path) -> None:
+    """The sequence-major query/key/value of the packed graph let ORT's MatmulTransposeFusion
+    fold the head split into the attention products at session load: two FusedMatMul per
+    layer (the scores also with the keys transposed), one 4-D Transpose (the context's)."""
+    import onnxruntime as ort
+
+    m, data, _, _, _ = tiny
+    path = export_onnx(m.module, data[0], tmp_path / "packed.onnx", Task.FEATURE_EXTRACTION,
+                       pack=True)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    layers = len(m.module.backbone.encoder.layer)
+
+    def attrs(node: onnx.NodeProto) -> dict:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    fused = [attrs(n) for n in graph.node if n.op_type == "FusedMatMul"]
+    assert len(fused) == 2 * layers
+    assert sum(f.get("transB") == 1 and f.get("transBatchA") == 1 for f in fused) == layers
+    assert all(f.get("transBatchB") == 1 for f in fused)
+    four_d = [n for n in graph.node if n.op_type == "Transpose"
+              and len(attrs(n)["perm"]) == 4]
+    assert len(four_d) == layers
+
+
 def test_gemm_as_matmul_keeps_the_function(tiny, tmp_path: Path) -> None:
     m, data, _, _, _ = tiny
     path = export_onnx(m.module, data[0], tmp_path / "packed.onnx", Task.FEATURE_EXTRACTION,
