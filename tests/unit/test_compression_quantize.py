@@ -285,7 +285,8 @@ def test_padding_free_graph_escapes_the_skip_layer_norm_fusion(tiny, tmp_path: P
 def test_padding_free_attention_reads_q_k_v_in_place(tiny, tmp_path: Path) -> None:
     """The sequence-major query/key/value of the packed graph let ORT's MatmulTransposeFusion
     fold the head split into the attention products at session load: two FusedMatMul per
-    layer (the scores also with the keys transposed), one 4-D Transpose (the context's)."""
+    layer (the scores also with the keys transposed), one 4-D Transpose (the context's), and
+    the query/key/value split before they are unpacked."""
     import onnxruntime as ort
 
     m, data, _, _, _ = tiny
@@ -307,6 +308,13 @@ def test_padding_free_attention_reads_q_k_v_in_place(tiny, tmp_path: Path) -> No
     four_d = [n for n in graph.node if n.op_type == "Transpose"
               and len(attrs(n)["perm"]) == 4]
     assert len(four_d) == layers
+    # q, k, v are split on the packed rows, before any unpacking Gather
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    splits = [n for n in graph.node if n.op_type in ("Split", "Slice")
+              and n.input[0] in made_by and made_by[n.input[0]] in ("Gemm", "Add", "MatMul")]
+    assert len(splits) == layers
+    assert not any(n.op_type in ("Split", "Slice") and made_by.get(n.input[0]) == "Gather"
+                   for n in graph.node)
 
 
 def test_gemm_as_matmul_keeps_the_function(tiny, tmp_path: Path) -> None:
