@@ -11,6 +11,11 @@ scattered back into [batch, sequence] only for the attention product and softmax
 attention on GPU, written as plain ONNX ops (NonZero, CumSum, Gather), so ONNX Runtime's CPU
 provider runs it and its dynamic int8 quantizer sees ordinary MatMuls.
 
+BERT's embeddings (word + position + token type, LayerNorm) run on the real tokens too: the
+ids are packed first and each token's position (its index in its row) passed in; embeddings
+that derive positions from the padding (RoBERTa's ``padding_idx``) run padded, then are
+packed. On MiniLM this is where the 4-bit vocabulary table is decoded: 59% fewer rows.
+
 Packing needs no scatter: ``pack`` gathers the real rows (NonZero of the flattened mask);
 ``unpack`` gathers, for every padded position, the packed row of its own token (the running
 count of real tokens); padding positions get a copy of a real row, which attention's mask and
@@ -36,6 +41,7 @@ fusion cost the 3-D graph 17% of its time. The exporter writes the 2-D projectio
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -77,6 +83,20 @@ def _layers(encoder: TextEncoder) -> list[nn.Module]:
     return list(layers)
 
 
+def _takes_positions(embeddings: nn.Module) -> bool:
+    """Whether the embeddings are BERT's (position i of a row is i, token type 0 unless
+    given), so that the real tokens alone can be embedded with their positions passed in.
+    RoBERTa-style embeddings derive positions from the padding (``padding_idx``): those are
+    embedded padded, then packed."""
+    try:
+        params = inspect.signature(embeddings.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return ({"input_ids", "position_ids", "token_type_ids"} <= set(params)
+            and not hasattr(embeddings, "padding_idx")
+            and getattr(embeddings, "position_embeddings", None) is not None)
+
+
 class PackedEncoder(nn.Module):
     """``TextEncoder``'s function with token-wise work on real tokens only.
 
@@ -106,6 +126,7 @@ class PackedEncoder(nn.Module):
                 lin.bias.copy_(torch.cat([p.bias * k for p, k in parts]))
                 fused.append(lin)
         self.qkv = nn.ModuleList(fused)
+        self.embed_packed = _takes_positions(encoder.backbone.embeddings)
 
     def _attention(self, index: int, h: torch.Tensor, unpack, bias: torch.Tensor,
                    shape: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -144,8 +165,14 @@ class PackedEncoder(nn.Module):
 
         bias = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(
             torch.float32).min
-        emb = enc.backbone.embeddings(input_ids=input_ids)
-        h = pack(emb.reshape(batch * seq, -1))
+        embeddings = enc.backbone.embeddings
+        if self.embed_packed:  # word/position/type embeddings and their LayerNorm per token
+            ids = pack(input_ids.reshape(-1, 1)).reshape(1, -1)  # [1, T]
+            steps = torch.remainder(real, seq).reshape(1, -1)  # each token's position
+            h = embeddings(input_ids=ids, position_ids=steps,
+                           token_type_ids=torch.zeros_like(ids))[0]
+        else:
+            h = pack(embeddings(input_ids=input_ids).reshape(batch * seq, -1))
         for i, layer in enumerate(self.layers):
             ctx = pack(self._attention(i, h, lambda x: unpack(x, by_step), bias,
                                        (batch, seq)))

@@ -317,6 +317,31 @@ def test_padding_free_attention_reads_q_k_v_in_place(tiny, tmp_path: Path) -> No
                    for n in graph.node)
 
 
+def _word_lookup_ids(path: Path) -> str:
+    graph = onnx.load(str(path)).graph
+    tables = {t.name for t in graph.initializer if "word_embeddings" in t.name}
+    return next(n.input[1] for n in graph.node if n.op_type == "Gather" and n.input[0] in tables)
+
+
+def test_padding_free_embeds_real_tokens_only(tiny, tmp_path: Path) -> None:
+    """BERT embeddings run on the packed ids (positions passed in); embeddings that derive
+    positions from the padding (RoBERTa's ``padding_idx``) run padded, then are packed."""
+    m, data, _, _, _ = tiny
+    ids = torch.tensor([[2, 9, 10, 11, 3, 0, 0], [2, 12, 13, 3, 0, 0, 0]])
+    b = Batch(inputs={"input_ids": ids, "attention_mask": (ids > 0).long()})
+    roberta_like = copy.deepcopy(m.module)
+    roberta_like.backbone.embeddings.padding_idx = 0
+    for module, packed_ids in ((m.module, True), (roberta_like, False)):
+        assert packable(module).embed_packed is packed_ids
+        path = export_onnx(module, data[0], tmp_path / f"{packed_ids}.onnx",
+                           Task.FEATURE_EXTRACTION, pack=True)
+        assert is_packed(path)
+        assert (_word_lookup_ids(path) != "input_ids") is packed_ids
+        with torch.no_grad():
+            ref = module(**b.inputs).numpy()
+        assert np.allclose(run_onnx(session(path), b), ref, atol=1e-4)
+
+
 def test_gemm_as_matmul_keeps_the_function(tiny, tmp_path: Path) -> None:
     m, data, _, _, _ = tiny
     path = export_onnx(m.module, data[0], tmp_path / "packed.onnx", Task.FEATURE_EXTRACTION,
