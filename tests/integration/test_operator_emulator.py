@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from leanserve.operator.kube import Kinds, KubeClient
 from leanserve.operator.metrics import OperatorMetrics
 from leanserve.operator.runner import KopfTuning, make_runtime, run_operator
 from leanserve.operator.settings import OperatorSettings, PolicySettings
+from tests.unit.test_operator_bridge import Silent
 
 pytestmark = pytest.mark.integration
 
@@ -594,31 +594,6 @@ async def test_restart_mid_flight_makes_no_duplicate_and_keeps_status() -> None:
         assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8002"
 
 
-class SilentPrometheus:
-    """A TCP server that accepts every connection and never answers (a hung Prometheus)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.held: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                self.held.append(self.sock.accept()[0])
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
-        self.sock.close()
-        self._thread.join(timeout=5)
-        for conn in self.held:
-            conn.close()
-
-
 async def test_sigterm_stops_the_operator_at_once_while_a_prometheus_query_hangs(
         tmp_path: Path, serving_group_members: Callable[[int], list[int]]) -> None:
     """`leanserve operator` exits cleanly on SIGTERM (every rollout of its Deployment) while its
@@ -627,7 +602,7 @@ async def test_sigterm_stops_the_operator_at_once_while_a_prometheus_query_hangs
     query, and the exit waited for each query of the step to time out (5 x 5 s). A reconcile
     waiting for the model's lock behind the step is not cut off by kopf's drain timeout either:
     the step stops at the signal, not at the cleanup after the drain."""
-    prom = SilentPrometheus()
+    prom = Silent()  # a Prometheus that accepts every query and never answers
     profile = {**PROFILE, "gpu-t4": {"capacity_rps": 400, "cost_per_million_requests": 9.9,
                                      "measured": False}}
     async with emulator() as c:
@@ -661,18 +636,18 @@ async def test_sigterm_stops_the_operator_at_once_while_a_prometheus_query_hangs
             await c.wait_phase("Serving")
 
             async def waiting() -> bool:
-                return bool(prom.held)
+                return prom.count > 0
             await c.wait("an autoscaling query", waiting)
             # a watch event: its reconcile waits for the model's lock, held by the step
             await c.kube.patch(Kinds.COMPRESSED_MODEL, NS, "minilm",
                                {"metadata": {"labels": {"poke": "1"}}})
             await asyncio.sleep(0.5)
-            queries = len(prom.held)
+            queries = prom.count
             os.killpg(proc.pid, signal.SIGTERM)
             # the emulator keeps answering (the Lease's release) while this thread waits
             code = await asyncio.to_thread(proc.wait, PrometheusSource.timeout)
             assert code == 0, log.read_text()
-            assert len(prom.held) == queries  # no query after the signal
+            assert prom.count == queries  # no query after the signal
             assert serving_group_members(proc.pid) == []
             text = log.read_text()
             assert "Signal SIGTERM received" in text and "Traceback" not in text, text
