@@ -510,8 +510,9 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
                                           for k in ("query", "key", "value")) / 3
                                 loss = loss + cfg.relation_weight * rel
                 with torch.enable_grad():
-                    amp.step(loss, opt)
-                sched.step()
+                    took = amp.step(loss, opt)
+                if took:  # a step fp16's loss scaler skipped does not advance the schedule
+                    sched.step()
                 done += 1
                 losses.append(float(loss.detach()))
                 if on_step is not None:

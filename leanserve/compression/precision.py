@@ -72,7 +72,7 @@ class MixedPrecision:
     def create(cls, precision: str, device: torch.device | str, *,
                field_name: str = "precision") -> MixedPrecision:
         device_type, dtype, scaled = resolve(precision, device, field_name=field_name)
-        scaler = torch.amp.GradScaler("cuda") if scaled else None
+        scaler = torch.amp.GradScaler(device_type) if scaled else None
         return cls(precision=precision, device_type=device_type, dtype=dtype, scaler=scaler)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from pathlib import Path
@@ -11,11 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from leanserve.api.spec import LowRankStep, PruneStep, Task
+from leanserve.api.spec import LowRankStep, PruneStep, QuantizeMethod, QuantizeStep, Task
+from leanserve.compression import precision
 from leanserve.compression.lowrank import low_rank
 from leanserve.compression.modules import ImageClassifier
 from leanserve.compression.precision import MixedPrecision, resolve
 from leanserve.compression.prune import prune
+from leanserve.compression.qat import train_qat
 from leanserve.compression.registry import Batch, Context, Model, StepError
 
 STEP_PATH = "spec.compression.candidates[c].steps[0]"
@@ -93,14 +96,14 @@ def test_bf16_fine_tune_keeps_digits_accuracy_close_to_fp32(tmp_path: Path, digi
     ctx = Context(task=Task.IMAGE_CLASSIFICATION, train=train, teacher=teacher, workdir=tmp_path,
                   extra={"step_path": STEP_PATH})
     got, seconds = {}, {}
-    for precision in ("fp32", "bf16"):
+    for name in ("fp32", "bf16"):
         cfg = PruneStep(method="structured", granularity="channel", importance="l2",
-                        sparsity=0.5, fine_tune_epochs=2, precision=precision)
+                        sparsity=0.5, fine_tune_epochs=2, precision=name)
         started = time.perf_counter()
         out = prune(Model(module=teacher), cfg, ctx)
-        seconds[precision] = time.perf_counter() - started
+        seconds[name] = time.perf_counter() - started
         assert all(p.dtype == torch.float32 for p in out.module.parameters())
-        got[precision] = accuracy(out.module, held)
+        got[name] = accuracy(out.module, held)
     print(f"digits: baseline {base:.4f}, fp32 {got['fp32']:.4f}, bf16 {got['bf16']:.4f}, "
           f"bf16/fp32 time {seconds['bf16'] / seconds['fp32']:.2f}")
     assert got["fp32"] > base - 0.05
@@ -130,3 +133,83 @@ def test_low_rank_fine_tune_recovers_accuracy(tmp_path: Path, digits: Digits) ->
                                                         precision="bf16"), ctx)
     assert tuned.notes["fine_tune_epochs"] == 2 and tuned.notes["precision"] == "bf16"
     assert accuracy(tuned.module, held) > accuracy(plain.module, held)
+
+
+def test_fp16_gradient_scaler_skips_overflowing_steps_and_counts_them() -> None:
+    """The loss-scaling bookkeeping of fp16 training (CUDA's), run here with torch's CPU
+    GradScaler since this machine has no GPU: a finite step updates the weights; a step whose
+    gradients overflow is skipped, counted, leaves the weights as they were and halves the
+    scale; the next finite step trains again."""
+    layer = nn.Linear(8, 4)
+    amp = MixedPrecision("fp16", "cpu", torch.float16, torch.amp.GradScaler("cpu"))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(3, 8)
+
+    def loss(scale: float = 1.0) -> torch.Tensor:
+        with amp.autocast():
+            out = layer(x)
+        assert out.dtype == torch.float16
+        return out.float().pow(2).mean() * scale
+
+    before = layer.weight.detach().clone()
+    assert amp.step(loss(), opt) and not torch.equal(layer.weight, before)
+    scale = amp.scaler.get_scale()
+    before = layer.weight.detach().clone()
+    assert not amp.step(loss(float("inf")), opt)
+    assert amp.skipped_steps == 1 and torch.equal(layer.weight, before)
+    assert amp.scaler.get_scale() == scale / 2
+    assert amp.step(loss(), opt) and amp.skipped_steps == 1
+    assert layer.weight.dtype == torch.float32
+
+
+@pytest.fixture
+def fp16_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let fp16 (autocast + GradScaler) run on the CPU, which ``resolve`` refuses for users
+    (CPU fp16 kernels are few and slow): the training loops' fp16 path is then exercised here
+    with the same code that runs on CUDA, only the device differs."""
+    real = precision.resolve
+
+    def on_cpu(name: str, device: torch.device | str, *, field_name: str = "precision",
+               cuda_available: bool | None = None) -> tuple[str, torch.dtype | None, bool]:
+        if name == "fp16":
+            return "cpu", torch.float16, True
+        return real(name, device, field_name=field_name, cuda_available=cuda_available)
+
+    monkeypatch.setattr(precision, "resolve", on_cpu)
+
+
+def test_the_training_steps_run_their_fp16_path_with_a_gradient_scaler(
+        tmp_path: Path, digits: Digits, fp16_on_the_cpu: None) -> None:
+    """The shared training loop (prune and lowRank fine-tunes, distillation) and QAT's own
+    loop, in fp16 with loss scaling: they train, keep fp32 weights, and land where fp32 does."""
+    train, held, teacher = digits
+    ctx = Context(task=Task.IMAGE_CLASSIFICATION, train=train, teacher=teacher, workdir=tmp_path,
+                  extra={"step_path": STEP_PATH})
+    got = {}
+    seen: list[torch.dtype] = []
+    for name in ("fp32", "fp16"):
+        cfg = PruneStep(method="structured", granularity="channel", importance="l2",
+                        sparsity=0.5, fine_tune_epochs=2, precision=name)
+        hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+                 for m in teacher.modules() if isinstance(m, nn.Conv2d)]
+        try:  # the hooks travel into the pruned copy, whose fine-tune they watch
+            out = prune(Model(module=teacher), cfg, ctx)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert all(p.dtype == torch.float32 for p in out.module.parameters())
+        got[name] = accuracy(out.module, held)
+    print(f"digits prune fine-tune: fp32 {got['fp32']:.4f}, fp16 {got['fp16']:.4f}")
+    assert torch.float16 in seen  # the fine-tune's convolutions ran in fp16
+    assert abs(got["fp16"] - got["fp32"]) <= 0.02
+    cfg_qat = QuantizeStep(method=QuantizeMethod.QAT, train_steps=20, learning_rate=1e-4,
+                           precision="fp16")
+    student = copy.deepcopy(teacher)
+    before = [p.detach().clone() for p in student.parameters()]
+    notes = train_qat(student, ctx, cfg_qat)
+    print(f"digits QAT in fp16: {notes}")
+    assert notes["precision"] == "fp16" and notes["qat_steps"] == 20
+    assert notes["skipped_steps"] < 20 and np.isfinite(notes["qat_loss_last"])
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all())
+               for p in student.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
