@@ -78,9 +78,10 @@ DEFAULT_STARTUP_SECONDS = 120.0
 """A realistic start-up for a serving pod: schedule, pull a multi-GB Triton image (cached on
 some nodes, not on a fresh one), start tritonserver and load the model."""
 
-MAX_TICKS = 50_000
+MAX_TICKS = 200_000
 """At most this many decision intervals per contender: a trace with a huge time gap would
-otherwise replay for hours. A week at 15 s intervals fits."""
+otherwise replay for hours. A week at the examples' 5 s interval (120,960) fits: `leanserve
+simulate` replayed one in 21 s (six contenders, one core), so the limit is about 35 s."""
 MAX_MIXES = MAX_REPLICA_MIXES
 """At most this many replica mixes (a product over the pools); a valid spec never has more."""
 MAX_RATE = 1e9

@@ -59,7 +59,8 @@ def test_huge_time_gap_is_refused_at_once(tmp_path: Path) -> None:
 
 
 def test_long_trace_without_one_gap_says_shorten() -> None:
-    tr = Trace(tuple(float(i) for i in range(0, 600_000, 10)), tuple(1.0 for _ in range(60_000)))
+    tr = Trace(tuple(float(i) for i in range(0, 1_200_000, 100)),
+               tuple(1.0 for _ in range(12_000)))  # 240,000 intervals of 5 s
     with pytest.raises(TraceError, match="shorten or split the trace"):
         check_bounded(tr, [PoolCapacity("a", 10, 0.1)], Target(100, 1, 4, interval_seconds=5))
 
