@@ -208,6 +208,9 @@ def simulate(
     startup_seconds: Annotated[float, typer.Option(
         help="Seconds from asking for a replica until it serves (pod scheduling, image pull, "
              "model load).", min=0, max=MAX_STARTUP_SECONDS)] = DEFAULT_STARTUP_SECONDS,
+    peak_rps: Annotated[float | None, typer.Option(
+        help="Rescale the trace so that its peak is this many requests/s (for a trace that "
+             "gives the load's shape, such as bench/traces/*.csv).")] = None,
 ) -> None:
     """Replay a load trace against leanserve's policy (the shipped settings, printed), static,
     HPA at 70% and 85%, KEDA and an oracle; every request judged against the SLO. Prints the
@@ -215,7 +218,7 @@ def simulate(
     from leanserve.autoscaling.commands import simulate_command
 
     simulate_command(trace=trace, spec=spec, profile=profile, out=out, console=console,
-                     startup_seconds=startup_seconds)
+                     startup_seconds=startup_seconds, peak_rps=peak_rps)
 
 
 @app.command()

@@ -100,14 +100,19 @@ def describe_settings(sim: Simulation) -> str:
 
 
 def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path,
-                     console: Any, startup_seconds: float = DEFAULT_STARTUP_SECONDS) -> None:
-    """Replay TRACE against the spec's pools; write simulation.json and simulation.png."""
+                     console: Any, startup_seconds: float = DEFAULT_STARTUP_SECONDS,
+                     peak_rps: float | None = None) -> None:
+    """Replay TRACE (rescaled to peak at ``peak_rps`` when given) against the spec's pools;
+    write simulation.json and simulation.png."""
     from rich.table import Table
 
     from leanserve.api.load import load_one
 
     loaded = load_one(spec)
     tr = load_trace(trace)
+    if peak_rps is not None:
+        tr = tr.scaled_to_peak(peak_rps)
+        console.print(f"trace rescaled: peak {peak_rps:g} req/s", highlight=False)
     if profile is not None:
         pools = pools_from_profile(read_profile(profile), loaded.spec)
         source = f"measured profile {profile}"

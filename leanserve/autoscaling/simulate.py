@@ -114,6 +114,15 @@ class Trace:
         step = self.times[1] - self.times[0] if len(self.times) > 1 else 1.0
         return self.times[-1] - self.times[0] + step
 
+    def scaled_to_peak(self, peak_rps: float) -> Trace:
+        """The same shape with its highest rate at ``peak_rps`` (a trace of zeros cannot be)."""
+        top = max(self.rates)
+        if not (math.isfinite(peak_rps) and 0 < peak_rps <= MAX_RATE):
+            raise TraceError(f"peak {peak_rps!r} req/s: allowed 0 < peak <= {MAX_RATE:g}")
+        if top <= 0:
+            raise TraceError("the trace is all zeros: it has no peak to rescale")
+        return Trace(self.times, tuple(r * peak_rps / top for r in self.rates))
+
 
 def load_trace(path: Path) -> Trace:
     """Read ``time_s,requests_per_s`` CSV; TraceError with the line and the fix otherwise."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import math
 import os
 import resource
@@ -63,6 +64,27 @@ def test_long_trace_without_one_gap_says_shorten() -> None:
                tuple(1.0 for _ in range(12_000)))  # 240,000 intervals of 5 s
     with pytest.raises(TraceError, match="shorten or split the trace"):
         check_bounded(tr, [PoolCapacity("a", 10, 0.1)], Target(100, 1, 4, interval_seconds=5))
+
+
+def test_peak_rps_rescales_a_shape_and_refuses_what_has_no_peak(tmp_path: Path) -> None:
+    shape = write_trace(tmp_path / "shape.csv", [(0, 0.1), (60, 1.5), (120, 0.3)])
+    result = runner.invoke(app, ["simulate", "--trace", str(shape), "--spec", str(SPEC),
+                                 "--out", str(tmp_path / "out"), "--peak-rps", "3000",
+                                 "--startup-seconds", "30"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "trace rescaled: peak 3000 req/s" in result.output
+    sim = json.loads((tmp_path / "out" / "simulation.json").read_text())
+    # 3000 req/s needs more than one replica of any pool the spec names, 1.5 req/s does not
+    assert sim["policies"]["oracle"]["max_replicas"] > 1
+    tr = Trace((0.0, 60.0, 120.0), (0.1, 1.5, 0.3)).scaled_to_peak(3000)
+    assert tr.rates == pytest.approx((200.0, 3000.0, 600.0))
+    with pytest.raises(TraceError, match="all zeros"):
+        Trace((0.0, 60.0), (0.0, 0.0)).scaled_to_peak(10)
+    for bad in ("0", "-3", "nan", "1e12"):
+        result = runner.invoke(app, ["simulate", "--trace", str(shape), "--spec", str(SPEC),
+                                     "--out", str(tmp_path / "bad"), "--peak-rps", bad])
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert "peak" in result.output, result.output
 
 
 def test_too_many_replica_mixes_are_refused() -> None:
