@@ -127,8 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import compression  # bench/compression.py
 
-    return compression.main([args.spec, "--candidates", str(chosen), "--out",
+    code = compression.main([args.spec, "--candidates", str(chosen), "--out",
                              str(out / "compress"), "--no-alone", "--rounds", str(args.rounds)])
+    report = json.loads((out / "compress" / "report.json").read_text())
+    print(f"\n{'candidate':<22}{'params':>14}{'units per hidden layer':>26}{'train CPU s':>13}")
+    for c in report["candidates"]:
+        n = c["notes"]
+        kept = n.get("kept_units_per_layer") or n.get("kept_channels_per_layer")
+        cpu = (c.get("cost") or {}).get("cpu_seconds")
+        print(f"{c['name']:<22}{n.get('params_after', 0):>7}/{n.get('params_before', 0):<6}"
+              f"{kept!s:>26}{cpu if cpu is None else round(cpu, 1)!s:>13}")
+    return code
 
 
 if __name__ == "__main__":

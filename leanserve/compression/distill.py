@@ -1,13 +1,22 @@
 """Distillation: a smaller student trained to reproduce the teacher.
 
-The student is either ``studentLayers`` encoder layers taken from the teacher (chosen by
-greedily dropping the layers whose removal costs least on a few training rows; weights copied,
-so training starts close to the teacher), or an explicit ``student``
-config (layers, width, MLP width, heads; weights copied where shapes still match, fresh init
+A transformer's student is either ``studentLayers`` encoder layers taken from the teacher
+(chosen by greedily dropping the layers whose removal costs least on a few training rows;
+weights copied, so training starts close to the teacher), or an explicit ``student`` config
+(layers, width, MLP width, heads; weights copied where shapes still match, fresh init
 elsewhere). It learns with the seeds' loss (``_ddp_train.kd_loss``): soft targets at temperature
 T weighted by alpha plus hard labels where the data has them, or the teacher's embeddings
 (cosine + MSE) for embedding models; plus, for transformers of the teacher's width, the
 teacher's last hidden state per token (``_ddp_train.token_loss``).
+
+A CNN or MLP student (``studentWidth``, ``_distill_width``) is a thinner copy of the model: each
+hidden Conv2d keeps that share of its out-channels and each hidden Linear of its units (the
+last Linear's outputs stay), the strongest by L2 norm, removed through torch-pruning's DepGraph
+(``prune.remove_units``, shared with structured pruning) with the weights copied; it learns the
+seeds' loss and, with ``hiddenWeight`` > 0, FitNets' hint loss (Romero et al. 2015): each
+hidden layer's output against the teacher's same layer on the channels it kept
+(``_ddp_train.Hints``; a subset of the teacher's channels, so no projection). It trains in
+process only (``workers`` 1). On the digits CNN see bench/distill_cnn.py.
 
 Measured on all-MiniLM-L6-v2 with examples/data/sentences.jsonl (300 training sentences, 100
 held out): 3 of 6 layers start at mean cosine 0.770 to the teacher (layers 0, 4, 5) and reach
