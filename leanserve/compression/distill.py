@@ -230,6 +230,12 @@ def build_width_student(model: nn.Module, cfg: DistillStep, ctx: Context
                      "params_before": before, "params_after": _param_count(student)}
 
 
+def _width_on_a_transformer(ctx: Context) -> StepError:
+    return StepError(f"{field(ctx, 'distill', 'studentWidth')}: a width student is a thinner "
+                     "copy of a CNN or MLP (got a transformer; allowed here: studentLayers or "
+                     "student)")
+
+
 def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context,
                   data: _ddp_train.TrainData | None = None) -> tuple[TextEncoder, dict[str, Any]]:
     """The student and what the report says about it; ``data`` ranks the teacher's layers."""
@@ -240,9 +246,7 @@ def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context,
                         f"transformer text model (got {describe(teacher)}); a CNN or MLP "
                         "student is a thinner copy (allowed here: studentWidth in (0, 1))")
     if cfg.student_width is not None:
-        raise StepError(f"{field(ctx, 'distill', 'studentWidth')}: a width student is a "
-                        "thinner copy of a CNN or MLP (got a transformer; allowed here: "
-                        "studentLayers or student)")
+        raise _width_on_a_transformer(ctx)
     n_teacher = len(layers)
     backbone = teacher.backbone
     if cfg.student is None:
@@ -498,9 +502,7 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
         raise StepError("spec.data: distillation needs training rows (the data has none)")
     if cfg.student_width is not None:
         if transformer_layers(model.module) is not None:
-            raise StepError(f"{field(ctx, 'distill', 'studentWidth')}: a width student is a "
-                            "thinner copy of a CNN or MLP (got a transformer; allowed here: "
-                            "studentLayers or student)")
+            raise _width_on_a_transformer(ctx)
         return _distill_width(model, cfg, ctx)
     if cfg.workers == 1:  # DDP workers check on their own device (a GPU pod may have one)
         precision.check(cfg.precision.value, field(ctx, "distill", "precision"))

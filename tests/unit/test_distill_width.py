@@ -220,3 +220,17 @@ def test_compress_serves_a_thinner_digits_cnn(tmp_path: Path, digits: Digits,
     assert thin["error"] is None and thin["passed"], thin
     assert thin["size_bytes"] < report["baseline"]["size_bytes"] / 3
     assert thin["notes"]["kept_units_per_layer"] == [4, 8, 16]
+
+
+def test_an_mlp_student_thins_its_hidden_linears(tmp_path: Path, digits: Digits) -> None:
+    train, held, _ = digits
+    torch.manual_seed(0)
+    mlp = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(),
+                                        nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))).eval()
+    ctx = ctx_for(mlp, train, tmp_path)
+    out = distill(Model(module=mlp), DistillStep.model_validate(
+        {"studentWidth": 0.5, "hiddenWeight": 1.0, "steps": 5, "learningRate": 1e-3}), ctx)
+    assert out.notes["teacher_units_per_layer"] == [32, 16]
+    assert out.notes["kept_units_per_layer"] == [16, 8]
+    assert out.notes["distill_losses"] == ["soft-target", "hard-label", "feature-hint"]
+    assert out.module(**held[0].inputs).shape == (64, 10)
