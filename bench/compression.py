@@ -2,6 +2,10 @@
 side by side in one run.
 
     python bench/compression.py [SPEC] [--out DIR] [--reuse DIR] [--rounds N] [--no-alone]
+        [--candidates FILE]
+
+``--candidates FILE`` (YAML: a list of candidates as in spec.compression.candidates) measures
+those instead of the spec's, on the spec's model and data (bench/distill_cnn.py writes one).
 
 ``--reuse DIR`` takes the compress() results an earlier run left in DIR (report.json, and
 alone/report.json when there) instead of compressing again: a second, independent timing of
@@ -176,7 +180,16 @@ def _val(fig: dict[str, Any] | None) -> str:
     return f"{fig['accuracy']:.3f}" if "accuracy" in fig else f"{fig['mean']:.4f}"
 
 
-def main() -> int:
+def with_candidates(loaded: LoadedSpec, path: Path) -> LoadedSpec:
+    """``loaded`` with its candidates replaced by the list in the YAML file ``path``."""
+    import yaml
+
+    raw = copy.deepcopy(loaded.raw)
+    raw["spec"]["compression"]["candidates"] = yaml.safe_load(path.read_text())
+    return LoadedSpec(parse(raw), loaded.base_dir, raw)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("spec", nargs="?", default="examples/minilm-cpu.yaml")
     ap.add_argument("--out", type=Path, default=None)
@@ -186,10 +199,14 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2, help="calls per model per round")
     ap.add_argument("--no-alone", action="store_true",
                     help="skip the run of each technique alone")
-    args = ap.parse_args()
+    ap.add_argument("--candidates", type=Path, default=None,
+                    help="a YAML list of candidates to measure instead of the spec's")
+    args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
     warnings.simplefilter("ignore")
     loaded = load_one(args.spec)
+    if args.candidates is not None:
+        loaded = with_candidates(loaded, args.candidates)
     spec = loaded.spec
     out = args.reuse or args.out or Path(tempfile.mkdtemp(prefix="leanserve-bench-"))
     t0 = time.perf_counter()

@@ -283,7 +283,7 @@ class PruneStep(Model):
 
 
 class StudentConfig(Model):
-    """An explicit student architecture (overrides studentLayers)."""
+    """An explicit student architecture of a transformer."""
 
     num_layers: int = Field(ge=1, le=96, description="Transformer layers or conv blocks.")
     hidden_size: int | None = Field(None, ge=8, le=16384, description="Width of the student.")
@@ -293,13 +293,21 @@ class StudentConfig(Model):
 
 class DistillStep(Model):
     model_config = ConfigDict(json_schema_extra=_cel(
-        ("has(self.studentLayers) || has(self.student)",
-         "distill needs studentLayers or student"),
+        ("[has(self.studentLayers), has(self.student), has(self.studentWidth)]"
+         ".exists_one(x, x)",
+         "distill takes exactly one of studentLayers, student, studentWidth"),
     ))
 
     student_layers: int | None = Field(None, ge=1, le=96,
-                                       description="Layers kept from the teacher.")
-    student: StudentConfig | None = Field(None, description="A student config.")
+                                       description="Layers kept from the teacher "
+                                                   "(transformers).")
+    student: StudentConfig | None = Field(None, description="A student config "
+                                                            "(transformers).")
+    student_width: float | None = Field(None, gt=0, lt=1,
+                                        description="CNNs and MLPs: the share of each hidden "
+                                                    "Conv2d's channels and hidden Linear's "
+                                                    "units the student keeps (the strongest "
+                                                    "by L2 norm, weights copied).")
     epochs: int = Field(1, ge=1, le=1000, description="Training epochs.")
     temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft-target loss.")
@@ -312,7 +320,8 @@ class DistillStep(Model):
     hidden_weight: float = Field(0.0, ge=0, le=100,
                                  description="Weight of the hidden-state loss between each "
                                              "student layer and the teacher layer it was "
-                                             "copied from.")
+                                             "copied from (a CNN or MLP: each hidden "
+                                             "layer's output on the channels it kept).")
     relation_weight: float = Field(0.0, ge=0, le=100,
                                    description="Weight of MiniLM v2's attention-relation loss "
                                                "(query/key/value relations of the last "
@@ -330,8 +339,14 @@ class DistillStep(Model):
 
     @model_validator(mode="after")
     def _needs_student(self) -> DistillStep:
-        if self.student_layers is None and self.student is None:
-            raise ValueError("distill needs studentLayers or student (allowed: one of them)")
+        given = [name for name, v in (("studentLayers", self.student_layers),
+                                      ("student", self.student),
+                                      ("studentWidth", self.student_width)) if v is not None]
+        if len(given) != 1:
+            got = f"got {', '.join(given)}" if given else "got none"
+            raise ValueError("distill takes exactly one of studentLayers, student, studentWidth "
+                             f"({got}; allowed: studentLayers or student for a transformer, "
+                             "studentWidth for a CNN or MLP)")
         return self
 
 

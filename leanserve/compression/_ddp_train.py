@@ -268,6 +268,63 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     return (kl * q).sum() / (q.sum() * heads).clamp(min=1.0)
 
 
+def hint_layers(module: nn.Module) -> list[nn.Module]:
+    """The layers of a CNN or MLP whose outputs a width student's hint loss compares: every
+    Conv2d, then every Linear but the last (which gives the outputs), in module order."""
+    inner = getattr(module, "module", module)
+    convs = [m for m in inner.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in inner.modules() if isinstance(m, nn.Linear)]
+    return convs + linears[:-1]
+
+
+def hint_loss(student: torch.Tensor, teacher: torch.Tensor, kept: torch.Tensor
+              ) -> torch.Tensor:
+    """FitNets' hint for one layer of a width student: mean squared error between the
+    student's output [batch, channels, ...] and the teacher's same layer's output on the
+    channels the student kept (a subset of the teacher's, so no projection is needed),
+    relative to the teacher's mean square there (so every layer weighs alike whatever its
+    scale)."""
+    t = teacher.float().index_select(1, kept)
+    return (student.float() - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-12)
+
+
+class Hints:
+    """Forward hooks on the ``hint_layers`` of a width student and of its teacher, and the
+    mean of their ``hint_loss`` over layers. ``kept[i]`` lists the teacher channels that the
+    student's i-th hint layer kept."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module,
+                 kept: tuple[tuple[int, ...], ...]) -> None:
+        s_layers, t_layers = hint_layers(student), hint_layers(teacher)
+        if not (len(s_layers) == len(t_layers) == len(kept)):
+            raise ValueError(f"hint layers differ: student {len(s_layers)}, teacher "
+                             f"{len(t_layers)}, kept channel lists {len(kept)}")
+        self.kept = [torch.tensor(k, dtype=torch.long) for k in kept]
+        self.student: dict[int, torch.Tensor] = {}
+        self.teacher: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for i, (s, t) in enumerate(zip(s_layers, t_layers, strict=True)):
+            self._handles.append(s.register_forward_hook(
+                lambda _m, _a, out, i=i: self.student.__setitem__(i, out)))
+            self._handles.append(t.register_forward_hook(
+                lambda _m, _a, out, i=i: self.teacher.__setitem__(i, out)))
+
+    def clear(self) -> None:
+        self.student.clear()
+        self.teacher.clear()
+
+    def loss(self) -> torch.Tensor:
+        terms = [hint_loss(self.student[i], self.teacher[i],
+                           self.kept[i].to(self.teacher[i].device))
+                 for i in range(len(self.kept))]
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
 def freeze_embeddings(module: nn.Module) -> list[str]:
     """Stop training a transformer's input embeddings; returns the names frozen.
 
@@ -379,6 +436,9 @@ class TrainConfig:
     token_noise: float = 0.0
     """Share of each training row's real tokens replaced, afresh at every step, by tokens
     drawn from the training text (``noisy_inputs``; needs the teacher at training time)."""
+    hint_channels: tuple[tuple[int, ...], ...] | None = None
+    """A width student of a CNN or MLP: per ``hint_layers`` layer, the teacher channels it
+    kept. With ``hidden_weight`` > 0 the hidden-state loss is then ``Hints``' loss."""
 
     @property
     def uses_teacher(self) -> bool:
@@ -398,7 +458,8 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
 
     With ``teacher`` (needed when ``cfg.uses_teacher``), the teacher runs on each batch: its
     output is the target (``data.targets`` may then be empty) and its hidden states and last
-    layer's query/key/value feed the hidden-state and attention-relation losses.
+    layer's query/key/value feed the hidden-state and attention-relation losses (for a width
+    student of a CNN or MLP, ``cfg.hint_channels``: the ``Hints`` loss instead).
 
     The module stays in eval mode: we fit a teacher's deterministic function, and dropout only
     slows that down (there is no BatchNorm statistic to learn either).
@@ -437,9 +498,12 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
         raise ValueError("hidden-state and relation losses need the teacher")
     s_taps = t_taps = None
     pairs: list[tuple[int, int]] = []
+    hints = None
     if teacher is not None:
         teacher.eval()
-        if cfg.uses_teacher:
+        if cfg.uses_teacher and cfg.hint_channels is not None:
+            hints = Hints(inner, teacher, cfg.hint_channels)
+        elif cfg.uses_teacher:
             t_width = teacher.backbone.config.hidden_size
             n_student = len(inner.backbone.encoder.layer)
             layer_map = cfg.layer_map or tuple(range(n_student))
@@ -484,6 +548,8 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
                         with torch.no_grad():
                             if t_taps is not None:
                                 t_taps.clear()
+                            if hints is not None:
+                                hints.clear()
                             targets = teacher(**inputs).float()
                     with torch.enable_grad():
                         captured.clear()
@@ -498,6 +564,8 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
                             assert want is not None
                             want = want.to(device)
                             loss = loss + cfg.token_weight * token_loss(captured[-1], want, mask)
+                        if hints is not None:
+                            loss = loss + cfg.hidden_weight * hints.loss()
                         if s_taps is not None and t_taps is not None:
                             assert mask is not None
                             if pairs:
@@ -525,4 +593,6 @@ def train(module: nn.Module, data: TrainData, cfg: TrainConfig, *, rank: int = 0
         for taps in (s_taps, t_taps):
             if taps is not None:
                 taps.remove()
+        if hints is not None:
+            hints.remove()
     return history

@@ -1,13 +1,22 @@
 """Distillation: a smaller student trained to reproduce the teacher.
 
-The student is either ``studentLayers`` encoder layers taken from the teacher (chosen by
-greedily dropping the layers whose removal costs least on a few training rows; weights copied,
-so training starts close to the teacher), or an explicit ``student``
-config (layers, width, MLP width, heads; weights copied where shapes still match, fresh init
+A transformer's student is either ``studentLayers`` encoder layers taken from the teacher
+(chosen by greedily dropping the layers whose removal costs least on a few training rows;
+weights copied, so training starts close to the teacher), or an explicit ``student`` config
+(layers, width, MLP width, heads; weights copied where shapes still match, fresh init
 elsewhere). It learns with the seeds' loss (``_ddp_train.kd_loss``): soft targets at temperature
 T weighted by alpha plus hard labels where the data has them, or the teacher's embeddings
 (cosine + MSE) for embedding models; plus, for transformers of the teacher's width, the
 teacher's last hidden state per token (``_ddp_train.token_loss``).
+
+A CNN or MLP student (``studentWidth``, ``_distill_width``) is a thinner copy of the model: each
+hidden Conv2d keeps that share of its out-channels and each hidden Linear of its units (the
+last Linear's outputs stay), the strongest by L2 norm, removed through torch-pruning's DepGraph
+(``prune.remove_units``, shared with structured pruning) with the weights copied; it learns the
+seeds' loss and, with ``hiddenWeight`` > 0, FitNets' hint loss (Romero et al. 2015): each
+hidden layer's output against the teacher's same layer on the channels it kept
+(``_ddp_train.Hints``; a subset of the teacher's channels, so no projection). It trains in
+process only (``workers`` 1). On the digits CNN see bench/distill_cnn.py.
 
 Measured on all-MiniLM-L6-v2 with examples/data/sentences.jsonl (300 training sentences, 100
 held out): 3 of 6 layers start at mean cosine 0.770 to the teacher (layers 0, 4, 5) and reach
@@ -40,10 +49,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from leanserve.api.spec import DistillStep, Task
+from leanserve.api.spec import DistillStep, Importance, Task
 from leanserve.compression import _ddp_distill, _ddp_train, precision
 from leanserve.compression.modules import TextEncoder
-from leanserve.compression.prune import describe, field, transformer_layers
+from leanserve.compression.prune import (
+    describe,
+    editable_copy,
+    field,
+    remove_units,
+    transformer_layers,
+    units,
+)
 from leanserve.compression.registry import (
     CompressionError,
     Context,
@@ -176,14 +192,61 @@ def _copy_matching(dst: nn.Module, src_state: dict[str, torch.Tensor]) -> int:
     return len(same)
 
 
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_width_student(model: nn.Module, cfg: DistillStep, ctx: Context
+                        ) -> tuple[nn.Module, dict[str, Any]]:
+    """A CNN or MLP student: an editable copy of ``model`` that keeps the share
+    ``studentWidth`` of each hidden Conv2d's out-channels and hidden Linear's units (the last
+    Linear's outputs stay), the strongest by the group L2 norm of their weights (theirs and
+    those that read them), through prune.py's DepGraph removal, weights copied; so training
+    starts close to the teacher. The notes record which teacher channels each layer kept."""
+    width = cfg.student_width
+    assert width is not None
+    where = field(ctx, "distill", "studentWidth")
+    if not ctx.train:
+        raise StepError("spec.data: a width student needs a sample input (the data has no "
+                        "training rows)")
+    student = editable_copy(model, ctx)
+    targets = _ddp_train.hint_layers(student)
+    if not targets:
+        raise StepError(f"{where}: {describe(student)} with no Conv2d and a single Linear has "
+                        "no hidden layer to make thinner (allowed: a model with a Conv2d or "
+                        "two Linear layers)")
+    for m in targets:
+        n = units(m)
+        if int(n * width) < 1:  # torch-pruning keeps int(n * (1 - ratio)) units
+            raise StepError(f"{where}: {width} keeps no unit of a layer of {n} (allowed: at "
+                            f"least {1 / n:.4g} for this model)")
+    before = _param_count(student)
+    teacher_units = [units(m) for m in targets]
+    kept = remove_units(student, targets, 1.0 - width, Importance.L2, ctx)
+    student.eval()
+    return student, {"student_width": width, "teacher_units_per_layer": teacher_units,
+                     "kept_units_per_layer": [units(m) for m in targets],
+                     "teacher_units_kept": kept,
+                     "params_before": before, "params_after": _param_count(student)}
+
+
+def _width_on_a_transformer(ctx: Context) -> StepError:
+    return StepError(f"{field(ctx, 'distill', 'studentWidth')}: a width student is a thinner "
+                     "copy of a CNN or MLP (got a transformer; allowed here: studentLayers or "
+                     "student)")
+
+
 def build_student(teacher: nn.Module, cfg: DistillStep, ctx: Context,
                   data: _ddp_train.TrainData | None = None) -> tuple[TextEncoder, dict[str, Any]]:
     """The student and what the report says about it; ``data`` ranks the teacher's layers."""
     layers = transformer_layers(teacher)
     if layers is None or not isinstance(teacher, TextEncoder):
-        raise StepError(f"{field(ctx, 'distill', 'studentLayers')}: distillation builds a "
-                        f"student from a transformer text model (got {describe(teacher)}); "
-                        "use prune or lowRank for this model")
+        knob = "student" if cfg.student is not None else "studentLayers"
+        raise StepError(f"{field(ctx, 'distill', knob)}: {knob} builds a student from a "
+                        f"transformer text model (got {describe(teacher)}); a CNN or MLP "
+                        "student is a thinner copy (allowed here: studentWidth in (0, 1))")
+    if cfg.student_width is not None:
+        raise _width_on_a_transformer(ctx)
     n_teacher = len(layers)
     backbone = teacher.backbone
     if cfg.student is None:
@@ -372,6 +435,63 @@ def run_torchrun(job: Path, workers: int, timeout_s: float = DDP_TIMEOUT_S) -> d
     return json.loads(result.read_text())
 
 
+def _distill_width(model: Model, cfg: DistillStep, ctx: Context) -> Model:
+    """distill with ``studentWidth``: a thinner CNN or MLP trained with the seeds' loss and,
+    with ``hiddenWeight`` > 0, FitNets' hint loss on every hidden layer's kept channels
+    (``_ddp_train.Hints``), in process."""
+    assert model.module is not None
+    refused = [("relationWeight", cfg.relation_weight > 0, "0"),
+               ("tokenNoise", cfg.token_noise > 0, "0"),
+               ("freezeEmbeddings", cfg.freeze_embeddings, "false"),
+               ("workers", cfg.workers > 1, "1")]
+    for knob, bad, allowed in refused:
+        if bad:
+            raise StepError(f"{field(ctx, 'distill', knob)}: a width student of a CNN or MLP "
+                            f"does not take {knob} (allowed: {allowed})")
+    precision.check(cfg.precision.value, field(ctx, "distill", "precision"))
+    student, notes = build_width_student(model.module, cfg, ctx)
+    hint = cfg.hidden_weight > 0
+    teacher = None
+    if hint:
+        # forward hooks need eager layers: the teacher rebuilt like the student (unchanged)
+        teacher = editable_copy(ctx.teacher, ctx)
+        widths = [units(m) for m in _ddp_train.hint_layers(teacher)]
+        if widths != notes["teacher_units_per_layer"]:
+            raise StepError(f"{field(ctx, 'distill', 'hiddenWeight')}: the hint loss compares "
+                            "each layer with the uncompressed teacher's, whose widths "
+                            f"{widths} an earlier step changed to "
+                            f"{notes['teacher_units_per_layer']} (allowed: 0 there, or put "
+                            "distill first)")
+    # Without hints the teacher's outputs are computed once; with them it runs per batch.
+    data = _ddp_train.collect(ctx.train, ctx.teacher, outputs=not hint, tokens=False)
+    tc = dataclasses.replace(_train_config(cfg, ctx), hint_channels=tuple(
+        tuple(k) for k in notes["teacher_units_kept"]) if hint else None)
+    started = time.monotonic()
+    torch.manual_seed(ctx.seed)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    with precision.on_training_device(student, *([teacher] if teacher else [])):
+        losses = _ddp_train.train(student, data, tc, teacher=teacher,
+                                  on_step=ctx.extra.get(ON_STEP))
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    if data.labels is None:
+        terms = ["soft-target"]
+    else:
+        terms = (["soft-target"] if cfg.alpha > 0 else []) + (["hard-label"] if cfg.alpha < 1
+                                                              else [])
+    notes.update({"distill_workers": 1, "distill_mode": "in-process",
+                  "distill_epochs": cfg.epochs, "distill_steps": tc.steps,
+                  "distill_precision": tc.precision,
+                  "distill_losses": terms + (["feature-hint"] if hint else []),
+                  "distill_alpha": cfg.alpha, "distill_temperature": cfg.temperature,
+                  "distill_rows": len(data),
+                  "distill_loss": [round(x, 5) for x in losses],
+                  "distill_seconds": round(time.monotonic() - started, 1)})
+    return Model(module=student, notes={**model.notes, **notes})
+
+
 @register(DistillStep, Stage.TORCH)
 def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
     """Build a student from ``model.module`` and train it against the teacher's outputs."""
@@ -380,6 +500,10 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                         "model (put distill before any ONNX quantization step)")
     if not ctx.train:
         raise StepError("spec.data: distillation needs training rows (the data has none)")
+    if cfg.student_width is not None:
+        if transformer_layers(model.module) is not None:
+            raise _width_on_a_transformer(ctx)
+        return _distill_width(model, cfg, ctx)
     if cfg.workers == 1:  # DDP workers check on their own device (a GPU pod may have one)
         precision.check(cfg.precision.value, field(ctx, "distill", "precision"))
     # Learn the uncompressed model's outputs even when an earlier step changed the model: the

@@ -157,7 +157,8 @@ def transformer_layers(module: nn.Module) -> list[nn.Module] | None:
 def describe(module: nn.Module) -> str:
     if transformer_layers(module) is not None:
         return "a transformer"
-    if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+    if any(isinstance(m, nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d"
+           for m in module.modules()):  # eager, or a TorchScript submodule
         return "a CNN"
     return "an MLP"
 
@@ -496,6 +497,55 @@ def _tp_importance(importance: Importance) -> tp.importance.Importance:
     return tp.importance.MagnitudeImportance(p=2)  # l2, and gradient-norm on swapped-in grads
 
 
+def units(layer: nn.Module) -> int:
+    """Out-channels of a Conv2d, output units of a Linear."""
+    return int(layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
+
+
+def remove_units(module: nn.Module, targets: list[nn.Module], ratio: float,
+                 importance: Importance, ctx: Context, *, iterations: int = 1,
+                 after_step: Callable[[], None] | None = None) -> list[list[int]]:
+    """Remove the share ``ratio`` of the out-channels (Conv2d) or units (Linear) of each of
+    ``targets`` inside ``module``, in place, through torch-pruning's DepGraph (which also cuts
+    what reads them: the next layer's inputs, a BatchNorm, the Linear after a Flatten). Every
+    other Conv2d and Linear keeps its outputs. The weakest units by ``importance`` go, over
+    ``iterations`` steps with ``after_step`` (fine-tuning) after each.
+
+    Returns, per target, the indices (in the original layer) of the units it kept: shared with
+    distill.py, whose student learns each kept unit's teacher output."""
+    ignored = [m for m in module.modules()
+               if isinstance(m, nn.Conv2d | nn.Linear) and not any(m is t for t in targets)]
+    example = {k: v[:2] for k, v in ctx.train[0].inputs.items()}
+    pruner = tp.pruner.MetaPruner(
+        module, example, importance=_tp_importance(importance),
+        pruning_ratio=ratio, iterative_steps=iterations,
+        ignored_layers=ignored, global_pruning=False)
+    kept = [list(range(units(m))) for m in targets]
+    position = {id(m): i for i, m in enumerate(targets)}
+
+    def step() -> None:
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                i = position.get(id(dep.target.module))
+                if i is not None and pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                    gone = {int(getattr(j, "idx", j)) for j in idxs}
+                    kept[i] = [k for pos, k in enumerate(kept[i]) if pos not in gone]
+            group.prune()
+
+    for _ in range(iterations):
+        if _needs_grads(importance):
+            accumulate_grads(module, ctx)
+        if importance is Importance.GRADIENT_NORM:
+            with _grads_as_weights(module):
+                step()
+        else:
+            step()
+        module.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+    return kept
+
+
 def _cnn_structured(module: nn.Module, cfg: PruneStep, ctx: Context) -> dict[str, Any]:
     if not ctx.train:
         raise StepError("spec.data: structured pruning of a CNN or MLP needs a sample input "
@@ -513,29 +563,15 @@ def _cnn_structured(module: nn.Module, cfg: PruneStep, ctx: Context) -> dict[str
                         f"pruning found no prunable layer in {describe(module)}"
                         f" (allowed: {'neuron' if convs == [] else 'channel, neuron'})")
     for m in targets:
-        n = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        n = units(m)
         # torch-pruning keeps int(n * (1 - ratio)) units of a layer
         _check_leaves_something(n, int(n * (1 - cfg.sparsity)), cfg.sparsity, unit, ctx)
-    ignored = [m for m in module.modules()
-               if isinstance(m, nn.Conv2d | nn.Linear) and not any(m is t for t in targets)]
     before = sum(p.numel() for p in module.parameters())
-    example = {k: v[:2] for k, v in ctx.train[0].inputs.items()}
-    pruner = tp.pruner.MetaPruner(
-        module, example, importance=_tp_importance(cfg.importance),
-        pruning_ratio=cfg.sparsity, iterative_steps=cfg.iterations,
-        ignored_layers=ignored, global_pruning=False)
-    for _ in range(cfg.iterations):
-        if _needs_grads(cfg.importance):
-            accumulate_grads(module, ctx)
-        if cfg.importance is Importance.GRADIENT_NORM:
-            with _grads_as_weights(module):
-                pruner.step()
-        else:
-            pruner.step()
-        module.zero_grad(set_to_none=True)
-        fine_tune(module, ctx, cfg.fine_tune_epochs, precision=cfg.precision.value)
+    remove_units(module, targets, cfg.sparsity, cfg.importance, ctx, iterations=cfg.iterations,
+                 after_step=lambda: fine_tune(module, ctx, cfg.fine_tune_epochs,
+                                              precision=cfg.precision.value))
     after = sum(p.numel() for p in module.parameters())
-    kept = [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for m in targets]
+    kept = [units(m) for m in targets]
     return {f"kept_{unit}_per_layer": kept, "params_before": before, "params_after": after,
             "sparsity": round(1 - after / before, 4)}
 
@@ -587,4 +623,5 @@ def prune(model: Model, cfg: PruneStep, ctx: Context) -> Model:
     return Model(module=module, notes={**model.notes, **notes})
 
 
-__all__ = ["editable_copy", "field", "fine_tune", "prune", "transformer_layers"]
+__all__ = ["editable_copy", "field", "fine_tune", "prune", "remove_units", "transformer_layers",
+           "units"]

@@ -7,6 +7,7 @@ so the tests go through the same loading, export and ORT paths as MiniLM, in sec
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -19,7 +20,9 @@ from torch import nn
 
 from leanserve.api.load import LoadedSpec, load_one
 from leanserve.compression.benchmark import BenchSettings
+from leanserve.compression.modules import ImageClassifier
 from leanserve.compression.pipeline import Settings
+from leanserve.compression.registry import Batch
 
 WORDS = (
     "the", "a", "cat", "dog", "runs", "fast", "slow", "model", "server", "cluster", "node",
@@ -89,6 +92,36 @@ def tiny_cnn_files(root: Path, n: int = 64) -> tuple[Path, Path]:
     data = root / "digits.npz"
     np.savez(data, x=x.numpy(), y=y.numpy())
     return model_path, data
+
+
+Digits = tuple[list[Batch], list[Batch], ImageClassifier]
+
+
+@functools.cache
+def digits_cnn() -> Digits:
+    """scikit-learn's 8x8 digits (train 70%, held out 30%, batches of 64) and a narrower copy
+    of the examples' CNN trained on the training rows for a few epochs (seconds; made once per
+    session, shared by the test files that use it: they must not change it)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images / 16.0).astype(np.float32)[:, None])
+    y = torch.from_numpy(d.target.astype(np.int64))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    cut = int(len(x) * 0.7)
+    parts = [[Batch(inputs={"pixel_values": x[idx[i:i + 64]]}, labels=y[idx[i:i + 64]])
+              for i in range(0, len(idx), 64)] for idx in (perm[:cut], perm[cut:])]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(6):
+        for b in parts[0]:
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(b.inputs["pixel_values"]), b.labels).backward()
+            opt.step()
+    return parts[0], parts[1], ImageClassifier(net.eval()).eval()
 
 
 def spec_dict(model_uri: str, data_uri: str, candidates: list[dict[str, Any]], *,

@@ -7,22 +7,20 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from test_compression_fixtures import Digits, digits_cnn
 from torch import nn
 
 from leanserve.api.spec import LowRankStep, PruneStep, QuantizeMethod, QuantizeStep, Task
 from leanserve.compression import precision
 from leanserve.compression.lowrank import low_rank
-from leanserve.compression.modules import ImageClassifier
 from leanserve.compression.precision import MixedPrecision, resolve
 from leanserve.compression.prune import prune
 from leanserve.compression.qat import train_qat
 from leanserve.compression.registry import Batch, Context, Model, StepError
 
 STEP_PATH = "spec.compression.candidates[c].steps[0]"
-Digits = tuple[list[Batch], list[Batch], ImageClassifier]
 
 
 def test_selection_per_precision_and_device() -> None:
@@ -59,28 +57,7 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights() -> None:
 
 @pytest.fixture(scope="module")
 def digits() -> Digits:
-    """scikit-learn's 8x8 digits (train 70%, held out 30%) and a narrower copy of the
-    examples' CNN trained on the training rows for a few epochs (about a second)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy((d.images / 16.0).astype(np.float32)[:, None])
-    y = torch.from_numpy(d.target.astype(np.int64))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    cut = int(len(x) * 0.7)
-    parts = [[Batch(inputs={"pixel_values": x[idx[i:i + 64]]}, labels=y[idx[i:i + 64]])
-              for i in range(0, len(idx), 64)] for idx in (perm[:cut], perm[cut:])]
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    for _ in range(6):
-        for b in parts[0]:
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(b.inputs["pixel_values"]), b.labels).backward()
-            opt.step()
-    return parts[0], parts[1], ImageClassifier(net.eval()).eval()
+    return digits_cnn()
 
 
 def accuracy(module: nn.Module, held: list[Batch]) -> float:

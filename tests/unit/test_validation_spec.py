@@ -294,8 +294,8 @@ def _cel(rule: str):
         return len(ns) == len(set(ns))
 
     known = {
-        "has(self.studentLayers) || has(self.student)":
-            lambda s: "studentLayers" in s or "student" in s,
+        "[has(self.studentLayers), has(self.student), has(self.studentWidth)].exists_one(x, x)":
+            lambda s: sum(k in s for k in ("studentLayers", "student", "studentWidth")) == 1,
         "has(self.rankRatio) != has(self.energy)": lambda s: ("rankRatio" in s) != ("energy" in s),
         "[has(self.quantize), has(self.prune), has(self.distill), has(self.lowRank)]"
         ".exists_one(x, x)":
