@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from pathlib import Path
@@ -186,7 +187,7 @@ def test_the_training_steps_run_their_fp16_path_with_a_gradient_scaler(
     notes = train_qat(student, ctx, cfg_qat)
     print(f"digits QAT in fp16: {notes}")
     assert notes["precision"] == "fp16" and notes["qat_steps"] == 20
-    assert notes["skipped_steps"] < 20 and np.isfinite(notes["qat_loss_last"])
+    assert notes["skipped_steps"] < 20 and math.isfinite(notes["qat_loss_last"])
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all())
                for p in student.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
