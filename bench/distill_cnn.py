@@ -39,7 +39,7 @@ import yaml
 from leanserve.api.load import load_one
 from leanserve.api.spec import DistillStep
 from leanserve.compression.distill import distill
-from leanserve.compression.loading import batches, load_data, load_model, split3
+from leanserve.compression.loading import LoadError, batches, load_data, load_model, split3
 from leanserve.compression.pipeline import Settings
 from leanserve.compression.registry import Batch, Context, Model
 
@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_one(Path(args.spec))
     spec = loaded.spec
     s = Settings()
-    model = load_model(spec.model.uri, spec.model.format, spec.model.task, loaded.base_dir)
+    try:
+        model = load_model(spec.model.uri, spec.model.format, spec.model.task, loaded.base_dir)
+    except LoadError as exc:
+        print(f"error: {exc}; make the digits model and data first: python "
+              "examples/digits/train.py", file=sys.stderr)
+        return 2
     rows = load_data(spec.data.uri, spec.model.task, loaded.base_dir)
     train_rows, val_rows, _ = split3(rows, spec.data.eval_fraction, s.seed)  # test: not here
     kw = {"tokenizer": None, "max_length": spec.model.max_sequence_length,
