@@ -435,6 +435,18 @@ def run_torchrun(job: Path, workers: int, timeout_s: float = DDP_TIMEOUT_S) -> d
     return json.loads(result.read_text())
 
 
+def _train_here(student: nn.Module, data: _ddp_train.TrainData, tc: _ddp_train.TrainConfig,
+                teacher: nn.Module | None, ctx: Context) -> list[float]:
+    """Train ``student`` in this process (on the training device, seeded), every parameter
+    trainable; the per-epoch losses."""
+    torch.manual_seed(ctx.seed)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    with precision.on_training_device(student, *([teacher] if teacher else [])):
+        return _ddp_train.train(student, data, tc, teacher=teacher,
+                                on_step=ctx.extra.get(ON_STEP))
+
+
 def _distill_width(model: Model, cfg: DistillStep, ctx: Context) -> Model:
     """distill with ``studentWidth``: a thinner CNN or MLP trained with the seeds' loss and,
     with ``hiddenWeight`` > 0, FitNets' hint loss on every hidden layer's kept channels
@@ -467,12 +479,7 @@ def _distill_width(model: Model, cfg: DistillStep, ctx: Context) -> Model:
     tc = dataclasses.replace(_train_config(cfg, ctx), hint_channels=tuple(
         tuple(k) for k in notes["teacher_units_kept"]) if hint else None)
     started = time.monotonic()
-    torch.manual_seed(ctx.seed)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    with precision.on_training_device(student, *([teacher] if teacher else [])):
-        losses = _ddp_train.train(student, data, tc, teacher=teacher,
-                                  on_step=ctx.extra.get(ON_STEP))
+    losses = _train_here(student, data, tc, teacher, ctx)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
@@ -543,12 +550,7 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
     started = time.monotonic()
     cluster = _ddp_distill.environment() if cfg.workers > 1 else None
     if cfg.workers == 1:
-        torch.manual_seed(ctx.seed)
-        for p in student.parameters():
-            p.requires_grad_(True)
-        with precision.on_training_device(student, *([teacher] if teacher else [])):
-            losses = _ddp_train.train(student, data, tc, teacher=teacher,
-                                      on_step=ctx.extra.get(ON_STEP))
+        losses = _train_here(student, data, tc, teacher, ctx)
         mode = "in-process"
     elif cluster is not None:
         rank, world = cluster
