@@ -11,7 +11,8 @@
 #
 # The list below was worked out with --check: the image has torch, transformers, onnx,
 # onnxruntime, numpy, scikit-learn, safetensors, typer, rich, pyyaml and pytest, but not
-# pydantic (leanserve.api.spec) or torch-pruning (leanserve.compression.prune).
+# pydantic (leanserve.api.spec) or torch-pruning (leanserve.compression.prune). pydantic 2.14
+# needs typing-extensions>=4.16.0, newer than the image may hold: it travels too (45 KiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,7 +51,14 @@ exclude="$(git rev-parse --git-path info/exclude)"  # the common one in a worktr
 mkdir -p "$(dirname "$exclude")"
 grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
 
-PY=${PYTHON:-python3}  # any python with pip: it downloads, it installs nothing
+# any python with pip (it downloads, it installs nothing; a uv venv has no pip)
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    for cand in $(type -ap python3); do
+        if "$cand" -m pip --version >/dev/null 2>&1; then PY=$cand; break; fi
+    done
+fi
+[ -n "$PY" ] || { echo "device-wheels: no python3 with pip on PATH (set PYTHON)" >&2; exit 1; }
 rm -rf .whl && mkdir -p .whl
 for name in "${WHEELS[@]}"; do
     version=$(grep -iE "^${name}==" requirements/lock.txt | head -1 | sed -E 's/^[^=]+==([^ ]+).*/\1/')
