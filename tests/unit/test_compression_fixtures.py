@@ -124,6 +124,13 @@ def digits_cnn() -> Digits:
     return parts[0], parts[1], ImageClassifier(net.eval()).eval()
 
 
+def accuracy(module: nn.Module, held: list[Batch]) -> float:
+    """Top-1 accuracy of an image classifier on labelled batches (on the CPU)."""
+    with torch.no_grad():
+        right = sum(int((module(**b.inputs).argmax(1) == b.labels).sum()) for b in held)
+    return right / sum(len(b.labels) for b in held)
+
+
 def spec_dict(model_uri: str, data_uri: str, candidates: list[dict[str, Any]], *,
               fmt: str = "huggingface", task: str = "feature-extraction",
               metric: str = "cosine", max_drop: float = 0.05) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from test_compression_fixtures import FAST, Digits, digits_cnn, spec_dict, write_spec
+from test_compression_fixtures import FAST, Digits, accuracy, digits_cnn, spec_dict, write_spec
 from torch import nn
 
 from leanserve.api.spec import DistillStep, Task
@@ -41,12 +41,6 @@ def scripted(digits: Digits) -> ImageClassifier:
 def ctx_for(teacher: nn.Module, train: list[Batch], tmp: Path) -> Context:
     return Context(task=Task.IMAGE_CLASSIFICATION, train=train, teacher=teacher, workdir=tmp,
                    extra={"step_path": STEP_PATH})
-
-
-def accuracy(module: nn.Module, held: list[Batch]) -> float:
-    with torch.no_grad():
-        right = sum(int((module(**b.inputs).argmax(1) == b.labels).sum()) for b in held)
-    return right / sum(len(b.labels) for b in held)
 
 
 def hint_gap(student: nn.Module, teacher: nn.Module, kept: list[list[int]],

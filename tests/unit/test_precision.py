@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 import math
 import re
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_compression_fixtures import Digits, digits_cnn
+from test_compression_fixtures import Digits, accuracy, digits_cnn
 from torch import nn
 
 from leanserve.api.spec import LowRankStep, PruneStep, QuantizeMethod, QuantizeStep, Task
@@ -19,7 +18,7 @@ from leanserve.compression.lowrank import low_rank
 from leanserve.compression.precision import MixedPrecision, resolve
 from leanserve.compression.prune import prune
 from leanserve.compression.qat import train_qat
-from leanserve.compression.registry import Batch, Context, Model, StepError
+from leanserve.compression.registry import Context, Model, StepError
 
 STEP_PATH = "spec.compression.candidates[c].steps[0]"
 
@@ -61,33 +60,6 @@ def digits() -> Digits:
     return digits_cnn()
 
 
-def accuracy(module: nn.Module, held: list[Batch]) -> float:
-    with torch.no_grad():
-        right = sum(int((module(**b.inputs).argmax(1) == b.labels).sum()) for b in held)
-    return right / sum(len(b.labels) for b in held)
-
-
-def test_bf16_fine_tune_keeps_digits_accuracy_close_to_fp32(tmp_path: Path, digits: Digits) -> None:
-    train, held, teacher = digits
-    base = accuracy(teacher, held)
-    assert base > 0.9
-    ctx = Context(task=Task.IMAGE_CLASSIFICATION, train=train, teacher=teacher, workdir=tmp_path,
-                  extra={"step_path": STEP_PATH})
-    got, seconds = {}, {}
-    for name in ("fp32", "bf16"):
-        cfg = PruneStep(method="structured", granularity="channel", importance="l2",
-                        sparsity=0.5, fine_tune_epochs=2, precision=name)
-        started = time.perf_counter()
-        out = prune(Model(module=teacher), cfg, ctx)
-        seconds[name] = time.perf_counter() - started
-        assert all(p.dtype == torch.float32 for p in out.module.parameters())
-        got[name] = accuracy(out.module, held)
-    print(f"digits: baseline {base:.4f}, fp32 {got['fp32']:.4f}, bf16 {got['bf16']:.4f}, "
-          f"bf16/fp32 time {seconds['bf16'] / seconds['fp32']:.2f}")
-    assert got["fp32"] > base - 0.05
-    assert abs(got["bf16"] - got["fp32"]) <= 0.02
-
-
 def test_fp16_on_the_cpu_is_refused_naming_the_field(tmp_path: Path, digits: Digits) -> None:
     train, _, teacher = digits
     ctx = Context(task=Task.IMAGE_CLASSIFICATION, train=train[:2], teacher=teacher,
@@ -100,17 +72,6 @@ def test_fp16_on_the_cpu_is_refused_naming_the_field(tmp_path: Path, digits: Dig
     cfg_lr = LowRankStep(energy=0.5, fine_tune_epochs=1, precision="fp16")
     with pytest.raises(StepError, match=rf"^{re.escape(STEP_PATH)}\.lowRank\.precision: fp16"):
         low_rank(Model(module=teacher), cfg_lr, ctx)
-
-
-def test_low_rank_fine_tune_recovers_accuracy(tmp_path: Path, digits: Digits) -> None:
-    train, held, teacher = digits
-    ctx = Context(task=Task.IMAGE_CLASSIFICATION, train=train, teacher=teacher, workdir=tmp_path,
-                  extra={"step_path": STEP_PATH})
-    plain = low_rank(Model(module=teacher), LowRankStep(rank_ratio=0.3), ctx)
-    tuned = low_rank(Model(module=teacher), LowRankStep(rank_ratio=0.3, fine_tune_epochs=2,
-                                                        precision="bf16"), ctx)
-    assert tuned.notes["fine_tune_epochs"] == 2 and tuned.notes["precision"] == "bf16"
-    assert accuracy(tuned.module, held) > accuracy(plain.module, held)
 
 
 def test_fp16_gradient_scaler_skips_overflowing_steps_and_counts_them() -> None:
@@ -154,6 +115,8 @@ def fp16_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(name, device, field_name=field_name, cuda_available=cuda_available)
 
     monkeypatch.setattr(precision, "resolve", on_cpu)
+    # on a machine with a GPU the steps would train on cuda:0, outside the CPU's autocast
+    monkeypatch.setattr(precision, "training_device", lambda: torch.device("cpu"))
 
 
 def test_the_training_steps_run_their_fp16_path_with_a_gradient_scaler(
