@@ -9,8 +9,10 @@ faster may never earn that back. Every candidate therefore reports
   pool the Job runs on (the cheapest CPU pool of the spec, per core of its cpu request);
 - ``gpu_seconds``: where the training steps ran on a CUDA GPU (``precision.training_device``:
   a `leanserve compress` or `run` on a GPU machine; the operator's Job asks for none), the wall
-  time the candidate held it, priced into ``usd`` at the cheapest GPU pool's price per GPU
-  (``gpu_pool``; unpriced, and said so, when the spec has no GPU pool); None without a GPU;
+  time its training held GPUs (``precision.gpu_seconds_used``: inside the steps' training
+  blocks, and a torchrun distillation's time once per worker; 0 for a candidate that trains
+  nothing), priced into ``usd`` at the cheapest GPU pool's price per GPU (``gpu_pool``;
+  unpriced, and said so, when the spec has no GPU pool); None without a GPU;
 - ``serving``: the cost of one million requests at the benchmark's throughput on the same cores,
   for the candidate and for the baseline, and the saving per million;
 - ``payback_requests``: after how many served requests the saving has paid the compression cost

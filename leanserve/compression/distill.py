@@ -566,7 +566,10 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
         job = Path(ctx.workdir) / "distill-job"
         write_job(job, student, data, tc, threads=max(1, ctx.threads // cfg.workers),
                   teacher=teacher)  # type: ignore[arg-type]
+        launched = time.monotonic()
         result = run_torchrun(job, cfg.workers)
+        if torch.cuda.is_available():  # each worker held a GPU of its own (nccl, LOCAL_RANK)
+            precision.add_gpu_seconds((time.monotonic() - launched) * cfg.workers)
         student.load_state_dict(load_file(str(job / "trained.safetensors")))
         losses = result["losses"]
         mode = "torchrun"

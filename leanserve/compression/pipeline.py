@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ from leanserve.compression.loading import (
     long_rows,
     split3,
 )
-from leanserve.compression.precision import training_device
+from leanserve.compression.precision import gpu_seconds_used, training_device
 from leanserve.compression.quantize import FAKE, serve_packed
 from leanserve.compression.registry import (
     Batch,
@@ -297,7 +296,7 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
     workdir = run.stage_dir / "work" / cand.name
     workdir.mkdir(parents=True, exist_ok=True)
     on_gpu = training_device().type == "cuda"  # training steps hold the GPU while they run
-    started = time.monotonic()
+    gpu_before = gpu_seconds_used()
     with cpu_clock() as spent:
         try:
             model = _apply_steps(run, index, cand, workdir)
@@ -331,7 +330,7 @@ def _candidate(run: _Run, index: int, cand: Candidate) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     # priced once every model is timed (_time_all)
     result["cost"] = {"cpu_seconds": spent[0],
-                      "gpu_seconds": time.monotonic() - started if on_gpu else None}
+                      "gpu_seconds": gpu_seconds_used() - gpu_before if on_gpu else None}
     if result["artifact"] is not None and result["error"] is None:
         result["peak_rss_bytes"] = serving_peak_rss(run.stage_dir / result["artifact"],
                                                     take_rows(run.eval, run.settings.bench.batch),

@@ -24,6 +24,7 @@ Use::
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,13 +119,30 @@ def check(precision: str, field_name: str) -> None:
     resolve(precision, training_device(), field_name=field_name)
 
 
+_GPU_SECONDS = [0.0]
+
+
+def gpu_seconds_used() -> float:
+    """GPU-seconds this process's training has held CUDA GPUs so far (monotonic; a candidate's
+    share is the difference across it): time inside ``on_training_device`` on a GPU, and what
+    ``add_gpu_seconds`` adds for training run elsewhere (torchrun workers)."""
+    return _GPU_SECONDS[0]
+
+
+def add_gpu_seconds(seconds: float) -> None:
+    """Count GPU-seconds spent outside this process (e.g. DDP workers, one GPU each)."""
+    _GPU_SECONDS[0] += max(0.0, seconds)
+
+
 @contextlib.contextmanager
 def on_training_device(*modules: torch.nn.Module) -> Iterator[torch.device]:
-    """Move ``modules`` to ``training_device()`` for the block and back to the CPU after."""
+    """Move ``modules`` to ``training_device()`` for the block and back to the CPU after; the
+    block's wall time counts as GPU time (``gpu_seconds_used``) when that is a GPU."""
     device = training_device()
     if device.type == "cpu":
         yield device
         return
+    started = time.monotonic()
     try:
         for m in modules:
             m.to(device)
@@ -132,6 +150,7 @@ def on_training_device(*modules: torch.nn.Module) -> Iterator[torch.device]:
     finally:
         for m in modules:
             m.to("cpu")
+        add_gpu_seconds(time.monotonic() - started)
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
@@ -141,5 +160,5 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["PRECISIONS", "MixedPrecision", "check", "module_device", "on_training_device",
-           "resolve", "training_device"]
+__all__ = ["PRECISIONS", "MixedPrecision", "add_gpu_seconds", "check", "gpu_seconds_used",
+           "module_device", "on_training_device", "resolve", "training_device"]

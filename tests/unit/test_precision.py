@@ -154,3 +154,17 @@ def test_the_training_steps_run_their_fp16_path_with_a_gradient_scaler(
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all())
                for p in student.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+
+
+def test_gpu_time_counts_training_on_a_gpu_only() -> None:
+    """GPU-seconds grow inside training blocks on a GPU and by what torchrun's workers held;
+    training on the CPU adds none (the report's gpu_seconds is the difference across a
+    candidate)."""
+    before = precision.gpu_seconds_used()
+    if not torch.cuda.is_available():
+        with precision.on_training_device(nn.Linear(2, 2)) as dev:
+            assert dev.type == "cpu"
+        assert precision.gpu_seconds_used() == before
+    precision.add_gpu_seconds(2.5)
+    precision.add_gpu_seconds(-1.0)  # a clock that went backwards adds nothing
+    assert precision.gpu_seconds_used() >= before + 2.5

@@ -273,13 +273,17 @@ def test_the_report_prices_gpu_time_only_where_training_ran_on_a_gpu(
     doc = spec_dict("cnn.pt", "digits.npz", [
         {"name": "tuned", "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5,
                                                "fineTuneEpochs": 1}}]},
+        {"name": "untrained", "steps": [{"quantize": {"method": "int8-weight-only"}}]},
     ], fmt="torchscript", task="image-classification", metric="accuracy", max_drop=1.0)
     doc["spec"]["nodePools"].append({"name": "gpu", "hourlyPrice": 3.6,
                                      "accelerator": "nvidia-gpu",
                                      "resources": {"limits": {"nvidia.com/gpu": 1}}})
     report = compress(write_spec(tmp_path, doc), tmp_path / "out", settings=FAST)
-    (cand,) = report["candidates"]
-    assert cand["error"] is None, cand["error"]
+    cand, untrained = report["candidates"]
+    assert cand["error"] is None and untrained["error"] is None, (cand, untrained)
+    # a candidate that trains nothing never holds the GPU: no GPU time billed to it
+    assert untrained["cost"]["gpu_seconds"] == (None if device == "cpu" else 0.0)
+    assert untrained["cost"]["gpu_pool"] is None
     cost = cand["cost"]
     print(f"cost on {device}: {cost}")
     cpu_part = cost["cpu_seconds"] / 3600.0 * 0.1
