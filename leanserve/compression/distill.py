@@ -563,6 +563,11 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                                                 teacher=teacher)
         mode = f"pods (rank {rank})"
     else:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if 0 < gpus < cfg.workers:  # nccl: each worker on a GPU of its own (cuda:LOCAL_RANK)
+            raise StepError(f"{field(ctx, 'distill', 'workers')}: {cfg.workers} torchrun "
+                            f"workers on this machine need a CUDA GPU each, and it has {gpus} "
+                            f"(allowed: at most {gpus})")
         job = Path(ctx.workdir) / "distill-job"
         write_job(job, student, data, tc, threads=max(1, ctx.threads // cfg.workers),
                   teacher=teacher)  # type: ignore[arg-type]

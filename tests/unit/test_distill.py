@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 from pathlib import Path
 
 import onnxruntime as ort
@@ -202,6 +203,21 @@ def test_bad_configs_name_the_field(tmp_path: Path, cfg: DistillStep, fieldname:
     with pytest.raises(StepError) as err:
         distill(Model(module=teacher), cfg, ctx)
     assert str(err.value).startswith(f"{STEP_PATH}.{fieldname}:")
+
+
+def test_more_torchrun_workers_than_gpus_is_refused_before_launch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA machine each local DDP worker takes cuda:LOCAL_RANK (nccl cannot share one
+    GPU between ranks): two workers on a one-GPU machine are refused, naming the field, before
+    torchrun starts (decided here without a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    teacher = tiny_text()
+    ctx = ctx_for(teacher, Task.FEATURE_EXTRACTION, batches(n=2), tmp_path)
+    with pytest.raises(StepError, match=rf"^{re.escape(STEP_PATH)}\.distill\.workers: 2 "
+                                        r"torchrun workers .* has 1 \(allowed: at most 1\)"):
+        distill(Model(module=teacher), DistillStep(student_layers=1, workers=2), ctx)
+    assert not (tmp_path / "distill-job").exists()
 
 
 def test_cnn_is_refused_with_a_reason(tmp_path: Path) -> None:
