@@ -157,8 +157,17 @@ def test_the_table_shows_the_test_split_and_packed_sizes(text_run) -> None:
     text = console.export_text()
     assert "test mean/p5/worst" in text
     by = {c["name"]: c for c in report["candidates"]}
-    assert f"{by['int8']['test']['mean']:.4f}/" in text
-    assert f"(packed {by['binary']['packed_size_bytes'] / 1e6:.1f})" in text
+    assert f"{by['int8']['test']['mean']:.4f} /" in text
+    packed = by["binary"]["packed_size_bytes"]
+    assert f"(packed {packed / 1e3:.1f} kB)" in text or f"(packed {packed / 1e6:.1f} MB)" in text
+    # every candidate's name whole, also in an ordinary 100-column terminal
+    narrow = Console(width=100, record=True)
+    narrow.print(report_table(report))
+    shown = narrow.export_text()
+    assert max(map(len, shown.splitlines())) <= 100
+    for c in report["candidates"]:
+        assert any(line.startswith(f"│ {c['name']} ") for line in shown.splitlines()), c["name"]
+        assert c["quality"] is None or f"{c['quality']:.4f}" in shown
     assert f"{by['int8']['cost']['cpu_seconds']:.0f} cpu-s" in text
     payback = by["int8"]["cost"]["payback_requests"]
     assert (f"{payback:,} requests" if payback else "never (saves nothing)") in text
