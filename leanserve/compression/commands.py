@@ -71,7 +71,10 @@ def report_table(report: dict[str, Any]) -> Group:
     over the baseline's rows/s at batch 32, which the caption gives), then what each recipe cost
     and saves; report.json holds every figure (p50 latencies, each candidate's rows/s). Names
     and figures are never cut; a narrow terminal wraps the text columns instead."""
-    names = ["baseline (fp32)", *(c["name"] + " *" for c in report["candidates"])]
+    def label(c: dict[str, Any]) -> str:
+        return c["name"] + (" *" if c["name"] == report["selected"] else "")
+
+    names = ["baseline (fp32)", *map(label, report["candidates"])]
 
     metric = report["metric"]
     test_col = "test accuracy [95% CI]" if metric == "accuracy" else "test mean/p5/worst"
@@ -100,7 +103,7 @@ def report_table(report: dict[str, Any]) -> Group:
         lat = c["latency_ms"] or {}
         gate = ("[red]error[/red]: " + c["error"]) if c["error"] else (
             "[green]pass[/green]" if c["passed"] else "[red]fail[/red]")
-        name = c["name"] + (" *" if c["name"] == report["selected"] else "")
+        name = label(c)
         size = _size(c["size_bytes"])
         if c.get("packed_size_bytes"):
             size += f" (packed {_size(c['packed_size_bytes'])})"

@@ -511,8 +511,15 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
         if transformer_layers(model.module) is not None:
             raise _width_on_a_transformer(ctx)
         return _distill_width(model, cfg, ctx)
+    cluster = _ddp_distill.environment() if cfg.workers > 1 else None
     if cfg.workers == 1:  # DDP workers check on their own device (a GPU pod may have one)
         precision.check(cfg.precision.value, field(ctx, "distill", "precision"))
+    elif cluster is None:  # torchrun here: refuse before any work
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if 0 < gpus < cfg.workers:  # nccl: each worker on a GPU of its own (cuda:LOCAL_RANK)
+            raise StepError(f"{field(ctx, 'distill', 'workers')}: {cfg.workers} torchrun "
+                            f"workers on this machine need a CUDA GPU each, and it has {gpus} "
+                            f"(allowed: at most {gpus})")
     # Learn the uncompressed model's outputs even when an earlier step changed the model: the
     # quality gate compares against that model.
     per_batch = cfg.hidden_weight > 0 or cfg.relation_weight > 0 or cfg.token_noise > 0
@@ -548,7 +555,6 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                                 f"{cfg.relation_heads} does not divide the width {width} "
                                 f"(allowed: a divisor of {width})")
     started = time.monotonic()
-    cluster = _ddp_distill.environment() if cfg.workers > 1 else None
     if cfg.workers == 1:
         losses = _train_here(student, data, tc, teacher, ctx)
         mode = "in-process"
@@ -563,11 +569,6 @@ def distill(model: Model, cfg: DistillStep, ctx: Context) -> Model:
                                                 teacher=teacher)
         mode = f"pods (rank {rank})"
     else:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if 0 < gpus < cfg.workers:  # nccl: each worker on a GPU of its own (cuda:LOCAL_RANK)
-            raise StepError(f"{field(ctx, 'distill', 'workers')}: {cfg.workers} torchrun "
-                            f"workers on this machine need a CUDA GPU each, and it has {gpus} "
-                            f"(allowed: at most {gpus})")
         job = Path(ctx.workdir) / "distill-job"
         write_job(job, student, data, tc, threads=max(1, ctx.threads // cfg.workers),
                   teacher=teacher)  # type: ignore[arg-type]
