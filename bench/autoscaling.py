@@ -133,11 +133,14 @@ def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools:
     ceilings; and leanserve's cost over the bound at its own share (1.0: nothing could do it
     cheaper)."""
     from leanserve.autoscaling.bound import cost_lower_bound
+    from leanserve.autoscaling.simulate import hpa_for_share
 
     print("lower bound on the cost of ANY policy (it knows the future, starts replicas at once, "
-          "mixes pools freely):")
+          "mixes pools freely), and what an HPA pays for the share asked (the most utilised "
+          "target that reaches it: measured, not a bound):")
     print(f"| {'trace':8} | {'share asked':>11} | bound/hpa70 | bound/hpa85 | "
-          f"{'share and cost targets together':44} | ls $/bound at ls's share |")
+          f"{'share and cost targets together':44} | ls $/bound at ls's share | "
+          "hpa reaching it | its $/hpa70 |")
     for name, s in rows.items():
         h70, h85, ls = s["hpa"], s["hpa85"], s["leanserve"]
         share = max(TARGET_ATTAINMENT, h70["slo_attainment"], h85["slo_attainment"])
@@ -146,8 +149,12 @@ def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools:
         ceiling = min(MAX_VS_HPA70 * h70["cost"], MAX_VS_HPA85 * h85["cost"])
         verdict = ("IMPOSSIBLE (bound above the ceiling: proven)" if b.cost > ceiling
                    else "possible for a clairvoyant policy")
+        reach = hpa_for_share(traces[name], pools, target, cfg, share)
+        hpa = ("none of them", "-") if reach is None else (
+            f"target {reach[0]:.0%}", f"{reach[1].cost / h70['cost']:.3f}")
         print(f"| {name:8} | {share:11.3%} | {b.cost / h70['cost']:11.3f} | "
-              f"{b.cost / h85['cost']:11.3f} | {verdict:44} | {ls['cost'] / own.cost:23.3f} |")
+              f"{b.cost / h85['cost']:11.3f} | {verdict:44} | {ls['cost'] / own.cost:23.3f} | "
+              f"{hpa[0]:>15} | {hpa[1]:>11} |")
 
 
 ABLATIONS = {

@@ -514,14 +514,8 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     hp = _cheapest_per_rps(pools)
     max_r = target.affordable(hp)
     for key, share in HPA_TARGETS.items():
-        if key not in only:
-            continue
-        hpa = HPAController(hp, share * hp.capacity_rps, target.min_replicas, max_r, cfg,
-                            pods_metric=True, period=cfg.hpa_sync_seconds,
-                            down_window=cfg.hpa_scale_down_window_seconds)
-        runs[key] = _simulate(key, trace, pools, target, cfg, hpa,
-                              warm=_one(pools, hp, hpa.warm(first)))
-        runs[key].note = f"pool {hp.name}, target {share:.0%}"
+        if key in only:
+            runs[key] = simulate_hpa(trace, pools, target, cfg, share, key)
     if "keda" in only:
         keda = HPAController(hp, cfg.keda_threshold_share * hp.capacity_rps, target.min_replicas,
                              max_r, cfg, pods_metric=False, period=cfg.keda_polling_seconds,
@@ -539,6 +533,40 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
     for k, ctl in (extra or {}).items():
         runs[k] = _simulate(k, trace, pools, target, cfg, ctl, warm=warm)
     return Simulation(trace, pools, target, runs, settings, cfg.startup_seconds)
+
+
+def simulate_hpa(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg: SimConfig,
+                 utilisation: float, name: str = "hpa") -> PolicyRun:
+    """The HPA-style baseline at one utilisation target (a share of a replica's capacity at
+    the SLO), on the pool cheapest per request, started with what the first load needs."""
+    hp = _cheapest_per_rps(pools)
+    hpa = HPAController(hp, utilisation * hp.capacity_rps, target.min_replicas,
+                        target.affordable(hp), cfg, pods_metric=True,
+                        period=cfg.hpa_sync_seconds,
+                        down_window=cfg.hpa_scale_down_window_seconds)
+    run = _simulate(name, trace, pools, target, cfg, hpa,
+                    warm=_one(pools, hp, hpa.warm(trace.at(trace.times[0]))))
+    run.note = f"pool {hp.name}, target {utilisation:.0%}"
+    return run
+
+
+FRONTIER_TARGETS = (0.85, 0.7, 0.6, 0.5, 0.4, 0.33, 0.25, 0.2, 0.15, 0.1)
+"""Utilisation targets ``hpa_for_share`` tries, most to least utilised."""
+
+
+def hpa_for_share(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
+                  cfg: SimConfig, share: float) -> tuple[float, PolicyRun] | None:
+    """The most utilised HPA target of FRONTIER_TARGETS whose run keeps ``share`` of requests
+    within the SLO, with that run; None when even the least utilised does not.
+
+    What a reactive policy of the HPA's kind pays for that share on this trace: a measured
+    point, not a bound (policy.decide or another reactive rule may do better or worse; only the
+    clairvoyant leanserve.autoscaling.bound is a bound)."""
+    for u in FRONTIER_TARGETS:
+        run = simulate_hpa(trace, pools, target, cfg, u, f"hpa{round(u * 100)}")
+        if run.requests <= 0 or run.within / run.requests >= share - 1e-12:
+            return u, run
+    return None
 
 
 def _one(pools: Sequence[PoolCapacity], pool: PoolCapacity, n: int) -> dict[str, int]:

@@ -16,10 +16,13 @@ from leanserve.autoscaling.errors import TraceError
 from leanserve.autoscaling.policy import SETTINGS, PoolCapacity, Target, pools_from_profile
 from leanserve.autoscaling.simulate import (
     DEFAULT_STARTUP_SECONDS,
+    FRONTIER_TARGETS,
     SimConfig,
     Trace,
     _Queues,
+    hpa_for_share,
     simulate,
+    simulate_hpa,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +110,26 @@ def test_simulate_runs_only_the_named_contenders_and_records_the_settings():
     assert s["settings"] == {**SETTINGS.__dict__, "startup_seconds": DEFAULT_STARTUP_SECONDS}
     with pytest.raises(TraceError, match="unknown policies"):
         simulate(_steps(1, 2), POOLS, t, only=("leanserve", "vpa"))
+
+
+def test_hpa_for_share_finds_the_most_utilised_target_that_reaches_a_share():
+    t = Target(100, 1, 20, 5.0, 10, 60)
+    trace = _steps(100.0, 600.0)  # 6x jumps every 150 s: a 70% HPA misses some at each
+    cfg = SimConfig(startup_seconds=30.0)
+    h70 = simulate_hpa(trace, POOLS, t, cfg, 0.7)
+    assert h70.within / h70.requests < 0.99
+    # simulate() runs the same baseline under its own name
+    assert simulate(trace, POOLS, t, cfg, only=("hpa",)).runs["hpa"].cost == h70.cost
+    found = hpa_for_share(trace, POOLS, t, cfg, 0.99)
+    assert found is not None
+    u, run = found
+    assert u < 0.7 and run.within / run.requests >= 0.99 and run.cost > h70.cost
+    # the next, more utilised target on the list did not reach it
+    more = FRONTIER_TARGETS[FRONTIER_TARGETS.index(u) - 1]
+    r = simulate_hpa(trace, POOLS, t, cfg, more)
+    assert r.within / r.requests < 0.99
+    # a share no target reaches: None, not a made-up answer
+    assert hpa_for_share(trace, POOLS, t, cfg, 1.000001) is None
 
 
 def test_simulate_command_prints_the_shipped_settings(tmp_path: Path):
