@@ -22,7 +22,10 @@ the SLO and at least as many as both HPA baselines, at <= 0.85x the cost of the 
 <= the cost of the 85% one. Exit status 0 only when all pass. Under each table, the proven lower
 bound on what any policy (even one that knows the future and starts replicas instantly) pays for
 the share the targets ask (leanserve.autoscaling.bound): where it is above the cost ceiling, the
-targets cannot all hold on that trace, whatever the policy. A start-up sensitivity table follows
+targets cannot all hold on that trace, whatever the policy. Beside it, for the committed traces
+(whose noise model bench/make_traces.py knows), the bound on the expected cost of any policy that
+cannot foresee the load's noise (``--no-blind-bound`` skips it: ~1 min a set), and what an HPA
+pays for the share asked (measured, not a bound). A start-up sensitivity table follows
 (``--no-sensitivity`` skips it).
 
     python bench/autoscaling.py [--profile FILE | --estimated] [--startup-seconds 30]
@@ -95,7 +98,7 @@ def scaled_traces(folder: Path, peak_share: float, top: float) -> dict[str, Any]
 
 
 def run_set(label: str, traces: dict[str, Any], pools: Any, target: Any, cfg: Any,
-            out: Path) -> list[tuple[str, dict[str, Any]]]:
+            out: Path, models: dict[str, tuple[Any, float]]) -> list[tuple[str, dict[str, Any]]]:
     """Simulate every trace of one set; print and return its rows."""
     from leanserve.autoscaling.simulate import simulate
 
@@ -122,24 +125,58 @@ def run_set(label: str, traces: dict[str, Any], pools: Any, target: Any, cfg: An
               f"{ls['cost'] / h85['cost']:8.3f} | {ls['cost'] / orc['cost']:9.3f} | "
               f"{ls['interval_attainment']:11.2%} | {verdict}")
         rows.append((name, s))
-    print_bounds(traces, dict(rows), pools, target, cfg)
+    print_bounds(traces, dict(rows), pools, target, cfg, models)
     return rows
 
 
+def noise_models(folder: Path, traces: dict[str, Any]) -> dict[str, tuple[Any, float]]:
+    """For each trace under ``folder`` that bench/make_traces.py writes byte for byte (the
+    committed sets), its noiseless mean (rescaled as the trace was) and noise: what
+    ``blind_cost_lower_bound`` needs. Other traces (a folder of your own) get none."""
+    import importlib
+    import tempfile
+
+    from leanserve.autoscaling.simulate import Trace, load_trace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        gen = importlib.import_module("make_traces")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    out: dict[str, tuple[Any, float]] = {}
+    for which in (gen.TUNING, gen.HELDOUT):
+        with tempfile.TemporaryDirectory() as tmp:
+            written = {p.stem: p for p in gen.write(Path(tmp), which)}
+            drawn = gen.drawn(which)
+            for name, trace in traces.items():
+                mine = folder / f"{name}.csv"
+                if name in out or name not in written or not mine.is_file() or \
+                        mine.read_bytes() != written[name].read_bytes():
+                    continue
+                k = max(trace.rates) / max(load_trace(mine).rates)
+                d = drawn[name]
+                out[name] = (Trace(tuple(float(t) for t in d.times),
+                                   tuple(float(r) * k for r in d.mean)), float(d.noise))
+    return out
+
+
 def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools: Any,
-                 target: Any, cfg: Any) -> None:
+                 target: Any, cfg: Any, models: dict[str, tuple[Any, float]]) -> None:
     """Per trace, the proven lower bound (leanserve.autoscaling.bound) on what ANY policy pays
     for the share the targets ask (the most of 99%, hpa70's and hpa85's), against the cost
-    ceilings; and leanserve's cost over the bound at its own share (1.0: nothing could do it
-    cheaper)."""
-    from leanserve.autoscaling.bound import cost_lower_bound
+    ceilings; where the trace's noise model is known (``models``), the bound on the expected
+    cost of any policy that cannot foresee the noise; leanserve's cost over the bound at its own
+    share (1.0: nothing could do it cheaper); and what an HPA pays for the share asked."""
+    from leanserve.autoscaling.bound import blind_cost_lower_bound, cost_lower_bound
     from leanserve.autoscaling.simulate import hpa_for_share
 
-    print("lower bound on the cost of ANY policy (it knows the future, starts replicas at once, "
-          "mixes pools freely), and what an HPA pays for the share asked (the most utilised "
-          "target that reaches it: measured, not a bound):")
-    print(f"| {'trace':8} | {'share asked':>11} | bound/hpa70 | bound/hpa85 | "
-          f"{'share and cost targets together':44} | ls $/bound at ls's share | "
+    print("lower bounds on the cost of the share asked: 'any' = ANY policy (it knows the future, "
+          "starts replicas at once, mixes pools freely); 'blind' = the same but it cannot foresee "
+          "the load's noise (expected cost over the generator's noise; traces of "
+          "bench/make_traces.py only); and what an HPA pays for it (the most utilised target "
+          "that reaches it: measured, not a bound):")
+    print(f"| {'trace':8} | {'share asked':>11} | any/hpa70 | any/hpa85 | blind/hpa70 | "
+          f"blind/hpa85 | {'share and cost targets together':50} | ls $/any at ls's share | "
           "hpa reaching it | its $/hpa70 |")
     for name, s in rows.items():
         h70, h85, ls = s["hpa"], s["hpa85"], s["leanserve"]
@@ -147,14 +184,22 @@ def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools:
         b = cost_lower_bound(traces[name], pools, target, share, cfg)
         own = cost_lower_bound(traces[name], pools, target, ls["slo_attainment"], cfg)
         ceiling = min(MAX_VS_HPA70 * h70["cost"], MAX_VS_HPA85 * h85["cost"])
-        verdict = ("IMPOSSIBLE (bound above the ceiling: proven)" if b.cost > ceiling
-                   else "possible for a clairvoyant policy")
+        blind = (blind_cost_lower_bound(models[name][0], models[name][1], pools, target, share,
+                                        cfg) if name in models else None)
+        if b.cost > ceiling:
+            verdict = "IMPOSSIBLE (proven)"
+        elif blind is not None and blind.cost > ceiling:
+            verdict = "IMPOSSIBLE in expectation without foresight"
+        else:
+            verdict = "not ruled out by the bounds"
+        cells = (("-", "-") if blind is None else
+                 (f"{blind.cost / h70['cost']:.3f}", f"{blind.cost / h85['cost']:.3f}"))
         reach = hpa_for_share(traces[name], pools, target, cfg, share)
         hpa = ("none of them", "-") if reach is None else (
             f"target {reach[0]:.0%}", f"{reach[1].cost / h70['cost']:.3f}")
-        print(f"| {name:8} | {share:11.3%} | {b.cost / h70['cost']:11.3f} | "
-              f"{b.cost / h85['cost']:11.3f} | {verdict:44} | {ls['cost'] / own.cost:23.3f} | "
-              f"{hpa[0]:>15} | {hpa[1]:>11} |")
+        print(f"| {name:8} | {share:11.3%} | {b.cost / h70['cost']:9.3f} | "
+              f"{b.cost / h85['cost']:9.3f} | {cells[0]:>11} | {cells[1]:>11} | {verdict:50} | "
+              f"{ls['cost'] / own.cost:22.3f} | {hpa[0]:>15} | {hpa[1]:>11} |")
 
 
 ABLATIONS = {
@@ -240,6 +285,9 @@ def main() -> int:
                     help="seconds from asking for a replica until it serves")
     ap.add_argument("--no-sensitivity", action="store_true",
                     help="skip the start-up sensitivity table")
+    ap.add_argument("--no-blind-bound", action="store_true",
+                    help="skip the bound for policies that cannot foresee the noise (~1 min "
+                         "a set: the multi-day traces)")
     ap.add_argument("--ablation", action="store_true",
                     help="also run every knob of PolicySettings switched off, one at a time")
     ap.add_argument("--max-replicas", type=int, default=20)
@@ -308,7 +356,10 @@ def main() -> int:
     if not sets["held-out"]:
         print(f"error: no *.csv traces under {args.heldout}", file=sys.stderr)
         return 2
-    results = {label: run_set(label, traces, pools, target, cfg, args.out)
+    folders = {"tuning": args.tuning, "held-out": args.heldout}
+    results = {label: run_set(label, traces, pools, target, cfg, args.out,
+                              {} if args.no_blind_bound else
+                              noise_models(folders[label], traces))
                for label, traces in sets.items()}
 
     print()

@@ -21,6 +21,10 @@ The held-out set draws every shape with other seeds AND other parameters (peak h
 share, ramp time, noise, flash-crowd rate and height, quiet level): it is never used for any
 choice of the policy or its settings; bench/autoscaling.py reports it apart.
 
+Each generator returns a ``Drawn``: the noiseless mean rate and the relative noise each point is
+drawn with (``mean x N(1, noise)``, independently), which bench/autoscaling.py hands to
+leanserve.autoscaling.bound.blind_cost_lower_bound.
+
 Usage: python bench/make_traces.py            # writes bench/traces/ and bench/traces-heldout/
 """
 
@@ -96,17 +100,29 @@ def multi_day(days: int, s: Shape, rng: np.random.Generator, step: float = 60.0
     return t, rate
 
 
-def _noisy(rate: np.ndarray, s: Shape, rng: np.random.Generator) -> np.ndarray:
-    return rate * rng.normal(1.0, s.noise, size=rate.size)
+@dataclass(frozen=True)
+class Drawn:
+    """One trace before its noise: the rate every point is drawn around, and the noise."""
+
+    times: np.ndarray
+    mean: np.ndarray
+    """The noiseless rate (shape, level drift, bursts, flash crowds: everything but the noise)."""
+    noise: float
+    """Each point is ``mean x N(1, noise)``, independently of every other (bound.py's
+    ``blind_cost_lower_bound`` reads this)."""
+    rng: np.random.Generator
+
+    def noisy(self) -> np.ndarray:
+        return self.mean * self.rng.normal(1.0, self.noise, size=self.mean.size)
 
 
-def week(s: Shape) -> tuple[np.ndarray, np.ndarray]:
+def week(s: Shape) -> Drawn:
     rng = np.random.default_rng(s.seed)
     t, rate = multi_day(7, s, rng)
-    return t, _noisy(rate, s, rng)
+    return Drawn(t, rate, s.noise, rng)
 
 
-def flash(s: Shape) -> tuple[np.ndarray, np.ndarray]:
+def flash(s: Shape) -> Drawn:
     rng = np.random.default_rng(s.seed + 1)
     t, rate = multi_day(4, s, rng)
     step = t[1] - t[0]
@@ -123,10 +139,10 @@ def flash(s: Shape) -> tuple[np.ndarray, np.ndarray]:
         k = np.arange(n - i)
         shape = np.where(k < rise, (k + 1) / rise, np.exp(-(k - rise) / decay))
         extra[i:] = np.maximum(extra[i:], (height - 1.0) * rate[i] * shape)
-    return t, _noisy(rate + extra, s, rng)
+    return Drawn(t, rate + extra, s.noise, rng)
 
 
-def quiet(s: Shape) -> tuple[np.ndarray, np.ndarray]:
+def quiet(s: Shape) -> Drawn:
     rng = np.random.default_rng(s.seed + 2)
     t, rate = multi_day(4, s, rng)
     hours = (t % DAY) / 3600.0
@@ -134,7 +150,7 @@ def quiet(s: Shape) -> tuple[np.ndarray, np.ndarray]:
     business = (hours >= s.ramp_hour) & (hours < 19.0)
     top = rate.max()
     rate = np.where(business & (day != 2), rate, s.quiet * top)  # day 2: a holiday, all quiet
-    return t, _noisy(rate, s, rng)
+    return Drawn(t, rate, s.noise, rng)
 
 
 # the two-hour shapes (10 s resolution), as before; the offset changes their seeds
@@ -146,17 +162,17 @@ def _times() -> np.ndarray:
     return np.arange(0, DURATION_S, STEP_S, dtype=float)
 
 
-def diurnal(seed: int) -> np.ndarray:
+def diurnal(seed: int) -> Drawn:
     rng = np.random.default_rng(seed)
     t = _times() / DURATION_S * 24.0  # hours of a compressed day
     shape = (0.15 + 0.55 * np.exp(-((t - 10.5) / 2.5) ** 2)
              + 0.35 * np.exp(-((t - 13.5) / 1.5) ** 2)
              + 0.85 * np.exp(-((t - 19.0) / 2.8) ** 2))
     shape = shape / shape.max()
-    return 600.0 * shape * rng.normal(1.0, 0.04, size=t.size)
+    return Drawn(_times(), 600.0 * shape, 0.04, rng)
 
 
-def bursty(seed: int) -> np.ndarray:
+def bursty(seed: int) -> Drawn:
     rng = np.random.default_rng(seed)
     n = _times().size
     rate = np.full(n, 150.0)
@@ -170,18 +186,18 @@ def bursty(seed: int) -> np.ndarray:
         ramp = np.minimum(1.0, np.arange(length) / 2.0 + 0.5)
         rate[i:i + length] = np.maximum(rate[i:i + length], 150.0 * amp * ramp[: n - i][:length])
         i += length
-    return rate * rng.normal(1.0, 0.05, size=n)
+    return Drawn(_times(), rate, 0.05, rng)
 
 
-def step(seed: int) -> np.ndarray:
+def step(seed: int) -> Drawn:
     rng = np.random.default_rng(seed)
     levels = rng.permutation(np.array([100, 300, 200, 550, 150, 400, 600, 250], dtype=float))
     per = DURATION_S // STEP_S // len(levels)
     rate = np.repeat(levels, per)
-    return rate * rng.normal(1.0, 0.02, size=rate.size)
+    return Drawn(_times(), rate, 0.02, rng)
 
 
-def spike(seed: int) -> np.ndarray:
+def spike(seed: int) -> Drawn:
     rng = np.random.default_rng(seed)
     t = _times()
     rate = np.full(t.size, 80.0)
@@ -189,7 +205,7 @@ def spike(seed: int) -> np.ndarray:
         height = 80.0 * rng.uniform(5.0, 8.0)
         k = np.arange(t.size - start)
         rate[start:] = np.maximum(rate[start:], 80.0 + (height - 80.0) * np.exp(-k / 12.0))
-    return rate * rng.normal(1.0, 0.03, size=t.size)
+    return Drawn(t, rate, 0.03, rng)
 
 
 SHORT = {"diurnal": (diurnal, 1), "bursty": (bursty, 2), "step": (step, 3), "spike": (spike, 4)}
@@ -203,18 +219,20 @@ def _write(path: Path, t: np.ndarray, rates: np.ndarray) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def drawn(which: TraceSet) -> dict[str, Drawn]:
+    """Every trace of one set before its noise, by name (the noise not yet drawn)."""
+    out = {name: fn(which.shape) for name, fn in LONG.items()}
+    out.update({name: fn(seed + which.seed_offset) for name, (fn, seed) in SHORT.items()})
+    return out
+
+
 def write(out: Path, which: TraceSet) -> list[Path]:
     """Every trace of one set under ``out``."""
-    seed_offset, shape = which.seed_offset, which.shape
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fn in LONG.items():
-        t, r = fn(shape)
+    for name, d in drawn(which).items():
         paths.append(out / f"{name}.csv")
-        _write(paths[-1], t, r)
-    for name, (fn_short, seed) in SHORT.items():
-        paths.append(out / f"{name}.csv")
-        _write(paths[-1], _times(), fn_short(seed + seed_offset))
+        _write(paths[-1], d.times, d.noisy())
     return paths
 
 

@@ -22,6 +22,9 @@ uses the curve at u = min(u, 1); the per-step share used here is the larger of t
 is below (P)'s optimum for every lam >= 0 (weak duality), so ``max_lam L(lam)`` is a lower bound
 on the cost of any policy that reaches ``share``. When it exceeds a cost ceiling, no autoscaler
 meets both targets on that trace under this physics: a proof, not a failed search.
+
+``blind_cost_lower_bound`` takes one of those powers away where the trace's noise model is known:
+the contender no longer foresees the noise, and the bound is on the expected cost over it.
 """
 
 from __future__ import annotations
@@ -136,3 +139,132 @@ def cost_lower_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target
         lo, hi = (mid, hi) if grad > 0 else (lo, mid)
     best = max(best, dual(lo)[0], dual(hi)[0])
     return CostBound(share, best, best_share, True)
+
+
+GAUSS_HERMITE_NODES = 16
+BLIND_BISECTIONS = 30
+CHUNK = 1024
+"""Trace points per block of the blind bound's arrays (memory: mixes x CHUNK x nodes floats)."""
+
+
+def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapacity],
+                           target: Target, share: float, cfg: SimConfig | None = None,
+                           nodes: int = GAUSS_HERMITE_NODES) -> CostBound:
+    """A lower bound on the EXPECTED cost of keeping ``share`` of the expected requests within the
+    SLO, for any policy that cannot foresee the load's noise, on a trace drawn as each point's
+    rate = ``mean`` x N(1, ``noise``), independently (bench/make_traces.py draws its traces so).
+
+    The contender is ``cost_lower_bound``'s (it knows ``mean`` everywhere, pays only for serving
+    replicas, mixes pools freely, no backlog carries over) but for one thing no real policy
+    escapes: a point's noise shows first in the requests of the point's first step, so the
+    replicas serving that step were chosen without it (blind); until a replica asked after
+    seeing it can serve (one step + the start-up later) the ready replicas can only be trimmed
+    (scale-down is instant); after that, anything. Expectations over the noise are taken by
+    Gauss-Hermite quadrature (``nodes`` points: a numerical expectation, exact for polynomials
+    of degree 2 x nodes - 1). Weak duality as in the module doc, on expected cost and misses:
+
+        E[cost] >= sum_steps V_step(lam) - lam x (1 - share) x E[requests]   for every lam >= 0,
+
+    with V = min_mix E[c + lam x misses] (blind), E[min_mix ...] (after), and the min over a
+    blind mix of E[min over its sub-mixes ...] (trim only). A bound on the average over draws of
+    the noise, not on one draw; ``share`` is of the expected requests.
+    """
+    cfg = cfg or SimConfig()
+    if not 0 <= noise < 1:  # NaN too
+        raise ValueError(f"noise {noise!r}: expected a relative std within [0, 1)")
+    dt = target.interval_seconds
+    per_interval = max(1, round(dt / min(cfg.step_seconds, dt)))
+    h = dt / per_interval
+    steps = ticks(mean, target) * per_interval
+    times = np.asarray(mean.times, dtype=float)
+    at = times[0] + h * np.arange(steps)
+    point = np.clip(np.searchsorted(times, at + 1e-9, side="right") - 1, 0, len(times) - 1)
+    offset = at - times[point]
+    kind = np.where(offset < 1e-9, 0, np.where(offset < h + cfg.startup_seconds - 1e-9, 1, 2))
+    counts = np.zeros((len(times), 3))
+    np.add.at(counts, (point, kind), 1.0)
+    mu = np.asarray(mean.rates, dtype=float)
+    x, w = np.polynomial.hermite.hermgauss(nodes)
+    eps = np.maximum(0.0, 1.0 + noise * math.sqrt(2.0) * x)
+    w = w / math.sqrt(math.pi)
+    ranges = [range(target.affordable(p) + 1) for p in pools]
+    grid = [len(r) for r in ranges]
+    mixes = [dict(zip([p.name for p in pools], ns, strict=True))
+             for ns in itertools.product(*ranges)]
+    usable = np.array([sum(m.values()) >= max(1, target.min_replicas) for m in mixes])
+    price = np.array([sum(m[p.name] * p.hourly_price for p in pools) * h / 3600 if ok
+                      else np.inf for m, ok in zip(mixes, usable, strict=True)])
+    total = float((mu * counts.sum(axis=1)).sum() * h)
+    allowed = (1.0 - share) * total
+
+    def block(lo: int, hi: int) -> np.ndarray:
+        """Expected-free misses [mixes, points lo..hi, nodes] (0 for unusable mixes)."""
+        loads = (mu[lo:hi, None] * eps[None, :]).ravel()
+        out = np.zeros((len(mixes), hi - lo, nodes))
+        for k, m in enumerate(mixes):
+            if usable[k]:
+                within = _step_share(loads, m, pools, target.latency_p95_ms, h)
+                out[k] = (loads * h * (1.0 - within)).reshape(hi - lo, nodes)
+        return out
+
+    blocks = [(lo, min(lo + CHUNK, len(times))) for lo in range(0, len(times), CHUNK)]
+    cached = [block(lo, hi) for lo, hi in blocks]
+    fewest = sum(float((np.min(np.where(usable[:, None, None], m, np.inf), axis=0) @ w
+                        * counts[lo:hi].sum(axis=1)).sum())
+                 for (lo, hi), m in zip(blocks, cached, strict=True))
+    best_share = 1.0 - fewest / total if total > 0 else 1.0
+    if fewest > allowed + 1e-9 * total:
+        return CostBound(share, math.inf, best_share, False)
+
+    def dual(lam: float) -> tuple[float, float]:
+        """(L(lam), its subgradient: expected misses at the minimisers - allowed)."""
+        value = spent = 0.0
+        for (lo, hi), miss in zip(blocks, cached, strict=True):
+            n = hi - lo
+            cols = np.arange(n)
+            v = price[:, None, None] + lam * miss  # [mixes, n, nodes]; inf: unusable
+            # after the noise is seen: the best mix for each draw
+            a = v.argmin(axis=0)[None]
+            after = (np.take_along_axis(v, a, 0)[0] @ w, np.take_along_axis(miss, a, 0)[0] @ w)
+            # blind: one mix for every draw
+            b = (v @ w).argmin(axis=0)
+            blind = (v[b, cols] @ w, miss[b, cols] @ w)
+            # trim only: a blind mix, then its best sub-mix for each draw
+            g, arg = _prefix_min(v.reshape(*grid, n, nodes), grid)
+            g, arg = g.reshape(v.shape), arg.reshape(v.shape)
+            up = (g @ w).argmin(axis=0)
+            sub = arg[up, cols]
+            trim = (g[up, cols] @ w, np.take_along_axis(miss, sub[None], 0)[0] @ w)
+            c = counts[lo:hi]
+            for k, (val, mis) in enumerate((blind, trim, after)):
+                value += float((c[:, k] * val).sum())
+                spent += float((c[:, k] * mis).sum())
+        return value - lam * allowed, spent - allowed
+
+    best, _ = dual(0.0)
+    lo_l, hi_l = 0.0, 1.0
+    while dual(hi_l)[1] > 0 and hi_l < 1e12:
+        lo_l, hi_l = hi_l, hi_l * 4
+    for _ in range(BLIND_BISECTIONS):
+        mid = (lo_l + hi_l) / 2
+        value, grad = dual(mid)
+        best = max(best, value)
+        lo_l, hi_l = (mid, hi_l) if grad > 0 else (lo_l, mid)
+    best = max(best, dual(lo_l)[0], dual(hi_l)[0])
+    return CostBound(share, best, best_share, True)
+
+
+def _prefix_min(g: np.ndarray, grid: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Over the mix grid (the leading axes, one per pool), the least value among each mix and
+    its sub-mixes (no more replicas of any pool), with the flat index of the mix reaching it."""
+    arg = np.broadcast_to(np.arange(int(np.prod(grid))).reshape(*grid, *([1] * (g.ndim - len(
+        grid)))), g.shape).copy()
+    g = g.copy()
+    for axis in range(len(grid)):
+        for i in range(1, grid[axis]):
+            prev = (slice(None),) * axis + (i - 1,)
+            cur = (slice(None),) * axis + (i,)
+            better = g[prev] < g[cur]
+            g[cur] = np.where(better, g[prev], g[cur])
+            arg[cur] = np.where(better, arg[prev], arg[cur])
+    return g, arg

@@ -9,7 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from leanserve.autoscaling.bound import _step_share, _within, cost_lower_bound
+from leanserve.autoscaling.bound import (
+    _step_share,
+    _within,
+    blind_cost_lower_bound,
+    cost_lower_bound,
+)
 from leanserve.autoscaling.capacity import DEFAULT_CURVE, LatencyCurve
 from leanserve.autoscaling.policy import PoolCapacity, Target
 from leanserve.autoscaling.simulate import SimConfig, Trace, _Queues, simulate
@@ -69,3 +74,49 @@ def test_the_vectorised_share_is_the_curves(curve: LatencyCurve):
     for wait in (0.0, 0.3, 1.2):
         got = _within(us, wait, curve.a, curve.b, curve.m)
         assert got == pytest.approx([curve.within(float(u), wait) for u in us], abs=1e-12)
+
+
+def _mean(point_s: float = 10.0) -> Trace:
+    """_trace's shape without its noise, one point every ``point_s`` seconds."""
+    t = np.arange(0, 1800, point_s)
+    rate = 60 + 140 * np.clip((t - 300) / 600, 0, 1) + np.where((t > 1100) & (t < 1300), 250, 0)
+    return Trace(tuple(float(x) for x in t), tuple(float(r) for r in rate))
+
+
+@pytest.mark.parametrize("point_s", [10.0, 60.0])
+def test_no_policy_blind_to_the_noise_pays_less_than_the_blind_bound_on_average(point_s: float):
+    mean, noise = _mean(point_s), 0.1
+    rng = np.random.default_rng(3)
+    cost: dict[str, float] = {}
+    within: dict[str, float] = {}
+    requests: dict[str, float] = {}
+    draws = 12
+    for _ in range(draws):
+        noisy = Trace(mean.times, tuple(float(max(0.0, r * rng.normal(1.0, noise)))
+                                        for r in mean.rates))
+        sim = simulate(noisy, POOLS, TARGET, CFG)
+        for name, run in sim.runs.items():
+            cost[name] = cost.get(name, 0.0) + run.cost / draws
+            within[name] = within.get(name, 0.0) + run.within
+            requests[name] = requests.get(name, 0.0) + run.requests
+    for name in cost:
+        share = within[name] / requests[name]
+        bound = blind_cost_lower_bound(mean, noise, POOLS, TARGET, share, CFG)
+        if name != "oracle":
+            assert bound.feasible and bound.cost <= cost[name], name
+        elif point_s == 10.0:
+            # the oracle foresees every step's noise, which the bound forbids: here it does
+            # better than any blind policy could (it is not a contender the bound covers)
+            assert cost[name] < bound.cost
+    # blindness costs: above the same bound for a load without noise, which is the clairvoyant
+    # bound on that load (every quadrature node at the mean)
+    still = blind_cost_lower_bound(mean, 0.0, POOLS, TARGET, 0.999, CFG)
+    assert still.cost == pytest.approx(cost_lower_bound(mean, POOLS, TARGET, 0.999, CFG).cost,
+                                       rel=1e-6)
+    assert blind_cost_lower_bound(mean, noise, POOLS, TARGET, 0.999, CFG).cost > still.cost
+
+
+def test_the_blind_bound_refuses_a_noise_it_cannot_model():
+    for bad in (-0.1, 1.0, math.nan):
+        with pytest.raises(ValueError, match="noise"):
+            blind_cost_lower_bound(_mean(), bad, POOLS, TARGET, 0.99, CFG)
