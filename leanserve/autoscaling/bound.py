@@ -154,20 +154,30 @@ def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapaci
     SLO, for any policy that cannot foresee the load's noise, on a trace drawn as each point's
     rate = ``mean`` x N(1, ``noise``), independently (bench/make_traces.py draws its traces so).
 
-    The contender is ``cost_lower_bound``'s (it knows ``mean`` everywhere, pays only for serving
-    replicas, mixes pools freely, no backlog carries over) but for one thing no real policy
-    escapes: a point's noise shows first in the requests of the point's first step, so the
-    replicas serving that step were chosen without it (blind); until a replica asked after
-    seeing it can serve (one step + the start-up later) the ready replicas can only be trimmed
-    (scale-down is instant); after that, anything. Expectations over the noise are taken by
-    Gauss-Hermite quadrature (``nodes`` points: a numerical expectation, exact for polynomials
-    of degree 2 x nodes - 1). Weak duality as in the module doc, on expected cost and misses:
+    The contender knows ``mean`` everywhere, mixes pools freely and starts every step with no
+    backlog, as ``cost_lower_bound``'s, but it cannot foresee the noise, and it pays for a
+    replica from the moment it asks for it, as the simulator charges. What that implies, for the
+    simulator's steps of h seconds and a start-up of S:
 
-        E[cost] >= sum_steps V_step(lam) - lam x (1 - share) x E[requests]   for every lam >= 0,
+    - a replica ready at step i was asked for by t_i - S and has been paid for since: the
+      replicas paid for at step i - S/h (C) contain those ready at step i (R), and C was chosen
+      seeing only the steps before i - S/h;
+    - R is chosen seeing the steps before i (scale-down is instant);
+    - a point's noise shows first in the requests of its first step.
 
-    with V = min_mix E[c + lam x misses] (blind), E[min_mix ...] (after), and the min over a
-    blind mix of E[min over its sub-mixes ...] (trim only). A bound on the average over draws of
-    the noise, not on one draw; ``share`` is of the expected requests.
+    Charging each step for its C only (dropping the other steps a replica is paid for) and
+    keeping only the constraint R within C, the steps decouple, and by weak duality (module doc,
+    on expected cost and misses), for every lam >= 0:
+
+        E[cost] >= sum_steps V_step(lam) - lam x (1 - share) x E[requests]
+
+    with, for a step whose point's noise C cannot have seen, V = min over C of [c(C) + lam x
+    E[misses of the best sub-mix R of C]] (R picked before or after seeing the noise, as the step
+    allows); for one whose noise C could have seen, V = E[min over C of (c(C) + lam x misses)];
+    the first S/h steps, whose C precede the trace, are charged nothing. Expectations over the
+    noise are taken by Gauss-Hermite quadrature (``nodes`` points: a numerical expectation, exact
+    for polynomials of degree 2 x nodes - 1). A bound on the average over draws of the noise,
+    not on one draw; ``share`` is of the expected requests.
     """
     cfg = cfg or SimConfig()
     if not 0 <= noise < 1:  # NaN too
@@ -180,8 +190,12 @@ def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapaci
     at = times[0] + h * np.arange(steps)
     point = np.clip(np.searchsorted(times, at + 1e-9, side="right") - 1, 0, len(times) - 1)
     offset = at - times[point]
-    kind = np.where(offset < 1e-9, 0, np.where(offset < h + cfg.startup_seconds - 1e-9, 1, 2))
-    counts = np.zeros((len(times), 3))
+    lead = math.ceil(cfg.startup_seconds / h - 1e-9)  # C is paid this many steps before R serves
+    # 0: R and C blind to the point's noise; 1: C blind, R not; 2: C sees it; 3: C precedes the
+    # trace (charged nothing)
+    kind = np.where(offset < h - 1e-9, 0, np.where(offset < (lead + 1) * h - 1e-9, 1, 2))
+    kind = np.where(np.arange(steps) < lead, 3, kind)
+    counts = np.zeros((len(times), 4))
     np.add.at(counts, (point, kind), 1.0)
     mu = np.asarray(mean.rates, dtype=float)
     x, w = np.polynomial.hermite.hermgauss(nodes)
@@ -197,21 +211,26 @@ def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapaci
     total = float((mu * counts.sum(axis=1)).sum() * h)
     allowed = (1.0 - share) * total
 
-    def block(lo: int, hi: int) -> np.ndarray:
-        """Expected-free misses [mixes, points lo..hi, nodes] (0 for unusable mixes)."""
+    def block(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For points lo..hi: misses [mixes, points, nodes] (0 for unusable mixes), the
+        expected misses of each mix's best sub-mix picked blind (kind 0) and after seeing the
+        noise (kind 1), [mixes, points] (inf for unusable), and the fewest per draw."""
         loads = (mu[lo:hi, None] * eps[None, :]).ravel()
-        out = np.zeros((len(mixes), hi - lo, nodes))
+        miss = np.zeros((len(mixes), hi - lo, nodes))
         for k, m in enumerate(mixes):
             if usable[k]:
                 within = _step_share(loads, m, pools, target.latency_p95_ms, h)
-                out[k] = (loads * h * (1.0 - within)).reshape(hi - lo, nodes)
-        return out
+                miss[k] = (loads * h * (1.0 - within)).reshape(hi - lo, nodes)
+        inf = np.where(usable[:, None, None], miss, np.inf)
+        shape = (*grid, hi - lo)
+        blind = _prefix_min((inf @ w).reshape(shape), grid).reshape(len(mixes), hi - lo)
+        seen = _prefix_min(inf.reshape(*shape, nodes), grid).reshape(inf.shape) @ w
+        return miss, blind, seen, inf.min(axis=0) @ w
 
     blocks = [(lo, min(lo + CHUNK, len(times))) for lo in range(0, len(times), CHUNK)]
     cached = [block(lo, hi) for lo, hi in blocks]
-    fewest = sum(float((np.min(np.where(usable[:, None, None], m, np.inf), axis=0) @ w
-                        * counts[lo:hi].sum(axis=1)).sum())
-                 for (lo, hi), m in zip(blocks, cached, strict=True))
+    fewest = sum(float((fw * counts[lo:hi].sum(axis=1)).sum())
+                 for (lo, hi), (*_, fw) in zip(blocks, cached, strict=True))
     best_share = 1.0 - fewest / total if total > 0 else 1.0
     if fewest > allowed + 1e-9 * total:
         return CostBound(share, math.inf, best_share, False)
@@ -219,26 +238,23 @@ def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapaci
     def dual(lam: float) -> tuple[float, float]:
         """(L(lam), its subgradient: expected misses at the minimisers - allowed)."""
         value = spent = 0.0
-        for (lo, hi), miss in zip(blocks, cached, strict=True):
-            n = hi - lo
-            cols = np.arange(n)
-            v = price[:, None, None] + lam * miss  # [mixes, n, nodes]; inf: unusable
-            # after the noise is seen: the best mix for each draw
-            a = v.argmin(axis=0)[None]
-            after = (np.take_along_axis(v, a, 0)[0] @ w, np.take_along_axis(miss, a, 0)[0] @ w)
-            # blind: one mix for every draw
-            b = (v @ w).argmin(axis=0)
-            blind = (v[b, cols] @ w, miss[b, cols] @ w)
-            # trim only: a blind mix, then its best sub-mix for each draw
-            g, arg = _prefix_min(v.reshape(*grid, n, nodes), grid)
-            g, arg = g.reshape(v.shape), arg.reshape(v.shape)
-            up = (g @ w).argmin(axis=0)
-            sub = arg[up, cols]
-            trim = (g[up, cols] @ w, np.take_along_axis(miss, sub[None], 0)[0] @ w)
+        for (lo, hi), (miss, blind, seen, fw) in zip(blocks, cached, strict=True):
+            cols = np.arange(hi - lo)
+            parts = []
+            for pm in (blind, seen):  # C blind; R blind (0) or not (1)
+                v = np.where(usable[:, None], price[:, None] + lam * np.where(
+                    usable[:, None], pm, 0.0), np.inf)
+                k = v.argmin(axis=0)
+                parts.append((v[k, cols], pm[k, cols]))
+            v = price[:, None, None] + lam * miss  # C sees the noise
+            k = v.argmin(axis=0)[None]
+            parts.append((np.take_along_axis(v, k, 0)[0] @ w,
+                          np.take_along_axis(miss, k, 0)[0] @ w))
+            parts.append((lam * fw, fw))  # C before the trace: free
             c = counts[lo:hi]
-            for k, (val, mis) in enumerate((blind, trim, after)):
-                value += float((c[:, k] * val).sum())
-                spent += float((c[:, k] * mis).sum())
+            for j, (val, mis) in enumerate(parts):
+                value += float((c[:, j] * val).sum())
+                spent += float((c[:, j] * mis).sum())
         return value - lam * allowed, spent - allowed
 
     best, _ = dual(0.0)
@@ -254,17 +270,9 @@ def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapaci
     return CostBound(share, best, best_share, True)
 
 
-def _prefix_min(g: np.ndarray, grid: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _prefix_min(g: np.ndarray, grid: Sequence[int]) -> np.ndarray:
     """Over the mix grid (the leading axes, one per pool), the least value among each mix and
-    its sub-mixes (no more replicas of any pool), with the flat index of the mix reaching it."""
-    arg = np.broadcast_to(np.arange(int(np.prod(grid))).reshape(*grid, *([1] * (g.ndim - len(
-        grid)))), g.shape).copy()
-    g = g.copy()
+    its sub-mixes (no more replicas of any pool)."""
     for axis in range(len(grid)):
-        for i in range(1, grid[axis]):
-            prev = (slice(None),) * axis + (i - 1,)
-            cur = (slice(None),) * axis + (i,)
-            better = g[prev] < g[cur]
-            g[cur] = np.where(better, g[prev], g[cur])
-            arg[cur] = np.where(better, arg[prev], arg[cur])
-    return g, arg
+        g = np.minimum.accumulate(g, axis=axis)
+    return g

@@ -108,11 +108,11 @@ def test_no_policy_blind_to_the_noise_pays_less_than_the_blind_bound_on_average(
             # the oracle foresees every step's noise, which the bound forbids: here it does
             # better than any blind policy could (it is not a contender the bound covers)
             assert cost[name] < bound.cost
-    # blindness costs: above the same bound for a load without noise, which is the clairvoyant
-    # bound on that load (every quadrature node at the mean)
+    # without noise it is the clairvoyant bound on that load but for the first start-up's
+    # worth of steps, which it charges nothing (3 of 180); blindness costs more than that
     still = blind_cost_lower_bound(mean, 0.0, POOLS, TARGET, 0.999, CFG)
-    assert still.cost == pytest.approx(cost_lower_bound(mean, POOLS, TARGET, 0.999, CFG).cost,
-                                       rel=1e-6)
+    clairvoyant = cost_lower_bound(mean, POOLS, TARGET, 0.999, CFG).cost
+    assert 0.97 * clairvoyant <= still.cost <= clairvoyant
     assert blind_cost_lower_bound(mean, noise, POOLS, TARGET, 0.999, CFG).cost > still.cost
 
 
