@@ -309,5 +309,6 @@ def observe(source: PrometheusSource, platform: Platform, model: str) -> tuple[O
         current=platform.current_replicas(model),
         arrival_rate=reading.arrival_rate,
         pending=reading.pending,
+        window_seconds=_seconds(source.queries.window),
     )
     return obs, reading

@@ -17,7 +17,8 @@ What it does, in order:
    hold the current replicas, SLOMet Unknown, reason MetricsUnavailable: missing data is never
    zero load.
 2. Demand = the load where it will be when a replica asked for now serves (start-up + interval
-   ahead): the larger of the reactive forecast (the load plus its significant upward trend) and,
+   ahead): the larger of the reactive forecast (the load plus its significant upward trend, over
+   that horizon and half the rate window more: a windowed rate trails a ramp by that much) and,
    once a day of history has taught it the load's daily shape (weekdays and weekends apart), the
    seasonal one (the load times the rise the shape predicts over that horizon and one 5-minute
    bucket more).
@@ -180,6 +181,9 @@ class Observation:
     the load signal, unbounded under overload."""
     pending: float | None = None
     """Requests queued or executing in Triton now (nv_inference_pending_request_count)."""
+    window_seconds: float | None = None
+    """The range the rates are averaged over (the rate() window). On a ramp an average over the
+    last W seconds is the load of W/2 ago: the trend projects that much further. None: 0."""
 
 
 SEASON_BUCKET_SECONDS = 300.0
@@ -630,9 +634,11 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     if settings.seasonal:
         season = (season or Season()).observe(now, load)
     slope = _trend(history, now, load, settings.trend_window_seconds)
-    demand = load + slope * horizon
+    lag = observed.window_seconds / 2 if _valid(observed.window_seconds) else 0.0
+    demand = load + slope * (horizon + lag)
     if slope > 0:
-        parts.append(f"rising {slope:.2f} req/s² -> {demand:.1f} req/s in {horizon:g}s")
+        parts.append(f"rising {slope:.2f} req/s² -> {demand:.1f} req/s in {horizon:g}s"
+                     + (f" (+{lag:g}s: the rate is a {2 * lag:g}s average)" if lag else ""))
     rise = season.rise(now, horizon) if settings.seasonal and season is not None else None
     if rise is not None and load * rise > demand:
         demand = load * rise

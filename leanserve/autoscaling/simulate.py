@@ -405,7 +405,8 @@ def _simulate(name: str, trace: Trace, pools: Sequence[PoolCapacity], target: Ta
                 arr = srv = trace.at(t0)
                 p95 = None
             obs = Observation(t, srv, p95, None, plat.ready_replicas(MODEL),
-                              plat.current_replicas(MODEL), arrival_rate=arr, pending=pending)
+                              plat.current_replicas(MODEL), arrival_rate=arr, pending=pending,
+                              window_seconds=window * h)
             want = controller(obs)
             if want is not None:
                 plat.scale(MODEL, want)

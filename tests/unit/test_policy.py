@@ -158,6 +158,26 @@ def test_rising_trend_provisions_ahead():
     assert "rising" in prev.reason
 
 
+def test_a_windowed_rate_trails_a_ramp_by_half_its_window():
+    # a perfect ramp of 6 req/s per 5 s decision: the trend projects start-up + interval ahead,
+    # and from a W-second average W/2 more (what that average lags the load now by)
+    def last(window: float | None) -> float:
+        prev = None
+        for i in range(6):
+            o = obs(i * 5, 50.0 + 6 * i, 30, {"cpu-small": 6, "cpu-large": 0})
+            o = Observation(o.time, o.request_rate, o.p95_ms, None, o.ready, o.current,
+                            window_seconds=window)
+            prev = decide(o, POOLS, TARGET, prev, i * 5)
+        assert prev is not None and prev.desired_rps is not None
+        return prev.desired_rps
+
+    plain, windowed = last(None), last(60.0)
+    assert plain > 80.0  # projected ahead of the last load at all
+    # a perfect ramp: the trend is its slope (1.2 req/s per s), less one standard error of 0
+    assert windowed - plain == pytest.approx(1.2 * 30.0, rel=1e-6)
+    assert last(0.0) == plain
+
+
 def test_pools_from_profile_and_errors():
     class P:
         def __init__(self, name, price):
