@@ -141,96 +141,110 @@ def cost_lower_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target
     return CostBound(share, best, best_share, True)
 
 
-GAUSS_HERMITE_NODES = 16
+GAUSS_HERMITE_NODES = 8
 BLIND_BISECTIONS = 30
 CHUNK = 1024
-"""Trace points per block of the blind bound's arrays (memory: mixes x CHUNK x nodes floats)."""
+"""Laws per block of the blind bounds' arrays (memory: mixes x CHUNK x outcomes floats)."""
 
 
-def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapacity],
-                           target: Target, share: float, cfg: SimConfig | None = None,
-                           nodes: int = GAUSS_HERMITE_NODES) -> CostBound:
-    """A lower bound on the EXPECTED cost of keeping ``share`` of the expected requests within the
-    SLO, for any policy that cannot foresee the load's noise, on a trace drawn as each point's
-    rate = ``mean`` x N(1, ``noise``), independently (bench/make_traces.py draws its traces so).
+@dataclass(frozen=True)
+class StepLaws:
+    """What each step's load may be, as seen when the replicas serving it had to be asked for.
 
-    The contender knows ``mean`` everywhere, mixes pools freely and starts every step with no
-    backlog, as ``cost_lower_bound``'s, but it cannot foresee the noise, and it pays for a
-    replica from the moment it asks for it, as the simulator charges. What that implies, for the
-    simulator's steps of h seconds and a start-up of S:
+    Rows are steps (or runs of steps with one law, ``count`` of them); columns the law's
+    outcomes. ``asked_sees`` and ``ready_sees`` group the outcomes that the replicas paid for
+    (asked one start-up before the step) and the ready replicas (trimmed up to the step) cannot
+    tell apart; every ``ready_sees`` group lies within one ``asked_sees`` group. A row's
+    probabilities may sum to less than 1: outcomes left out count for nothing (which can only
+    lower the bound)."""
 
-    - a replica ready at step i was asked for by t_i - S and has been paid for since: the
-      replicas paid for at step i - S/h (C) contain those ready at step i (R), and C was chosen
-      seeing only the steps before i - S/h;
-    - R is chosen seeing the steps before i (scale-down is instant);
-    - a point's noise shows first in the requests of its first step.
+    loads: np.ndarray
+    """[rows, outcomes] requests/s."""
+    probs: np.ndarray
+    asked_sees: np.ndarray
+    """[rows, outcomes] ints in 0..outcomes-1."""
+    ready_sees: np.ndarray
+    count: np.ndarray
+    """[rows] steps with this law."""
+    charged: np.ndarray
+    """[rows] False where the replicas were paid for before the trace began (charged nothing)."""
 
-    Charging each step for its C only (dropping the other steps a replica is paid for) and
-    keeping only the constraint R within C, the steps decouple, and by weak duality (module doc,
-    on expected cost and misses), for every lam >= 0:
+    def __post_init__(self) -> None:
+        shape = self.loads.shape
+        if any(np.shape(a) != shape for a in (self.probs, self.asked_sees, self.ready_sees)) \
+                or np.shape(self.count) != shape[:1] or np.shape(self.charged) != shape[:1]:
+            raise ValueError("StepLaws: arrays of mismatched shapes")
+        if np.any(self.probs < 0) or np.any(self.probs.sum(axis=1) > 1 + 1e-9):
+            raise ValueError("StepLaws: probabilities must be >= 0 and sum to <= 1 per row")
+        for a in (self.asked_sees, self.ready_sees):
+            if np.any((a < 0) | (a >= shape[1])):
+                raise ValueError("StepLaws: group ids must lie within 0..outcomes-1")
+        # every ready group within one asked group
+        for g in range(shape[1]):
+            sel = self.ready_sees == g
+            asked = np.where(sel, self.asked_sees, -1)
+            lo = np.where(sel, asked, shape[1]).min(axis=1)
+            if np.any(sel.any(axis=1) & (asked.max(axis=1) != lo)):
+                raise ValueError("StepLaws: a ready_sees group spans two asked_sees groups")
 
-        E[cost] >= sum_steps V_step(lam) - lam x (1 - share) x E[requests]
 
-    with, for a step whose point's noise C cannot have seen, V = min over C of [c(C) + lam x
-    E[misses of the best sub-mix R of C]] (R picked before or after seeing the noise, as the step
-    allows); for one whose noise C could have seen, V = E[min over C of (c(C) + lam x misses)];
-    the first S/h steps, whose C precede the trace, are charged nothing. Expectations over the
-    noise are taken by Gauss-Hermite quadrature (``nodes`` points: a numerical expectation, exact
-    for polynomials of degree 2 x nodes - 1). A bound on the average over draws of the noise,
-    not on one draw; ``share`` is of the expected requests.
+def law_cost_lower_bound(laws: StepLaws, pools: Sequence[PoolCapacity], target: Target,
+                         share: float, step_seconds: float) -> CostBound:
+    """A lower bound on the EXPECTED cost of keeping ``share`` of the expected requests within
+    the SLO, for any policy whose replicas are paid for from the moment they are asked for and
+    serve one start-up later, on loads that follow ``laws`` (see StepLaws), under the
+    simulator's physics on steps of ``step_seconds``, mixing pools freely, with no backlog.
+
+    Charging each step for the replicas asked for it (C) and keeping only the constraint that
+    the ready ones (R) are among them, the steps decouple; by weak duality (module doc, on
+    expected cost and misses), for every lam >= 0:
+
+        E[cost] >= sum_rows count x V_row(lam) - lam x (1 - share) x E[requests]
+        V = sum over asked groups a of min over C of [P(a) x c(C) + lam x sum over the ready
+            groups r within a of min over the sub-mixes R of C of P(r) x E[misses(R) | r]]
     """
-    cfg = cfg or SimConfig()
-    if not 0 <= noise < 1:  # NaN too
-        raise ValueError(f"noise {noise!r}: expected a relative std within [0, 1)")
-    dt = target.interval_seconds
-    per_interval = max(1, round(dt / min(cfg.step_seconds, dt)))
-    h = dt / per_interval
-    steps = ticks(mean, target) * per_interval
-    times = np.asarray(mean.times, dtype=float)
-    at = times[0] + h * np.arange(steps)
-    point = np.clip(np.searchsorted(times, at + 1e-9, side="right") - 1, 0, len(times) - 1)
-    offset = at - times[point]
-    lead = math.ceil(cfg.startup_seconds / h - 1e-9)  # C is paid this many steps before R serves
-    # 0: R and C blind to the point's noise; 1: C blind, R not; 2: C sees it; 3: C precedes the
-    # trace (charged nothing)
-    kind = np.where(offset < h - 1e-9, 0, np.where(offset < (lead + 1) * h - 1e-9, 1, 2))
-    kind = np.where(np.arange(steps) < lead, 3, kind)
-    counts = np.zeros((len(times), 4))
-    np.add.at(counts, (point, kind), 1.0)
-    mu = np.asarray(mean.rates, dtype=float)
-    x, w = np.polynomial.hermite.hermgauss(nodes)
-    eps = np.maximum(0.0, 1.0 + noise * math.sqrt(2.0) * x)
-    w = w / math.sqrt(math.pi)
+    h = step_seconds
     ranges = [range(target.affordable(p) + 1) for p in pools]
     grid = [len(r) for r in ranges]
     mixes = [dict(zip([p.name for p in pools], ns, strict=True))
              for ns in itertools.product(*ranges)]
     usable = np.array([sum(m.values()) >= max(1, target.min_replicas) for m in mixes])
     price = np.array([sum(m[p.name] * p.hourly_price for p in pools) * h / 3600 if ok
-                      else np.inf for m, ok in zip(mixes, usable, strict=True)])
-    total = float((mu * counts.sum(axis=1)).sum() * h)
+                      else 0.0 for m, ok in zip(mixes, usable, strict=True)])
+    rows, k = laws.loads.shape
+    count = np.asarray(laws.count, dtype=float)
+    total = float((count * (laws.probs * laws.loads).sum(axis=1)).sum() * h)
     allowed = (1.0 - share) * total
 
-    def block(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """For points lo..hi: misses [mixes, points, nodes] (0 for unusable mixes), the
-        expected misses of each mix's best sub-mix picked blind (kind 0) and after seeing the
-        noise (kind 1), [mixes, points] (inf for unusable), and the fewest per draw."""
-        loads = (mu[lo:hi, None] * eps[None, :]).ravel()
-        miss = np.zeros((len(mixes), hi - lo, nodes))
-        for k, m in enumerate(mixes):
-            if usable[k]:
-                within = _step_share(loads, m, pools, target.latency_p95_ms, h)
-                miss[k] = (loads * h * (1.0 - within)).reshape(hi - lo, nodes)
-        inf = np.where(usable[:, None, None], miss, np.inf)
-        shape = (*grid, hi - lo)
-        blind = _prefix_min((inf @ w).reshape(shape), grid).reshape(len(mixes), hi - lo)
-        seen = _prefix_min(inf.reshape(*shape, nodes), grid).reshape(inf.shape) @ w
-        return miss, blind, seen, inf.min(axis=0) @ w
+    def block(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(A [mixes, rows, asked groups]: the best sub-mix's weighted expected misses summed
+        over the ready groups of each asked group; P [rows, asked groups] x charged)."""
+        loads, probs = laws.loads[lo:hi], laws.probs[lo:hi]
+        rs, asks = laws.ready_sees[lo:hi], laws.asked_sees[lo:hi]
+        one_r = (rs[:, :, None] == np.arange(k)).astype(float)  # [n, K, G]
+        expected = np.full((len(mixes), hi - lo, k), np.inf)
+        for j, m in enumerate(mixes):
+            if usable[j]:
+                within = _step_share(loads.ravel(), m, pools, target.latency_p95_ms, h)
+                miss = (loads.ravel() * h * (1.0 - within)).reshape(loads.shape)
+                expected[j] = np.einsum("nk,nkg->ng", probs * miss, one_r)
+        best = _prefix_min(expected.reshape(*grid, hi - lo, k), grid).reshape(expected.shape)
+        # ready group g -> its asked group
+        owner = np.zeros((hi - lo, k, k))
+        for g in range(k):
+            sel = rs == g
+            a = np.where(sel.any(axis=1), np.where(sel, asks, 0).max(axis=1), -1)
+            owner[np.arange(hi - lo), g, np.maximum(a, 0)] = (a >= 0)
+        finite = np.where(np.isfinite(best), best, 0.0)
+        groups = np.einsum("mng,ngc->mnc", finite, owner)
+        groups = np.where(usable[:, None, None], groups, np.inf)
+        p_asked = np.einsum("nk,nkc->nc", probs, (asks[:, :, None] == np.arange(k)))
+        return groups, p_asked * np.asarray(laws.charged[lo:hi], dtype=float)[:, None]
 
-    blocks = [(lo, min(lo + CHUNK, len(times))) for lo in range(0, len(times), CHUNK)]
+    blocks = [(lo, min(lo + CHUNK, rows)) for lo in range(0, rows, CHUNK)]
     cached = [block(lo, hi) for lo, hi in blocks]
-    fewest = sum(float((fw * counts[lo:hi].sum(axis=1)).sum())
-                 for (lo, hi), (*_, fw) in zip(blocks, cached, strict=True))
+    fewest = sum(float((count[lo:hi] * a.min(axis=0).sum(axis=1)).sum())
+                 for (lo, hi), (a, _) in zip(blocks, cached, strict=True))
     best_share = 1.0 - fewest / total if total > 0 else 1.0
     if fewest > allowed + 1e-9 * total:
         return CostBound(share, math.inf, best_share, False)
@@ -238,23 +252,13 @@ def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapaci
     def dual(lam: float) -> tuple[float, float]:
         """(L(lam), its subgradient: expected misses at the minimisers - allowed)."""
         value = spent = 0.0
-        for (lo, hi), (miss, blind, seen, fw) in zip(blocks, cached, strict=True):
-            cols = np.arange(hi - lo)
-            parts = []
-            for pm in (blind, seen):  # C blind; R blind (0) or not (1)
-                v = np.where(usable[:, None], price[:, None] + lam * np.where(
-                    usable[:, None], pm, 0.0), np.inf)
-                k = v.argmin(axis=0)
-                parts.append((v[k, cols], pm[k, cols]))
-            v = price[:, None, None] + lam * miss  # C sees the noise
-            k = v.argmin(axis=0)[None]
-            parts.append((np.take_along_axis(v, k, 0)[0] @ w,
-                          np.take_along_axis(miss, k, 0)[0] @ w))
-            parts.append((lam * fw, fw))  # C before the trace: free
-            c = counts[lo:hi]
-            for j, (val, mis) in enumerate(parts):
-                value += float((c[:, j] * val).sum())
-                spent += float((c[:, j] * mis).sum())
+        for (lo, hi), (a, pc) in zip(blocks, cached, strict=True):
+            v = price[:, None, None] * pc[None] + lam * np.where(np.isfinite(a), a, 0.0)
+            v = np.where(np.isfinite(a), v, np.inf)
+            j = v.argmin(axis=0)[None]
+            c = count[lo:hi, None]
+            value += float((c * np.take_along_axis(v, j, 0)[0]).sum())
+            spent += float((c * np.take_along_axis(a, j, 0)[0]).sum())
         return value - lam * allowed, spent - allowed
 
     best, _ = dual(0.0)
@@ -268,6 +272,67 @@ def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapaci
         lo_l, hi_l = (mid, hi_l) if grad > 0 else (lo_l, mid)
     best = max(best, dual(lo_l)[0], dual(hi_l)[0])
     return CostBound(share, best, best_share, True)
+
+
+def noise_laws(mean: Trace, noise: float, target: Target, cfg: SimConfig | None = None,
+               nodes: int = GAUSS_HERMITE_NODES) -> tuple[StepLaws, float]:
+    """(the StepLaws of a trace drawn as each point = ``mean`` x N(1, ``noise``),
+    independently, on the simulator's steps; the step length). A point's noise shows first in
+    the requests of its first step: the replicas asked for a step of a point that had not begun
+    one start-up + one step before cannot tell its noise, the ready ones only from the point's
+    second step on; the first start-up's steps were paid for before the trace (uncharged).
+    Expectations over the noise by Gauss-Hermite quadrature (``nodes`` points, exact for
+    polynomials of degree 2 x nodes - 1)."""
+    cfg = cfg or SimConfig()
+    if not 0 <= noise < 1:  # NaN too
+        raise ValueError(f"noise {noise!r}: expected a relative std within [0, 1)")
+    dt = target.interval_seconds
+    per_interval = max(1, round(dt / min(cfg.step_seconds, dt)))
+    h = dt / per_interval
+    steps = ticks(mean, target) * per_interval
+    times = np.asarray(mean.times, dtype=float)
+    at = times[0] + h * np.arange(steps)
+    point = np.clip(np.searchsorted(times, at + 1e-9, side="right") - 1, 0, len(times) - 1)
+    offset = at - times[point]
+    lead = math.ceil(cfg.startup_seconds / h - 1e-9)
+    # 0: asked and ready blind to the point's noise; 1: asked blind, ready not; 2: asked sees
+    # it; 3: asked before the trace (uncharged, sees it)
+    kind = np.where(offset < h - 1e-9, 0, np.where(offset < (lead + 1) * h - 1e-9, 1, 2))
+    kind = np.where(np.arange(steps) < lead, 3, kind)
+    counts = np.zeros((len(times), 4))
+    np.add.at(counts, (point, kind), 1.0)
+    pts, kinds = np.nonzero(counts)
+    x, w = np.polynomial.hermite.hermgauss(nodes)
+    eps = np.maximum(0.0, 1.0 + noise * math.sqrt(2.0) * x)
+    mu = np.asarray(mean.rates, dtype=float)[pts]
+    each = np.arange(nodes)[None, :].repeat(len(pts), axis=0)
+    none = np.zeros_like(each)
+    return StepLaws(
+        loads=mu[:, None] * eps[None, :],
+        probs=np.repeat((w / math.sqrt(math.pi))[None, :], len(pts), axis=0),
+        asked_sees=np.where(kinds[:, None] >= 2, each, none),
+        ready_sees=np.where(kinds[:, None] >= 1, each, none),
+        count=counts[pts, kinds], charged=kinds != 3), h
+
+
+def blind_cost_lower_bound(mean: Trace, noise: float, pools: Sequence[PoolCapacity],
+                           target: Target, share: float, cfg: SimConfig | None = None,
+                           nodes: int = GAUSS_HERMITE_NODES) -> CostBound:
+    """A lower bound on the EXPECTED cost of keeping ``share`` of the expected requests within the
+    SLO, for any policy that cannot foresee the load's noise, on a trace drawn as each point's
+    rate = ``mean`` x N(1, ``noise``), independently (bench/make_traces.py draws its traces so).
+
+    The contender knows ``mean`` everywhere, mixes pools freely and starts every step with no
+    backlog, as ``cost_lower_bound``'s, but it cannot foresee the noise, and it pays for a
+    replica from the moment it asks for it, as the simulator charges: a replica ready at step i
+    was asked for by t_i - S (the start-up) and has been paid for since, chosen seeing only the
+    steps before i - S/h; the ready replicas are trimmed seeing the steps before i (scale-down
+    is instant); a point's noise shows first in the requests of its first step
+    (``noise_laws``, ``law_cost_lower_bound``). A bound on the average over draws of the noise,
+    not on one draw; ``share`` is of the expected requests.
+    """
+    laws, h = noise_laws(mean, noise, target, cfg, nodes)
+    return law_cost_lower_bound(laws, pools, target, share, h)
 
 
 def _prefix_min(g: np.ndarray, grid: Sequence[int]) -> np.ndarray:
