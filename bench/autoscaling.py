@@ -24,8 +24,10 @@ bound on what any policy (even one that knows the future and starts replicas ins
 the share the targets ask (leanserve.autoscaling.bound): where it is above the cost ceiling, the
 targets cannot all hold on that trace, whatever the policy. Beside it, for the committed traces
 (whose noise model bench/make_traces.py knows), the bound on the expected cost of any policy that
-cannot foresee the load's noise (``--no-blind-bound`` skips it: ~1 min a set), and what an HPA
-pays for the share asked (measured, not a bound). A start-up sensitivity table follows
+cannot foresee the load's noise, and what an HPA pays for the share asked (measured, not a
+bound). After both sets, for the two-hour shapes with events (bursty, spike, step), the bound on
+the expected cost of any policy that cannot foresee when the next event begins, over fresh draws
+of the generator (``--no-blind-bound`` skips both blind bounds: ~2 min). A start-up sensitivity table follows
 (``--no-sensitivity`` skips it).
 
     python bench/autoscaling.py [--profile FILE | --estimated] [--startup-seconds 30]
@@ -202,6 +204,68 @@ def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools:
               f"{ls['cost'] / own.cost:22.3f} | {hpa[0]:>15} | {hpa[1]:>11} |")
 
 
+EVENT_DRAWS = 20
+EVENT_SEED = 10_000
+"""Fresh draws of each two-hour shape with events for ``event_bounds`` (seeds from here on:
+neither set's)."""
+
+
+def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: float,
+                 draws: int = EVENT_DRAWS) -> None:
+    """For the two-hour shapes with events (bursty, spike, step), over ``draws`` fresh draws of
+    bench/make_traces.py's generator rescaled as the bench rescales: the lower bound on the
+    expected cost of any policy that cannot foresee when the next event begins nor how high
+    it is (leanserve.autoscaling.bound.law_cost_lower_bound on make_traces.event_laws), for
+    99% of requests within the SLO or the HPAs' share if higher, against the cost ceilings
+    summed over the same draws."""
+    import importlib
+    import math
+
+    import numpy as np
+
+    from leanserve.autoscaling.bound import concat_laws, law_cost_lower_bound
+    from leanserve.autoscaling.simulate import Trace, simulate
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        gen = importlib.import_module("make_traces")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    h = gen.STEP_S
+    lead = math.ceil(cfg.startup_seconds / h - 1e-9)
+    print(f"\nthe two-hour shapes with events, over {draws} fresh draws each (seeds "
+          f"{EVENT_SEED}..): the lower bound on the expected cost of any policy that cannot "
+          "foresee when the next burst, spike or plateau begins nor how high it is, against the "
+          "cost ceilings summed over the same draws:")
+    print(f"| {'shape':8} | {'share asked':>11} | hpa70 share | leanserve share | bound/hpa70 | "
+          f"ceiling/hpa70 | leanserve/hpa70 | {'share and cost targets together':44} |")
+    for name in ("bursty", "spike", "step"):
+        fn = gen.SHORT[name][0]
+        laws, cost, served = [], {"hpa": 0.0, "hpa85": 0.0, "leanserve": 0.0}, {
+            "hpa": 0.0, "hpa85": 0.0, "leanserve": 0.0}
+        requests = ceiling = 0.0
+        for d in range(draws):
+            drawn = fn(EVENT_SEED + d)
+            rates = np.maximum(0.0, drawn.noisy())
+            k = peak_share * top / rates.max()
+            trace = Trace(tuple(float(t) for t in drawn.times), tuple(float(r * k) for r in rates))
+            runs = simulate(trace, pools, target, cfg, only=("leanserve", "hpa", "hpa85")).runs
+            for key, run in runs.items():
+                cost[key] += run.cost
+                served[key] += run.within
+            requests += runs["hpa"].requests
+            ceiling += min(MAX_VS_HPA70 * runs["hpa"].cost, MAX_VS_HPA85 * runs["hpa85"].cost)
+            laws.append(gen.event_laws(name, drawn, k, lead))
+        share = max(TARGET_ATTAINMENT, served["hpa"] / requests, served["hpa85"] / requests)
+        b = law_cost_lower_bound(concat_laws(laws), pools, target, share, h)
+        verdict = ("IMPOSSIBLE in expectation without foresight" if b.cost > ceiling
+                   else "not ruled out by the bound")
+        print(f"| {name:8} | {share:11.3%} | {served['hpa'] / requests:11.3%} | "
+              f"{served['leanserve'] / requests:15.3%} | {b.cost / cost['hpa']:11.3f} | "
+              f"{ceiling / cost['hpa']:13.3f} | {cost['leanserve'] / cost['hpa']:15.3f} | "
+              f"{verdict:44} |")
+
+
 ABLATIONS = {
     "no noise headroom": {"noise_z": 0.0},
     "no trend": {"trend_window_seconds": 0.0},
@@ -286,8 +350,8 @@ def main() -> int:
     ap.add_argument("--no-sensitivity", action="store_true",
                     help="skip the start-up sensitivity table")
     ap.add_argument("--no-blind-bound", action="store_true",
-                    help="skip the bound for policies that cannot foresee the noise (~1 min "
-                         "a set: the multi-day traces)")
+                    help="skip the bounds for policies that cannot foresee the noise or the "
+                         "next event (~2 min)")
     ap.add_argument("--ablation", action="store_true",
                     help="also run every knob of PolicySettings switched off, one at a time")
     ap.add_argument("--max-replicas", type=int, default=20)
@@ -370,6 +434,8 @@ def main() -> int:
               + (" (the targets are judged on the held-out set)" if label == "tuning" else ""))
     held = results["held-out"]
     ok = all(all(checks(s).values()) for _, s in held)
+    if not args.no_blind_bound:
+        event_bounds(pools, target, cfg, args.peak_share, top)
     if args.ablation:
         ablation(sets, results, pools, target, cfg)
 

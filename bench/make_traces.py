@@ -34,6 +34,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -111,6 +112,9 @@ class Drawn:
     """Each point is ``mean x N(1, noise)``, independently of every other (bound.py's
     ``blind_cost_lower_bound`` reads this)."""
     rng: np.random.Generator
+    events: tuple[tuple[float, ...], ...] = ()
+    """The two-hour shapes' draws: bursts (start step, length, amplitude), spikes (start step,
+    height) or plateaus (level of each, in order); what ``event_laws`` conditions on."""
 
     def noisy(self) -> np.ndarray:
         return self.mean * self.rng.normal(1.0, self.noise, size=self.mean.size)
@@ -176,6 +180,7 @@ def bursty(seed: int) -> Drawn:
     rng = np.random.default_rng(seed)
     n = _times().size
     rate = np.full(n, 150.0)
+    bursts = []
     i = 0
     while i < n:
         i += int(rng.exponential(60))  # a burst every ~10 minutes on average
@@ -185,8 +190,9 @@ def bursty(seed: int) -> Drawn:
         amp = rng.uniform(1.5, 3.0)
         ramp = np.minimum(1.0, np.arange(length) / 2.0 + 0.5)
         rate[i:i + length] = np.maximum(rate[i:i + length], 150.0 * amp * ramp[: n - i][:length])
+        bursts.append((float(i), float(length), float(amp)))
         i += length
-    return Drawn(_times(), rate, 0.05, rng)
+    return Drawn(_times(), rate, 0.05, rng, tuple(bursts))
 
 
 def step(seed: int) -> Drawn:
@@ -194,21 +200,141 @@ def step(seed: int) -> Drawn:
     levels = rng.permutation(np.array([100, 300, 200, 550, 150, 400, 600, 250], dtype=float))
     per = DURATION_S // STEP_S // len(levels)
     rate = np.repeat(levels, per)
-    return Drawn(_times(), rate, 0.02, rng)
+    return Drawn(_times(), rate, 0.02, rng, (tuple(float(v) for v in levels),))
 
 
 def spike(seed: int) -> Drawn:
     rng = np.random.default_rng(seed)
     t = _times()
     rate = np.full(t.size, 80.0)
+    spikes = []
     for start in sorted(rng.choice(np.arange(30, t.size - 30), size=6, replace=False)):
         height = 80.0 * rng.uniform(5.0, 8.0)
         k = np.arange(t.size - start)
         rate[start:] = np.maximum(rate[start:], 80.0 + (height - 80.0) * np.exp(-k / 12.0))
-    return Drawn(t, rate, 0.03, rng)
+        spikes.append((float(start), float(height)))
+    return Drawn(t, rate, 0.03, rng, tuple(spikes))
 
 
 SHORT = {"diurnal": (diurnal, 1), "bursty": (bursty, 2), "step": (step, 3), "spike": (spike, 4)}
+
+
+# --- what each two-hour shape's next steps may be, as its generator knows -------------------
+
+BURST_GAP, BURST_AMP = 60.0, (1.5, 3.0)
+SPIKES, SPIKE_EDGE, SPIKE_HEIGHT, SPIKE_DECAY = 6, 30, (5.0, 8.0), 12.0
+
+
+def event_laws(name: str, d: Drawn, scale: float, lead: int, nodes: int = 6,
+               amp_nodes: int = 3) -> Any:
+    """The StepLaws (leanserve.autoscaling.bound) of one draw of a two-hour shape with
+    events (bursty, spike, step), its rates times ``scale``, on its own 10 s steps: what step
+    i's load may be given the draw up to step i - lead - 1 (what the replicas asked for step i
+    can have seen, ``lead`` steps of start-up before it) and up to step i - 1 (what the ready
+    ones can). It is granted the events' future parameters once they have begun (a burst's
+    length, a spike's height); it is not granted when the next event begins nor how high it
+    is. Outcomes with two events beginning within one window are left out (an event a few
+    times an hour; leaving outcomes out only lowers the bound). The first ``lead`` steps are
+    uncharged and seen."""
+    from leanserve.autoscaling.bound import StepLaws
+
+    n = d.mean.size
+    x, w = np.polynomial.hermite.hermgauss(nodes)
+    eps = np.maximum(0.0, 1.0 + d.noise * np.sqrt(2.0) * x)
+    wn = w / np.sqrt(np.pi)
+    y, v = np.polynomial.legendre.leggauss(amp_nodes)
+    unit = (y + 1) / 2  # nodes on [0, 1], weights v / 2
+    va = v / 2
+    rows = []
+    for i in range(n):
+        j = max(i - lead - 1, 0)  # every contender starts warm for step 0's load
+        events: list[tuple[float, float, int]] = []  # (noiseless load, prob, ready id)
+        if i < lead:
+            events = [(float(d.mean[i]), 1.0, 0)]
+        elif name == "bursty":
+            events = _bursty_outcomes(d, i, j, unit, va)
+        elif name == "spike":
+            events = _spike_outcomes(d, i, j, unit, va)
+        elif name == "step":
+            events = _step_outcomes(d, i, j)
+        else:
+            raise ValueError(f"event_laws: {name!r} has no events")
+        # (load, probability, what the asked replicas see, what the ready ones see): neither
+        # sees the step's own noise; the first steps' (uncharged) replicas see everything
+        rows.append([(load * e * scale, p * q, *((m * nodes + k,) * 2 if i < lead else (0, r)))
+                     for m, (load, p, r) in enumerate(events)
+                     for k, (e, q) in enumerate(zip(eps, wn, strict=True))])
+    width = max(len(r) for r in rows)
+    loads, probs = np.zeros((n, width)), np.zeros((n, width))
+    asked, ready = np.zeros((n, width), dtype=int), np.zeros((n, width), dtype=int)
+    for i, row in enumerate(rows):
+        for k, (load, p, a, r) in enumerate(row):
+            loads[i, k], probs[i, k], asked[i, k], ready[i, k] = load, p, a, r
+    return StepLaws(loads, probs, asked, ready, np.ones(n), np.arange(n) >= lead)
+
+
+def _onsets(first: int, last: int, hazard: float) -> list[tuple[int, float]]:
+    """(step, probability) of a memoryless onset in first..last, given none before ``first``."""
+    return [(o, (1 - hazard) ** (o - first) * hazard) for o in range(first, last + 1)]
+
+
+def _bursty_outcomes(d: Drawn, i: int, j: int, unit: np.ndarray, va: np.ndarray
+                     ) -> list[tuple[float, float, int]]:
+    base = 150.0
+    began = [b for b in d.events if b[0] <= j]
+    if began and j < began[-1][0] + began[-1][1]:
+        start, length, _ = began[-1]
+        if i < start + length:  # the burst seen running covers step i: known
+            return [(float(d.mean[i]), 1.0, 0)]
+        first = int(start + length)  # it ends within the window; the gap starts then
+    else:
+        first = j + 1
+    hazard = 1 - np.exp(-1.0 / BURST_GAP)  # int(exponential(60)) is geometric
+    out = [(base, (1 - hazard) ** (i - first + 1), 0)]
+    lo, hi = BURST_AMP
+    for o, p in _onsets(first, i, hazard):
+        ramp = min(1.0, (i - o) / 2.0 + 0.5)
+        for k, (a, q) in enumerate(zip(unit, va, strict=True)):
+            out.append((max(base, base * (lo + (hi - lo) * a) * ramp), p * q,
+                        0 if o == i else 1 + (o - first) * len(unit) + k))
+    return out
+
+
+def _spike_outcomes(d: Drawn, i: int, j: int, unit: np.ndarray, va: np.ndarray
+                    ) -> list[tuple[float, float, int]]:
+    from math import comb
+
+    n = d.mean.size
+    known = [s for s in d.events if s[0] <= j]
+    base = max([80.0] + [80.0 + (h - 80.0) * np.exp(-(i - s) / SPIKE_DECAY) for s, h in known])
+    left = SPIKES - len(known)
+    lo_pos, hi_pos = max(j + 1, SPIKE_EDGE), n - SPIKE_EDGE  # candidates still free
+    free = max(0, hi_pos - lo_pos)
+    window = [o for o in range(j + 1, i + 1) if lo_pos <= o < hi_pos]
+    if left <= 0 or free <= 0 or not window:
+        return [(base, 1.0, 0)]
+    total = comb(free, left)
+    out = [(base, comb(free - len(window), left) / total, 0)]
+    one = comb(free - len(window), left - 1) / total  # exactly this one in the window
+    lo, hi = SPIKE_HEIGHT
+    for o in window:
+        for k, (a, q) in enumerate(zip(unit, va, strict=True)):
+            h = 80.0 * (lo + (hi - lo) * a)
+            load = max(base, 80.0 + (h - 80.0) * np.exp(-(i - o) / SPIKE_DECAY))
+            out.append((load, one * q, 0 if o == i else 1 + (o - j - 1) * len(unit) + k))
+    return out
+
+
+def _step_outcomes(d: Drawn, i: int, j: int) -> list[tuple[float, float, int]]:
+    levels = d.events[0]
+    per = d.mean.size // len(levels)
+    now = i // per
+    seen = j // per + 1 if j >= 0 else 0
+    if now < seen:
+        return [(levels[now], 1.0, 0)]
+    unseen = sorted(levels[seen:])  # the rest come in a uniformly random order
+    change = now * per
+    return [(v, 1.0 / len(unseen), 0 if change == i else 1 + k) for k, v in enumerate(unseen)]
 LONG = {"week": week, "flash": flash, "quiet": quiet}
 
 

@@ -188,6 +188,22 @@ class StepLaws:
                 raise ValueError("StepLaws: a ready_sees group spans two asked_sees groups")
 
 
+def concat_laws(parts: Sequence[StepLaws]) -> StepLaws:
+    """Several traces' StepLaws as one (the bound then covers the sum of their costs); rows of
+    fewer outcomes are padded with outcomes of probability 0."""
+    width = max(p.loads.shape[1] for p in parts)
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.pad(a, ((0, 0), (0, width - a.shape[1])))
+
+    return StepLaws(np.concatenate([pad(p.loads) for p in parts]),
+                    np.concatenate([pad(p.probs) for p in parts]),
+                    np.concatenate([pad(p.asked_sees) for p in parts]),
+                    np.concatenate([pad(p.ready_sees) for p in parts]),
+                    np.concatenate([p.count for p in parts]),
+                    np.concatenate([p.charged for p in parts]))
+
+
 def law_cost_lower_bound(laws: StepLaws, pools: Sequence[PoolCapacity], target: Target,
                          share: float, step_seconds: float) -> CostBound:
     """A lower bound on the EXPECTED cost of keeping ``share`` of the expected requests within
@@ -219,28 +235,33 @@ def law_cost_lower_bound(laws: StepLaws, pools: Sequence[PoolCapacity], target: 
     def block(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(A [mixes, rows, asked groups]: the best sub-mix's weighted expected misses summed
         over the ready groups of each asked group; P [rows, asked groups] x charged)."""
-        loads, probs = laws.loads[lo:hi], laws.probs[lo:hi]
-        rs, asks = laws.ready_sees[lo:hi], laws.asked_sees[lo:hi]
-        one_r = (rs[:, :, None] == np.arange(k)).astype(float)  # [n, K, G]
-        expected = np.full((len(mixes), hi - lo, k), np.inf)
+        n, rows_here = hi - lo, order[lo:hi]
+        loads, probs = laws.loads[rows_here], laws.probs[rows_here]
+        rs, asks = laws.ready_sees[rows_here], laws.asked_sees[rows_here]
+        kc = int(asks.max()) + 1  # asked groups in this block (rows sorted by it)
+        values, where = np.unique(loads.ravel(), return_inverse=True)
+        by_ready = (np.arange(n)[:, None] * k + rs).ravel()
+        expected = np.full((len(mixes), n, k), np.inf)
         for j, m in enumerate(mixes):
             if usable[j]:
-                within = _step_share(loads.ravel(), m, pools, target.latency_p95_ms, h)
-                miss = (loads.ravel() * h * (1.0 - within)).reshape(loads.shape)
-                expected[j] = np.einsum("nk,nkg->ng", probs * miss, one_r)
-        best = _prefix_min(expected.reshape(*grid, hi - lo, k), grid).reshape(expected.shape)
-        # ready group g -> its asked group
-        owner = np.zeros((hi - lo, k, k))
-        for g in range(k):
-            sel = rs == g
-            a = np.where(sel.any(axis=1), np.where(sel, asks, 0).max(axis=1), -1)
-            owner[np.arange(hi - lo), g, np.maximum(a, 0)] = (a >= 0)
-        finite = np.where(np.isfinite(best), best, 0.0)
-        groups = np.einsum("mng,ngc->mnc", finite, owner)
+                within = _step_share(values, m, pools, target.latency_p95_ms, h)
+                miss = (values * h * (1.0 - within))[where] * probs.ravel()
+                expected[j] = np.bincount(by_ready, miss, n * k).reshape(n, k)
+        best = _prefix_min(expected.reshape(*grid, n, k), grid).reshape(expected.shape)
+        # each ready group's misses go to its asked group
+        owner = np.zeros((n, k), dtype=int)
+        owner[np.arange(n)[:, None], rs] = asks
+        flat = (np.arange(len(mixes))[:, None, None] * (n * kc)
+                + (np.arange(n)[:, None] * kc + owner)[None]).ravel()
+        finite = np.where(np.isfinite(best), best, 0.0).ravel()
+        groups = np.bincount(flat, finite, len(mixes) * n * kc).reshape(len(mixes), n, kc)
         groups = np.where(usable[:, None, None], groups, np.inf)
-        p_asked = np.einsum("nk,nkc->nc", probs, (asks[:, :, None] == np.arange(k)))
-        return groups, p_asked * np.asarray(laws.charged[lo:hi], dtype=float)[:, None]
+        p_asked = np.bincount((np.arange(n)[:, None] * kc + asks).ravel(), probs.ravel(),
+                              n * kc).reshape(n, kc)
+        return groups, p_asked * np.asarray(laws.charged[rows_here], dtype=float)[:, None]
 
+    order = np.argsort(laws.asked_sees.max(axis=1), kind="stable")
+    count = count[order]
     blocks = [(lo, min(lo + CHUNK, rows)) for lo in range(0, rows, CHUNK)]
     cached = [block(lo, hi) for lo, hi in blocks]
     fewest = sum(float((count[lo:hi] * a.min(axis=0).sum(axis=1)).sum())

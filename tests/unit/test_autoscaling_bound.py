@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from leanserve.autoscaling.bound import (
+    StepLaws,
     _step_share,
     _within,
     blind_cost_lower_bound,
@@ -120,3 +121,19 @@ def test_the_blind_bound_refuses_a_noise_it_cannot_model():
     for bad in (-0.1, 1.0, math.nan):
         with pytest.raises(ValueError, match="noise"):
             blind_cost_lower_bound(_mean(), bad, POOLS, TARGET, 0.99, CFG)
+
+
+def test_step_laws_refuse_what_the_bound_cannot_read():
+    ones = np.ones((2, 2))
+    ids = np.zeros((2, 2), dtype=int)
+    ok = dict(loads=ones * 10, probs=ones / 2, asked_sees=ids, ready_sees=ids,
+              count=np.ones(2), charged=np.ones(2, dtype=bool))
+    StepLaws(**ok)
+    for change, why in ((dict(probs=ones), "sum to <= 1"), (dict(probs=-ones / 2), ">= 0"),
+                        (dict(count=np.ones(3)), "mismatched"),
+                        (dict(ready_sees=ids + 2), "within 0..outcomes-1"),
+                        # two outcomes the ready replicas cannot tell apart, but the asked ones can
+                        (dict(asked_sees=np.array([[0, 1], [0, 0]]), ready_sees=ids),
+                         "spans two")):
+        with pytest.raises(ValueError, match=why):
+            StepLaws(**{**ok, **change})
