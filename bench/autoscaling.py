@@ -27,8 +27,8 @@ targets cannot all hold on that trace, whatever the policy. Beside it, for the c
 cannot foresee the load's noise, and what an HPA pays for the share asked (measured, not a
 bound). After both sets, for the two-hour shapes with events (bursty, spike, step), the bound on
 the expected cost of any policy that cannot foresee when the next event begins, over fresh draws
-of the generator (``--no-blind-bound`` skips both blind bounds: ~2 min). A start-up sensitivity table follows
-(``--no-sensitivity`` skips it).
+of the generator (``--no-blind-bound`` skips both blind bounds: ~2 min). A start-up sensitivity
+table follows (``--no-sensitivity`` skips it).
 
     python bench/autoscaling.py [--profile FILE | --estimated] [--startup-seconds 30]
                                 [--out bench-out/autoscaling]
