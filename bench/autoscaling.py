@@ -211,7 +211,7 @@ neither set's)."""
 
 
 def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: float,
-                 draws: int = EVENT_DRAWS) -> None:
+                 draws: int = EVENT_DRAWS, seed: int = EVENT_SEED) -> None:
     """For the two-hour shapes with events (bursty, spike, step), over ``draws`` fresh draws of
     bench/make_traces.py's generator rescaled as the bench rescales: the lower bound on the
     expected cost of any policy that cannot foresee when the next event begins nor how high
@@ -234,7 +234,7 @@ def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: floa
     h = gen.STEP_S
     lead = math.ceil(cfg.startup_seconds / h - 1e-9)
     print(f"\nthe two-hour shapes with events, over {draws} fresh draws each (seeds "
-          f"{EVENT_SEED}..): the lower bound on the expected cost of any policy that cannot "
+          f"{seed}..): the lower bound on the expected cost of any policy that cannot "
           "foresee when the next burst, spike or plateau begins nor how high it is, against the "
           "cost ceilings summed over the same draws:")
     print(f"| {'shape':8} | {'share asked':>11} | hpa70 share | leanserve share | bound/hpa70 | "
@@ -245,7 +245,7 @@ def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: floa
             "hpa": 0.0, "hpa85": 0.0, "leanserve": 0.0}
         requests = ceiling = 0.0
         for d in range(draws):
-            drawn = fn(EVENT_SEED + d)
+            drawn = fn(seed + d)
             rates = np.maximum(0.0, drawn.noisy())
             k = peak_share * top / rates.max()
             trace = Trace(tuple(float(t) for t in drawn.times), tuple(float(r * k) for r in rates))
@@ -352,6 +352,10 @@ def main() -> int:
     ap.add_argument("--no-blind-bound", action="store_true",
                     help="skip the bounds for policies that cannot foresee the noise or the "
                          "next event (~2 min)")
+    ap.add_argument("--event-draws", type=int, default=EVENT_DRAWS,
+                    help="fresh draws of each two-hour shape with events for their bound")
+    ap.add_argument("--event-seed", type=int, default=EVENT_SEED,
+                    help="seed of the first of those draws (the next ones follow)")
     ap.add_argument("--ablation", action="store_true",
                     help="also run every knob of PolicySettings switched off, one at a time")
     ap.add_argument("--max-replicas", type=int, default=20)
@@ -374,6 +378,8 @@ def main() -> int:
         return 0
     if args.startup_seconds < 0:
         ap.error("--startup-seconds must be >= 0")
+    if args.event_draws < 1:
+        ap.error("--event-draws must be >= 1")
 
     spec = load_one(args.spec).spec
     if args.estimated:
@@ -435,7 +441,8 @@ def main() -> int:
     held = results["held-out"]
     ok = all(all(checks(s).values()) for _, s in held)
     if not args.no_blind_bound:
-        event_bounds(pools, target, cfg, args.peak_share, top)
+        event_bounds(pools, target, cfg, args.peak_share, top, args.event_draws,
+                     args.event_seed)
     if args.ablation:
         ablation(sets, results, pools, target, cfg)
 
