@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,17 +128,22 @@ def cost_lower_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target
         cols = np.arange(v.shape[1])
         return float(v[k, cols].sum() - lam * allowed), float(misses[k, cols].sum() - allowed)
 
+    return CostBound(share, _maximise(dual, BISECTIONS), best_share, True)
+
+
+def _maximise(dual: Callable[[float], tuple[float, float]], bisections: int) -> float:
+    """The most of a concave dual L(lam) over lam >= 0 found by bisection on its subgradient
+    (every value it returns is a valid lower bound: weak duality holds at every lam)."""
     best, _ = dual(0.0)
     lo, hi = 0.0, 1.0
     while dual(hi)[1] > 0 and hi < 1e12:
         lo, hi = hi, hi * 4
-    for _ in range(BISECTIONS):
+    for _ in range(bisections):
         mid = (lo + hi) / 2
         value, grad = dual(mid)
         best = max(best, value)
         lo, hi = (mid, hi) if grad > 0 else (lo, mid)
-    best = max(best, dual(lo)[0], dual(hi)[0])
-    return CostBound(share, best, best_share, True)
+    return max(best, dual(lo)[0], dual(hi)[0])
 
 
 GAUSS_HERMITE_NODES = 8
@@ -282,17 +287,7 @@ def law_cost_lower_bound(laws: StepLaws, pools: Sequence[PoolCapacity], target: 
             spent += float((c * np.take_along_axis(a, j, 0)[0]).sum())
         return value - lam * allowed, spent - allowed
 
-    best, _ = dual(0.0)
-    lo_l, hi_l = 0.0, 1.0
-    while dual(hi_l)[1] > 0 and hi_l < 1e12:
-        lo_l, hi_l = hi_l, hi_l * 4
-    for _ in range(BLIND_BISECTIONS):
-        mid = (lo_l + hi_l) / 2
-        value, grad = dual(mid)
-        best = max(best, value)
-        lo_l, hi_l = (mid, hi_l) if grad > 0 else (lo_l, mid)
-    best = max(best, dual(lo_l)[0], dual(hi_l)[0])
-    return CostBound(share, best, best_share, True)
+    return CostBound(share, _maximise(dual, BLIND_BISECTIONS), best_share, True)
 
 
 def noise_laws(mean: Trace, noise: float, target: Target, cfg: SimConfig | None = None,
