@@ -193,7 +193,8 @@ def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools:
         elif blind is not None and blind.cost > ceiling:
             verdict = "IMPOSSIBLE in expectation without foresight"
         else:
-            verdict = "not ruled out by the bounds"
+            verdict = ("not ruled out by these two (events: below)" if name in EVENT_SHAPES
+                       else "not ruled out by the bounds")
         cells = (("-", "-") if blind is None else
                  (f"{blind.cost / h70['cost']:.3f}", f"{blind.cost / h85['cost']:.3f}"))
         reach = hpa_for_share(traces[name], pools, target, cfg, share)
@@ -204,6 +205,8 @@ def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools:
               f"{ls['cost'] / own.cost:22.3f} | {hpa[0]:>15} | {hpa[1]:>11} |")
 
 
+EVENT_SHAPES = ("bursty", "spike", "step")
+"""The two-hour shapes whose events ``event_bounds`` bounds."""
 EVENT_DRAWS = 20
 EVENT_SEED = 10_000
 """Fresh draws of each two-hour shape with events for ``event_bounds`` (seeds from here on:
@@ -239,7 +242,7 @@ def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: floa
           "cost ceilings summed over the same draws:")
     print(f"| {'shape':8} | {'share asked':>11} | hpa70 share | leanserve share | bound/hpa70 | "
           f"ceiling/hpa70 | leanserve/hpa70 | {'share and cost targets together':44} |")
-    for name in ("bursty", "spike", "step"):
+    for name in EVENT_SHAPES:
         fn = gen.SHORT[name][0]
         laws, cost, served = [], {"hpa": 0.0, "hpa85": 0.0, "leanserve": 0.0}, {
             "hpa": 0.0, "hpa85": 0.0, "leanserve": 0.0}
