@@ -214,7 +214,8 @@ def simulate(
 ) -> None:
     """Replay a load trace against leanserve's policy (the shipped settings, printed), static,
     HPA at 70% and 85%, KEDA and an oracle; every request judged against the SLO. Prints the
-    proven lower bound on what any policy pays for the share leanserve reached."""
+    proven lower bound on what any policy pays for the share leanserve reached, and what an
+    HPA that serves as many requests within the SLO pays."""
     from leanserve.autoscaling.commands import simulate_command
 
     simulate_command(trace=trace, spec=spec, profile=profile, out=out, console=console,

@@ -15,9 +15,11 @@ from leanserve.autoscaling.errors import PolicyError
 from leanserve.autoscaling.policy import PoolCapacity, Target, pools_from_profile
 from leanserve.autoscaling.simulate import (
     DEFAULT_STARTUP_SECONDS,
+    FRONTIER_TARGETS,
     POLICIES,
     SimConfig,
     Simulation,
+    hpa_for_share,
     load_trace,
     plot,
     settings_dict,
@@ -130,9 +132,15 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
     console.print(describe_settings(sim), highlight=False)
     ls = sim.runs["leanserve"].summary()
     bound = cost_lower_bound(tr, pools, target, ls["slo_attainment"], cfg)
-    summary = write_outputs(sim, out, f"{trace.name} ({source})", extra={"lower_bound": {
-        "share": bound.share, "cost": bound.cost, "leanserve_over_bound":
-            ls["cost"] / bound.cost if bound.cost > 0 else None}})
+    # the fair comparison: an HPA that serves as many requests within the SLO as leanserve
+    same = hpa_for_share(tr, pools, target, cfg, ls["slo_attainment"])
+    summary = write_outputs(sim, out, f"{trace.name} ({source})", extra={
+        "lower_bound": {"share": bound.share, "cost": bound.cost, "leanserve_over_bound":
+                        ls["cost"] / bound.cost if bound.cost > 0 else None},
+        "hpa_at_leanserve_share": None if same is None else {
+            "utilisation_target": same[0], "cost": round(same[1].cost, 6),
+            "slo_attainment": same[1].within / same[1].requests if same[1].requests else 1.0,
+            "leanserve_over_hpa": ls["cost"] / same[1].cost if same[1].cost > 0 else None}})
     table = Table(title=f"{trace.name}: {len(sim.runs['leanserve'].interval_share)} intervals "
                         f"of {target.interval_seconds:g}s, SLO p95<={target.latency_p95_ms:g}ms, "
                         f"replica start-up {startup_seconds:g}s, {source}")
@@ -151,4 +159,15 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
                       f"replicas at once, keeps {bound.share:.2%} of requests within the SLO for "
                       f"less than {bound.cost:.4f} USD; leanserve paid "
                       f"{ls['cost'] / bound.cost:.2f}x that", highlight=False)
+    if same is not None and (same[1].requests <= 0 or same[1].cost <= 0):
+        pass  # nothing served or nothing paid: no comparison to make
+    elif same is None:
+        console.print(f"no HPA target down to {min(FRONTIER_TARGETS):.0%} utilisation keeps "
+                      f"{ls['slo_attainment']:.2%} of requests within the SLO", highlight=False)
+    else:
+        console.print(f"at equal service: an HPA keeps as many requests within the SLO "
+                      f"({same[1].within / same[1].requests:.2%}) at a {same[0]:.0%} target "
+                      f"(the most utilised of {', '.join(f'{u:.0%}' for u in FRONTIER_TARGETS)}"
+                      f" that does) for {same[1].cost:.4f} USD; leanserve paid "
+                      f"{ls['cost'] / same[1].cost:.2f}x that", highlight=False)
     console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")

@@ -160,6 +160,13 @@ def test_simulate_command_prints_the_shipped_settings(tmp_path: Path):
     assert lb["share"] == doc["policies"]["leanserve"]["slo_attainment"]
     assert 0 < lb["cost"] <= doc["policies"]["leanserve"]["cost"]
     assert lb["leanserve_over_bound"] >= 1.0
+    # and the HPA that serves as many requests within the SLO, beside what leanserve paid
+    same = doc["hpa_at_leanserve_share"]
+    assert "at equal service: an HPA keeps as many" in result.output
+    assert same["slo_attainment"] >= doc["policies"]["leanserve"]["slo_attainment"]
+    assert same["utilisation_target"] in FRONTIER_TARGETS
+    assert same["leanserve_over_hpa"] == pytest.approx(
+        doc["policies"]["leanserve"]["cost"] / same["cost"], rel=1e-3)
 
 
 def test_a_latency_curve_round_trips_as_json():
