@@ -154,6 +154,11 @@ class PrometheusSource:
     http: HttpGet = requests_get
     timeout: float = 5.0
 
+    @property
+    def window_seconds(self) -> float:
+        """The range the rates are averaged over (Observation.window_seconds)."""
+        return _seconds(self.queries.window)
+
     def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
         """Instant vector as (labels, value) pairs; MetricsError (with its ``kind``) when
         Prometheus cannot answer or answers in a shape other than its documented one. Nothing
@@ -309,6 +314,7 @@ def observe(source: PrometheusSource, platform: Platform, model: str) -> tuple[O
         current=platform.current_replicas(model),
         arrival_rate=reading.arrival_rate,
         pending=reading.pending,
-        window_seconds=_seconds(source.queries.window),
+        # a source that knows the range its rates average over says so (PrometheusSource)
+        window_seconds=getattr(source, "window_seconds", None),
     )
     return obs, reading

@@ -332,6 +332,12 @@ class LocalSource:
     def clock(self) -> Callable[[], float]:
         return self.inner.clock  # type: ignore[no-any-return]
 
+    @property
+    def window_seconds(self) -> float | None:
+        """The inner source's rate window (None for Triton read directly: its rate spans the
+        time since the last read)."""
+        return getattr(self.inner, "window_seconds", None)
+
     def read(self) -> Reading:
         reading = self.inner.read()
         p95, n = self.latency.p95()

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from leanserve.autoscaling.metrics import Reading
+from leanserve.autoscaling.metrics import PrometheusSource, Queries, Reading, observe
+from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.local.commands import plan_line
 from leanserve.local.direct import DirectSource
 from leanserve.local.outcome import costs_before_after, group_decisions, span, summary, verdict
@@ -283,6 +284,16 @@ def test_local_source_reads_the_rate_from_metrics_and_p95_from_the_clients() -> 
     reading = src.read()
     assert reading.request_rate == 12.0 and reading.p95_ms == 30.0 and reading.problems == []
     assert src.last_samples == 40
+    # the observation the policy gets: no rate window from a source that has none ...
+    plat = InMemoryPlatform(["a"], clock=lambda: 1.0)
+    obs, _ = observe(src, plat, "m")
+    assert obs.request_rate == 12.0 and obs.window_seconds is None
+    # ... Prometheus' rate() window through the local wrapper (the trend projects half of it)
+    prom = PrometheusSource("http://127.0.0.1:1", Queries("m", "10s"), clock=lambda: 1.0,
+                            http=lambda *a, **k: (200, b'{"status":"success","data":'
+                                                  b'{"resultType":"vector","result":[]}}'))
+    wrapped = LocalSource(prom, ClientLatency(state, 0.0, 10.0, clock=lambda: 5.0))
+    assert observe(wrapped, plat, "m")[0].window_seconds == 10.0
 
 
 def test_decisions_are_grouped_when_the_outcome_repeats() -> None:
