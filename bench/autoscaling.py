@@ -131,20 +131,26 @@ def run_set(label: str, traces: dict[str, Any], pools: Any, target: Any, cfg: An
     return rows
 
 
+def _generator() -> Any:
+    """bench/make_traces.py as a module (it is a script beside this one)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module("make_traces")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
 def noise_models(folder: Path, traces: dict[str, Any]) -> dict[str, tuple[Any, float]]:
     """For each trace under ``folder`` that bench/make_traces.py writes byte for byte (the
     committed sets), its noiseless mean (rescaled as the trace was) and noise: what
     ``blind_cost_lower_bound`` needs. Other traces (a folder of your own) get none."""
-    import importlib
     import tempfile
 
     from leanserve.autoscaling.simulate import Trace, load_trace
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        gen = importlib.import_module("make_traces")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gen = _generator()
     out: dict[str, tuple[Any, float]] = {}
     for which in (gen.TUNING, gen.HELDOUT):
         with tempfile.TemporaryDirectory() as tmp:
@@ -223,7 +229,6 @@ def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: floa
     within the SLO or the HPAs' share over all draws if higher, against the cost ceilings
     summed over the same draws. Both sides are over the same draws, so a bound above the
     ceiling says no policy without that foresight meets both on average."""
-    import importlib
     import math
 
     import numpy as np
@@ -231,11 +236,7 @@ def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: floa
     from leanserve.autoscaling.bound import concat_laws, law_cost_lower_bound, noise_laws
     from leanserve.autoscaling.simulate import Trace, simulate
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        gen = importlib.import_module("make_traces")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gen = _generator()
     h = gen.STEP_S
     lead = math.ceil(cfg.startup_seconds / h - 1e-9)
     print(f"\nthe two-hour shapes, over {draws} fresh draws each (seeds {seed}..): the lower "

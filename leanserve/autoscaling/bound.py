@@ -38,7 +38,7 @@ import numpy as np
 
 from leanserve.autoscaling.capacity import LN20
 from leanserve.autoscaling.policy import PoolCapacity, Target
-from leanserve.autoscaling.simulate import SATURATED_U, SimConfig, Trace, ticks
+from leanserve.autoscaling.simulate import SATURATED_U, SimConfig, Trace, step_grid
 
 BISECTIONS = 60
 
@@ -97,20 +97,15 @@ def cost_lower_bound(trace: Trace, pools: Sequence[PoolCapacity], target: Target
                      share: float, cfg: SimConfig | None = None) -> CostBound:
     """The Lagrangian lower bound (module doc) on the cost of keeping ``share`` of the trace's
     requests within the SLO, on the simulator's step grid."""
-    cfg = cfg or SimConfig()
-    dt = target.interval_seconds
-    per_interval = max(1, round(dt / min(cfg.step_seconds, dt)))
-    h = dt / per_interval
+    h, _, steps = step_grid(trace, target, cfg or SimConfig())
     t0 = trace.times[0]
-    steps = ticks(trace, target) * per_interval
     loads = np.array([trace.at(t0 + i * h) for i in range(steps)])
     uniq, counts = np.unique(loads, return_counts=True)
     arrivals = uniq * h * counts  # requests per distinct load over the trace
     total = float(loads.sum() * h)
-    ranges = [range(target.affordable(p) + 1) for p in pools]
-    mixes = [dict(zip([p.name for p in pools], ns, strict=True))
-             for ns in itertools.product(*ranges) if sum(ns) >= max(1, target.min_replicas)]
-    price = np.array([sum(m[p.name] * p.hourly_price for p in pools) * h / 3600 for m in mixes])
+    _, every, usable = _mix_grid(pools, target)
+    mixes = [m for m, ok in zip(every, usable, strict=True) if ok]
+    price = _price(mixes, pools, h)
     # misses[k, j]: requests of the distinct load j that miss with mix k; cost[k, j] likewise
     misses = np.stack([arrivals * (1.0 - _step_share(uniq, m, pools, target.latency_p95_ms, h))
                        for m in mixes])
@@ -144,6 +139,23 @@ def _maximise(dual: Callable[[float], tuple[float, float]], bisections: int) -> 
         best = max(best, value)
         lo, hi = (mid, hi) if grad > 0 else (lo, mid)
     return max(best, dual(lo)[0], dual(hi)[0])
+
+
+def _mix_grid(pools: Sequence[PoolCapacity], target: Target
+              ) -> tuple[list[int], list[dict[str, int]], np.ndarray]:
+    """Every replica mix within each pool's limits, pool by pool as a grid: (the grid's shape,
+    the mixes in its order, whether each has minReplicas)."""
+    ranges = [range(target.affordable(p) + 1) for p in pools]
+    mixes = [dict(zip([p.name for p in pools], ns, strict=True))
+             for ns in itertools.product(*ranges)]
+    usable = np.array([sum(m.values()) >= max(1, target.min_replicas) for m in mixes])
+    return [len(r) for r in ranges], mixes, usable
+
+
+def _price(mixes: Sequence[dict[str, int]], pools: Sequence[PoolCapacity], h: float
+           ) -> np.ndarray:
+    """USD each mix costs for one step of ``h`` seconds."""
+    return np.array([sum(m[p.name] * p.hourly_price for p in pools) * h / 3600 for m in mixes])
 
 
 GAUSS_HERMITE_NODES = 8
@@ -225,21 +237,18 @@ def law_cost_lower_bound(laws: StepLaws, pools: Sequence[PoolCapacity], target: 
             groups r within a of min over the sub-mixes R of C of P(r) x E[misses(R) | r]]
     """
     h = step_seconds
-    ranges = [range(target.affordable(p) + 1) for p in pools]
-    grid = [len(r) for r in ranges]
-    mixes = [dict(zip([p.name for p in pools], ns, strict=True))
-             for ns in itertools.product(*ranges)]
-    usable = np.array([sum(m.values()) >= max(1, target.min_replicas) for m in mixes])
-    price = np.array([sum(m[p.name] * p.hourly_price for p in pools) * h / 3600 if ok
-                      else 0.0 for m, ok in zip(mixes, usable, strict=True)])
+    grid, mixes, usable = _mix_grid(pools, target)
+    price = _price([m for m, ok in zip(mixes, usable, strict=True) if ok], pools, h)
     rows, k = laws.loads.shape
     count = np.asarray(laws.count, dtype=float)
     total = float((count * (laws.probs * laws.loads).sum(axis=1)).sum() * h)
     allowed = (1.0 - share) * total
+    if not usable.any():  # no mix within the limits has minReplicas: nothing can serve
+        return CostBound(share, math.inf, 0.0 if total > 0 else 1.0, False)
 
     def block(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """(A [mixes, rows, asked groups]: the best sub-mix's weighted expected misses summed
-        over the ready groups of each asked group; P [rows, asked groups] x charged)."""
+        """(A [usable mixes, rows, asked groups]: the best sub-mix's weighted expected misses
+        summed over the ready groups of each asked group; P [rows, asked groups] x charged)."""
         n, rows_here = hi - lo, order[lo:hi]
         loads, probs = laws.loads[rows_here], laws.probs[rows_here]
         rs, asks = laws.ready_sees[rows_here], laws.asked_sees[rows_here]
@@ -252,15 +261,15 @@ def law_cost_lower_bound(laws: StepLaws, pools: Sequence[PoolCapacity], target: 
                 within = _step_share(values, m, pools, target.latency_p95_ms, h)
                 miss = (values * h * (1.0 - within))[where] * probs.ravel()
                 expected[j] = np.bincount(by_ready, miss, n * k).reshape(n, k)
-        best = _prefix_min(expected.reshape(*grid, n, k), grid).reshape(expected.shape)
+        # a usable mix is its own sub-mix: its best is finite; unusable ones go
+        best = _prefix_min(expected.reshape(*grid, n, k), grid).reshape(expected.shape)[usable]
+        m = len(best)
         # each ready group's misses go to its asked group
         owner = np.zeros((n, k), dtype=int)
         owner[np.arange(n)[:, None], rs] = asks
-        flat = (np.arange(len(mixes))[:, None, None] * (n * kc)
+        flat = (np.arange(m)[:, None, None] * (n * kc)
                 + (np.arange(n)[:, None] * kc + owner)[None]).ravel()
-        finite = np.where(np.isfinite(best), best, 0.0).ravel()
-        groups = np.bincount(flat, finite, len(mixes) * n * kc).reshape(len(mixes), n, kc)
-        groups = np.where(usable[:, None, None], groups, np.inf)
+        groups = np.bincount(flat, best.ravel(), m * n * kc).reshape(m, n, kc)
         p_asked = np.bincount((np.arange(n)[:, None] * kc + asks).ravel(), probs.ravel(),
                               n * kc).reshape(n, kc)
         return groups, p_asked * np.asarray(laws.charged[rows_here], dtype=float)[:, None]
@@ -279,8 +288,7 @@ def law_cost_lower_bound(laws: StepLaws, pools: Sequence[PoolCapacity], target: 
         """(L(lam), its subgradient: expected misses at the minimisers - allowed)."""
         value = spent = 0.0
         for (lo, hi), (a, pc) in zip(blocks, cached, strict=True):
-            v = price[:, None, None] * pc[None] + lam * np.where(np.isfinite(a), a, 0.0)
-            v = np.where(np.isfinite(a), v, np.inf)
+            v = price[:, None, None] * pc[None] + lam * a
             j = v.argmin(axis=0)[None]
             c = count[lo:hi, None]
             value += float((c * np.take_along_axis(v, j, 0)[0]).sum())
@@ -302,10 +310,7 @@ def noise_laws(mean: Trace, noise: float, target: Target, cfg: SimConfig | None 
     cfg = cfg or SimConfig()
     if not 0 <= noise < 1:  # NaN too
         raise ValueError(f"noise {noise!r}: expected a relative std within [0, 1)")
-    dt = target.interval_seconds
-    per_interval = max(1, round(dt / min(cfg.step_seconds, dt)))
-    h = dt / per_interval
-    steps = ticks(mean, target) * per_interval
+    h, _, steps = step_grid(mean, target, cfg)
     times = np.asarray(mean.times, dtype=float)
     at = times[0] + h * np.arange(steps)
     point = np.clip(np.searchsorted(times, at + 1e-9, side="right") - 1, 0, len(times) - 1)

@@ -159,12 +159,10 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
                       f"replicas at once, keeps {bound.share:.2%} of requests within the SLO for "
                       f"less than {bound.cost:.4f} USD; leanserve paid "
                       f"{ls['cost'] / bound.cost:.2f}x that", highlight=False)
-    if same is not None and (same[1].requests <= 0 or same[1].cost <= 0):
-        pass  # nothing served or nothing paid: no comparison to make
-    elif same is None:
+    if same is None:
         console.print(f"no HPA target down to {min(FRONTIER_TARGETS):.0%} utilisation keeps "
                       f"{ls['slo_attainment']:.2%} of requests within the SLO", highlight=False)
-    else:
+    elif same[1].requests > 0 and same[1].cost > 0:  # else nothing served or paid to compare
         console.print(f"at equal service: an HPA keeps as many requests within the SLO "
                       f"({same[1].within / same[1].requests:.2%}) at a {same[0]:.0%} target "
                       f"(the most utilised of {', '.join(f'{u:.0%}' for u in FRONTIER_TARGETS)}"

@@ -368,12 +368,8 @@ def _simulate(name: str, trace: Trace, pools: Sequence[PoolCapacity], target: Ta
               fixed: Callable[[float, float], dict[str, int]] | None = None,
               warm: dict[str, int] | None = None) -> PolicyRun:
     """Run one contender; either a controller with start-up delays or a fixed/oracle schedule."""
-    dt = target.interval_seconds
-    h = min(cfg.step_seconds, dt)
-    per_interval = max(1, round(dt / h))
-    h = dt / per_interval
+    h, per_interval, n_steps = step_grid(trace, target, cfg)
     t0 = trace.times[0]
-    n_steps = ticks(trace, target) * per_interval
     now = [t0]
     plat = InMemoryPlatform([p.name for p in pools], clock=lambda: now[0],
                             startup_seconds=cfg.startup_seconds)
@@ -577,6 +573,14 @@ def _one(pools: Sequence[PoolCapacity], pool: PoolCapacity, n: int) -> dict[str,
 def ticks(trace: Trace, target: Target) -> int:
     """How many intervals of spec.autoscaling.intervalSeconds the trace spans."""
     return max(1, math.ceil(trace.duration / target.interval_seconds - 1e-9))
+
+
+def step_grid(trace: Trace, target: Target, cfg: SimConfig) -> tuple[float, int, int]:
+    """The physics' steps: (seconds per step, steps per decision interval, steps in all); a
+    step is at most cfg.step_seconds and divides the interval."""
+    dt = target.interval_seconds
+    per_interval = max(1, round(dt / min(cfg.step_seconds, dt)))
+    return dt / per_interval, per_interval, ticks(trace, target) * per_interval
 
 
 def check_bounded(trace: Trace, pools: Sequence[PoolCapacity], target: Target) -> None:
