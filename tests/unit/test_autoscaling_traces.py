@@ -31,6 +31,12 @@ def test_committed_traces_are_the_generators_and_held_out_is_another_draw(tmp_pa
         tune, held = load_trace(p), load_trace(tmp_path / "traces-heldout" / p.name)
         assert tune.times == held.times  # the same span and resolution ...
         assert tune.rates != held.rates  # ... another draw
+    # written as drawn: the file's rounding is far below the noise each point is drawn with
+    # (two fixed decimals once rounded the multi-day shapes' nights in 11-25% steps)
+    for name, drawn in gen.drawn(gen.TUNING).items():
+        exact = np.maximum(0.0, drawn.noisy())
+        read = np.array(load_trace(tmp_path / "traces" / f"{name}.csv").rates)
+        assert np.all(np.abs(read - exact) <= 1e-5 * exact + 1e-12), name
     # the multi-day shapes span days (daily and weekly seasonality), the short ones two hours
     assert load_trace(tmp_path / "traces-heldout/week.csv").duration >= 7 * 86400
     assert load_trace(tmp_path / "traces-heldout/quiet.csv").duration >= 4 * 86400
