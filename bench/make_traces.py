@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +346,13 @@ def _write(path: Path, t: np.ndarray, rates: np.ndarray) -> None:
     lines = ["time_s,requests_per_s"]
     lines += [f"{a:.0f},{r:.6g}" for a, r in zip(t, rates, strict=True) if not math.isnan(r)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def reseeded(which: TraceSet, offset: int) -> TraceSet:
+    """The same parameters as ``which`` with every seed moved by ``offset``: another draw of
+    each of its shapes (bench/autoscaling.py's fresh draws of the held-out set)."""
+    return TraceSet(which.seed_offset + offset,
+                    replace(which.shape, seed=which.shape.seed + offset))
 
 
 def drawn(which: TraceSet) -> dict[str, Drawn]:

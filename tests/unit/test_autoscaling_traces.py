@@ -76,3 +76,29 @@ def test_no_policy_blind_to_the_next_event_pays_less_than_its_bound(name: str):
             # better than any blind policy could (0.85x and 0.45x the bound here; on step the
             # plateaus' times are known, and foresight of their levels buys less)
             assert cost[key] < bound.cost
+
+
+def test_fresh_draws_of_the_held_out_set_are_new_traffic_with_its_parameters(capsys):
+    """bench/autoscaling.py counts how often each target holds over fresh draws of the held-out
+    set: the same generator parameters, seeds neither committed set (nor the event draws) uses."""
+    gen = _generator()
+    fresh = gen.reseeded(gen.HELDOUT, 20_000)
+    assert fresh.shape.peak_hour == gen.HELDOUT.shape.peak_hour
+    assert fresh.shape.noise == gen.HELDOUT.shape.noise
+    again, held = gen.drawn(fresh), gen.drawn(gen.HELDOUT)
+    for name, d in again.items():
+        assert d.times.tolist() == held[name].times.tolist()
+        assert not np.array_equal(d.noisy(), held[name].noisy())
+    bench = load_script("bench/autoscaling.py")
+    pools = [PoolCapacity("cpu-small", 40.0, 0.10), PoolCapacity("cpu-large", 170.0, 0.38)]
+    target = Target(latency_p95_ms=100.0, max_replicas=10, max_hourly_cost=2.0,
+                    interval_seconds=30)
+    passed, totals = bench.fresh_draws(pools, target, SimConfig(startup_seconds=30.0), 0.6,
+                                       1700.0, draws=1)
+    assert sorted(passed) == sorted(held)
+    assert all(set(row.values()) <= {0, 1} for row in passed.values())
+    assert totals == [sum(sum(row.values()) for row in passed.values())]
+    assert 0 < totals[0] < 35  # some targets hold on one draw and some do not
+    out = capsys.readouterr().out
+    assert "fresh draws of the held-out set (1," in out and "| week     |" in out
+
