@@ -79,10 +79,16 @@ class Queries:
 
     model: str
     window: str = f"{WINDOW_SECONDS:g}s"
+    namespace: str | None = None
+    """The model's namespace (the operator's): series labelled with another namespace (a model of
+    the same name elsewhere) are left out; series without the label (a scrape config that does
+    not add it, `leanserve run`'s) still count."""
 
     @property
     def _sel(self) -> str:
-        return f'model="{self.model}"'
+        if self.namespace is None:
+            return f'model="{self.model}"'
+        return f'model="{self.model}",namespace=~"{self.namespace}|"'
 
     @property
     def request_rate(self) -> str:

@@ -80,7 +80,17 @@ def status_patch(saved: Mapping[str, Any], decision: Decision | None,
         now - stored.time >= HISTORY_SECONDS
     if not (stale or state_moved):
         return None
-    return {**decision_to_status(decision), "state": state}
+    patch = {**decision_to_status(decision), "state": state}
+    # a merge patch keeps every key it leaves out: a pool no longer in the spec must be deleted
+    # (null), or the stored replicas never equal a decision again and every interval rewrites
+    old = (saved.get("last") or {}).get("replicas") if isinstance(saved.get("last"), Mapping) \
+        else None
+    if isinstance(old, Mapping):
+        gone = {k: None for k in old if k not in decision.replicas}
+        if gone:
+            last = patch["last"]
+            patch["last"] = {**last, "replicas": {**last["replicas"], **gone}}
+    return patch
 
 
 def step(body: dict[str, Any], rt: Any, logger: Any, bridge: Bridge,
@@ -118,7 +128,9 @@ def step(body: dict[str, Any], rt: Any, logger: Any, bridge: Bridge,
     previous = rt.decisions.get(key) or decision_from_status(saved)
     try:
         source = PrometheusSource(url=spec.autoscaling.prometheus_url,
-                                  queries=Queries(model=res.owner.name), clock=time.time,
+                                  queries=Queries(model=res.owner.name,
+                                                  namespace=res.owner.namespace),
+                                  clock=time.time,
                                   http=bridge.http_get)
         obs, reading = observe(source, platform, res.owner.name)
         now = time.time()

@@ -24,3 +24,30 @@ def test_promtool(args):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout + proc.stderr
+
+
+def test_the_operators_queries_keep_to_the_models_namespace(tmp_path: Path):
+    """A model of the same name in another namespace is not this model's load (Prometheus's own
+    evaluation, promtool's promql_expr_test); series without the label still count."""
+    import json
+
+    from leanserve.autoscaling.metrics import Queries
+
+    series = {  # requests/s per series: counters that grow this much every 15 s scrape
+        'nv_inference_request_success{namespace="team-a",model="minilm",instance="a"}': 10.0,
+        'nv_inference_request_success{namespace="team-b",model="minilm",instance="b"}': 100.0,
+        'nv_inference_request_success{model="minilm",instance="c"}': 2.0,
+        'nv_inference_request_success{namespace="team-a",model="other",instance="d"}': 7.0,
+    }
+    cases = [(Queries("minilm", namespace="team-a"), 12.0), (Queries("minilm"), 112.0)]
+    test = {"rule_files": [], "tests": [{
+        "interval": "15s",
+        "input_series": [{"series": s, "values": f"0+{r * 15:g}x40"} for s, r in series.items()],
+        "promql_expr_test": [{"expr": q.request_rate, "eval_time": "5m",
+                              "exp_samples": [{"labels": "{}", "value": v}]}
+                             for q, v in cases]}]}
+    (tmp_path / "queries_test.yaml").write_text(json.dumps(test))
+    proc = subprocess.run([PROMTOOL, "test", "rules", "queries_test.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'namespace=~"team-a|"' in Queries("minilm", namespace="team-a").arrival_rate

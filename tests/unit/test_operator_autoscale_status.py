@@ -23,6 +23,7 @@ from leanserve.operator.autoscale import (
     pools_from_status,
     status_patch,
 )
+from leanserve.operator.handlers import merge_patch  # RFC 7386, as the API server applies it
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +67,18 @@ def test_new_replicas_or_a_new_obstacle_are_written_at_once() -> None:
         {"state": {"reason": "ProfileInvalid", "message": "m"}}
     assert status_patch({"state": {"reason": "ProfileInvalid"}}, None,
                         {"reason": "ProfileInvalid", "message": "m"}, 2.0) is None
+
+
+def test_a_pool_taken_out_of_the_spec_leaves_the_stored_replicas() -> None:
+    # a merge patch keeps keys it leaves out: without deleting the pool the stored replicas
+    # never equal a decision again, and every interval would rewrite status
+    saved = merge_patch({}, status_patch({}, decision(1000.0, {"cpu": 2, "gpu": 1}), None,
+                                         1000.0))
+    patch = status_patch(saved, decision(1030.0, {"cpu": 2}), None, 1030.0)
+    assert patch is not None and patch["last"]["replicas"] == {"cpu": 2, "gpu": None}
+    saved = merge_patch(saved, patch)
+    assert saved["last"]["replicas"] == {"cpu": 2}
+    assert status_patch(saved, decision(1060.0, {"cpu": 2}), None, 1060.0) is None
 
 
 def test_the_cluster_autoscaler_plans_with_the_curve_the_job_measured() -> None:
