@@ -8,12 +8,17 @@ them. Names (all labelled ``model``; per-pool ones also ``pool``):
 - leanserve_desired_replicas, leanserve_replicas, leanserve_ready_replicas  (per pool)
 - leanserve_hourly_cost_usd, leanserve_max_hourly_cost_usd, leanserve_cost_per_million_requests_usd
 - leanserve_request_rate, leanserve_observed_p95_ms, leanserve_slo_p95_ms
-- leanserve_slo_met (1, 0, or NaN when unknown), leanserve_slo_attainment_ratio (share of
+- leanserve_slo_met (1 or 0; absent while unknown), leanserve_slo_attainment_ratio (share of
   decisions with known latency that met the SLO since this exporter started),
   leanserve_slo_checks_total{met="true"|"false"} (the same decisions as a counter: the
   dashboard's attainment is its increase over a window, which a restart does not reset),
   leanserve_metrics_available (0 or 1)
-- leanserve_decisions_total{code}, leanserve_last_decision_info{code, reason}
+- leanserve_decisions_total{code}, leanserve_last_decision_info{code} (the reason's text is in
+  the status, the Events and report.json: as a label it made a new series every decision)
+
+A figure that is unknown (no request rate, no p95, no latency judged yet) is not exported rather
+than exported as NaN: Prometheus stores a NaN as a sample, and one NaN in a range makes
+avg_over_time NaN, which silenced the SLO burn alerts for their whole window.
 - leanserve_metrics_errors_total{kind}: Prometheus answers that gave no usable number (unreachable,
   http, malformed, query, empty, ambiguous, not_finite); pass ``reading`` to ``record``
 
@@ -74,8 +79,9 @@ class LeanserveMetrics:
         self.p95 = Gauge("leanserve_observed_p95_ms", "p95 latency the policy observed",
                          key, registry=r)
         self.slo = Gauge("leanserve_slo_p95_ms", "spec.slo.latencyP95Ms", key, registry=r)
-        self.slo_met = Gauge("leanserve_slo_met", "1 when p95 <= SLO, 0 when not, NaN unknown",
-                             key, registry=r)
+        self.slo_met = Gauge("leanserve_slo_met",
+                             "1 when p95 <= SLO, 0 when not; absent when unknown", key,
+                             registry=r)
         self.attainment = Gauge("leanserve_slo_attainment_ratio",
                                 "Share of decisions with known latency that met the SLO",
                                 key, registry=r)
@@ -90,7 +96,7 @@ class LeanserveMetrics:
         self.metrics_errors = Counter("leanserve_metrics_errors",
                                       "Prometheus answers that gave no usable number, by kind",
                                       [*key, "kind"], registry=r)
-        self.last = Info("leanserve_last_decision", "The last decision and its reason",
+        self.last = Info("leanserve_last_decision", "The last decision's code",
                          key, registry=r)
         self._att: dict[tuple[str, ...], _Attainment] = {}
         # every label set written per model, so that ``forget`` (and a pool leaving a model's
@@ -138,12 +144,11 @@ class LeanserveMetrics:
         ok = decision.code is not Reason.METRICS_UNAVAILABLE
         self._at(self.available, key).set(1 if ok else 0)
         rate = observed_rate if observed_rate is not None else decision.desired_rps
-        self._at(self.rate, key).set(rate if rate is not None and ok else math.nan)
-        self._at(self.p95, key).set(math.nan if observed_p95_ms is None else observed_p95_ms)
-        self._at(self.per_million, key).set(
-            cost / (rate * 3600) * 1e6 if ok and rate else math.nan)
-        self._at(self.slo_met, key).set(
-            math.nan if decision.slo_met is None else float(decision.slo_met))
+        self._known(self.rate, key, rate if ok else None)
+        self._known(self.p95, key, observed_p95_ms)
+        self._known(self.per_million, key, cost / (rate * 3600) * 1e6 if ok and rate else None)
+        self._known(self.slo_met, key, None if decision.slo_met is None
+                    else float(decision.slo_met))
         att = self._att.setdefault(key, _Attainment())
         if decision.slo_met is not None:
             att.known += 1
@@ -151,10 +156,17 @@ class LeanserveMetrics:
             for met in ("true", "false"):  # both series exist, so a ratio of increases has data
                 self._at(self.checks, key, met)
             self._at(self.checks, key, "true" if decision.slo_met else "false").inc()
-        self._at(self.attainment, key).set(att.met / att.known if att.known else math.nan)
+        self._known(self.attainment, key, att.met / att.known if att.known else None)
         self._at(self.decisions, key, decision.code.value).inc()
-        self._at(self.last, key).info({"code": decision.code.value,
-                                       "reason": decision.reason[:500]})
+        self._at(self.last, key).info({"code": decision.code.value})
+
+    def _known(self, metric: Any, key: tuple[str, ...], value: float | None) -> None:
+        """Set the series, or remove it while the value is unknown (None or NaN)."""
+        if value is not None and math.isfinite(value):
+            self._at(metric, key).set(value)
+        elif (metric, ()) in self._series.get(key, set()):
+            metric.remove(*key)
+            self._series[key].discard((metric, ()))
 
     def count_metrics_errors(self, model: str, kinds: Iterable[str],
                              namespace: str | None = None) -> None:

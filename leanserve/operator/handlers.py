@@ -29,7 +29,7 @@ import aiohttp
 import kopf
 
 from leanserve.api.load import SpecError, parse
-from leanserve.api.spec import GROUP, PLURAL, VERSION, CompressedModelSpec, Phase
+from leanserve.api.spec import GROUP, PLURAL, VERSION, CompressedModelSpec
 from leanserve.operator import builders, planner, privilege, stores
 from leanserve.operator.bridge import STOP_GRACE_SECONDS, Bridge, Stopped
 from leanserve.operator.builders import Owner
@@ -43,7 +43,7 @@ from leanserve.operator.constants import (
 )
 from leanserve.operator.errors import ApiError, OperatorError
 from leanserve.operator.kube import Kinds, KubeClient
-from leanserve.operator.metrics import OperatorMetrics
+from leanserve.operator.metrics import AUTOSCALED, OperatorMetrics
 from leanserve.operator.settings import OperatorSettings
 
 MONITOR_TTL_SECONDS = 60.0
@@ -554,8 +554,7 @@ async def autoscale_once(rt: Runtime, key: Key, body: dict[str, Any], logger: An
         return
     spec = body.get("spec") or {}
     rt.next_scale[key] = now + float((spec.get("autoscaling") or {}).get("intervalSeconds") or 30)
-    if (body.get("status") or {}).get("phase") not in (Phase.SERVING.value,
-                                                        Phase.DEGRADED.value):
+    if (body.get("status") or {}).get("phase") not in AUTOSCALED:
         return
     # The policy and its metric source are synchronous (leanserve.autoscaling): each step runs
     # in a worker thread, under the model's lock so a reconcile never interleaves with it, and

@@ -24,6 +24,9 @@ from leanserve.api.spec import Phase
 from leanserve.autoscaling.exporter import LeanserveMetrics
 from leanserve.autoscaling.policy import Decision, Observation, PoolCapacity, Target
 
+AUTOSCALED = (Phase.SERVING.value, Phase.DEGRADED.value)
+"""The phases in which the operator autoscales a model (handlers.autoscale_once)."""
+
 if TYPE_CHECKING:
     from leanserve.autoscaling.metrics import Reading
 
@@ -57,6 +60,10 @@ class OperatorMetrics:
             self.autoscaling.forget(name, namespace=namespace)
         else:
             self._phases[key] = phase
+            if phase not in AUTOSCALED:
+                # no longer autoscaled (compressing a new recipe, failed): its last decision's
+                # series would stay exported as they were, and an alert on them keep firing
+                self.autoscaling.forget(name, namespace=namespace)
         counts: Mapping[str, int] = {p.value: 0 for p in Phase}
         counts = dict(counts)
         for value in self._phases.values():

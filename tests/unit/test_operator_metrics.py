@@ -51,9 +51,11 @@ def test_one_model_name_in_two_namespaces_then_one_deleted() -> None:
     assert value(m, "leanserve_metrics_available", namespace="b", model="minilm") == 0
     assert value(m, "leanserve_decisions_total", namespace="b", model="minilm",
                  code="MetricsUnavailable") == 1
+    # the code only: the reason's changing figures made a new series every decision
     info = value(m, "leanserve_last_decision_info", namespace="a", model="minilm",
-                 code=d_a.code.value, reason=d_a.reason)
+                 code=d_a.code.value)
     assert info == 1
+    m.observe_phase("a", "minilm", "Serving")
     m.observe_phase("b", "minilm", "Serving")
     m.observe_phase("b", "minilm", None)  # the CompressedModel was deleted
     left = samples(m)
@@ -71,3 +73,16 @@ def test_a_pool_that_leaves_the_decisions_leaves_the_export() -> None:
     m.record_decision("a", "x", decide(Observation(1, 5.0), one, t, None, 1), t, one)
     pools = {dict(k[1]).get("pool") for k in samples(m) if k[0] == "leanserve_replicas"}
     assert pools == {"small"}
+
+
+def test_a_model_no_longer_autoscaled_leaves_the_export() -> None:
+    # compressing a new recipe (or failed): its last decision, say no metrics, must not stay
+    # exported, or the alert on it fires until the operator restarts
+    m = OperatorMetrics()
+    t = Target(100, 1, 4, 1.0)
+    held = decide(Observation(0, None), POOLS, t, None, 0)
+    m.observe_phase("a", "minilm", "Serving")
+    m.record_decision("a", "minilm", held, t, POOLS, Observation(0, None))
+    assert value(m, "leanserve_metrics_available", namespace="a", model="minilm") == 0
+    m.observe_phase("a", "minilm", "Compressing")
+    assert not [k for k in samples(m) if dict(k[1]).get("model") == "minilm"]
