@@ -219,6 +219,10 @@ class PrometheusSource:
         problems: list[str] = []
         kinds: list[str] = []
         rate = self.scalar(self.queries.request_rate, problems, "request rate", kinds)
+        if kinds[-1:] == ["unreachable"]:
+            # the other queries would each wait out the same timeout (an operator steps its
+            # models one after another: a Prometheus that drops packets would stall them all)
+            return Reading(None, None, None, {}, problems, kinds)
         p95 = self.scalar(self.queries.p95_ms, problems, "p95", kinds)
         queue = self.scalar(self.queries.queue_ms, problems, "queue time", kinds)
         arrival = self.scalar(self.queries.arrival_rate, problems, "arrival rate", kinds)

@@ -133,6 +133,22 @@ def test_http_errors_and_transport_failures_are_counted() -> None:
     hold_and_count(src, "unreachable")
 
 
+def test_an_unreachable_prometheus_is_asked_once_per_reading() -> None:
+    # each query would wait out the same timeout: one is enough to know (the operator steps its
+    # models one after another, so 5 x 5 s per model stalled every other model's interval)
+    asked: list[str] = []
+
+    def timeout(url: str, params: dict[str, str], t: float) -> tuple[int, bytes]:
+        asked.append(params["query"])
+        raise TimeoutError("timed out")
+
+    reading = PrometheusSource("http://prom:9090", Queries("m"), clock=lambda: 0.0,
+                               http=timeout).read()
+    assert len(asked) == 1 and reading.error_kinds == ["unreachable"]
+    assert reading.request_rate is None and reading.arrival_rate is None
+    assert reading.p95_ms is None and reading.pending is None
+
+
 def test_well_formed_answers_still_parse() -> None:
     rows = parse_answer(ok([{"metric": {"pool": "a"}, "value": [0, "1.5"]},
                             {"value": [0, 2]}, {"metric": None, "value": [0, "+Inf"]}]), "q")
