@@ -469,6 +469,10 @@ async def reconcile(rt: Runtime, body: kopf.Body | dict[str, Any], logger: Any) 
         return
     ns, name = meta.get("namespace") or "default", meta.get("name", "")
     async with rt.lock(ns, name):
+        # the latest view, read under the lock: a body taken before it (a child's event, the
+        # resync loop) may predate an autoscaling step that held the lock, and planned from it
+        # the Deployments would get the replicas that step had just replaced
+        body = rt.models.get((ns, name), body)
         delay = await _reconcile(rt, body, logger)
     rt.next_sync[(ns, name)] = rt.mono() + (delay if delay is not None
                                             else rt.settings.resync_seconds)

@@ -267,3 +267,32 @@ async def test_a_cancelled_autoscale_once_lets_a_decision_being_written_finish()
     assert written == [{"scale": 2}, {"status": 2}]
     assert rt.bridge is not None
     await rt.bridge.close()
+
+
+async def test_a_reconcile_queued_behind_an_autoscaling_step_plans_from_its_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child's event takes the model's body, then waits for the lock an autoscaling step
+    holds; the step's status write replaces the body. The reconcile must plan from the new one,
+    or it applies the replicas the step had just replaced."""
+    from leanserve.operator import handlers
+
+    rt = Runtime(settings=OperatorSettings(), metrics=OperatorMetrics(),
+                 login=lambda: kopf.ConnectionInfo(server="http://127.0.0.1:1"),
+                 serving_index={})
+    key = ("ns", "m")
+    rt.models[key] = serving_model()
+    taken = rt.models[key]  # what child_event hands to reconcile
+    planned: list[dict[str, Any]] = []
+
+    async def plan(rt_: Runtime, body: dict[str, Any], logger: Any) -> float | None:
+        planned.append(body)
+        return None
+
+    monkeypatch.setattr(handlers, "_reconcile", plan)
+    async with rt.lock(*key):  # the autoscaling step
+        waiting = asyncio.create_task(handlers.reconcile(rt, taken, None))
+        await asyncio.sleep(0.01)
+        handlers.remember_status(rt, key, {"autoscaling": {"last": {"replicas": {"a": 3}}}})
+    await waiting
+    assert planned[0]["status"]["autoscaling"]["last"]["replicas"] == {"a": 3}
+
