@@ -219,6 +219,10 @@ class PrometheusSource:
         problems: list[str] = []
         kinds: list[str] = []
         rate = self.scalar(self.queries.request_rate, problems, "request rate", kinds)
+        if kinds[-1:] == ["empty"]:
+            w = _seconds(self.queries.window)
+            problems[-1] += (f": is Triton scraped, and at least every {w / 4:g}s? rate() over "
+                             f"{self.queries.window} needs two samples within it")
         if kinds[-1:] == ["unreachable"]:
             # the other queries would each wait out the same timeout (an operator steps its
             # models one after another: a Prometheus that drops packets would stall them all)

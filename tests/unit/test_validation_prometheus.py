@@ -200,3 +200,13 @@ def test_read_never_raises(body: bytes, status: int) -> None:
     assert len(reading.error_kinds) == len(reading.problems)
     for v in (reading.request_rate, reading.p95_ms, reading.queue_ms):
         assert v is None or math.isfinite(v)
+
+
+def test_no_request_rate_says_what_the_window_needs() -> None:
+    # a Prometheus that scrapes Triton every minute (its default) has no rate() over 30s
+    reading = source(200, json.dumps(ok([])).encode()).read()
+    assert reading.request_rate is None and reading.error_kinds[0] == "empty"
+    assert reading.problems[0] == ("request rate: no data (empty result): is Triton scraped, "
+                                   "and at least every 7.5s? rate() over 30s needs two samples "
+                                   "within it")
+
