@@ -107,7 +107,11 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
     state = RunState()
     phase = ["compression"]
     try:
-        _run(loaded, workdir, settings, say, progress, report, state, phase)
+        # SIGTERM cleans up like Ctrl-C for the whole run, not only the load burst: profiling
+        # and the recheck start tritonservers in their own sessions, which a plain SIGTERM
+        # (no atexit, no __exit__) would leave running
+        with _sigterm_as_interrupt():
+            _run(loaded, workdir, settings, say, progress, report, state, phase)
     except KeyboardInterrupt:
         report["interrupted"] = phase[0]
         _finish(workdir, report, state, slo_ms, loaded.spec)
@@ -171,7 +175,6 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
     target = Target.from_spec(local_spec)
     model = _served_model(repo)
     with ExitStack() as stack:
-        stack.enter_context(_sigterm_as_interrupt())
         platform = LocalPlatform(_local_repository(repo, replica["config"], workdir), logs)
         stack.callback(platform.stop_all)
         prom, source_note = _metrics_source(stack, workdir, settings, say)

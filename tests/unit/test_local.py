@@ -3,7 +3,9 @@ replica bookkeeping, the direct-scrape metric source, the timeline and report.ht
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -425,3 +427,41 @@ def test_run_says_what_the_selected_recipe_cost_when_it_pays_back_and_what_it_ho
     assert "pays for itself after" in page and "peak memory (one instance)" in page
     assert "<td>57,000 requests</td>" in page and "<td>412 cpu-s, $0.0114</td>" in page
     assert "<td>180.0 MiB</td>" in page and "<td>never (saves nothing)</td>" in page
+
+
+def test_sigterm_anywhere_in_a_run_cleans_up_like_ctrl_c(tmp_path: Path, monkeypatch) -> None:
+    """Not only during the load burst: profiling and the recheck start tritonservers in their
+    own sessions, which a plain SIGTERM (no atexit, no __exit__) would leave running."""
+    import os
+    import signal
+
+    from leanserve.api.load import load_one
+    from leanserve.local import pipeline
+
+    cleaned: list[str] = []
+
+    def run(*args: Any) -> None:
+        args[-1][0] = "profiling"  # the phase; any phase before the burst
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            cleaned.append("a tritonserver's __exit__")
+
+    monkeypatch.setattr(pipeline, "_run", run)
+    loaded = load_one(Path(__file__).resolve().parents[2] / "examples/minilm-cpu.yaml")
+    unhandled: list[int] = []
+
+    def outside(signum: int, _frame: Any) -> None:  # stands in for the default: die at once
+        unhandled.append(signum)
+
+    before = signal.signal(signal.SIGTERM, outside)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_pipeline(loaded, tmp_path, pipeline.RunSettings(),
+                                  say=lambda _m: None)
+        assert signal.getsignal(signal.SIGTERM) is outside  # given back after the run
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert unhandled == [] and cleaned == ["a tritonserver's __exit__"]
+    assert json.loads((tmp_path / "report.json").read_text())["interrupted"] == "profiling"
