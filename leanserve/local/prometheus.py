@@ -13,8 +13,10 @@ nothing, silently.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +48,7 @@ class LocalPrometheus:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "prometheus.log"
         self._targets_file = self.workdir / "targets.json"
+        self._write_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -54,9 +57,13 @@ class LocalPrometheus:
     def set_targets(self, groups: list[tuple[list[str], dict[str, str]]]) -> None:
         """Scrape targets as (host:port list, labels) groups; written atomically."""
         body = [{"targets": t, "labels": labels} for t, labels in groups]
-        tmp = self._targets_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))
-        tmp.replace(self._targets_file)
+        # one writer at a time (replicas' boot threads and the main thread both retarget), each
+        # through a file of its own: a shared temporary name raced (FileNotFoundError)
+        with self._write_lock:
+            tmp = self._targets_file.with_name(
+                f".{self._targets_file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(body))
+            tmp.replace(self._targets_file)
 
     def active_targets(self) -> list[dict[str, Any]]:
         """Prometheus's own view of its scrape targets (labels, health, last error)."""
@@ -103,19 +110,28 @@ class LocalPrometheus:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            # not ready, or interrupted while waiting (Ctrl-C, SIGTERM): the caller never gets
+            # the object to stop, so stop it here (it runs in its own session)
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 tail = self._log_tail()
-                self.stop()
                 raise PrometheusError(f"prometheus exited at start (log {self.log_path}):\n{tail}")
             try:
                 if requests.get(f"{self.url}/-/ready", timeout=1).ok:
-                    return self
+                    return
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        self.stop()
         raise PrometheusError(f"prometheus not ready after {self.startup_timeout_s:.0f}s "
                               f"(log {self.log_path})")
 

@@ -246,6 +246,10 @@ class LocalTriton:
                 self.log_path = self._workdir / f"tritonserver-{attempt}.log"
                 try:
                     self._launch(dist, local_repo, backends)
+                    # stopped at exit from now on, not only once ready: a replica still starting
+                    # in another thread (LocalPlatform's boot threads) when a second Ctrl-C cuts
+                    # the clean-up short runs in its own session and would outlive us
+                    _running.add(self)
                     self._wait_ready(len(models))
                     break
                 except ServerStartError as exc:

@@ -227,3 +227,49 @@ def test_prometheus_stopped_mid_run_holds_then_recovers(tmp_path: Path) -> None:
             assert d.code is not Reason.METRICS_UNAVAILABLE
             assert reading.request_rate and "unreachable" not in reading.error_kinds
 
+
+
+def test_prometheus_interrupted_while_starting_is_stopped(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM) while Prometheus starts: the caller never gets the object to stop, and
+    the process runs in its own session, so start() stops it itself."""
+    from leanserve.local.prometheus import LocalPrometheus, prometheus_binary
+
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
+
+    def interrupted(self: LocalPrometheus) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalPrometheus, "_wait_ready", interrupted)
+    prom = LocalPrometheus(tmp_path / "prom")
+    with pytest.raises(KeyboardInterrupt):
+        prom.start()
+    assert prom.proc is None or prom.proc.poll() is not None
+
+
+def test_a_replica_still_starting_is_stopped_at_exit(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tritonserver is on the exit list from its launch, not only once ready: a replica
+    starting in a boot thread when a second Ctrl-C cuts the clean-up short would outlive us."""
+    from leanserve.serving import server
+
+    repo = tmp_path / "repo"
+    (repo / "slow" / "1").mkdir(parents=True)
+    (repo / "slow" / "1" / "model.py").write_text("class TritonPythonModel:\n    pass\n")
+    (repo / "slow" / "config.pbtxt").write_text(
+        'name: "slow"\nbackend: "python"\nmax_batch_size: 1\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    seen: list[bool] = []
+
+    def waiting(self: server.LocalTriton, n_models: int) -> None:
+        seen.append(self in server._running)
+        server._stop_all()  # what atexit runs
+        assert self._proc is None or self._proc.poll() is not None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server.LocalTriton, "_wait_ready", waiting)
+    with pytest.raises(KeyboardInterrupt):
+        server.LocalTriton(repo, log_dir=tmp_path / "logs").start()
+    assert seen == [True]

@@ -465,3 +465,28 @@ def test_sigterm_anywhere_in_a_run_cleans_up_like_ctrl_c(tmp_path: Path, monkeyp
         signal.signal(signal.SIGTERM, before)
     assert unhandled == [] and cleaned == ["a tritonserver's __exit__"]
     assert json.loads((tmp_path / "report.json").read_text())["interrupted"] == "profiling"
+
+
+def test_scrape_targets_written_from_several_threads_never_race(tmp_path: Path) -> None:
+    # replicas' boot threads and the main thread both retarget Prometheus; through one shared
+    # temporary name the writes raced (FileNotFoundError, or a file without a ready replica)
+    from leanserve.local.prometheus import LocalPrometheus
+
+    prom = LocalPrometheus(tmp_path)
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        try:
+            for i in range(300):
+                prom.set_targets([([f"127.0.0.1:{k}{i}"], {"pool": str(k)})])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(json.loads((tmp_path / "targets.json").read_text())) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["targets.json"]
