@@ -42,11 +42,13 @@ def usd(x: float | None) -> str:
 
 
 def slo_attainment(timeline: list[dict[str, Any]], slo_ms: float) -> float | None:
-    """Share of the 2 s intervals with served requests whose p95 met the SLO."""
-    lat = [p["p95_ms"] for p in timeline if p.get("p95_ms") is not None]
-    if not lat:
+    """Share of the 2 s intervals with requests whose p95 met the SLO; failed requests count
+    as never answered, so an interval where 5% or more failed (no p95) misses it."""
+    judged = [p for p in timeline if p.get("p95_ms") is not None or p.get("errors")]
+    if not judged:
         return None
-    return sum(1 for v in lat if v <= slo_ms) / len(lat)
+    return sum(1 for p in judged if p.get("p95_ms") is not None and p["p95_ms"] <= slo_ms) \
+        / len(judged)
 
 
 def selected_candidate(report: dict[str, Any]) -> dict[str, Any] | None:

@@ -463,7 +463,10 @@ def _timeline(state: RunState, bucket_s: float = 2.0) -> list[dict[str, Any]]:
             done[b] = done.get(b, 0) + 1
     out = []
     for b in sorted(buckets):
-        lats = sorted(lat for lat, ok in buckets[b] if ok and lat is not None)
+        # every request sent in the bucket, a failed one (error, timeout, dropped) as never
+        # answered: a bucket whose p95 is a failure has no p95, and misses the SLO
+        lats = sorted(lat if ok and lat is not None else math.inf for lat, ok in buckets[b])
+        p95 = lats[min(len(lats) - 1, int(0.95 * len(lats)))]
         t = b * bucket_s
         planned = [r for s, r in offered if t <= s < t + bucket_s]
         out.append({
@@ -472,7 +475,7 @@ def _timeline(state: RunState, bucket_s: float = 2.0) -> list[dict[str, Any]]:
             "planned_rps": planned[0] if planned else None,
             "achieved_rps": done.get(b, 0) / bucket_s,
             "errors": sum(1 for _lat, ok in buckets[b] if not ok),
-            "p95_ms": lats[min(len(lats) - 1, int(0.95 * len(lats)))] if lats else None,
+            "p95_ms": None if math.isinf(p95) else p95,
         })
     return out
 

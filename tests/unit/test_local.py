@@ -15,7 +15,14 @@ from leanserve.autoscaling.metrics import PrometheusSource, Queries, Reading, ob
 from leanserve.autoscaling.platform import InMemoryPlatform
 from leanserve.local.commands import plan_line
 from leanserve.local.direct import DirectSource
-from leanserve.local.outcome import costs_before_after, group_decisions, span, summary, verdict
+from leanserve.local.outcome import (
+    costs_before_after,
+    group_decisions,
+    slo_attainment,
+    span,
+    summary,
+    verdict,
+)
 from leanserve.local.pipeline import (
     ClientLatency,
     LocalSource,
@@ -150,8 +157,23 @@ def test_timeline_buckets_served_load_errors_and_p95() -> None:
     assert points[0]["achieved_rps"] == 10.0 and points[0]["errors"] == 0
     assert points[0]["p95_ms"] == 29.0 and points[0]["planned_rps"] == 10.0
     assert points[0]["offered_rps"] == 10.5  # 21 sent in 2 s
-    assert points[1]["errors"] == 1 and points[1]["p95_ms"] == 100.0
+    # one of its two requests failed: its p95 is a request never answered (no p95)
+    assert points[1]["errors"] == 1 and points[1]["p95_ms"] is None
     assert points[1]["achieved_rps"] == 1.0  # the slow one and the one at 3.0 s
+
+
+def test_failed_requests_count_against_the_slo() -> None:
+    # the first 200 requests fast, the last 200 all failed: before, a bucket's p95 counted only
+    # successes and an all-failed bucket dropped out of the attainment (100%, verdict ok)
+    state = RunState()
+    state.records = [(0.01 * i, 20.0, True) for i in range(200)]
+    state.records += [(2.0 + 0.01 * i, None, False) for i in range(200)]
+    state.records += [(4.0 + 0.01 * i, 20.0 if i % 10 else None, i % 10 > 0)
+                      for i in range(200)]  # 10% failed
+    points = _timeline(state, bucket_s=2.0)
+    assert [p["p95_ms"] for p in points] == [20.0, None, None]
+    assert slo_attainment(points, 100.0) == 1 / 3
+    assert slo_attainment([{"time_s": 0.0, "p95_ms": None, "errors": 0}], 100.0) is None
 
 
 def _report() -> dict[str, Any]:
