@@ -215,6 +215,18 @@ def print_bounds(traces: dict[str, Any], rows: dict[str, dict[str, Any]], pools:
 
 EVENT_SHAPES = ("diurnal", "bursty", "spike", "step")
 """The two-hour shapes ``event_bounds`` bounds over many draws (diurnal: its noise only)."""
+def rescaled_draw(drawn: Any, peak_share: float, top: float) -> tuple[Any, float]:
+    """One draw of a make_traces shape (its noise drawn now) as a Trace rescaled as the bench
+    rescales (peak at ``peak_share`` x ``top``), and the factor."""
+    import numpy as np
+
+    from leanserve.autoscaling.simulate import Trace
+
+    rates = np.maximum(0.0, drawn.noisy())
+    k = peak_share * top / rates.max()
+    return Trace(tuple(float(t) for t in drawn.times), tuple(float(r * k) for r in rates)), k
+
+
 EVENT_DRAWS = 20
 EVENT_SEED = 10_000
 """Fresh draws of each two-hour shape with events for ``event_bounds`` (seeds from here on:
@@ -232,8 +244,6 @@ def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: floa
     summed over the same draws. Both sides are over the same draws, so a bound above the
     ceiling says no policy without that foresight meets both on average."""
     import math
-
-    import numpy as np
 
     from leanserve.autoscaling.bound import concat_laws, law_cost_lower_bound, noise_laws
     from leanserve.autoscaling.simulate import Trace, simulate
@@ -254,9 +264,7 @@ def event_bounds(pools: Any, target: Any, cfg: Any, peak_share: float, top: floa
         requests = ceiling = 0.0
         for d in range(draws):
             drawn = fn(seed + d)
-            rates = np.maximum(0.0, drawn.noisy())
-            k = peak_share * top / rates.max()
-            trace = Trace(tuple(float(t) for t in drawn.times), tuple(float(r * k) for r in rates))
+            trace, k = rescaled_draw(drawn, peak_share, top)
             runs = simulate(trace, pools, target, cfg, only=("leanserve", "hpa", "hpa85")).runs
             for key, run in runs.items():
                 cost[key] += run.cost
@@ -289,9 +297,8 @@ def fresh_draws(pools: Any, target: Any, cfg: Any, peak_share: float, top: float
     parameters, other seeds; rescaled as the bench rescales): the committed held-out set is one
     draw, and traffic no one has seen is another. A report, never a choice. Returns, per trace,
     the draws each target held in, and the targets passed per draw."""
-    import numpy as np
 
-    from leanserve.autoscaling.simulate import Trace, simulate
+    from leanserve.autoscaling.simulate import simulate
 
     gen = _generator()
     passed: dict[str, dict[str, int]] = {}
@@ -299,10 +306,7 @@ def fresh_draws(pools: Any, target: Any, cfg: Any, peak_share: float, top: float
     for k in range(draws):
         n = 0
         for name, d in gen.drawn(gen.reseeded(gen.HELDOUT, seed + 10 * k)).items():
-            rates = np.maximum(0.0, d.noisy())
-            scale = peak_share * top / rates.max()
-            trace = Trace(tuple(float(t) for t in d.times), tuple(float(r * scale)
-                                                                   for r in rates))
+            trace, _scale = rescaled_draw(d, peak_share, top)
             c = checks(simulate(trace, pools, target, cfg, only=CONTENDERS).summary()["policies"])
             row = passed.setdefault(name, dict.fromkeys(c, 0))
             for key, ok in c.items():

@@ -15,12 +15,12 @@ them. Names (all labelled ``model``; per-pool ones also ``pool``):
   leanserve_metrics_available (0 or 1)
 - leanserve_decisions_total{code}, leanserve_last_decision_info{code} (the reason's text is in
   the status, the Events and report.json: as a label it made a new series every decision)
+- leanserve_metrics_errors_total{kind}: Prometheus answers that gave no usable number (unreachable,
+  http, malformed, query, empty, ambiguous, not_finite); pass ``reading`` to ``record``
 
 A figure that is unknown (no request rate, no p95, no latency judged yet) is not exported rather
 than exported as NaN: Prometheus stores a NaN as a sample, and one NaN in a range makes
 avg_over_time NaN, which silenced the SLO burn alerts for their whole window.
-- leanserve_metrics_errors_total{kind}: Prometheus answers that gave no usable number (unreachable,
-  http, malformed, query, empty, ambiguous, not_finite); pass ``reading`` to ``record``
 
 ``namespaced=True`` (the operator, leanserve.operator.metrics) adds a ``namespace`` label to every
 series, so models of one name in several namespaces stay apart; ``forget`` drops every series of

@@ -13,7 +13,6 @@ nothing, silently.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -57,11 +56,10 @@ class LocalPrometheus:
     def set_targets(self, groups: list[tuple[list[str], dict[str, str]]]) -> None:
         """Scrape targets as (host:port list, labels) groups; written atomically."""
         body = [{"targets": t, "labels": labels} for t, labels in groups]
-        # one writer at a time (replicas' boot threads and the main thread both retarget), each
-        # through a file of its own: a shared temporary name raced (FileNotFoundError)
+        # one writer at a time: replicas' boot threads and the main thread both retarget, and
+        # through the shared temporary name unserialised writes raced (FileNotFoundError)
         with self._write_lock:
-            tmp = self._targets_file.with_name(
-                f".{self._targets_file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp = self._targets_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(body))
             tmp.replace(self._targets_file)
 

@@ -83,8 +83,8 @@ def status_patch(saved: Mapping[str, Any], decision: Decision | None,
     patch = {**decision_to_status(decision), "state": state}
     # a merge patch keeps every key it leaves out: a pool no longer in the spec must be deleted
     # (null), or the stored replicas never equal a decision again and every interval rewrites
-    old = (saved.get("last") or {}).get("replicas") if isinstance(saved.get("last"), Mapping) \
-        else None
+    last = saved.get("last")
+    old = last.get("replicas") if isinstance(last, Mapping) else None
     if isinstance(old, Mapping):
         gone = {k: None for k in old if k not in decision.replicas}
         if gone:
