@@ -325,8 +325,10 @@ async def run_load_async(urls: Servers, payloads: Sequence[dict[str, np.ndarray]
     """Drive ``spec`` at ``urls`` with ``payloads`` (cycled); returns the result dict.
 
     ``urls`` may be a function of the seconds since the start (open loop only): it is called at
-    the start and every ``refresh_s`` seconds after, and the arrivals go on on the clock
-    meanwhile; a request due while it gives no server fails ("no server to send to"). ``stop``
+    the start and again before the first request of each later ``refresh_s`` segment, with the
+    segment's start, and the arrivals stay on the clock across it (no segment waits for the
+    previous one's requests); a request due while it gives no server fails ("no server to send
+    to"). A request due while ``spec.max_outstanding`` are in flight fails too. ``stop``
     is polled at least every 0.1 s: once it is true no more requests are sent and those in
     flight are cancelled (not recorded). ``start`` is the ``clock`` reading the schedule counts
     from (default: now); records' ``scheduled`` are seconds since it."""
