@@ -45,6 +45,11 @@ from leanserve.serving.server import free_port
 Say = Callable[[str], None]
 
 
+#: Per-request timeout of the load burst's clients; a failed request counts as this long in
+#: the clients' p95 the policy reads.
+CLIENT_TIMEOUT_S = 10.0
+
+
 class RunError(LeanserveError):
     """`leanserve run` could not go on; the message says where its logs are."""
 
@@ -78,7 +83,8 @@ class RunSettings:
 class RunState:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     records: list[tuple[float, float | None, bool]] = field(default_factory=list)
-    """(seconds since load start, latency ms or None, ok) per request."""
+    """(seconds since load start it was sent at, ms until it was answered or failed or None
+    when not known, ok) per request."""
     offered: list[tuple[float, float]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -298,7 +304,13 @@ def _finish(workdir: Path, report: dict[str, Any], state: RunState, slo_ms: floa
 
 @dataclass
 class ClientLatency:
-    """p95 of the load generator's requests that completed in the last ``window_s`` seconds.
+    """p95 of the load generator's requests that ended (answered or failed) in the last
+    ``window_s`` seconds, a failed one (timeout, error, dropped) as ``failed_ms``: the client's
+    timeout, what a user waits before giving up. A failed request has no latency of its own,
+    and leaving it out let a run where most requests failed read a low p95, so the autoscaler
+    did not scale up. (The report's buckets count it as never answered; the policy needs a
+    finite figure, and reads a non-finite p95 as unknown.) A failure whose end is not known
+    counts in the window it was sent in.
 
     Why not Triton's summary quantile: it covers about a minute, so a policy acting every few
     seconds reads a p95 that lags the load by most of a burst (a trial read 175-190 ms while
@@ -310,13 +322,19 @@ class ClientLatency:
     window_s: float
     min_samples: int = 5
     clock: Callable[[], float] = time.monotonic
+    failed_ms: float = CLIENT_TIMEOUT_S * 1000
 
     def p95(self) -> tuple[float | None, int]:
         now = self.clock() - self.t0
+        lats: list[float] = []
         with self.state.lock:
-            lats = sorted(lat for t, lat, ok in self.state.records
-                          if ok and lat is not None and now - self.window_s
-                          <= t + lat / 1000 <= now)
+            for t, lat, ok in self.state.records:
+                if ok and lat is None:
+                    continue
+                ended = t if lat is None else t + lat / 1000
+                if now - self.window_s <= ended <= now:
+                    lats.append(lat if ok and lat is not None else self.failed_ms)
+        lats.sort()
         if len(lats) < self.min_samples:
             return None, len(lats)
         return lats[min(len(lats) - 1, int(0.95 * len(lats)))], len(lats)
@@ -348,7 +366,7 @@ class LocalSource:
         reading.p95_ms = p95
         reading.problems = [p for p in reading.problems if not p.startswith("p95")]
         if p95 is None and n:
-            reading.problems.append(f"p95: only {n} requests completed in the window")
+            reading.problems.append(f"p95: only {n} requests ended in the window")
         self.last_server_mean_ms = None
         if isinstance(self.inner, PrometheusSource):
             q = self.inner.queries
@@ -414,36 +432,30 @@ def _payloads(platform: LocalPlatform, model: str, seq_len: int) -> list[dict[st
 
 def _drive(platform: LocalPlatform, model: str, payloads: list[dict[str, Any]],
            schedule: Callable[[float], float], seconds: float, t0: float, state: RunState,
-           stop: threading.Event, segment_s: float = 2.0) -> None:
-    """Open-loop load in short segments, each spread over the replicas ready at its start."""
-    from leanserve.serving.loadgen import Balance, LoadSpec, run_load
+           stop: threading.Event, segment_s: float = 2.0,
+           clock: Callable[[], float] = time.monotonic) -> None:
+    """Open-loop load on the clock from ``t0`` (a ``clock`` reading), spread over the replicas
+    ready at the start of each ``segment_s`` segment. The replicas are re-read without pausing
+    the arrivals, so a slow server cannot slow the offered load down. Returns when the last
+    request was answered or failed, or within a fraction of a second of ``stop``."""
+    from leanserve.serving.loadgen import Balance, LoadSpec, Record, run_load
 
-    seg = 0
-    while not stop.is_set():
-        start = time.monotonic() - t0
-        if start >= seconds:
-            return
-        length = min(segment_s, seconds - start)
-        urls = [u for _pool, u in platform.endpoints()]
-        if not urls or length < 0.2:
-            time.sleep(0.2)
-            continue
-
-        def on_result(r: Any, offset: float = start) -> None:
-            with state.lock:
-                state.records.append((offset + r.scheduled,
-                                      None if r.latency is None else r.latency * 1000, r.ok))
-
-        spec = LoadSpec(model=model, rate_schedule=lambda t, o=start: schedule(o + t),
-                        duration_s=length, balance=Balance.LEAST_OUTSTANDING, seed=seg,
-                        timeout_s=10.0)
+    def servers(t: float) -> list[str]:
         with state.lock:
-            state.offered.append((start, schedule(start)))
-        try:
-            run_load(urls, payloads, spec, on_result=on_result)
-        except LeanserveError:
-            time.sleep(0.2)  # a replica went away mid-segment; the next segment re-reads them
-        seg += 1
+            state.offered.append((t, schedule(t)))
+        return [u for _pool, u in platform.endpoints()]
+
+    def on_result(r: Record) -> None:
+        # a failed request keeps when it failed (its latency slot), so the clients' p95 counts
+        # it in the window it became known in
+        took = r.latency if r.latency is not None else clock() - t0 - r.scheduled
+        with state.lock:
+            state.records.append((r.scheduled, took * 1000, r.ok))
+
+    spec = LoadSpec(model=model, rate_schedule=schedule, duration_s=seconds,
+                    balance=Balance.LEAST_OUTSTANDING, timeout_s=CLIENT_TIMEOUT_S)
+    run_load(servers, payloads, spec, on_result=on_result, refresh_s=segment_s,
+             stop=stop.is_set, clock=clock, start=t0)
 
 
 def _timeline(state: RunState, bucket_s: float = 2.0) -> list[dict[str, Any]]:

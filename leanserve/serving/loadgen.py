@@ -5,8 +5,9 @@ as real users do, and latency is measured from the scheduled time, so a slow ser
 its queueing by slowing the generator down (coordinated omission). Arrivals are Poisson or
 constant at a fixed rate or at a rate that is a function of time (``leanserve run`` drives a
 rising-then-falling burst); load may be spread over several servers, round-robin or to the one
-with the fewest outstanding requests. A closed-loop mode (N clients back to back) and a
-concurrency sweep are there for the classic throughput curve.
+with the fewest outstanding requests, and in open loop the set of servers may change during the
+run (re-read on the clock, without pausing the arrivals). A closed-loop mode (N clients back to
+back) and a concurrency sweep are there for the classic throughput curve.
 
 The pure parts (arrival schedules, balancers, the summary) are separate functions so they can be
 tested without a server; the clock is injected.
@@ -44,6 +45,9 @@ class Balance(str, enum.Enum):
 
 
 RateSchedule = Callable[[float], float]
+#: The servers to send to: a fixed list of URLs or, in open loop, a function of the seconds since
+#: the start that gives the URLs to spread the next ``refresh_s`` seconds of arrivals over.
+Servers = Sequence[str] | Callable[[float], Sequence[str]]
 
 
 @dataclass(frozen=True)
@@ -262,68 +266,133 @@ def _strip_scheme(url: str) -> str:
 @dataclass
 class _State:
     records: list[Record] = field(default_factory=list)
-    outstanding: list[int] = field(default_factory=list)
     sent: int = 0
     done: int = 0
 
 
-async def run_load_async(urls: Sequence[str], payloads: Sequence[dict[str, np.ndarray]],
+class _Pool:
+    """A client per server URL, made when the URL first appears; a server keeps its index (the
+    ``server`` of its records) for the whole run, and the balancer picks among the active ones."""
+
+    def __init__(self, spec: LoadSpec, payloads: Sequence[dict[str, np.ndarray]]) -> None:
+        self.spec = spec
+        self.payloads = payloads
+        self.urls: list[str] = []
+        self.clients: list[_Client] = []
+        self.prepared: list[list[list[Any]]] = []
+        self.outstanding: list[int] = []
+        self.active: list[int] = []
+        self.balancer: RoundRobin | LeastOutstanding | None = None
+
+    def use(self, urls: Sequence[str]) -> None:
+        active = []
+        for url in urls:
+            if url not in self.urls:
+                client = _Client(url, self.spec.protocol, self.spec.max_outstanding,
+                                 self.spec.timeout_s)
+                self.urls.append(url)
+                self.clients.append(client)
+                self.prepared.append([client.make_inputs(p) for p in self.payloads])
+                self.outstanding.append(0)
+            active.append(self.urls.index(url))
+        if active != self.active:
+            self.active = active
+            self.balancer = BALANCERS[self.spec.balance](len(active)) if active else None
+
+    def pick(self) -> int | None:
+        """The server for the next request; None when no server is there to send to."""
+        if self.balancer is None:
+            return None
+        return self.active[self.balancer.pick([self.outstanding[i] for i in self.active])]
+
+    def in_flight(self) -> int:
+        return sum(self.outstanding)
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+async def run_load_async(urls: Servers, payloads: Sequence[dict[str, np.ndarray]],
                          spec: LoadSpec, *,
                          on_result: Callable[[Record], None] | None = None,
                          on_progress: Callable[[int, int, float], None] | None = None,
                          record_series: bool = False,
-                         clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
-    """Drive ``spec`` at ``urls`` with ``payloads`` (cycled); returns the result dict."""
+                         refresh_s: float = 2.0,
+                         stop: Callable[[], bool] | None = None,
+                         clock: Callable[[], float] = time.perf_counter,
+                         start: float | None = None) -> dict[str, Any]:
+    """Drive ``spec`` at ``urls`` with ``payloads`` (cycled); returns the result dict.
+
+    ``urls`` may be a function of the seconds since the start (open loop only): it is called at
+    the start and again before the first request of each later ``refresh_s`` segment, with the
+    segment's start, and the arrivals stay on the clock across it (no segment waits for the
+    previous one's requests); a request due while it gives no server fails ("no server to send
+    to"). A request due while ``spec.max_outstanding`` are in flight fails too. ``stop``
+    is polled at least every 0.1 s: once it is true no more requests are sent and those in
+    flight are cancelled (not recorded). ``start`` is the ``clock`` reading the schedule counts
+    from (default: now); records' ``scheduled`` are seconds since it."""
     spec.validate()
-    if not urls:
+    servers_at: Callable[[float], Sequence[str]] | None = None
+    if callable(urls):
+        servers_at = urls
+        if spec.concurrency is not None:
+            raise LoadError("a changing set of servers needs open loop (a rate), not a "
+                            "concurrency")
+    elif not urls:
         raise LoadError("no server URL given (allowed: one or more HOST:PORT)")
     if not payloads:
         raise LoadError("no request payloads to send")
-    clients = [_Client(u, spec.protocol, spec.max_outstanding, spec.timeout_s) for u in urls]
-    prepared = [[c.make_inputs(p) for p in payloads] for c in clients]
-    state = _State(outstanding=[0] * len(urls))
-    balancer = BALANCERS[spec.balance](len(urls))
-    start = clock()
-    ticker = asyncio.create_task(_progress(state, start, clock, on_progress))
+    if not refresh_s > 0:
+        raise LoadError(f"refresh {refresh_s} out of range (allowed: > 0 s)")
+    origin = clock() if start is None else start
+    pool = _Pool(spec, payloads)
+    state = _State()
+    pool.use(list(urls) if servers_at is None else servers_at(max(0.0, clock() - origin)))
+    ticker = asyncio.create_task(_progress(state, origin, clock, on_progress))
 
-    async def one(index: int, scheduled: float, server: int) -> None:
-        state.outstanding[server] += 1
-        try:
-            await clients[server].infer(spec.model, prepared[server][index % len(payloads)])
-            record = Record(scheduled, clock() - start - scheduled, True, server)
-        except TimeoutError:
-            record = Record(scheduled, None, False, server, f"timeout after {spec.timeout_s} s")
-        except Exception as exc:  # every client error is a failed request, counted and sampled
-            record = Record(scheduled, None, False, server, _one_line(exc))
-        finally:
-            state.outstanding[server] -= 1
+    def finish(record: Record) -> None:
         state.done += 1
         state.records.append(record)
         if on_result is not None:
             on_result(record)
 
+    async def one(index: int, scheduled: float, server: int) -> None:
+        pool.outstanding[server] += 1
+        try:
+            await pool.clients[server].infer(spec.model,
+                                             pool.prepared[server][index % len(payloads)])
+            record = Record(scheduled, clock() - origin - scheduled, True, server)
+        except TimeoutError:
+            record = Record(scheduled, None, False, server, f"timeout after {spec.timeout_s} s")
+        except Exception as exc:  # every client error is a failed request, counted and sampled
+            record = Record(scheduled, None, False, server, _one_line(exc))
+        finally:
+            pool.outstanding[server] -= 1
+        finish(record)
+
     try:
         if spec.concurrency is not None:
-            await _closed_loop(spec, state, balancer, one, clock, start)
+            await _closed_loop(spec, state, pool, one, clock, origin)
             mode = "closed-loop"
         else:
             schedule = spec.rate_schedule or _constant(spec.rate or 0.0)
             offsets = arrival_offsets(schedule, spec.duration_s, spec.arrivals,
                                       np.random.default_rng(spec.seed))
-            await _open_loop(offsets, spec, state, balancer, one, clock, start)
+            await _open_loop(offsets, _Loop(spec, state, pool, one, finish, clock, origin,
+                                            servers_at, refresh_s, stop))
             mode = "open-loop"
     finally:
         ticker.cancel()
-        for client in clients:
-            await client.close()
+        await pool.close()
     result = summarize(state.records, duration_s=spec.duration_s, warmup_s=spec.warmup_s,
-                       urls=list(urls))
+                       urls=pool.urls)
     result.update({
         "model": spec.model, "protocol": spec.protocol.value, "mode": mode,
         "arrivals": spec.arrivals.value if mode == "open-loop" else None,
         "target_rate_rps": spec.rate, "concurrency": spec.concurrency,
         "batch": _batch_of(payloads[0]),
-        "balance": spec.balance.value, "servers": list(urls),
+        "balance": spec.balance.value, "servers": list(pool.urls),
     })
     result["rows_per_s"] = result["throughput_rps"] * result["batch"]
     if record_series:
@@ -334,36 +403,78 @@ async def run_load_async(urls: Sequence[str], payloads: Sequence[dict[str, np.nd
     return result
 
 
-async def _open_loop(offsets: list[float], spec: LoadSpec, state: _State, balancer: Any,
-                     one: Callable[..., Any], clock: Callable[[], float], start: float) -> None:
+@dataclass
+class _Loop:
+    """What the open loop works with (one run's)."""
+
+    spec: LoadSpec
+    state: _State
+    pool: _Pool
+    one: Callable[[int, float, int], Any]
+    finish: Callable[[Record], None]
+    clock: Callable[[], float]
+    start: float
+    servers_at: Callable[[float], Sequence[str]] | None
+    refresh_s: float
+    stop: Callable[[], bool] | None
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop()
+
+
+_POLL_S = 0.1
+
+
+async def _open_loop(offsets: list[float], loop: _Loop) -> None:
+    """Send each request at its time, whatever happened to the earlier ones: the servers are
+    re-read on the clock and in-flight requests are never waited for until the last is sent."""
+    spec, state, pool = loop.spec, loop.state, loop.pool
     tasks: set[asyncio.Task[None]] = set()
-    for index, due in enumerate(offsets):
-        delay = due - (clock() - start)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        state.sent += 1
-        if sum(state.outstanding) >= spec.max_outstanding:
-            state.records.append(Record(due, None, False, -1, "client backlog full "
-                                        f"({spec.max_outstanding} in flight)"))
-            state.done += 1
-            continue
-        server = balancer.pick(state.outstanding)
-        task = asyncio.create_task(one(index, due, server))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.wait(set(tasks), timeout=spec.timeout_s + 1.0)
-    for task in list(tasks):
-        task.cancel()
+    next_refresh = loop.refresh_s
+    try:
+        for index, due in enumerate(offsets):
+            while (delay := due - (loop.clock() - loop.start)) > 0:
+                if loop.stopped():
+                    return
+                await asyncio.sleep(min(delay, _POLL_S) if loop.stop is not None else delay)
+            if loop.stopped():
+                return
+            if loop.servers_at is not None and due >= next_refresh:
+                boundary = math.floor(due / loop.refresh_s) * loop.refresh_s
+                pool.use(loop.servers_at(boundary))
+                next_refresh = boundary + loop.refresh_s
+            state.sent += 1
+            if pool.in_flight() >= spec.max_outstanding:
+                loop.finish(Record(due, None, False, -1, "client backlog full "
+                                   f"({spec.max_outstanding} in flight)"))
+                continue
+            server = pool.pick()
+            if server is None:
+                loop.finish(Record(due, None, False, -1, "no server to send to"))
+                continue
+            task = asyncio.create_task(loop.one(index, due, server))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        deadline = loop.clock() + spec.timeout_s + 1.0
+        while tasks and not loop.stopped() and (left := deadline - loop.clock()) > 0:
+            await asyncio.wait(set(tasks), timeout=min(left, _POLL_S) if loop.stop is not None
+                               else left)
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        if tasks:
+            await asyncio.wait(set(tasks))
 
 
-async def _closed_loop(spec: LoadSpec, state: _State, balancer: Any, one: Callable[..., Any],
+async def _closed_loop(spec: LoadSpec, state: _State, pool: _Pool, one: Callable[..., Any],
                        clock: Callable[[], float], start: float) -> None:
     async def worker(w: int) -> None:
         index = w
         while clock() - start < spec.duration_s:
             state.sent += 1
-            await one(index, clock() - start, balancer.pick(state.outstanding))
+            server = pool.pick()
+            assert server is not None  # a fixed, non-empty list of servers
+            await one(index, clock() - start, server)
             index += spec.concurrency or 1
 
     await asyncio.gather(*(worker(w) for w in range(spec.concurrency or 1)))
@@ -392,7 +503,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def run_load(urls: Sequence[str], payloads: Sequence[dict[str, np.ndarray]], spec: LoadSpec,
+def run_load(urls: Servers, payloads: Sequence[dict[str, np.ndarray]], spec: LoadSpec,
              **kwargs: Any) -> dict[str, Any]:
     """Synchronous ``run_load_async`` (its own event loop; not for use inside one)."""
     return asyncio.run(run_load_async(urls, payloads, spec, **kwargs))

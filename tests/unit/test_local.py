@@ -292,7 +292,25 @@ def test_client_latency_is_the_p95_of_requests_completed_in_the_window() -> None
     state.records += [(20.0 + 0.1 * i, float(i + 1), True) for i in range(20)]
     state.records += [(25.0, None, False), (29.99, 500.0, True)]  # the last one still running
     p95, n = lat.p95()
-    assert n == 20 and p95 == 20.0
+    assert n == 21 and p95 == 20.0  # one failure in 21 is under the 5% a p95 leaves out
+
+
+def test_failed_requests_raise_the_clients_p95() -> None:
+    # before, a failed request had no latency and dropped out: a window where 30 of 50
+    # requests failed read the successes' 30 ms, and the autoscaler saw no breach
+    state = RunState()
+    lat = ClientLatency(state, t0=0.0, window_s=10.0, clock=lambda: 30.0, failed_ms=10_000.0)
+    state.records = [(21.0 + 0.1 * i, 30.0, True) for i in range(20)]
+    state.records += [(22.0 + 0.1 * i, 3.0, False) for i in range(20)]  # 503s, known at once
+    state.records += [(15.0, 10_000.0, False)] * 5  # timed out, known at 25 s: in the window
+    state.records += [(25.0, None, False)] * 5  # dropped, end unknown: counted when sent
+    state.records += [(5.0, 10_000.0, False)] * 50  # failed before the window: not counted
+    assert lat.p95() == (10_000.0, 50)
+    # the same successes alone, and with one failure in 41: the successes' p95
+    state.records = [(21.0 + 0.1 * i, 30.0, True) for i in range(40)]
+    assert lat.p95() == (30.0, 40)
+    state.records.append((22.0, 1.0, False))
+    assert lat.p95() == (30.0, 41)
 
 
 def test_local_source_reads_the_rate_from_metrics_and_p95_from_the_clients() -> None:
