@@ -406,6 +406,9 @@ def main() -> int:
     ap.add_argument("--peak-share", type=float, default=0.6)
     ap.add_argument("--startup-seconds", type=float, default=30.0,
                     help="seconds from asking for a replica until it serves")
+    ap.add_argument("--queue-timeout-ms", type=float, default=None,
+                    help="Triton rejects a request queued longer than this (every contender "
+                         "runs on it); default: the spec's serving.queueTimeoutMicroseconds")
     ap.add_argument("--no-sensitivity", action="store_true",
                     help="skip the start-up sensitivity table")
     ap.add_argument("--no-blind-bound", action="store_true",
@@ -442,6 +445,8 @@ def main() -> int:
         return 0
     if args.startup_seconds < 0:
         ap.error("--startup-seconds must be >= 0")
+    if args.queue_timeout_ms is not None and args.queue_timeout_ms < 0:
+        ap.error("--queue-timeout-ms must be >= 0 (0: every request queued)")
     if args.event_draws < 1:
         ap.error("--event-draws must be >= 1")
     if args.fresh_draws < 0:
@@ -474,7 +479,11 @@ def main() -> int:
     target = bench_target(spec, args.max_replicas, args.max_hourly_cost, args.interval_seconds,
                           args.scale_down_window_seconds)
     top = max(target.affordable(p) * p.capacity_rps for p in pools)
-    cfg = SimConfig(startup_seconds=args.startup_seconds)
+    timeout_ms = (spec.serving.queue_timeout_microseconds / 1000 if args.queue_timeout_ms is None
+                  else args.queue_timeout_ms)
+    cfg = SimConfig(startup_seconds=args.startup_seconds, queue_timeout_ms=timeout_ms)
+    print("queue: " + (f"Triton rejects a request queued longer than {timeout_ms:g} ms"
+                       if timeout_ms > 0 else "every request queued however long it waits"))
     print("pools: " + ", ".join(f"{p.name} {p.capacity_rps:g} req/s ${p.hourly_price:g}/h"
                                 for p in pools))
     print(f"SLO p95<={target.latency_p95_ms:g} ms, replicas {target.min_replicas}.."
@@ -520,7 +529,7 @@ def main() -> int:
               "hpa70 within SLO):")
         print(f"| {'start-up':>8} | " + " | ".join(f"{n:^27}" for n in sets["held-out"]) + " |")
         for st in SENSITIVITY_STARTUPS:
-            c2 = SimConfig(startup_seconds=st)
+            c2 = dataclasses.replace(cfg, startup_seconds=st)
             cells = []
             for tr in sets["held-out"].values():
                 p = simulate(tr, pools, target, c2, only=("leanserve", "hpa")).summary()[

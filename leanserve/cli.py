@@ -191,11 +191,14 @@ def profile(
     out: Annotated[Path | None, typer.Option(help="Profile JSON (default REPO/profile.json).")]
     = None,
     quick: Annotated[bool, typer.Option(help="Search a smaller grid.")] = False,
+    apply: Annotated[bool, typer.Option(
+        help="Rewrite REPO's config.pbtxt with the best config (and the spec's queue timeout), "
+             "so that what is served is what was measured.")] = False,
 ) -> None:
     """Measure per-replica capacity at the SLO, search the best config, price every pool."""
     from leanserve.serving.commands import profile_command
 
-    profile_command(repo, spec=spec, out=out, quick=quick, console=console)
+    profile_command(repo, spec=spec, out=out, quick=quick, apply=apply, console=console)
 
 
 @app.command()

@@ -456,6 +456,12 @@ class Serving(Model):
     max_batch_size: int = Field(32, ge=1, le=1024, description="Triton max_batch_size.")
     max_queue_delay_microseconds: int = Field(1000, ge=0, le=10_000_000,
                                               description="Dynamic batcher queue delay.")
+    queue_timeout_microseconds: int = Field(
+        0, ge=0, le=60_000_000,
+        description="Triton's queue policy: reject (HTTP 503) a request that waited longer than "
+                    "this in the queue instead of answering it late; under overload a backlog "
+                    "then stops making every later request late. 0 (Triton's default) keeps "
+                    "every request queued. The autoscaler counts rejected requests as load.")
 
 
 # --------------------------------------------------------------------------------------------

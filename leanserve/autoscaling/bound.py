@@ -15,7 +15,9 @@ Each of those only lowers the cost or raises the share, so for every policy the 
 
 (Per step, a backlog can only lengthen a request's wait, and the simulator's saturated branch
 uses the curve at u = min(u, 1); the per-step share used here is the larger of the two, see
-``_step_share``.) (P) is an integer program; its Lagrangian dual,
+``_step_share``. A queue timeout, ``SimConfig.queue_timeout_ms``, only turns some of the
+requests a backlog delays into misses, so it too stays under this share.) (P) is an integer
+program; its Lagrangian dual,
 
     L(lam) = sum_t min_mix [ c(mix) + lam x misses(t, mix) ] - lam x (1 - share) x requests,
 

@@ -101,6 +101,11 @@ def describe_settings(sim: Simulation) -> str:
     return f"leanserve settings: PolicySettings() as shipped ({fields})"
 
 
+def _queue_note(timeout_ms: float) -> str:
+    return (f"requests rejected after {timeout_ms:g} ms queued" if timeout_ms > 0
+            else "every request queued (no queue timeout)")
+
+
 def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path,
                      console: Any, startup_seconds: float = DEFAULT_STARTUP_SECONDS,
                      peak_rps: float | None = None) -> None:
@@ -127,7 +132,8 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
             f"({ESTIMATED_RPS_PER_GPU:g} per GPU), not measured; run `leanserve profile` "
             "for real figures[/bold yellow]", highlight=False)
     target = Target.from_spec(loaded.spec)
-    cfg = SimConfig(startup_seconds=startup_seconds)
+    cfg = SimConfig(startup_seconds=startup_seconds,
+                    queue_timeout_ms=loaded.spec.serving.queue_timeout_microseconds / 1000)
     sim = simulate(tr, pools, target, cfg)
     console.print(describe_settings(sim), highlight=False)
     ls = sim.runs["leanserve"].summary()
@@ -143,7 +149,8 @@ def simulate_command(*, trace: Path, spec: Path, profile: Path | None, out: Path
             "leanserve_over_hpa": ls["cost"] / same[1].cost if same[1].cost > 0 else None}})
     table = Table(title=f"{trace.name}: {len(sim.runs['leanserve'].interval_share)} intervals "
                         f"of {target.interval_seconds:g}s, SLO p95<={target.latency_p95_ms:g}ms, "
-                        f"replica start-up {startup_seconds:g}s, {source}")
+                        f"replica start-up {startup_seconds:g}s, "
+                        f"{_queue_note(cfg.queue_timeout_ms)}, {source}")
     for col in ("policy", "cost USD", "requests within SLO", "intervals p95<=SLO",
                 "replica-min", "vs oracle", "note"):
         table.add_column(col)

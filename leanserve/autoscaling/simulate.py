@@ -180,6 +180,10 @@ class SimConfig:
     hpa_scale_down_window_seconds: float = 300.0
     keda_threshold_share: float = 0.8
     keda_polling_seconds: float = 30.0
+    queue_timeout_ms: float = 0.0
+    """Triton's queue policy (spec.serving.queueTimeoutMicroseconds / 1000): a request that
+    waited longer than this in a pool's queue is rejected (HTTP 503), so the backlog holds at
+    most this long of the pool's work; 0 keeps every request queued however long it waits."""
     settings: PolicySettings = SETTINGS
     """leanserve's policy settings (its startup_seconds is set to this config's)."""
 
@@ -311,9 +315,14 @@ class LeanserveController:
 
 @dataclass
 class _Queues:
-    """Per pool backlog (requests beyond what the pods serve) and the last step's figures."""
+    """Per pool backlog (requests beyond what the pods serve) and the last step's figures.
+
+    With a queue timeout, the requests that would wait longer than it are rejected: the
+    backlog stops at ``timeout x`` the pool's throughput, and the overflow counts as requests
+    that missed (a 503 is not an answer within the SLO)."""
 
     backlog: dict[str, float]
+    timeout_s: float = 0.0
 
     def step(self, load: float, ready: dict[str, int], pools: Sequence[PoolCapacity],
              slo_ms: float, h: float) -> tuple[float, float, float, float, float]:
@@ -351,12 +360,16 @@ class _Queues:
                 continue
             mu = c.m * cap  # the pool's saturation throughput
             b1 = max(0.0, b0 + (lam - mu) * h)
+            rejected = 0.0
+            if self.timeout_s > 0 and b1 > self.timeout_s * mu:
+                rejected = b1 - self.timeout_s * mu
+                b1 -= rejected
             w0, w1 = b0 / mu, b1 / mu  # seconds a request waits behind the backlog
             ue = min(u, SATURATED_U)
             ws = [w * 1000 / slo_ms for w in (w0, (w0 + w1) / 2, w1)]
             share = (c.within(ue, ws[0]) + 4 * c.within(ue, ws[1]) + c.within(ue, ws[2])) / 6
-            within += share * lam * h
-            completed += min(b0 + lam * h, mu * h)
+            within += share * (lam * h - rejected)
+            completed += min(b0 + lam * h - rejected, mu * h)
             pending += b1 + mu * c.mean_share(ue) * slo_ms / 1000
             p95 = max(p95, ((w0 + w1) / 2) * 1000 + c.p95_share(ue) * slo_ms)
             self.backlog[p.name] = b1
@@ -375,7 +388,7 @@ def _simulate(name: str, trace: Trace, pools: Sequence[PoolCapacity], target: Ta
                             startup_seconds=cfg.startup_seconds)
     run = PolicyRun(name)
     slo = target.latency_p95_ms
-    queues = _Queues({p.name: 0.0 for p in pools})
+    queues = _Queues({p.name: 0.0 for p in pools}, cfg.queue_timeout_ms / 1000)
     window = max(1, round(cfg.metrics_window_seconds / h))
     arrived: list[float] = []
     served: list[float] = []
@@ -457,6 +470,7 @@ class Simulation:
     runs: dict[str, PolicyRun]
     settings: PolicySettings = SETTINGS
     startup_seconds: float = DEFAULT_STARTUP_SECONDS
+    queue_timeout_ms: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """simulation.json (DESIGN.md section 6) plus context fields."""
@@ -468,6 +482,7 @@ class Simulation:
             "slo_p95_ms": self.target.latency_p95_ms,
             "interval_seconds": self.target.interval_seconds,
             "startup_seconds": self.startup_seconds,
+            "queue_timeout_ms": self.queue_timeout_ms,
             "settings": settings_dict(self.settings),
         }
 
@@ -529,7 +544,8 @@ def simulate(trace: Trace, pools: Sequence[PoolCapacity], target: Target,
                                f"{ORACLE_QUANTILE:.0%} within the SLO: a cost reference")
     for k, ctl in (extra or {}).items():
         runs[k] = _simulate(k, trace, pools, target, cfg, ctl, warm=warm)
-    return Simulation(trace, pools, target, runs, settings, cfg.startup_seconds)
+    return Simulation(trace, pools, target, runs, settings, cfg.startup_seconds,
+                      cfg.queue_timeout_ms)
 
 
 def simulate_hpa(trace: Trace, pools: Sequence[PoolCapacity], target: Target, cfg: SimConfig,

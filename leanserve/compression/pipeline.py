@@ -503,6 +503,7 @@ def _write_repository(run: _Run, report: dict[str, Any]) -> None:
         write_model_repository(art_dir / MODEL_FILE, run.stage_dir / REPOSITORY, run.loaded.name,
                                task=run.task, max_batch_size=spec.serving.max_batch_size,
                                max_queue_delay_us=spec.serving.max_queue_delay_microseconds,
+                               queue_timeout_us=spec.serving.queue_timeout_microseconds,
                                backend="onnxruntime",
                                tokenizer_dir=tok if tok.exists() else None)
     except Exception as exc:  # recorded: the report and artifacts are still worth keeping

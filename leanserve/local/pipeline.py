@@ -181,7 +181,8 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
     target = Target.from_spec(local_spec)
     model = _served_model(repo)
     with ExitStack() as stack:
-        platform = LocalPlatform(_local_repository(repo, replica["config"], workdir), logs)
+        platform = LocalPlatform(_local_repository(
+            repo, replica["config"], workdir, spec.serving.queue_timeout_microseconds), logs)
         stack.callback(platform.stop_all)
         prom, source_note = _metrics_source(stack, workdir, settings, say)
         exporter = LeanserveMetrics()
@@ -411,13 +412,15 @@ def _local_replica(repo: Path, profile: dict[str, Any], spec: Any, logs: Path,
                           SearchSettings.quick(), logs / "local-replica", note=say)
 
 
-def _local_repository(repo: Path, config: dict[str, Any], workdir: Path) -> Path:
-    """A local (python-backend) copy of the repository serving ``config``."""
+def _local_repository(repo: Path, config: dict[str, Any], workdir: Path,
+                      queue_timeout_us: int = 0) -> Path:
+    """A local (python-backend) copy of the repository serving ``config`` (and the spec's queue
+    timeout)."""
     from leanserve.serving.profile import apply_profile_config
     from leanserve.serving.repository import to_local_repository
 
     dest = to_local_repository(repo, workdir / "serving_repository")
-    apply_profile_config(dest, {"config": config})
+    apply_profile_config(dest, {"config": config}, queue_timeout_us)
     return dest
 
 

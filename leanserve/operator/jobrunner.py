@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = None
     if opts.profile and report.get("selected"):
         pcode, poutput = run(["leanserve", "profile", str(out / "model_repository"), "--spec",
-                              spec, "--out", str(out / "profile.json"), "--quick"],
+                              spec, "--out", str(out / "profile.json"), "--quick",
+                              "--apply"],
                              TIMEOUT_SECONDS)
         if pcode == 0 and (out / "profile.json").is_file():
             profile = json.loads((out / "profile.json").read_text())

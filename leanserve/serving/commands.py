@@ -86,10 +86,10 @@ def bench_command(*, url: str, model: str, rate: float | None, concurrency: int 
 
 
 def profile_command(repo: Path, *, spec: Path, out: Path | None, quick: bool,
-                    console: Console) -> None:
+                    console: Console, apply: bool = False) -> None:
     """Profile ``repo`` under ``spec``'s SLO and pools; write REPO/profile.json by default."""
     from leanserve.api.load import load_one
-    from leanserve.serving.profile import PROFILE_FILE, profile_repository
+    from leanserve.serving.profile import PROFILE_FILE, apply_profile_config, profile_repository
 
     loaded = load_one(spec)
     with console.status("profiling ...") as status:
@@ -116,6 +116,10 @@ def profile_command(repo: Path, *, spec: Path, out: Path | None, quick: bool,
         console.print(f"best config serves {profile['speedup_vs_default']:.2f}x the default "
                       "config's capacity", highlight=False)
     _write_json(profile, out or Path(repo) / PROFILE_FILE, console)
+    if apply:
+        written = apply_profile_config(
+            repo, profile, queue_timeout_us=loaded.spec.serving.queue_timeout_microseconds)
+        console.print(f"serving config written: {written}", highlight=False)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -414,8 +414,11 @@ def profile_repository(repo: Path, spec: CompressedModelSpec, *, quick: bool = F
     }
 
 
-def apply_profile_config(repo: Path, profile: dict[str, Any]) -> Path:
-    """Rewrite the primary model's config.pbtxt in ``repo`` with the profile's best config."""
+def apply_profile_config(repo: Path, profile: dict[str, Any], queue_timeout_us: int = 0) -> Path:
+    """Rewrite the primary model's config.pbtxt in ``repo`` with the profile's best config.
+
+    The profile is measured without a queue policy (its trials saturate on purpose); the
+    deployment's ``queue_timeout_us`` (spec.serving.queueTimeoutMicroseconds) goes on top."""
     entry = primary_model(Path(repo))
-    config = ServingConfig.from_json(profile["config"])
+    config = replace(ServingConfig.from_json(profile["config"]), queue_timeout_us=queue_timeout_us)
     return pbtxt.write(with_serving_config(entry.config, config), entry.path)

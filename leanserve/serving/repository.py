@@ -105,6 +105,9 @@ class ServingConfig:
     #: onnxruntime intra-op threads per instance; 0 lets onnxruntime decide.
     intra_op_threads: int = 0
     kind: InstanceKind = InstanceKind.CPU
+    #: Triton's queue policy: reject (HTTP 503) a request that waited longer than this in the
+    #: queue; 0 keeps it queued however long. Not searched: the profiler measures without it.
+    queue_timeout_us: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"max_batch_size": self.max_batch_size,
@@ -113,7 +116,8 @@ class ServingConfig:
                 "dynamic_batching": self.dynamic_batching,
                 "preferred_batch_sizes": list(self.preferred_batch_sizes),
                 "intra_op_threads": self.intra_op_threads,
-                "kind": self.kind.value}
+                "kind": self.kind.value,
+                "queue_timeout_us": self.queue_timeout_us}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServingConfig:
@@ -123,7 +127,8 @@ class ServingConfig:
                    dynamic_batching=bool(data.get("dynamic_batching", False)),
                    preferred_batch_sizes=tuple(data.get("preferred_batch_sizes", ())),
                    intra_op_threads=int(data.get("intra_op_threads", 0)),
-                   kind=InstanceKind(data.get("kind", InstanceKind.CPU.value)))
+                   kind=InstanceKind(data.get("kind", InstanceKind.CPU.value)),
+                   queue_timeout_us=int(data.get("queue_timeout_us", 0)))
 
     @property
     def label(self) -> str:
@@ -259,10 +264,17 @@ def with_serving_config(config: dict[str, Any], serving: ServingConfig) -> dict[
                           "non-batching (max_batch_size 0) configs; regenerate the repository")
     out["max_batch_size"] = serving.max_batch_size
     out.pop("dynamic_batching", None)
-    if serving.dynamic_batching:
-        dyn: dict[str, Any] = {"max_queue_delay_microseconds": serving.max_queue_delay_us}
+    # Triton's queue policy lives in the dynamic batcher: a config without batching gets it
+    # with no delay, which batches only requests that are already waiting together
+    if serving.dynamic_batching or serving.queue_timeout_us > 0:
+        dyn: dict[str, Any] = {"max_queue_delay_microseconds": (
+            serving.max_queue_delay_us if serving.dynamic_batching else 0)}
         if serving.preferred_batch_sizes:
             dyn["preferred_batch_size"] = list(serving.preferred_batch_sizes)
+        if serving.queue_timeout_us > 0:
+            dyn["default_queue_policy"] = {
+                "timeout_action": "REJECT",
+                "default_timeout_microseconds": serving.queue_timeout_us}
         out["dynamic_batching"] = dyn
     out["instance_group"] = [{"count": serving.instance_count, "kind": serving.kind.value}]
     params = dict(out.get("parameters", {}))
@@ -288,7 +300,15 @@ def serving_config_of(config: dict[str, Any]) -> ServingConfig:
         preferred_batch_sizes=tuple(int(x) for x in (dyn or {}).get("preferred_batch_size", [])),
         intra_op_threads=int(threads),
         kind=InstanceKind(group.get("kind", InstanceKind.CPU.value)),
+        queue_timeout_us=_queue_timeout_of(dyn or {}),
     )
+
+
+def _queue_timeout_of(dyn: dict[str, Any]) -> int:
+    policy = dyn.get("default_queue_policy") or {}
+    if policy.get("timeout_action", "REJECT") != "REJECT":  # REJECT is the proto default
+        return 0
+    return int(policy.get("default_timeout_microseconds", 0))
 
 
 def build_tokenizer_config(name: str, model_inputs: list[str], *, max_batch_size: int,
@@ -338,7 +358,8 @@ def write_model_repository(onnx_path: Path, repo: Path, name: str, *, task: Task
                            backend: str = "onnxruntime", instance_count: int = 1,
                            kind: str = "KIND_CPU", tokenizer_dir: Path | None = None,
                            max_sequence_length: int = 128, intra_op_threads: int = 0,
-                           dynamic_batching: bool | None = None) -> Path:
+                           dynamic_batching: bool | None = None,
+                           queue_timeout_us: int = 0) -> Path:
     """Write ``repo/<name>/`` (and ``<name>-text`` for text models with a tokenizer).
 
     ``dynamic_batching`` defaults to on whenever ``max_batch_size`` > 1. Returns ``repo``.
@@ -360,6 +381,7 @@ def write_model_repository(onnx_path: Path, repo: Path, name: str, *, task: Task
         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
         instance_count=instance_count, kind=kind_enum, intra_op_threads=intra_op_threads,
         dynamic_batching=max_batch_size > 1 if dynamic_batching is None else dynamic_batching,
+        queue_timeout_us=queue_timeout_us,
     )
     seq = max_sequence_length if task.is_text else None
     config = build_model_config(name, signature, task=task, backend=backend_enum,

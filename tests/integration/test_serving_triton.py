@@ -300,3 +300,77 @@ def test_serve_command_stops_on_ctrl_c_and_reaps(cluster_repo: Path,
             if serving_group_members(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+SLOW_MODEL = '''
+import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+            time.sleep(0.06)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", x)]))
+        return out
+'''
+
+
+def _slow_model(repo: Path, name: str, queue_timeout_us: int) -> None:
+    from leanserve.serving import pbtxt
+    from leanserve.serving.repository import ServingConfig, with_serving_config
+
+    base = {"name": name, "backend": "python", "max_batch_size": 1,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1]}]}
+    config = with_serving_config(base, ServingConfig(max_batch_size=1,
+                                                     queue_timeout_us=queue_timeout_us))
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.py").write_text(SLOW_MODEL)
+    pbtxt.write(config, repo / name)
+
+
+def _burst(url: str, model: str, n: int) -> list[int]:
+    """``n`` requests at once; the HTTP status of each."""
+    import concurrent.futures
+    import urllib.error
+
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32",
+                                   "data": [1.0]}]}).encode()
+
+    def one(_: int) -> int:
+        req = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_a_queue_timeout_rejects_what_waited_too_long_and_triton_counts_it(
+        tmp_path: Path) -> None:
+    """spec.serving.queueTimeoutMicroseconds as rendered runs on the real tritonserver: a burst
+    of 16 on a one-at-a-time model that takes 60 ms is answered in full without the policy; with
+    a 100 ms timeout, the requests that would wait longer get HTTP 503 at once, and Triton's
+    failure counter (which the autoscaler's arrival rate adds) counts each one."""
+    repo = tmp_path / "repo"
+    _slow_model(repo, "slow", 0)
+    _slow_model(repo, "shed", 100_000)
+    with LocalTriton(repo, log_dir=tmp_path / "logs", startup_timeout=90) as triton:
+        waited = _burst(triton.http_url, "slow", 16)
+        shed = _burst(triton.http_url, "shed", 16)
+        metrics = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    assert waited == [200] * 16
+    rejected = shed.count(503)
+    assert 16 > 16 - rejected >= 2 and set(shed) == {200, 503}
+    counted = [line for line in metrics.splitlines()
+               if line.startswith("nv_inference_request_failure{") and 'model="shed"' in line
+               and 'reason="REJECTED"' in line]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) == rejected

@@ -84,6 +84,29 @@ def test_a_backlog_carries_over_and_delays_the_requests_behind_it():
     assert q.step(50.0, {"a": 0}, ONE, 100.0, 10.0)[1] == 0.0
 
 
+def test_a_queue_timeout_caps_the_backlog_and_rejected_requests_miss():
+    mu = DEFAULT_CURVE.m * 100.0
+    q = _Queues({"a": 0.0}, timeout_s=0.05)
+    req, within, done, _, _ = q.step(400.0, {"a": 1}, ONE, 100.0, 10.0)
+    assert req == 4000.0 and done == pytest.approx(mu * 10)
+    # the queue holds 50 ms of the pod's work; the rest was rejected, and is not within the SLO
+    assert q.backlog["a"] == pytest.approx(0.05 * mu)
+    rejected = req - done - q.backlog["a"]
+    assert rejected > 2000 and within <= req - rejected
+    # the requests Triton accepted wait at most 50 ms: most of them are still within the SLO
+    assert within / (req - rejected) > 0.5
+    # and once the load falls, the next requests no longer wait behind 30 s of backlog
+    _, within2, _, _, _ = q.step(50.0, {"a": 1}, ONE, 100.0, 10.0)
+    assert within2 > 0.5 * 500.0 and q.backlog["a"] == 0.0
+    # under a sustained overload, shedding keeps more requests within the SLO than queueing
+    t = Target(100, 1, 20, 5.0, 10, 60)
+    trace = _steps(100.0, 600.0)
+    shares = {ms: simulate(trace, POOLS, t, SimConfig(startup_seconds=60.0, queue_timeout_ms=ms),
+                           only=("hpa",)).summary()["policies"]["hpa"]["slo_attainment"]
+              for ms in (0.0, 50.0)}
+    assert shares[50.0] > shares[0.0]
+
+
 def _steps(low: float, high: float, n: int = 90) -> Trace:
     return Trace(tuple(float(10 * i) for i in range(n)),
                  tuple(low if (i // 15) % 2 == 0 else high for i in range(n)))
@@ -167,6 +190,18 @@ def test_simulate_command_prints_the_shipped_settings(tmp_path: Path):
     assert same["utilisation_target"] in FRONTIER_TARGETS
     assert same["leanserve_over_hpa"] == pytest.approx(
         doc["policies"]["leanserve"]["cost"] / same["cost"], rel=1e-3)
+    assert doc["queue_timeout_ms"] == 0 and "no queue timeout" in result.output
+    # the spec's queue timeout is the simulator's physics too
+    shed = tmp_path / "shed.yaml"
+    shed.write_text((ROOT / "examples/minilm-cpu.yaml").read_text().replace(
+        "maxQueueDelayMicroseconds: 1000",
+        "maxQueueDelayMicroseconds: 1000\n    queueTimeoutMicroseconds: 40000"))
+    result = CliRunner().invoke(app, ["simulate", "--trace", str(trace), "--spec", str(shed),
+                                      "--profile", str(ROOT / "bench/profiles/minilm-cpu.json"),
+                                      "--out", str(tmp_path / "shed")])
+    assert result.exit_code == 0, result.output
+    assert "rejected after 40 ms" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "shed/simulation.json").read_text())["queue_timeout_ms"] == 40
 
 
 def test_a_latency_curve_round_trips_as_json():

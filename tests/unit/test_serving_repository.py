@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import onnx
@@ -212,6 +213,42 @@ def test_serving_config_round_trips_through_a_config(onnx_file: Path) -> None:
     assert "dynamic_batching" not in base
 
 
+def test_a_queue_timeout_renders_triton_s_reject_policy_and_reads_back(onnx_file: Path,
+                                                                      tmp_path: Path) -> None:
+    sig = read_onnx_signature(onnx_file)
+    base = build_model_config("m", sig, task=Task.FEATURE_EXTRACTION,
+                              backend=Backend.ONNXRUNTIME, serving=ServingConfig())
+    batched = ServingConfig(max_batch_size=8, max_queue_delay_us=500, dynamic_batching=True,
+                            queue_timeout_us=50_000)
+    text = pbtxt.render(with_serving_config(base, batched))
+    assert "default_queue_policy" in text and "default_timeout_microseconds: 50000" in text
+    assert serving_config_of(pbtxt.parse(text)) == batched
+    assert ServingConfig.from_json(batched.to_json()) == batched
+    # the policy lives in the dynamic batcher: a config without batching gets one, with no delay
+    alone = with_serving_config(base, ServingConfig(max_batch_size=8, queue_timeout_us=20_000))
+    assert alone["dynamic_batching"] == {
+        "max_queue_delay_microseconds": 0, "default_queue_policy": {
+            "timeout_action": "REJECT", "default_timeout_microseconds": 20_000}}
+    # 0 is Triton's default: no policy at all
+    assert "dynamic_batching" not in with_serving_config(base, ServingConfig(max_batch_size=8))
+    # DELAY is not a rejection: read back as no timeout
+    delayed = dict(alone, dynamic_batching={"default_queue_policy": {
+        "timeout_action": "DELAY", "default_timeout_microseconds": 20_000}})
+    assert serving_config_of(delayed).queue_timeout_us == 0
+    # the profile's best config goes on disk with the deployment's timeout on top
+    from leanserve.serving.profile import apply_profile_config
+
+    repo = write_model_repository(onnx_file, tmp_path / "repo", "enc",
+                                  task=Task.FEATURE_EXTRACTION, max_batch_size=4,
+                                  max_queue_delay_us=100)
+    best = ServingConfig(max_batch_size=16, max_queue_delay_us=2000, dynamic_batching=True,
+                         instance_count=2)
+    apply_profile_config(repo, {"config": best.to_json()}, queue_timeout_us=80_000)
+    on_disk = serving_config_of(pbtxt.read(repo / "enc"))
+    assert on_disk.queue_timeout_us == 80_000 and on_disk.max_batch_size == 16
+    assert on_disk.instance_count == 2
+
+
 def test_preferred_batch_above_max_is_refused() -> None:
     sig = OnnxSignature((TensorSpec("x", "TYPE_FP32", (-1, 3)),),
                         (TensorSpec("y", "TYPE_FP32", (-1, 3)),))
@@ -280,3 +317,39 @@ def test_gpu_form_runs_onnxruntime_on_kind_gpu_and_keeps_the_tokenizer_on_cpu(
 def test_gpu_form_of_a_python_model_is_refused() -> None:
     with pytest.raises(ConfigError, match="only onnxruntime models have a GPU form"):
         gpu_config({"name": "m", "backend": "python", "max_batch_size": 1})
+
+
+def test_profile_apply_serves_what_was_measured(onnx_file: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`leanserve profile --apply` (what the compression Job runs) writes the profile's best
+    config and the spec's queue timeout into the repository the pods serve; without --apply
+    the repository is left as it was. The measurement itself is tests/integration's."""
+    from typer.testing import CliRunner
+
+    import leanserve.serving.profile as profile_mod
+    from leanserve.cli import app
+
+    root = Path(__file__).resolve().parents[2]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text((root / "examples/minilm-cpu.yaml").read_text().replace(
+        "maxQueueDelayMicroseconds: 1000",
+        "maxQueueDelayMicroseconds: 1000\n    queueTimeoutMicroseconds: 60000"))
+    best = ServingConfig(max_batch_size=16, max_queue_delay_us=4000, dynamic_batching=True,
+                         instance_count=2)
+    measured = {"config": best.to_json(), "slo_latency_p95_ms": 100.0, "grid": [],
+                "measured_on": {"cores": 2}, "capacity_rps": 10.0, "pools": {},
+                "speedup_vs_default": None}
+    monkeypatch.setattr(profile_mod, "profile_repository", lambda *a, **k: measured)
+    for apply in (False, True):
+        repo = write_model_repository(onnx_file, tmp_path / f"repo-{apply}", "enc",
+                                      task=Task.FEATURE_EXTRACTION, max_batch_size=4,
+                                      max_queue_delay_us=100)
+        before = pbtxt.read(repo / "enc")
+        args = ["profile", str(repo), "--spec", str(spec), "--out", str(tmp_path / "p.json")]
+        result = CliRunner().invoke(app, args + (["--apply"] if apply else []))
+        assert result.exit_code == 0, result.output
+        after = serving_config_of(pbtxt.read(repo / "enc"))
+        if apply:
+            assert after == dataclasses.replace(best, queue_timeout_us=60_000)
+        else:
+            assert pbtxt.read(repo / "enc") == before
