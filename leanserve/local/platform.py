@@ -49,10 +49,14 @@ class LocalPlatform:
 
     def __init__(self, repo: Path, log_dir: Path, *,
                  on_change: Callable[[], None] | None = None,
+                 on_stop: Callable[[str, str], None] | None = None,
                  server_factory: Callable[..., LocalTriton] = LocalTriton) -> None:
         self.repo = repo
         self.log_dir = log_dir
         self.on_change = on_change
+        self.on_stop = on_stop
+        """Called with (pool, metrics host:port) of a ready replica just before its process
+        stops, out of every count already (a direct metric source reads its last counters)."""
         self._factory = server_factory
         self._replicas: list[Replica] = []
         self._lock = threading.Lock()
@@ -92,8 +96,7 @@ class LocalPlatform:
     def metrics_targets(self) -> list[tuple[str, str]]:
         """(pool, host:port of the metrics endpoint) of every ready replica."""
         with self._lock:
-            return [(r.pool, r.server.metrics_url.split("//", 1)[-1].split("/", 1)[0])
-                    for r in self._replicas if r.ready]
+            return [(r.pool, _metrics_address(r)) for r in self._replicas if r.ready]
 
     def check_health(self, probe: Callable[[Replica], bool] | None = None) -> list[str]:
         """Reap every ready replica that died; returns what was found (also in ``replaced``).
@@ -171,10 +174,16 @@ class LocalPlatform:
         with self._lock:
             if replica in self._replicas:
                 self._replicas.remove(replica)
-        replica.ready = False
+        was_ready, replica.ready = replica.ready, False
         if self.on_change:
             self.on_change()
+        if was_ready and self.on_stop:
+            self.on_stop(replica.pool, _metrics_address(replica))
         replica.server.stop()
+
+
+def _metrics_address(replica: Replica) -> str:
+    return replica.server.metrics_url.split("//", 1)[-1].split("/", 1)[0]
 
 
 def _live(replica: Replica) -> bool:
