@@ -7,8 +7,9 @@ replica (its metrics carry ``pool``), not different hardware: the report says so
 
 Health: ``check_health`` does what a kubelet's liveness probe and a ReplicaSet do together. A
 replica whose process has exited, or whose ``/v2/health/live`` failed ``LIVENESS_FAILURES``
-times in a row, is reaped and no longer counted, so the next ``scale`` starts a replacement;
-``replaced`` lists each one for the report.
+times in a row, is reaped: no longer ready nor routed to, while the replicas as set
+(``current_replicas``) keep counting it, so the next ``scale`` starts a replacement whatever the
+decision (a hold included); ``replaced`` lists each one for the report.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class LocalPlatform:
         self._lock = threading.Lock()
         self._boot_lock = threading.Lock()
         self._counter = 0
+        self._set: dict[str, int] = {}
+        """Replicas per pool as last set by ``scale`` (a Deployment's spec.replicas)."""
         self.errors: list[str] = []
         self.replaced: list[str] = []
         """Replicas found dead by ``check_health``, with why ("cpu-small-2: exited with ...")."""
@@ -69,8 +72,12 @@ class LocalPlatform:
     # Platform port --------------------------------------------------------------------------
 
     def current_replicas(self, model: str) -> dict[str, int]:
+        """Replicas per pool as set, as the Platform port says (ready, starting, or reaped and
+        not yet replaced), like a Deployment's replicas: a replica that died or failed to start
+        does not lower it. Counting only live ones, a decision that holds (MetricsUnavailable:
+        the dead replica was the one scraped) held at the survivors and never replaced it."""
         with self._lock:
-            return self._count(lambda r: r.failed is None)
+            return {pool: n for pool, n in self._set.items() if n > 0}
 
     def ready_replicas(self, model: str) -> dict[str, int]:
         with self._lock:
@@ -79,6 +86,7 @@ class LocalPlatform:
     def scale(self, model: str, replicas: dict[str, int]) -> None:
         for pool, want in replicas.items():
             with self._lock:
+                self._set[pool] = want
                 mine = sorted((r for r in self._replicas if r.pool == pool and r.failed is None),
                               key=lambda r: r.index)
             for _ in range(want - len(mine)):
@@ -130,6 +138,7 @@ class LocalPlatform:
     def stop_all(self) -> None:
         with self._lock:
             replicas = list(self._replicas)
+            self._set = {}
         for r in replicas:
             self._stop(r)
 

@@ -101,8 +101,11 @@ def test_platform_records_a_replica_that_fails_to_start(tmp_path: Path) -> None:
     plat = LocalPlatform(tmp_path, tmp_path / "logs", server_factory=factory)
     plat.scale("m", {"small": 1})
     plat.wait_ready(10)
-    assert plat.ready_replicas("m") == {} and plat.current_replicas("m") == {}
-    assert plat.errors and "boom" in plat.errors[0]
+    assert plat.ready_replicas("m") == {} and plat.errors and "boom" in plat.errors[0]
+    assert plat.current_replicas("m") == {"small": 1}  # as set: the next scale starts another
+    plat.scale("m", {"small": 1})
+    plat.wait_ready(10)
+    assert len(plat.errors) == 2
 
 
 METRICS = """\
@@ -629,8 +632,8 @@ class LiveServer(FakeServer):
 def _burst_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval_s: int,
                 stop_at: int, error: type[BaseException]) -> tuple[Any, dict[str, Any]]:
     """`leanserve run`'s load burst on fake replicas and fake counters (everything before it
-    stubbed): the first replica dies after decision 1, its replacement fails to start, and
-    ``error`` is raised at decision ``stop_at``. Returns (the loaded spec, report.json)."""
+    stubbed; no Prometheus): the first replica dies after decision 1, its replacement fails to
+    start, and ``error`` is raised at decision ``stop_at``. Returns (the spec, report.json)."""
     import dataclasses
 
     import leanserve.compression.pipeline as compression
@@ -662,7 +665,9 @@ def _burst_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval_s: int
     monkeypatch.setattr(platform, "_live", lambda r: True)
     served = [0]
 
-    def fetch(url: str, _timeout: float) -> str:
+    def fetch(url: str, _timeout: float) -> str:  # a dead replica's port refuses
+        if not any(s.running and s.metrics_url == url for s in FakeServer.started):
+            raise OSError("connection refused")
         served[0] += 5
         return METRICS.format(n=served[0], q=0, p95=20000)
 
@@ -700,7 +705,9 @@ def test_a_run_stopped_mid_burst_reports_replicas_and_windows(
     """Interrupted or crashed mid-burst, the report still holds what the platform saw (before,
     replica_errors and replicas_replaced were written only by a burst that ran to its end, and
     an unexpected exception wrote no report at all), the replicas ready over time next to the
-    ones asked for, and the windows each decision read: the whole interval."""
+    ones asked for, and the windows each decision read: the whole interval. The only replica
+    dies, so the next decision has no metrics and holds: at the replicas as set, which replaces
+    the dead one (before, it held at the survivors: none, and nothing was ever started again)."""
     _loaded, report = _burst_only(monkeypatch, tmp_path, interval_s=1, stop_at=3, error=error)
     if error is KeyboardInterrupt:
         assert report["interrupted"] == "the load burst"
@@ -712,6 +719,8 @@ def test_a_run_stopped_mid_burst_reports_replicas_and_windows(
     assert len(report["replica_errors"]) == 1 and "boom" in report["replica_errors"][0]
     first, second = report["autoscaling"]
     assert first["replicas"] == second["replicas"] == {"cpu-small": 1, "cpu-large": 0}
+    assert second["code"] == "MetricsUnavailable" and second["problems"][0].endswith(
+        "stopped unread, its completions since the previous reading are left out")
     # ready: one at the start, none once the dead one was reaped (its replacement never was)
     ready = report["replicas_ready"]
     assert ready[0] == {"time_s": 0.0, "ready": {"cpu-small": 1}}
@@ -720,9 +729,9 @@ def test_a_run_stopped_mid_burst_reports_replicas_and_windows(
     # each decision read its interval: the rate since the previous reading, the clients' p95
     # over the last interval (the slow requests done by 0.7 s are out of the second's; a 10 s
     # window read them until t=10.7)
-    for d in (first, second):
-        assert d["p95_window_s"] == 1.0
-        assert d["rate_window_s"] == pytest.approx(1.0, abs=0.3), d
+    assert first["p95_window_s"] == second["p95_window_s"] == 1.0
+    assert first["rate_window_s"] == pytest.approx(1.0, abs=0.3), first
+    assert second["rate_window_s"] is None  # no rate read
     assert second["observed_p95_ms"] == 20.0, second
     assert "over the last 1 s" in report["metrics_source"]
     assert (tmp_path / "report.html").exists() and (tmp_path / "timeline.png").exists()
