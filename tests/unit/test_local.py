@@ -735,3 +735,31 @@ def test_a_run_stopped_mid_burst_reports_replicas_and_windows(
     assert second["observed_p95_ms"] == 20.0, second
     assert "over the last 1 s" in report["metrics_source"]
     assert (tmp_path / "report.html").exists() and (tmp_path / "timeline.png").exists()
+
+
+def test_an_unexpected_exception_writes_the_report_then_goes_on_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (any exception that is not a LeanserveError) still writes what was done, and the
+    command says where it is before the traceback; before, it skipped the report."""
+    from rich.console import Console
+
+    from leanserve.local import pipeline
+    from leanserve.local.commands import run_command
+
+    def run(*args: Any) -> None:
+        args[5]["compression"] = {"selected": None, "candidates": [], "metric": "cosine"}
+        args[-1][0] = "profiling"
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "_run", run)
+    console = Console(width=300, record=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_command(Path(__file__).resolve().parents[2] / "examples/minilm-cpu.yaml",
+                    workdir=tmp_path, load_seconds=1.0, console=console)
+    text = console.export_text()
+    assert "unexpected error RuntimeError: boom" in text
+    assert f"report of what was done is in {tmp_path / 'report.html'}" in text
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["error"] == "during profiling: unexpected RuntimeError: boom"
+    assert report["compression"]["metric"] == "cosine"  # what was done is kept
+    assert report["verdict"]["status"] == "failed" and (tmp_path / "report.html").exists()
