@@ -413,8 +413,8 @@ class LocalSource:
 
     @property
     def window_seconds(self) -> float | None:
-        """The inner source's rate window (None for Triton read directly: its rate spans the
-        time since the last read)."""
+        """The inner source's rate window: Prometheus' rate() range, or for Triton read
+        directly the time between its last two readings (what its rate spans)."""
         return getattr(self.inner, "window_seconds", None)
 
     def read(self) -> Reading:

@@ -52,9 +52,9 @@ def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, An
                     slo_ms: float, *, ready: list[dict[str, Any]] | None = None) -> Any:
     """The timeline as a matplotlib figure (one title on top, x-axis ending with the data).
 
-    The replicas panel shows, per pool, the replicas each decision asked for and, dashed, the
-    replicas ready to serve (report.json's ``replicas_ready``): a replica asked for serves only
-    once started, and one reaped stops serving before a decision replaces it. The latency panel
+    The replicas panel shows, per pool, the replicas each decision asked for (thin) and those
+    ready to serve (wide, light; report.json's ``replicas_ready``): a replica asked for serves
+    only once started, and one reaped stops serving before a decision replaces it. The latency panel
     shows both the 2 s buckets' p95 and, as dots, the p95 each autoscaler decision read: the
     same figure the decision log quotes."""
     fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True, layout="constrained")
@@ -77,20 +77,21 @@ def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, An
             xs = [0.0] + [d["time_s"] for d in decisions]
             ys = [decisions[0]["replicas"].get(pool, 0)] + [d["replicas"].get(pool, 0)
                                                             for d in decisions]
-            axes[1].step(xs, ys, where="post", label=f"{pool} asked for", color=color)
+            axes[1].step(xs, ys, where="post", label=f"{pool} asked for", color=color,
+                         lw=1.2, zorder=3)
         if ready:
             ends = [p["time_s"] for p in timeline] + [d["time_s"] for d in decisions]
             xs = [r["time_s"] for r in ready] + [max([*ends, ready[-1]["time_s"]])]
             ys = [r["ready"].get(pool, 0) for r in ready]
             axes[1].step(xs, ys + ys[-1:], where="post", label=f"{pool} ready", color=color,
-                         linestyle="--", alpha=0.7)
+                         lw=4, alpha=0.35, zorder=2)
     axes[1].set_ylabel("replicas")
     top = max([sum(d.get("replicas", {}).values()) for d in decisions]
               + [sum(r.get("ready", {}).values()) for r in ready] + [1])
-    axes[1].set_ylim(-0.1, top + 0.6)
+    axes[1].set_ylim(-0.1, top * 1.5 + 0.6)  # room for the legend above the lines
     axes[1].yaxis.get_major_locator().set_params(integer=True)
     if pools:
-        axes[1].legend(loc="center right")
+        axes[1].legend(loc="upper left", fontsize=8, ncol=len(pools))
     p95 = [p.get("p95_ms") for p in timeline]
     axes[2].plot(t, [v if v is not None else float("nan") for v in p95],
                  label="p95 per 2 s (clients)")

@@ -360,6 +360,14 @@ def test_timeline_plot_has_one_title_and_ends_with_the_data() -> None:
     fig = timeline_figure(report["timeline"], report["autoscaling"], 100.0)
     assert fig.get_suptitle() == ""
     assert fig.axes[2].get_xlim() == (0.0, 6.0)
+    # the replicas ready, next to those asked for: one ready until 4.5 s, two after
+    ready = [{"time_s": 0.0, "ready": {"small": 1}}, {"time_s": 4.5, "ready": {"small": 2}}]
+    fig = timeline_figure(report["timeline"], report["autoscaling"], 100.0, ready=ready)
+    lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    assert set(lines) == {"small asked for", "small ready"}
+    assert list(lines["small ready"].get_xdata()) == [0.0, 4.5, 6.0]
+    assert list(lines["small ready"].get_ydata()) == [1, 2, 2]
+    assert list(lines["small asked for"].get_ydata()) == [1, 1, 2]
 
 
 def test_pareto_plot_keeps_the_baseline_inside_and_its_legend_as_keys() -> None:
