@@ -15,6 +15,7 @@ from rich.table import Table
 
 from leanserve.api.load import load_one
 from leanserve.compression.costs import cost_cells
+from leanserve.errors import LeanserveError
 from leanserve.local.outcome import mib, rate, selected_candidate, served_pools, usd
 from leanserve.local.pipeline import RunError, RunSettings, run_pipeline
 from leanserve.quiet import quiet_libraries
@@ -69,6 +70,16 @@ def run_command(spec: Path, *, workdir: Path, load_seconds: float, console: Cons
                       f"{workdir / 'report.html'}; logs under {workdir / 'logs'}",
                       highlight=False, soft_wrap=True)
         raise SystemExit(INTERRUPTED_EXIT) from None
+    except LeanserveError:
+        console.print(f"the report of what was done is in {workdir / 'report.html'}; logs "
+                      f"under {workdir / 'logs'}", highlight=False, soft_wrap=True)
+        raise
+    except Exception as exc:  # a bug: say where the partial report is, keep the traceback
+        console.print(f"[red]unexpected error[/red] {type(exc).__name__}: {exc} (a bug in "
+                      f"leanserve; the traceback follows). Every process is stopped; the report "
+                      f"of what was done is in {workdir / 'report.html'}; logs under "
+                      f"{workdir / 'logs'}", highlight=False, soft_wrap=True)
+        raise
     console.print(summary_table(report))
     console.print(report["summary"], highlight=False, soft_wrap=True)
     console.print(f"wrote {workdir / 'report.json'} and {workdir / 'report.html'}; "

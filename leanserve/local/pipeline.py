@@ -74,9 +74,24 @@ class RunSettings:
     plus three intervals)."""
     quick_profile: bool = True
     """Search a small config grid (keeps `leanserve run` within minutes)."""
-    metrics_window_s: int = 10
-    """rate() window of the PromQL queries (short: the local burst lasts a minute)."""
+    metrics_window_s: int | None = None
+    """rate() window of the PromQL queries; None: the spec's autoscaling interval, so that each
+    decision reads all of the interval since the previous one, and never under
+    ``SCRAPES_PER_WINDOW`` scrapes (see ``rate_window``)."""
     scrape_interval_s: float = 1.0
+
+
+SCRAPES_PER_WINDOW = 4
+"""rate() needs two samples inside its window; Prometheus advises a window of four scrape
+intervals, so that a late scrape or one missed still leaves two."""
+
+
+def rate_window(interval_s: float, scrape_s: float, fixed: int | None = None) -> int:
+    """Whole seconds of the rate() window: ``fixed`` if given, else the decision interval,
+    raised to SCRAPES_PER_WINDOW scrapes where the interval is shorter."""
+    if fixed is not None:
+        return fixed
+    return max(math.ceil(interval_s), math.ceil(SCRAPES_PER_WINDOW * scrape_s))
 
 
 @dataclass
@@ -86,7 +101,31 @@ class RunState:
     """(seconds since load start it was sent at, ms until it was answered or failed or None
     when not known, ok) per request."""
     offered: list[tuple[float, float]] = field(default_factory=list)
+    ready: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    """(monotonic time, ready replicas per pool) whenever they change: a replica became ready,
+    stopped or was reaped."""
+    t0: float | None = None
+    """When the load started (time.monotonic); None before."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note_ready(self, ready: dict[str, int], now: float | None = None) -> None:
+        """Record the ready replicas if they changed (a stopped replica that never was ready
+        changes nothing)."""
+        with self.lock:
+            if not self.ready or self.ready[-1][1] != ready:
+                self.ready.append((time.monotonic() if now is None else now, dict(ready)))
+
+    def ready_series(self) -> list[dict[str, Any]]:
+        """report.json's ``replicas_ready``: seconds since the load started (from 0) and ready
+        replicas per pool; a step function, each entry holding until the next."""
+        with self.lock:
+            if self.t0 is None:
+                return []
+            t0, points = self.t0, list(self.ready)
+        before = [r for t, r in points if t <= t0]
+        out = [{"time_s": 0.0, "ready": before[-1]}] if before else []
+        out += [{"time_s": round(t - t0, 2), "ready": r} for t, r in points if t > t0]
+        return out
 
 
 def burst(peak_rps: float, seconds: float, floor: float = 0.15) -> Callable[[float], float]:
@@ -124,6 +163,13 @@ def run_pipeline(loaded: LoadedSpec, workdir: Path, settings: RunSettings, *, sa
         raise
     except LeanserveError as exc:
         report["error"] = f"during {phase[0]}: {str(exc).splitlines()[0] if str(exc) else exc}"
+        _finish(workdir, report, state, slo_ms, loaded.spec)
+        raise
+    except Exception as exc:  # a bug: the report of what was done is still written, then it
+        # goes on up with its traceback
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        report["error"] = (f"during {phase[0]}: unexpected {type(exc).__name__}"
+                           + (f": {first}" if first else ""))
         _finish(workdir, report, state, slo_ms, loaded.spec)
         raise
     _finish(workdir, report, state, slo_ms, loaded.spec)
@@ -183,6 +229,12 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
     with ExitStack() as stack:
         platform = LocalPlatform(_local_repository(
             repo, replica["config"], workdir, spec.serving.queue_timeout_microseconds), logs)
+
+        def replica_record() -> None:  # last out: every report has them, interrupted or not
+            report["replica_errors"] = list(platform.errors)
+            report["replicas_replaced"] = list(platform.replaced)
+
+        stack.callback(replica_record)
         stack.callback(platform.stop_all)
         prom, source_note = _metrics_source(stack, workdir, settings, say)
         exporter = LeanserveMetrics()
@@ -197,7 +249,11 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
                 groups.append(([f"127.0.0.1:{exporter_port}"], {"role": "leanserve"}))
                 prom.set_targets(groups)
 
-        platform.on_change = retarget
+        def changed() -> None:
+            state.note_ready(platform.ready_replicas(model))
+            retarget()
+
+        platform.on_change = changed
         first = min(pools, key=lambda p: p.price_per_rps)
         start_replicas = {p.name: 0 for p in pools}
         start_replicas[first.name] = max(1, target.min_replicas)
@@ -220,13 +276,29 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
             if missing:
                 say(f"[yellow]warning:[/yellow] prometheus has not scraped {', '.join(missing)} "
                     f"after 20 s (log {prom.log_path})")
-        inner: Any = (PrometheusSource(prom.url,
-                                       Queries(model, window=f"{settings.metrics_window_s}s"),
-                                       clock=time.time) if prom is not None
-                      else DirectSource(platform, model, clock=time.time))
-        report["metrics_source"] = source_note + (
-            f"; p95 = the load generator's p95 over the last {settings.metrics_window_s} s "
-            "(what clients see, in a window the policy can act on)")
+        interval = spec.autoscaling.interval_seconds
+        # each decision reads the whole interval since the previous one: the clients' p95 over
+        # the interval, the rate over it too (Prometheus: at least four scrapes; Triton read
+        # directly: the time since the previous reading, which is the interval)
+        p95_window = float(interval)
+        inner: Any
+        if prom is not None:
+            window = rate_window(interval, prom.scrape_seconds, settings.metrics_window_s)
+            inner = PrometheusSource(prom.url, Queries(model, window=f"{window}s"),
+                                     clock=time.time)
+            rate_note = (f"request rate = rate() over the last {window} s (decisions every "
+                         f"{interval:g} s, Prometheus scraping every {prom.scrape_seconds} s)")
+        else:
+            direct = DirectSource(platform, model, clock=time.time)
+            platform.on_stop = lambda _pool, target: direct.final_read(target)
+            inner = direct
+            rate_note = ("request rate = completions since the previous decision (every "
+                         f"{interval:g} s), stopped and new replicas included")
+        report["metrics_source"] = (
+            f"{source_note}; {rate_note}; p95 = the load generator's p95 over the last "
+            f"{p95_window:g} s (what clients see, over the interval the policy acts on)")
+        say(f"each decision reads: {rate_note}; the clients' p95 over the last "
+            f"{p95_window:g} s")
 
         peak = max(1.0, settings.peak_factor * local_rps * local_max)
         schedule = burst(peak, settings.load_seconds)
@@ -245,14 +317,16 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
         inner.read()  # the direct source needs a first scrape to compute rates from
         stop = threading.Event()
         t0 = time.monotonic()
-        source = LocalSource(inner, ClientLatency(state, t0, settings.metrics_window_s))
+        state.note_ready(platform.ready_replicas(model), t0)
+        with state.lock:
+            state.t0 = t0
+        source = LocalSource(inner, ClientLatency(state, t0, p95_window))
         loader = threading.Thread(target=_drive, name="load", daemon=True,
                                   args=(platform, model, payloads, schedule, settings.load_seconds,
                                         t0, state, stop))
         loader.start()
         stack.callback(lambda: (stop.set(), loader.join(30)))
         previous: Decision | None = None
-        interval = spec.autoscaling.interval_seconds
         end = t0 + settings.load_seconds + cooldown
         while time.monotonic() < end:
             time.sleep(max(0.0, min(interval, end - time.monotonic())))
@@ -269,6 +343,8 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
                      "reason": explain_cap(decision.reason), "code": decision.code.value,
                      "observed_rps": reading.request_rate, "observed_p95_ms": reading.p95_ms,
                      "p95_samples": source.last_samples,
+                     "rate_window_s": _round(obs.window_seconds),
+                     "p95_window_s": p95_window,
                      "server_mean_ms": source.last_server_mean_ms,
                      "hourly_cost": decision.hourly_cost,
                      "ready": platform.ready_replicas(model),
@@ -279,8 +355,6 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
             previous = decision
         stop.set()
         loader.join(30)
-        report["replica_errors"] = list(platform.errors)
-        report["replicas_replaced"] = list(platform.replaced)
 
 
 def cap_note(spec_max: int, local_max: int, cores: int) -> Callable[[str], str]:
@@ -297,7 +371,9 @@ def _finish(workdir: Path, report: dict[str, Any], state: RunState, slo_ms: floa
             spec: Any) -> None:
     with state.lock:
         report["autoscaling"] = list(state.decisions)
+    report["replicas_ready"] = state.ready_series()
     report["timeline"] = _timeline(state)
+    _write_json(workdir, report)  # the data first: nothing computed below can lose it
     report["verdict"] = verdict(report, slo_ms)
     report["summary"] = summary(report, slo_ms)
     _write(workdir, report, slo_ms=slo_ms)
@@ -356,8 +432,8 @@ class LocalSource:
 
     @property
     def window_seconds(self) -> float | None:
-        """The inner source's rate window (None for Triton read directly: its rate spans the
-        time since the last read)."""
+        """The inner source's rate window: Prometheus' rate() range, or for Triton read
+        directly the time between its last two readings (what its rate spans)."""
         return getattr(self.inner, "window_seconds", None)
 
     def read(self) -> Reading:
@@ -365,9 +441,15 @@ class LocalSource:
         p95, n = self.latency.p95()
         self.last_samples = n
         reading.p95_ms = p95
-        reading.problems = [p for p in reading.problems if not p.startswith("p95")]
+        # the inner source's p95 problems go, and their kinds with them: the two lists are
+        # parallel (one kind per problem), and the exporter counts the kinds
+        kept = [(p, k) for p, k in zip(reading.problems, _kinds(reading), strict=True)
+                if not p.startswith("p95")]
+        reading.problems = [p for p, _k in kept]
+        reading.error_kinds = [k for _p, k in kept]
         if p95 is None and n:
             reading.problems.append(f"p95: only {n} requests ended in the window")
+            reading.error_kinds.append("empty")
         self.last_server_mean_ms = None
         if isinstance(self.inner, PrometheusSource):
             q = self.inner.queries
@@ -376,6 +458,12 @@ class LocalSource:
                     f'{{model="{q.model}"}}[{q.window}])) / 1000')
             self.last_server_mean_ms = self.inner.scalar(expr, [], "server mean")
         return reading
+
+
+def _kinds(reading: Reading) -> list[str]:
+    """One kind per problem; a source that gave fewer (none at all) has them as "query"."""
+    kinds = list(reading.error_kinds)[:len(reading.problems)]
+    return kinds + ["query"] * (len(reading.problems) - len(kinds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,16 +596,25 @@ def _costs(profile: dict[str, Any], spec: Any) -> dict[str, Any]:
     return out
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
 def _mix(replicas: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in replicas.items())
 
 
-def _write(workdir: Path, report: dict[str, Any], slo_ms: float) -> None:
+def _write_json(workdir: Path, report: dict[str, Any]) -> None:
     tmp = workdir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=str))
     tmp.replace(workdir / "report.json")
+
+
+def _write(workdir: Path, report: dict[str, Any], slo_ms: float) -> None:
+    _write_json(workdir, report)
     img = timeline_png(report.get("timeline", []), report.get("autoscaling", []), slo_ms,
-                       workdir / "timeline.png") if report.get("timeline") else None
+                       workdir / "timeline.png", ready=report.get("replicas_ready")) \
+        if report.get("timeline") else None
     pareto = pareto_png(report["compression"]) if report.get("compression") else None
     page = render_html(report, timeline_b64=img, pareto_b64=pareto)
     (workdir / "report.html").write_text(page)

@@ -7,8 +7,9 @@ replica (its metrics carry ``pool``), not different hardware: the report says so
 
 Health: ``check_health`` does what a kubelet's liveness probe and a ReplicaSet do together. A
 replica whose process has exited, or whose ``/v2/health/live`` failed ``LIVENESS_FAILURES``
-times in a row, is reaped and no longer counted, so the next ``scale`` starts a replacement;
-``replaced`` lists each one for the report.
+times in a row, is reaped: no longer ready nor routed to, while the replicas as set
+(``current_replicas``) keep counting it, so the next ``scale`` starts a replacement whatever the
+decision (a hold included); ``replaced`` lists each one for the report.
 """
 
 from __future__ import annotations
@@ -49,15 +50,21 @@ class LocalPlatform:
 
     def __init__(self, repo: Path, log_dir: Path, *,
                  on_change: Callable[[], None] | None = None,
+                 on_stop: Callable[[str, str], None] | None = None,
                  server_factory: Callable[..., LocalTriton] = LocalTriton) -> None:
         self.repo = repo
         self.log_dir = log_dir
         self.on_change = on_change
+        self.on_stop = on_stop
+        """Called with (pool, metrics host:port) of a ready replica just before its process
+        stops, out of every count already (a direct metric source reads its last counters)."""
         self._factory = server_factory
         self._replicas: list[Replica] = []
         self._lock = threading.Lock()
         self._boot_lock = threading.Lock()
         self._counter = 0
+        self._set: dict[str, int] = {}
+        """Replicas per pool as last set by ``scale`` (a Deployment's spec.replicas)."""
         self.errors: list[str] = []
         self.replaced: list[str] = []
         """Replicas found dead by ``check_health``, with why ("cpu-small-2: exited with ...")."""
@@ -65,8 +72,12 @@ class LocalPlatform:
     # Platform port --------------------------------------------------------------------------
 
     def current_replicas(self, model: str) -> dict[str, int]:
+        """Replicas per pool as set, as the Platform port says (ready, starting, or reaped and
+        not yet replaced), like a Deployment's replicas: a replica that died or failed to start
+        does not lower it. Counting only live ones, a decision that holds (MetricsUnavailable:
+        the dead replica was the one scraped) held at the survivors and never replaced it."""
         with self._lock:
-            return self._count(lambda r: r.failed is None)
+            return {pool: n for pool, n in self._set.items() if n > 0}
 
     def ready_replicas(self, model: str) -> dict[str, int]:
         with self._lock:
@@ -75,6 +86,7 @@ class LocalPlatform:
     def scale(self, model: str, replicas: dict[str, int]) -> None:
         for pool, want in replicas.items():
             with self._lock:
+                self._set[pool] = want
                 mine = sorted((r for r in self._replicas if r.pool == pool and r.failed is None),
                               key=lambda r: r.index)
             for _ in range(want - len(mine)):
@@ -92,8 +104,7 @@ class LocalPlatform:
     def metrics_targets(self) -> list[tuple[str, str]]:
         """(pool, host:port of the metrics endpoint) of every ready replica."""
         with self._lock:
-            return [(r.pool, r.server.metrics_url.split("//", 1)[-1].split("/", 1)[0])
-                    for r in self._replicas if r.ready]
+            return [(r.pool, _metrics_address(r)) for r in self._replicas if r.ready]
 
     def check_health(self, probe: Callable[[Replica], bool] | None = None) -> list[str]:
         """Reap every ready replica that died; returns what was found (also in ``replaced``).
@@ -127,6 +138,7 @@ class LocalPlatform:
     def stop_all(self) -> None:
         with self._lock:
             replicas = list(self._replicas)
+            self._set = {}
         for r in replicas:
             self._stop(r)
 
@@ -171,10 +183,16 @@ class LocalPlatform:
         with self._lock:
             if replica in self._replicas:
                 self._replicas.remove(replica)
-        replica.ready = False
+        was_ready, replica.ready = replica.ready, False
         if self.on_change:
             self.on_change()
+        if was_ready and self.on_stop:
+            self.on_stop(replica.pool, _metrics_address(replica))
         replica.server.stop()
+
+
+def _metrics_address(replica: Replica) -> str:
+    return replica.server.metrics_url.split("//", 1)[-1].split("/", 1)[0]
 
 
 def _live(replica: Replica) -> bool:

@@ -50,6 +50,11 @@ class LocalPrometheus:
         self._write_lock = threading.Lock()
 
     @property
+    def scrape_seconds(self) -> int:
+        """The scrape interval Prometheus is given: whole seconds, at least one."""
+        return max(1, round(self.scrape_interval_s))
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -91,7 +96,7 @@ class LocalPrometheus:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self._targets_file.exists():
             self.set_targets([])
-        interval = f"{max(1, round(self.scrape_interval_s))}s"
+        interval = f"{self.scrape_seconds}s"
         config = self.workdir / "prometheus.yml"
         config.write_text(json.dumps({
             "global": {"scrape_interval": interval, "evaluation_interval": interval},

@@ -39,20 +39,24 @@ def _png(fig: Any) -> str:
 
 
 def timeline_png(timeline: list[dict[str, Any]], decisions: list[dict[str, Any]],
-                 slo_ms: float, path: Path | None = None) -> str:
+                 slo_ms: float, path: Path | None = None, *,
+                 ready: list[dict[str, Any]] | None = None) -> str:
     """Load, replicas per pool and p95 latency over time; returns base64 PNG (and writes it)."""
-    data = _png(timeline_figure(timeline, decisions, slo_ms))
+    data = _png(timeline_figure(timeline, decisions, slo_ms, ready=ready))
     if path is not None:
         path.write_bytes(base64.b64decode(data))
     return data
 
 
 def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, Any]],
-                    slo_ms: float) -> Any:
+                    slo_ms: float, *, ready: list[dict[str, Any]] | None = None) -> Any:
     """The timeline as a matplotlib figure (one title on top, x-axis ending with the data).
 
-    The latency panel shows both the 2 s buckets' p95 and, as dots, the p95 each autoscaler
-    decision read: the same figure the decision log quotes."""
+    The replicas panel shows, per pool, the replicas each decision asked for (thin) and those
+    ready to serve (wide, light; report.json's ``replicas_ready``): a replica asked for serves
+    only once started, and one reaped stops serving before a decision replaces it. The latency panel
+    shows both the 2 s buckets' p95 and, as dots, the p95 each autoscaler decision read: the
+    same figure the decision log quotes."""
     fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True, layout="constrained")
     t = [p["time_s"] for p in timeline]
     axes[0].plot(t, [p.get("offered_rps") or 0 for p in timeline], label="offered load (sent)",
@@ -64,18 +68,30 @@ def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, An
     axes[0].set_ylim(0, busiest * 1.3)  # room for the legend above the peak
     axes[0].legend(loc="upper right")
     axes[0].set_title("load, replicas and latency (seconds since the load started)")
-    pools = sorted({pool for d in decisions for pool in d.get("replicas", {})})
-    for pool in pools:
-        xs = [0.0] + [d["time_s"] for d in decisions]
-        ys = [decisions[0]["replicas"].get(pool, 0)] + [d["replicas"].get(pool, 0)
-                                                        for d in decisions]
-        axes[1].step(xs, ys, where="post", label=pool)
+    ready = ready or []
+    pools = sorted({pool for d in decisions for pool in d.get("replicas", {})}
+                   | {pool for r in ready for pool in r.get("ready", {})})
+    for i, pool in enumerate(pools):
+        color = f"C{i}"
+        if decisions:
+            xs = [0.0] + [d["time_s"] for d in decisions]
+            ys = [decisions[0]["replicas"].get(pool, 0)] + [d["replicas"].get(pool, 0)
+                                                            for d in decisions]
+            axes[1].step(xs, ys, where="post", label=f"{pool} asked for", color=color,
+                         lw=1.2, zorder=3)
+        if ready:
+            ends = [p["time_s"] for p in timeline] + [d["time_s"] for d in decisions]
+            xs = [r["time_s"] for r in ready] + [max([*ends, ready[-1]["time_s"]])]
+            ys = [r["ready"].get(pool, 0) for r in ready]
+            axes[1].step(xs, ys + ys[-1:], where="post", label=f"{pool} ready", color=color,
+                         lw=4, alpha=0.35, zorder=2)
     axes[1].set_ylabel("replicas")
-    top = max((sum(d.get("replicas", {}).values()) for d in decisions), default=1)
-    axes[1].set_ylim(-0.1, top + 0.6)
+    top = max([sum(d.get("replicas", {}).values()) for d in decisions]
+              + [sum(r.get("ready", {}).values()) for r in ready] + [1])
+    axes[1].set_ylim(-0.1, top * 1.5 + 0.6)  # room for the legend above the lines
     axes[1].yaxis.get_major_locator().set_params(integer=True)
     if pools:
-        axes[1].legend(loc="center right")
+        axes[1].legend(loc="upper left", fontsize=8, ncol=len(pools))
     p95 = [p.get("p95_ms") for p in timeline]
     axes[2].plot(t, [v if v is not None else float("nan") for v in p95],
                  label="p95 per 2 s (clients)")

@@ -128,6 +128,18 @@ def test_run_as_the_readme_does_from_the_repository_root(layout: Path) -> None:
         assert str(workdir / "prometheus" / "targets.json") in config
     # the p95 a decision read is the clients' over the last window, not Triton's minute
     assert any(d["observed_p95_ms"] is not None and d["p95_samples"] >= 5 for d in decisions)
+    # each decision read its 3 s interval: the clients' p95 over it, the rate over it too (with
+    # Prometheus scraping every second, four scrapes: 4 s)
+    assert all(d["p95_window_s"] == 3 for d in decisions), decisions
+    rate_windows = {d["rate_window_s"] for d in decisions}
+    if shutil.which("prometheus"):
+        assert rate_windows == {4}, rate_windows
+    else:
+        assert all(w == pytest.approx(3, abs=1.5) for w in rate_windows), rate_windows
+    # the replicas ready over time, from one at the start; replicas asked for are the decisions'
+    ready = report["replicas_ready"]
+    assert ready[0]["time_s"] == 0 and sum(ready[0]["ready"].values()) >= 1, ready
+    assert report["replica_errors"] == [] and report["replicas_replaced"] == []
     assert "served it on cpu-small" in report["summary"]
 
     page = (workdir / "report.html").read_text()
@@ -171,6 +183,8 @@ def test_sigint_mid_run_stops_everything_and_writes_a_partial_report(layout: Pat
     report = json.loads((layout / "leanserve-run" / "report.json").read_text())
     assert report["interrupted"] == "the load burst"
     assert report["verdict"]["status"] == "interrupted" and report["autoscaling"]
+    assert report["replica_errors"] == [] and report["replicas_replaced"] == []
+    assert report["replicas_ready"][0]["time_s"] == 0
     page = (layout / "leanserve-run" / "report.html").read_text()
     assert "INTERRUPTED" in page
 

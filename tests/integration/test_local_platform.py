@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from leanserve.api.spec import Task
+from leanserve.autoscaling.metrics import PrometheusSource, Queries
 from leanserve.local.direct import DirectSource
+from leanserve.local.pipeline import rate_window
 from leanserve.local.platform import LocalPlatform
 from leanserve.serving.loadgen import LoadSpec, run_load
 from leanserve.serving.repository import write_model_repository
@@ -63,23 +65,37 @@ def metrics_server(body: Callable[[], str]) -> Iterator[str]:
 
 def test_replicas_start_serve_report_metrics_and_stop(tmp_path: Path,
                                                       serving_tiny_onnx: Path) -> None:
+    """The direct source counts every completion between two readings, a replica's that was
+    stopped in between included (read as the platform stops it; before, its last completions
+    were left out)."""
     import numpy as np
 
     plat = two_ready_replicas(tmp_path, serving_tiny_onnx)
     try:
         source = DirectSource(plat, "tiny", clock=time.monotonic)
+        plat.on_stop = lambda _pool, target: source.final_read(target)
         assert source.read().request_rate is None  # first scrape: no rate yet, not zero
         ids = np.full((1, 12), 1000, dtype=np.int64)
         payload = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        result = run_load([u for _p, u in plat.endpoints()], [payload],
-                          LoadSpec(model="tiny", rate=40.0, duration_s=3.0))
-        assert result["errors"] == 0 and result["requests"] > 60
+
+        def load(seconds: float) -> int:
+            result = run_load([u for _p, u in plat.endpoints()], [payload],
+                              LoadSpec(model="tiny", rate=40.0, duration_s=seconds))
+            assert result["errors"] == 0
+            return int(result["requests"])
+
+        sent = load(3.0)
+        assert sent > 60
         reading = source.read()
         assert reading.request_rate is not None and reading.request_rate > 5
+        assert reading.request_rate * source.window_seconds == pytest.approx(sent)
         assert reading.p95_ms is not None and reading.p95_ms > 0
         pids = [r.server.pid for r in plat._replicas]
+        sent = load(2.0)  # over both replicas; then one stops before the next reading
         plat.scale("tiny", {"small": 1})
         assert plat.current_replicas("tiny") == {"small": 1}
+        reading = source.read()
+        assert reading.request_rate * source.window_seconds == pytest.approx(sent), reading
     finally:
         plat.stop_all()
     for pid in pids:
@@ -111,7 +127,8 @@ def test_a_killed_replica_is_found_reaped_and_replaced(tmp_path: Path,
             time.sleep(0.1)
         found = plat.check_health()
         assert found == [f"{victim.name}: exited with code -9"]
-        assert plat.current_replicas("tiny") == {"small": 1}
+        assert plat.ready_replicas("tiny") == {"small": 1}
+        assert plat.current_replicas("tiny") == {"small": 2}  # as set: still 2 asked for
         assert victim.server.http_url not in [u for _p, u in plat.endpoints()]
         plat.scale("tiny", {"small": 2})  # what the autoscaler's next decision does
         plat.wait_ready(120)
@@ -145,6 +162,8 @@ def test_a_replica_that_stops_answering_is_reaped_after_repeated_probes(tmp_path
         plat.check_health(probe=lambda r: False)
     assert plat.check_health(probe=lambda r: False) == [
         f"small-1: failed {LIVENESS_FAILURES} liveness probes in a row"]
+    assert plat.ready_replicas("tiny") == {} and plat.current_replicas("tiny") == {"small": 1}
+    plat.stop_all()
     assert plat.current_replicas("tiny") == {}
 
 
@@ -163,6 +182,17 @@ def test_prometheus_in_a_relative_workdir_scrapes_its_targets(
         assert str(tmp_path / "leanserve-run" / "prometheus" / "targets.json") in config
         prom.set_targets([([address], {"pool": "small", "role": "triton"})])
         assert prom.wait_scraped([address], timeout_s=20) == [], prom.active_targets()
+        # `leanserve run`'s shortest rate() window for its scrape interval holds two samples
+        window = rate_window(1, prom.scrape_seconds)
+        src = PrometheusSource(prom.url, Queries("m", window=f"{window}s"), clock=time.time)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            samples = src.query(f"count_over_time(nv_inference_request_success[{window}s])")
+            if samples and samples[0][1] >= 2:
+                break
+            time.sleep(0.5)
+        assert samples and samples[0][1] >= 2, samples
+        assert src.read().request_rate == 0.0  # a counter that stays at 7: zero, not no data
 
 
 def test_prometheus_stopped_mid_run_holds_then_recovers(tmp_path: Path) -> None:

@@ -26,10 +26,12 @@ from leanserve.local.outcome import (
 from leanserve.local.pipeline import (
     ClientLatency,
     LocalSource,
+    RunSettings,
     RunState,
     _timeline,
     burst,
     cap_note,
+    rate_window,
 )
 from leanserve.local.platform import LocalPlatform
 from leanserve.local.recheck import judge
@@ -99,8 +101,11 @@ def test_platform_records_a_replica_that_fails_to_start(tmp_path: Path) -> None:
     plat = LocalPlatform(tmp_path, tmp_path / "logs", server_factory=factory)
     plat.scale("m", {"small": 1})
     plat.wait_ready(10)
-    assert plat.ready_replicas("m") == {} and plat.current_replicas("m") == {}
-    assert plat.errors and "boom" in plat.errors[0]
+    assert plat.ready_replicas("m") == {} and plat.errors and "boom" in plat.errors[0]
+    assert plat.current_replicas("m") == {"small": 1}  # as set: the next scale starts another
+    plat.scale("m", {"small": 1})
+    plat.wait_ready(10)
+    assert len(plat.errors) == 2
 
 
 METRICS = """\
@@ -373,6 +378,14 @@ def test_timeline_plot_has_one_title_and_ends_with_the_data() -> None:
     fig = timeline_figure(report["timeline"], report["autoscaling"], 100.0)
     assert fig.get_suptitle() == ""
     assert fig.axes[2].get_xlim() == (0.0, 6.0)
+    # the replicas ready, next to those asked for: one ready until 4.5 s, two after
+    ready = [{"time_s": 0.0, "ready": {"small": 1}}, {"time_s": 4.5, "ready": {"small": 2}}]
+    fig = timeline_figure(report["timeline"], report["autoscaling"], 100.0, ready=ready)
+    lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    assert set(lines) == {"small asked for", "small ready"}
+    assert list(lines["small ready"].get_xdata()) == [0.0, 4.5, 6.0]
+    assert list(lines["small ready"].get_ydata()) == [1, 2, 2]
+    assert list(lines["small asked for"].get_ydata()) == [1, 1, 2]
 
 
 def test_pareto_plot_keeps_the_baseline_inside_and_its_legend_as_keys() -> None:
@@ -530,3 +543,249 @@ def test_scrape_targets_written_from_several_threads_never_race(tmp_path: Path) 
     assert errors == []
     assert len(json.loads((tmp_path / "targets.json").read_text())) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["targets.json"]
+
+
+class ChangingTargets:
+    def __init__(self, *targets: str) -> None:
+        self.targets = list(targets)
+
+    def metrics_targets(self) -> list[tuple[str, str]]:
+        return [("small", t) for t in self.targets]
+
+
+def test_direct_source_counts_replicas_that_started_or_stopped_between_reads() -> None:
+    """A reading's rate is every completion since the previous reading: a replica ready since
+    then counts from zero, and one that stopped since counts up to its last counters (read by
+    ``final_read`` as the platform stops it). Before, a new replica was left out of its first
+    interval and a stopped one of its last."""
+    now = [100.0]
+    counts = {"a:1": 0}
+
+    def fetch(url: str, _timeout: float) -> str:
+        target = url.split("//")[1].split("/")[0]
+        if target not in counts:
+            raise OSError("connection refused")
+        return METRICS.format(n=counts[target], q=0, p95=20000)
+
+    targets = ChangingTargets("a:1")
+    src = DirectSource(targets, "m", clock=lambda: now[0], fetch=fetch)
+    assert src.read().request_rate is None and src.window_seconds is None
+    now[0], counts["a:1"], counts["b:1"] = 110.0, 100, 40  # b became ready meanwhile
+    targets.targets.append("b:1")
+    reading = src.read()
+    assert reading.request_rate == pytest.approx(14.0)  # (100 + 40) / 10 s; before: 10
+    assert src.window_seconds == pytest.approx(10.0)
+    now[0], counts["a:1"], counts["b:1"] = 115.0, 150, 60
+    src.final_read("a:1")  # the platform stops a: its last counters
+    targets.targets.remove("a:1")
+    del counts["a:1"]
+    now[0], counts["b:1"] = 120.0, 90
+    reading = src.read()
+    assert reading.request_rate == pytest.approx(10.0)  # (50 + 50) / 10 s; before: 5
+    assert reading.problems == [] and reading.error_kinds == []
+    # a new replica on a's old address counts from zero, not from a's last counters
+    now[0], counts["a:1"], counts["b:1"] = 130.0, 30, 120
+    targets.targets.append("a:1")
+    assert src.read().request_rate == pytest.approx(6.0)  # (30 + 30) / 10 s
+    # a replica that dies before its last scrape: left out, and the reading says so
+    del counts["a:1"]
+    src.final_read("a:1")
+    targets.targets.remove("a:1")
+    now[0], counts["b:1"] = 140.0, 170
+    reading = src.read()
+    assert reading.request_rate == pytest.approx(5.0)
+    assert reading.problems == ["a:1: stopped unread, its completions since the previous "
+                                "reading are left out"]
+    assert reading.error_kinds == ["unreachable"]
+
+
+def test_local_source_drops_the_inner_p95_problems_with_their_kinds() -> None:
+    """The client p95 replaces the inner source's: its problems go, and so must their kinds
+    (the exporter counts kinds; before, an empty Triton p95 was counted as an error on every
+    reading whose problems no longer listed it)."""
+    answers = {"request_rate": "12", "arrival_rate": "13", "pending": "0"}
+
+    def http(url: str, params: dict[str, str], timeout: float) -> tuple[int, bytes]:
+        q = Queries("m", "10s")
+        name = next((k for k in answers if getattr(q, k) == params["query"]), None)
+        result = ([] if name is None  # p95, queue time and rate by pool: empty
+                  else [{"metric": {}, "value": [1.0, answers[name]]}])
+        return 200, json.dumps({"status": "success", "data": {"resultType": "vector",
+                                                              "result": result}}).encode()
+
+    prom = PrometheusSource("http://127.0.0.1:1", Queries("m", "10s"), clock=lambda: 1.0,
+                            http=http)
+    inner = prom.read()
+    assert inner.error_kinds == ["empty", "empty"]  # p95, queue time
+    state = RunState()
+    state.records = [(0.1 * i, 30.0, True) for i in range(40)]
+    reading = LocalSource(prom, ClientLatency(state, 0.0, 10.0, clock=lambda: 5.0)).read()
+    assert reading.p95_ms == 30.0 and reading.request_rate == 12.0
+    assert [p.split(":")[0] for p in reading.problems] == ["queue time"]
+    assert reading.error_kinds == ["empty"]
+    state.records = state.records[:3]  # too few requests in the window: its own problem, kind
+    reading = LocalSource(prom, ClientLatency(state, 0.0, 10.0, clock=lambda: 5.0)).read()
+    assert reading.p95_ms is None and len(reading.error_kinds) == len(reading.problems) == 2
+    assert reading.problems[-1].startswith("p95: only 3") and reading.error_kinds[-1] == "empty"
+    # the direct source gives a kind per problem too
+    direct = DirectSource(Targets(), "m", clock=lambda: 1.0,
+                          fetch=lambda *_a: (_ for _ in ()).throw(OSError("refused")))
+    reading = LocalSource(direct, ClientLatency(state, 0.0, 10.0, clock=lambda: 5.0)).read()
+    assert len(reading.error_kinds) == len(reading.problems) == 4
+    assert reading.error_kinds == ["unreachable", "unreachable", "empty", "empty"]
+
+
+def test_the_decision_windows_follow_the_interval() -> None:
+    """Each decision reads its whole interval: a 30 s interval (the spec's default) decided on
+    the last 10 s of it before. Prometheus' rate() window is never under four scrapes."""
+    assert rate_window(30, 1) == 30 and rate_window(5, 1) == 5
+    assert rate_window(3, 1) == 4 and rate_window(5, 2) == 8  # rate() needs two samples in it
+    assert rate_window(30, 1, fixed=10) == 10
+    assert RunSettings().metrics_window_s is None  # the interval unless set
+
+
+class LiveServer(FakeServer):
+    """A fake tritonserver that runs until the test kills it, for the run's own loop."""
+
+    fail_from = 2  # the second server started and later ones fail at start
+
+    def __init__(self, repo: Path, *, log_dir: Path) -> None:
+        super().__init__(repo, log_dir=log_dir,
+                         fail=len(FakeServer.started) + 1 >= LiveServer.fail_from)
+        self.running, self.returncode = True, None
+
+
+def _burst_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval_s: int,
+                stop_at: int, error: type[BaseException]) -> tuple[Any, dict[str, Any]]:
+    """`leanserve run`'s load burst on fake replicas and fake counters (everything before it
+    stubbed; no Prometheus): the first replica dies after decision 1, its replacement fails to
+    start, and ``error`` is raised at decision ``stop_at``. Returns (the spec, report.json)."""
+    import dataclasses
+
+    import leanserve.compression.pipeline as compression
+    import leanserve.serving.profile as profiling
+    from leanserve.api.load import load_one
+    from leanserve.autoscaling import policy
+    from leanserve.local import pipeline, platform
+
+    loaded = load_one(Path(__file__).resolve().parents[2] / "examples/minilm-cpu.yaml")
+    spec = loaded.spec.model_copy(update={"autoscaling": loaded.spec.autoscaling.model_copy(
+        update={"interval_seconds": interval_s})})
+    loaded = dataclasses.replace(loaded, resource=loaded.resource.model_copy(
+        update={"spec": spec}))
+    FakeServer.started = []
+    pools = {p.name: {"capacity_rps": 100.0, "cost_per_million_requests": 0.3,
+                      "measured": True} for p in spec.node_pools}
+    monkeypatch.setattr(compression, "compress", lambda *_a, **_k: {"selected": "int8"})
+    monkeypatch.setattr(profiling, "profile_repository",
+                        lambda *_a, **_k: {"config": {}, "pools": pools})
+    monkeypatch.setattr(pipeline, "recheck", lambda *_a, **_k: {"noisy": False})
+    monkeypatch.setattr(pipeline, "_local_replica",
+                        lambda *_a: {"capacity_rps": 100.0, "config": {}})
+    monkeypatch.setattr(pipeline, "_local_repository", lambda *_a: tmp_path)
+    monkeypatch.setattr(pipeline, "_served_model", lambda _repo: "m")
+    monkeypatch.setattr(pipeline, "_payloads", lambda *_a: [{}])
+    monkeypatch.setattr(pipeline, "_metrics_source", lambda *_a: (None, "direct (test)"))
+    monkeypatch.setattr(pipeline, "LocalPlatform", lambda repo, logs: LocalPlatform(
+        repo, logs, server_factory=LiveServer))
+    monkeypatch.setattr(platform, "_live", lambda r: True)
+    served = [0]
+
+    def fetch(url: str, _timeout: float) -> str:  # a dead replica's port refuses
+        if not any(s.running and s.metrics_url == url for s in FakeServer.started):
+            raise OSError("connection refused")
+        served[0] += 5
+        return METRICS.format(n=served[0], q=0, p95=20000)
+
+    monkeypatch.setattr(pipeline, "DirectSource", lambda *a, **k: DirectSource(
+        *a, **k, fetch=fetch))
+
+    def drive(*args: Any) -> None:  # the clients' requests, sent at these offsets
+        state = args[6]
+        with state.lock:  # slow ones done by 0.7 s; fast ones in the second interval
+            state.records += [(0.1 + 0.01 * i, 600.0, True) for i in range(20)]
+            state.records += [(interval_s * 1.35 + 0.015 * i, 20.0, True) for i in range(20)]
+
+    monkeypatch.setattr(pipeline, "_drive", drive)
+    calls = [0]
+
+    def decide(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            FakeServer.started[0].running = False  # found by the next health check
+            FakeServer.started[0].returncode = -9
+        if calls[0] == stop_at:
+            raise error("boom")
+        return policy.decide(*args)
+
+    monkeypatch.setattr(pipeline, "decide", decide)
+    with pytest.raises(error):
+        pipeline.run_pipeline(loaded, tmp_path, RunSettings(load_seconds=30.0),
+                              say=lambda _m: None)
+    return loaded, json.loads((tmp_path / "report.json").read_text())
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_run_stopped_mid_burst_reports_replicas_and_windows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[BaseException]) -> None:
+    """Interrupted or crashed mid-burst, the report still holds what the platform saw (before,
+    replica_errors and replicas_replaced were written only by a burst that ran to its end, and
+    an unexpected exception wrote no report at all), the replicas ready over time next to the
+    ones asked for, and the windows each decision read: the whole interval. The only replica
+    dies, so the next decision has no metrics and holds: at the replicas as set, which replaces
+    the dead one (before, it held at the survivors: none, and nothing was ever started again)."""
+    _loaded, report = _burst_only(monkeypatch, tmp_path, interval_s=1, stop_at=3, error=error)
+    if error is KeyboardInterrupt:
+        assert report["interrupted"] == "the load burst"
+    else:
+        assert report["error"] == "during the load burst: unexpected RuntimeError: boom"
+    assert report["verdict"]["status"] == ("interrupted" if error is KeyboardInterrupt
+                                           else "failed")
+    assert report["replicas_replaced"] == ["cpu-small-1: exited with code -9"]
+    assert len(report["replica_errors"]) == 1 and "boom" in report["replica_errors"][0]
+    first, second = report["autoscaling"]
+    assert first["replicas"] == second["replicas"] == {"cpu-small": 1, "cpu-large": 0}
+    assert second["code"] == "MetricsUnavailable" and second["problems"][0].endswith(
+        "stopped unread, its completions since the previous reading are left out")
+    # ready: one at the start, none once the dead one was reaped (its replacement never was)
+    ready = report["replicas_ready"]
+    assert ready[0] == {"time_s": 0.0, "ready": {"cpu-small": 1}}
+    assert ready[-1]["ready"] == {} and first["time_s"] < ready[-1]["time_s"] < \
+        second["time_s"] + 0.5
+    # each decision read its interval: the rate since the previous reading, the clients' p95
+    # over the last interval (the slow requests done by 0.7 s are out of the second's; a 10 s
+    # window read them until t=10.7)
+    assert first["p95_window_s"] == second["p95_window_s"] == 1.0
+    assert first["rate_window_s"] == pytest.approx(1.0, abs=0.3), first
+    assert second["rate_window_s"] is None  # no rate read
+    assert second["observed_p95_ms"] == 20.0, second
+    assert "over the last 1 s" in report["metrics_source"]
+    assert (tmp_path / "report.html").exists() and (tmp_path / "timeline.png").exists()
+
+
+def test_an_unexpected_exception_writes_the_report_then_goes_on_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (any exception that is not a LeanserveError) still writes what was done, and the
+    command says where it is before the traceback; before, it skipped the report."""
+    from rich.console import Console
+
+    from leanserve.local import pipeline
+    from leanserve.local.commands import run_command
+
+    def run(*args: Any) -> None:
+        args[5]["compression"] = {"selected": None, "candidates": [], "metric": "cosine"}
+        args[-1][0] = "profiling"
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "_run", run)
+    console = Console(width=300, record=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_command(Path(__file__).resolve().parents[2] / "examples/minilm-cpu.yaml",
+                    workdir=tmp_path, load_seconds=1.0, console=console)
+    text = console.export_text()
+    assert "unexpected error RuntimeError: boom" in text
+    assert f"report of what was done is in {tmp_path / 'report.html'}" in text
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["error"] == "during profiling: unexpected RuntimeError: boom"
+    assert report["compression"]["metric"] == "cosine"  # what was done is kept
+    assert report["verdict"]["status"] == "failed" and (tmp_path / "report.html").exists()
