@@ -39,6 +39,7 @@ from typing import Protocol
 from leanserve.autoscaling.errors import MetricsError
 from leanserve.autoscaling.platform import Platform
 from leanserve.autoscaling.policy import Observation
+from leanserve.serving.repository import TEXT_SUFFIX
 
 
 class HttpGet(Protocol):
@@ -62,6 +63,9 @@ def requests_get(url: str, params: dict[str, str], timeout: float) -> tuple[int,
 WINDOW_SECONDS = 60.0
 """The rate() range of the operator's queries; the simulator models this same window
 (simulate.SimConfig.metrics_window_seconds)."""
+MODEL_LABEL = "leanserve_model"
+"""The target label the operator's ServiceMonitor/PodMonitor gives every series a serving pod
+exports: the CompressedModel it serves (Triton's own labels are model and version only)."""
 
 
 def _seconds(window: str) -> float:
@@ -86,9 +90,21 @@ class Queries:
 
     @property
     def _sel(self) -> str:
+        return self._select(f'model="{self.model}"')
+
+    def _select(self, model: str) -> str:
         if self.namespace is None:
-            return f'model="{self.model}"'
-        return f'model="{self.model}",namespace=~"{self.namespace}|"'
+            return model
+        # the operator's monitors label each series with the CompressedModel whose pod served
+        # it (leanserve_model); series without the label (another scrape config) still count
+        return (f'{model},namespace=~"{self.namespace}|",'
+                f'{MODEL_LABEL}=~"{self.model}|"')
+
+    @property
+    def _sel_served(self) -> str:
+        """The model and, for a text model, the ensemble clients call (``<model>-text``: the
+        tokenizer, then the model), whose latency is what a client of it sees."""
+        return self._select(f'model=~"{self.model}|{self.model}{TEXT_SUFFIX}"')
 
     @property
     def request_rate(self) -> str:
@@ -118,9 +134,12 @@ class Queries:
         # the slowest replica's p95: the SLO holds only if it holds on every replica. Triton's
         # summary keeps its last quantiles while a replica is idle, so only replicas that served
         # requests within the window count: an idle model has no p95 (unknown, not stale).
-        return (f'max(nv_inference_request_summary_us{{{self._sel},quantile="0.95"}} '
+        # The text ensemble counts too: its latency includes the tokenizer's, which the model's
+        # does not, and a saturated tokenizer shows there only.
+        return (f'max(nv_inference_request_summary_us{{{self._sel_served},quantile="0.95"}} '
                 f"and on(instance, model, version) "
-                f"(rate(nv_inference_request_success{{{self._sel}}}[{self.window}]) > 0)) / 1000")
+                f"(rate(nv_inference_request_success{{{self._sel_served}}}[{self.window}]) > 0))"
+                " / 1000")
 
     @property
     def queue_ms(self) -> str:

@@ -26,6 +26,7 @@ from leanserve.api.spec import (
     NodePool,
     Serving,
 )
+from leanserve.autoscaling.metrics import MODEL_LABEL
 from leanserve.operator import stores
 from leanserve.operator.constants import (
     EVENT_COMPONENT,
@@ -485,8 +486,15 @@ def build_monitor(owner: Owner, kind: MonitorKind) -> dict[str, Any] | None:
     # Triton's series carry model and version only: the pod's pool label becomes `pool`, which
     # the per-pool panels and the autoscaler's per-pool rate group by.
     pool_label = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", Label.POOL.value)
+    # The CompressedModel becomes `leanserve_model`, so that the autoscaler's queries keep to
+    # its own pods' series: another CompressedModel called `<name>-text` serves a Triton model
+    # of the same name as this one's text ensemble.
+    model_label = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_",
+                                                           Label.MODEL.value)
     endpoint = {"port": "metrics", "path": "/metrics", "interval": "15s",
                 "relabelings": [{"sourceLabels": [pool_label], "targetLabel": "pool",
+                                 "action": "replace"},
+                                {"sourceLabels": [model_label], "targetLabel": MODEL_LABEL,
                                  "action": "replace"}]}
     spec: dict[str, Any] = {"selector": {"matchLabels": selector(owner, Component.SERVING)}}
     if kind is MonitorKind.SERVICE_MONITOR:

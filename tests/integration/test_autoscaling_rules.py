@@ -51,3 +51,42 @@ def test_the_operators_queries_keep_to_the_models_namespace(tmp_path: Path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'namespace=~"team-a|"' in Queries("minilm", namespace="team-a").arrival_rate
+
+
+def test_the_p95_is_what_a_client_of_the_text_ensemble_sees(tmp_path: Path):
+    """The p95 the operator reads is the slowest of the model and its text ensemble
+    (``<model>-text``: tokenizer + model) on its own pods: here the ensemble's 60 ms, not the
+    model's 20 ms; a pod of another CompressedModel called ``minilm-text`` (its own Triton model
+    of that name, labelled leanserve_model="minilm-text" by its monitor) is not counted, nor is
+    a replica that served nothing in the window."""
+    import json
+
+    from leanserve.autoscaling.metrics import Queries
+
+    pods = {  # (labels, p95 us, requests/s)
+        "a": ('namespace="team-a",leanserve_model="minilm",model="minilm"', 20_000, 5.0),
+        "b": ('namespace="team-a",leanserve_model="minilm",model="minilm-text"', 60_000, 5.0),
+        "c": ('namespace="team-a",leanserve_model="minilm-text",model="minilm-text"', 900_000,
+              5.0),
+        "d": ('namespace="team-a",leanserve_model="minilm",model="minilm-text"', 700_000, 0.0),
+    }
+    series = []
+    for instance, (labels, p95, rate) in pods.items():
+        series.append({"series": f'nv_inference_request_summary_us{{{labels},instance='
+                                 f'"{instance}",version="1",quantile="0.95"}}',
+                       "values": f"{p95}x40"})
+        series.append({"series": f'nv_inference_request_success{{{labels},instance='
+                                 f'"{instance}",version="1"}}',
+                       "values": f"0+{rate * 15:g}x40"})
+    q = Queries("minilm", window="60s", namespace="team-a")
+    test = {"rule_files": [], "tests": [{
+        "interval": "15s", "input_series": series,
+        "promql_expr_test": [{"expr": q.p95_ms, "eval_time": "5m",
+                              "exp_samples": [{"labels": "{}", "value": 60}]},
+                             # the load is still the model's own: every request reaches it
+                             {"expr": q.request_rate, "eval_time": "5m",
+                              "exp_samples": [{"labels": "{}", "value": 5}]}]}]}
+    (tmp_path / "p95_test.yaml").write_text(json.dumps(test))
+    proc = subprocess.run([PROMTOOL, "test", "rules", "p95_test.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

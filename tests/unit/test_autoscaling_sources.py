@@ -133,7 +133,7 @@ def test_p95_counts_only_replicas_that_served_in_the_window():
     # the summary is filtered by a positive success rate over the same window, per replica
     assert 'quantile="0.95"' in q.p95_ms
     assert "and on(instance, model, version)" in q.p95_ms
-    assert 'rate(nv_inference_request_success{model="minilm"}[30s]) > 0' in q.p95_ms
+    assert 'rate(nv_inference_request_success{model=~"minilm|minilm-text"}[30s]) > 0' in q.p95_ms
     # idle model: the rate is a real 0 (series exist) and the filtered p95 is empty -> unknown,
     # not the stale quantile Triton still exports; no load means no late requests
     src, _ = source({"request_success": (200, vec("0")), "summary_us": (200, vec())})

@@ -122,10 +122,17 @@ def test_monitors_select_the_serving_metrics_port(kind: MonitorKind) -> None:
     endpoint = endpoints[0]
     assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == \
         ("metrics", "/metrics", "15s")
-    # Triton's series get the pod's pool label as `pool` (per-pool panels, rate_by_pool)
+    # Triton's series get the pod's pool label as `pool` (per-pool panels, rate_by_pool) and
+    # its CompressedModel as `leanserve_model` (the autoscaler's queries keep to its own pods)
     assert endpoint["relabelings"] == [{
         "sourceLabels": ["__meta_kubernetes_pod_label_leanserve_io_pool"],
-        "targetLabel": "pool", "action": "replace"}]
+        "targetLabel": "pool", "action": "replace"}, {
+        "sourceLabels": ["__meta_kubernetes_pod_label_leanserve_io_model"],
+        "targetLabel": "leanserve_model", "action": "replace"}]
+    pod = builders.build_deployment(OWNER, spec_of(), spec_of().node_pools[0],
+                                    artifact_uri="pvc://a/b", artifact_sha="x", replicas=1,
+                                    monitor=kind, settings=SETTINGS)
+    assert pod["spec"]["template"]["metadata"]["labels"]["leanserve.io/model"] == OWNER.name
     assert m["spec"]["selector"]["matchLabels"] == builders.build_service(OWNER)["spec"][
         "selector"]
     assert builders.build_monitor(OWNER, MonitorKind.NONE) is None
