@@ -79,6 +79,20 @@ def test_missing_metrics_hold_and_unknown(bad):
     assert d.reason.startswith("MetricsUnavailable: no request rate")
 
 
+def test_missing_metrics_hold_at_least_min_replicas():
+    import dataclasses
+
+    at_least_3 = dataclasses.replace(TARGET, min_replicas=3)
+    # replicas below minReplicas (raised while Prometheus is down): up to it, on the same pool
+    d = decide(obs(0, None, None, {"cpu-small": 0, "cpu-large": 1}), POOLS, at_least_3, None, 0)
+    assert d.replicas == {"cpu-small": 0, "cpu-large": 3}
+    assert d.code is Reason.METRICS_UNAVAILABLE and "raised to minReplicas 3" in d.reason
+    # nothing at all: the cheapest pool per request
+    d = decide(obs(0, None, None, {"cpu-small": 0, "cpu-large": 0}), POOLS, TARGET, None, 0)
+    assert d.replicas == {"cpu-small": 0, "cpu-large": 1}
+    assert LARGE.price_per_rps < SMALL.price_per_rps
+
+
 def test_the_arrival_rate_keeps_rising_where_the_served_rate_saturates():
     # 3 small replicas serve at most ~171 req/s whatever arrives; the arrival rate shows 400
     cur = {"cpu-small": 3, "cpu-large": 0}
@@ -256,10 +270,17 @@ def test_properties(rate, arrival, pending, p95, cur, ready_share, max_r, budget
     within = sum(cur.values()) <= max_r and hourly_cost(cur, POOLS) <= budget
     no_rate = (rate is None or math.isnan(rate)) and arrival is None
     if no_rate:
-        assert all(d.replicas[k] <= cur[k] for k in cur)
-        assert d.slo_met is None
-        if within:
+        # held: never more than it had, except up to minReplicas
+        if sum(cur.values()) >= t.min_replicas and within:
             assert d.replicas == cur
+        elif sum(cur.values()) >= t.min_replicas:  # trimmed to the limits, then up to minReplicas
+            assert sum(d.replicas.values()) <= sum(cur.values())
+        else:
+            assert sum(d.replicas.values()) <= t.min_replicas
+            if any(hourly_cost({**cur, p.name: cur[p.name] + t.min_replicas - sum(cur.values())},
+                               POOLS) <= budget for p in POOLS) and within:
+                assert sum(d.replicas.values()) == t.min_replicas
+        assert d.slo_met is None
         return
     # ONE pool is chosen; any other pool keeps at most its current replicas (a switch in
     # progress), never grows
