@@ -106,6 +106,8 @@ class RunState:
     stopped or was reaped."""
     t0: float | None = None
     """When the load started (time.monotonic); None before."""
+    load_error: str | None = None
+    """Why the load generator's thread stopped early (an exception it did not expect)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note_ready(self, ready: dict[str, int], now: float | None = None) -> None:
@@ -321,7 +323,7 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
         with state.lock:
             state.t0 = t0
         source = LocalSource(inner, ClientLatency(state, t0, p95_window))
-        loader = threading.Thread(target=_drive, name="load", daemon=True,
+        loader = threading.Thread(target=_drive_noting_errors, name="load", daemon=True,
                                   args=(platform, model, payloads, schedule, settings.load_seconds,
                                         t0, state, stop))
         loader.start()
@@ -330,6 +332,11 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
         end = t0 + settings.load_seconds + cooldown
         while time.monotonic() < end:
             time.sleep(max(0.0, min(interval, end - time.monotonic())))
+            with state.lock:
+                load_error = state.load_error
+            if load_error is not None:
+                raise RunError(f"the load generator stopped: {load_error} (the requests sent "
+                               "until then are in the report)")
             for dead in platform.check_health():  # reaped: this decision's scale replaces it
                 say(f"replica {dead}; replacing it")
             obs, reading = observe(source, platform, model)  # stamped with wall time
@@ -519,6 +526,19 @@ def _payloads(platform: LocalPlatform, model: str, seq_len: int) -> list[dict[st
     url = platform.endpoints()[0][1]
     return make_inputs(fetch_model_config(url, model, Protocol.HTTP), batch=1,
                        sequence_length=seq_len)
+
+
+def _drive_noting_errors(platform: LocalPlatform, model: str, payloads: list[dict[str, Any]],
+                         schedule: Callable[[float], float], seconds: float, t0: float,
+                         state: RunState, stop: threading.Event) -> None:
+    """``_drive``, with an exception it did not expect kept in ``state.load_error`` for the
+    main thread to end the run with (a dead thread's traceback would only reach stderr, and
+    the run would go on autoscaling no load)."""
+    try:
+        _drive(platform, model, payloads, schedule, seconds, t0, state, stop)
+    except Exception as exc:
+        with state.lock:
+            state.load_error = f"{type(exc).__name__}: {exc}"
 
 
 def _drive(platform: LocalPlatform, model: str, payloads: list[dict[str, Any]],

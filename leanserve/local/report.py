@@ -108,7 +108,7 @@ def timeline_figure(timeline: list[dict[str, Any]], decisions: list[dict[str, An
     axes[2].set_xlabel("seconds since load start")
     axes[2].legend(loc="lower right", fontsize=8)
     ends = t + [d["time_s"] for d in decisions]
-    if ends:
+    if ends and max(ends) > 0:  # a run stopped in its first bucket has no span to draw
         axes[2].set_xlim(0, max(ends))
     return fig
 

@@ -656,7 +656,8 @@ class LiveServer(FakeServer):
 
 
 def _burst_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval_s: int,
-                stop_at: int, error: type[BaseException]) -> tuple[Any, dict[str, Any]]:
+                stop_at: int, error: type[BaseException], drive_fails: bool = False
+                ) -> tuple[Any, dict[str, Any]]:
     """`leanserve run`'s load burst on fake replicas and fake counters (everything before it
     stubbed; no Prometheus): the first replica dies after decision 1, its replacement fails to
     start, and ``error`` is raised at decision ``stop_at``. Returns (the spec, report.json)."""
@@ -705,6 +706,8 @@ def _burst_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval_s: int
         with state.lock:  # slow ones done by 0.7 s; fast ones in the second interval
             state.records += [(0.1 + 0.01 * i, 600.0, True) for i in range(20)]
             state.records += [(interval_s * 1.35 + 0.015 * i, 20.0, True) for i in range(20)]
+        if drive_fails:
+            raise ValueError("no endpoints")
 
     monkeypatch.setattr(pipeline, "_drive", drive)
     calls = [0]
@@ -761,6 +764,22 @@ def test_a_run_stopped_mid_burst_reports_replicas_and_windows(
     assert second["observed_p95_ms"] == 20.0, second
     assert "over the last 1 s" in report["metrics_source"]
     assert (tmp_path / "report.html").exists() and (tmp_path / "timeline.png").exists()
+
+
+def test_a_load_generator_that_dies_ends_the_run_with_what_it_sent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception in the load thread ends the run at the next decision with a clear error and
+    the report of what was sent; before, the thread died with a traceback on stderr and the run
+    went on autoscaling no load to the end."""
+    from leanserve.local.pipeline import RunError
+
+    _loaded, report = _burst_only(monkeypatch, tmp_path, interval_s=1, stop_at=99,
+                                  error=RunError, drive_fails=True)
+    assert report["error"].endswith("the load generator stopped: ValueError: no endpoints (the "
+                                    "requests sent until then are in the report)")
+    assert report["verdict"]["status"] == "failed"
+    assert len(report["autoscaling"]) <= 1
+    assert sum(b["offered_rps"] * 2.0 for b in report["timeline"]) == pytest.approx(40)
 
 
 def test_an_unexpected_exception_writes_the_report_then_goes_on_up(
