@@ -161,7 +161,11 @@ class DirectSource:
         return Reading(rate, p95_ms, queue_ms, {}, problems, kinds)
 
     def _parse(self, text: str) -> tuple[float | None, float, float | None]:
+        """(requests completed: answered or failed, queue time in us, p95 in us). A failed
+        request counts: one Triton rejected (a queue timeout) was load all the same, as the
+        cluster's request-rate query has it."""
         success: float | None = None
+        failed = 0.0
         queue = 0.0
         p95: float | None = None
         for family in text_string_to_metric_families(text):
@@ -172,9 +176,11 @@ class DirectSource:
                 name = s.name.removesuffix("_total")
                 if name == "nv_inference_request_success":
                     success = (success or 0.0) + s.value
+                elif name == "nv_inference_request_failure":
+                    failed += s.value
                 elif name == "nv_inference_queue_duration_us":
                     queue += s.value
                 elif s.name == "nv_inference_request_summary_us" and \
                         s.labels.get("quantile") == "0.95":
                     p95 = s.value if p95 is None else max(p95, s.value)
-        return success, queue, p95
+        return (None if success is None else success + failed), queue, p95

@@ -48,6 +48,11 @@ Say = Callable[[str], None]
 #: Per-request timeout of the load burst's clients; a failed request counts as this long in
 #: the clients' p95 the policy reads.
 CLIENT_TIMEOUT_S = 10.0
+#: How often the load generator re-reads the ready replicas, and how long a replica scaled
+#: down keeps serving after it left them (a pod's preStop grace): a client never picks one
+#: whose port is closing.
+SERVERS_REFRESH_S = 0.1
+DRAIN_S = 0.5
 
 
 class RunError(LeanserveError):
@@ -231,6 +236,7 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
     with ExitStack() as stack:
         platform = LocalPlatform(_local_repository(
             repo, replica["config"], workdir, spec.serving.queue_timeout_microseconds), logs)
+        platform.drain_s = DRAIN_S
 
         def replica_record() -> None:  # last out: every report has them, interrupted or not
             report["replica_errors"] = list(platform.errors)
@@ -251,8 +257,11 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
                 groups.append(([f"127.0.0.1:{exporter_port}"], {"role": "leanserve"}))
                 prom.set_targets(groups)
 
-        def changed() -> None:
-            state.note_ready(platform.ready_replicas(model))
+        noting = threading.Lock()
+
+        def changed() -> None:  # boot threads and the main thread: read and note as one step,
+            with noting:        # or an older count could be noted last
+                state.note_ready(platform.ready_replicas(model))
             retarget()
 
         platform.on_change = changed
@@ -545,15 +554,21 @@ def _drive(platform: LocalPlatform, model: str, payloads: list[dict[str, Any]],
            schedule: Callable[[float], float], seconds: float, t0: float, state: RunState,
            stop: threading.Event, segment_s: float = 2.0,
            clock: Callable[[], float] = time.monotonic) -> None:
-    """Open-loop load on the clock from ``t0`` (a ``clock`` reading), spread over the replicas
-    ready at the start of each ``segment_s`` segment. The replicas are re-read without pausing
-    the arrivals, so a slow server cannot slow the offered load down. Returns when the last
-    request was answered or failed, or within a fraction of a second of ``stop``."""
+    """Open-loop load on the clock from ``t0`` (a ``clock`` reading), spread over the ready
+    replicas, re-read every SERVERS_REFRESH_S without pausing the arrivals, so a slow server
+    cannot slow the offered load down (the planned rate is noted once a ``segment_s``). A
+    replica scaled down leaves the list before it stops (``LocalPlatform.drain_s``). Returns
+    when the last request was answered or failed, or within a fraction of a second of
+    ``stop``."""
     from leanserve.serving.loadgen import Balance, LoadSpec, Record, run_load
 
+    segment = [-1]
+
     def servers(t: float) -> list[str]:
-        with state.lock:
-            state.offered.append((t, schedule(t)))
+        if int(t // segment_s) != segment[0]:  # the planned rate, once a segment
+            segment[0] = int(t // segment_s)
+            with state.lock:
+                state.offered.append((t, schedule(t)))
         return [u for _pool, u in platform.endpoints()]
 
     def on_result(r: Record) -> None:
@@ -565,7 +580,7 @@ def _drive(platform: LocalPlatform, model: str, payloads: list[dict[str, Any]],
 
     spec = LoadSpec(model=model, rate_schedule=schedule, duration_s=seconds,
                     balance=Balance.LEAST_OUTSTANDING, timeout_s=CLIENT_TIMEOUT_S)
-    run_load(servers, payloads, spec, on_result=on_result, refresh_s=segment_s,
+    run_load(servers, payloads, spec, on_result=on_result, refresh_s=SERVERS_REFRESH_S,
              stop=stop.is_set, clock=clock, start=t0)
 
 

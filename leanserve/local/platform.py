@@ -15,6 +15,7 @@ decision (a hold included); ``replaced`` lists each one for the report.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,10 @@ class LocalPlatform:
         self._counter = 0
         self._set: dict[str, int] = {}
         """Replicas per pool as last set by ``scale`` (a Deployment's spec.replicas)."""
+        self.drain_s = 0.0
+        """Seconds a ready replica that ``scale`` removes keeps serving after it left
+        ``endpoints()``, before its process stops (a pod's preStop grace): a client that picked
+        it just before finishes instead of failing on a closed port."""
         self.errors: list[str] = []
         self.replaced: list[str] = []
         """Replicas found dead by ``check_health``, with why ("cpu-small-2: exited with ...")."""
@@ -92,7 +97,7 @@ class LocalPlatform:
             for _ in range(want - len(mine)):
                 self._start(pool)
             for replica in reversed(mine[want:]):
-                self._stop(replica)
+                self._stop(replica, drain=True)
 
     # what the load generator and Prometheus need ---------------------------------------------
 
@@ -175,9 +180,9 @@ class LocalPlatform:
             self._replicas.append(replica)
         replica.thread.start()
 
-    def _stop(self, replica: Replica) -> None:
-        """Remove ``replica`` from every count first (no request is routed to it any more), then
-        stop its process."""
+    def _stop(self, replica: Replica, drain: bool = False) -> None:
+        """Remove ``replica`` from every count first (no request is routed to it any more), wait
+        ``drain_s`` if ``drain`` and it was serving, then stop its process."""
         if replica.thread is not None and replica.thread is not threading.current_thread():
             replica.thread.join(180)  # never kill a server halfway through its start
         with self._lock:
@@ -186,6 +191,8 @@ class LocalPlatform:
         was_ready, replica.ready = replica.ready, False
         if self.on_change:
             self.on_change()
+        if drain and was_ready and self.drain_s > 0:
+            time.sleep(self.drain_s)
         if was_ready and self.on_stop:
             self.on_stop(replica.pool, _metrics_address(replica))
         replica.server.stop()

@@ -357,8 +357,9 @@ async def run_load_async(urls: Servers, payloads: Sequence[dict[str, np.ndarray]
         if on_result is not None:
             on_result(record)
 
-    async def one(index: int, scheduled: float, server: int) -> None:
-        pool.outstanding[server] += 1
+    async def one(index: int, scheduled: float, server: int, reserved: bool = False) -> None:
+        if not reserved:  # the open loop counts a request in flight when it creates its task
+            pool.outstanding[server] += 1
         try:
             await pool.clients[server].infer(spec.model,
                                              pool.prepared[server][index % len(payloads)])
@@ -410,7 +411,7 @@ class _Loop:
     spec: LoadSpec
     state: _State
     pool: _Pool
-    one: Callable[[int, float, int], Any]
+    one: Callable[[int, float, int, bool], Any]
     finish: Callable[[Record], None]
     clock: Callable[[], float]
     start: float
@@ -452,7 +453,10 @@ async def _open_loop(offsets: list[float], loop: _Loop) -> None:
             if server is None:
                 loop.finish(Record(due, None, False, -1, "no server to send to"))
                 continue
-            task = asyncio.create_task(loop.one(index, due, server))
+            # in flight from now, not from when the task first runs: a burst of overdue
+            # arrivals created in one go must see each other (the cap, the balancer)
+            pool.outstanding[server] += 1
+            task = asyncio.create_task(loop.one(index, due, server, True))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         deadline = loop.clock() + spec.timeout_s + 1.0

@@ -30,6 +30,7 @@ class SlowServer(ThreadingHTTPServer):
     def __init__(self, delay_s: float) -> None:
         super().__init__(("127.0.0.1", 0), SlowInfer)
         self.delay_s = delay_s
+        self.closing = False  # then every request fails at once, as on a stopped replica
         self.received = 0
         self.count_lock = threading.Lock()
 
@@ -47,6 +48,9 @@ class SlowInfer(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.server.closing:
+            self.send_error(503)
+            return
         with self.server.count_lock:
             self.server.received += 1
         time.sleep(self.server.delay_s)
@@ -126,7 +130,7 @@ def test_the_load_stays_on_the_clock_when_the_server_is_slower_than_a_segment(
 
 def test_the_load_follows_the_replicas_and_stops_within_a_fraction_of_a_second(
         slow: SlowServer, slow_b: SlowServer) -> None:
-    replicas = Replicas([slow.url], [slow.url, slow_b.url])  # a second replica from 0.5 s
+    replicas = Replicas([slow.url], [slow.url, slow_b.url])  # a second one from the next read
     state = RunState()
     stop = threading.Event()
     before = set(threading.enumerate())
@@ -177,3 +181,45 @@ def test_a_request_due_while_no_replica_is_ready_fails_instead_of_going_unsent(
     assert 9 <= early <= 10 and result["errors"] == early
     assert slow.received == 19 - early
     assert result["servers"] == [slow.url]
+
+
+class Shrinking:
+    """Two replicas, then one: the second leaves the ready list at ``at_s`` and fails every
+    request from then on (the worst case; LocalPlatform also waits drain_s before it stops
+    the process)."""
+
+    def __init__(self, keep: SlowServer, leaving: SlowServer, at_s: float) -> None:
+        self.keep, self.leaving, self.at = keep, leaving, time.monotonic() + at_s
+        self.timer = threading.Timer(at_s, lambda: setattr(leaving, "closing", True))
+        self.timer.start()
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        if time.monotonic() < self.at:
+            return [("small", self.keep.url), ("small", self.leaving.url)]
+        return [("small", self.keep.url)]
+
+
+def test_a_replica_scaled_down_mid_segment_gets_no_more_requests() -> None:
+    """The ready replicas are re-read every 0.1 s, not once a 2 s segment: before, a replica
+    scaled down kept being picked until the segment ended, a closed port fails at once (so the
+    balancer, least outstanding, sent it most of the load), and 40 of ~68 requests failed; each
+    counts as the client's 10 s timeout in the p95 the autoscaler reads."""
+    from leanserve.local.pipeline import ClientLatency
+
+    fast = [_serve(0.05), _serve(0.05)]
+    keep, leaving = (next(g) for g in fast)
+    try:
+        state = RunState()
+        began = time.monotonic()
+        replicas = Shrinking(keep, leaving, 0.7)
+        _drive(replicas, "fast", PAYLOADS,  # type: ignore[arg-type]
+               lambda _t: 40.0, 2.0, began, state, threading.Event())
+        replicas.timer.join()
+        failed = [t for t, _lat, ok in state.records if not ok]
+        assert len(state.records) >= 60 and len(failed) <= 3, failed
+        assert keep.received > leaving.received > 0
+        p95, n = ClientLatency(state, began, 2.0, clock=lambda: began + 2.3).p95()
+        assert n >= 60 and p95 is not None and p95 < 1000
+    finally:
+        for g in fast:
+            g.close()

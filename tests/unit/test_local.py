@@ -94,6 +94,31 @@ def test_platform_scales_pools_up_and_down_newest_first(tmp_path: Path) -> None:
     assert plat.current_replicas("m") == {}
 
 
+def test_a_replica_scaled_down_leaves_the_endpoints_before_it_stops(tmp_path: Path) -> None:
+    """A pod's preStop grace: while ``drain_s`` runs, clients no longer see the replica, and
+    its process still answers the requests they sent it just before."""
+    FakeServer.started = []
+    plat = LocalPlatform(tmp_path, tmp_path / "logs", server_factory=FakeServer)
+    plat.drain_s = 0.3
+    plat.scale("m", {"small": 2})
+    plat.wait_ready(10)
+    seen: list[tuple[int, bool]] = []
+    leaving = FakeServer.started[1]
+    watcher = threading.Thread(target=lambda: [
+        (seen.append((len(plat.endpoints()), leaving.stopped)), time.sleep(0.05))
+        for _ in range(12)])
+    began = time.monotonic()
+    watcher.start()
+    plat.scale("m", {"small": 1})
+    took = time.monotonic() - began
+    watcher.join()
+    assert leaving.stopped and took >= 0.3
+    assert (1, False) in seen  # out of the endpoints, still running
+    assert (2, True) not in seen  # never listed once stopped
+    plat.stop_all()  # at exit nothing waits
+    assert all(s.stopped for s in FakeServer.started)
+
+
 def test_platform_records_a_replica_that_fails_to_start(tmp_path: Path) -> None:
     def factory(repo: Path, *, log_dir: Path) -> FakeServer:
         return FakeServer(repo, log_dir=log_dir, fail=True)
@@ -141,6 +166,26 @@ def test_direct_source_needs_two_scrapes_then_reads_rate_p95_and_queue() -> None
     assert second.request_rate == pytest.approx(15.0)  # (100 + 50) / 10 s
     assert second.p95_ms == pytest.approx(50.0)  # the slowest replica
     assert second.queue_ms == pytest.approx(2.0)  # 300 ms of queue over 150 requests
+
+
+def test_direct_source_counts_rejected_requests_as_load() -> None:
+    """Triton's failures (a queue timeout's REJECTED among them) are requests that arrived, as
+    the cluster's request-rate query counts them; before, only successes were."""
+    now = [100.0]
+    counts = {"ok": 0, "rejected": 0}
+
+    def fetch(url: str, _timeout: float) -> str:
+        return METRICS.format(n=counts["ok"], q=0, p95=20000) + (
+            "# TYPE nv_inference_request_failure counter\n"
+            f'nv_inference_request_failure{{model="m",reason="REJECTED",version="1"}} '
+            f"{counts['rejected']}\n"
+            'nv_inference_request_failure{model="m-text",reason="REJECTED",version="1"} 7\n')
+
+    src = DirectSource(Targets(), "m", clock=lambda: now[0], fetch=fetch)
+    src.read()
+    now[0] = 110.0
+    counts.update(ok=100, rejected=60)
+    assert src.read().request_rate == pytest.approx(2 * (100 + 60) / 10)  # two replicas
 
 
 def test_direct_source_reports_unreachable_replicas() -> None:
