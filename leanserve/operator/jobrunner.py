@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         log.write_text(handback.tail(output))
         return code
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    gpu = bool(opts.gpu_repository and report.get("selected"))
+    if gpu:
+        # copied before the profile rewrites the CPU repository's config: the profile measures
+        # this CPU, and a GPU pool keeps the spec's batching (its capacity is derived)
+        to_gpu_repository(out / "model_repository",
+                          out / ("model_repository" + GPU_REPOSITORY_SUFFIX))
     profile = None
     if opts.profile and report.get("selected"):
         pcode, poutput = run(["leanserve", "profile", str(out / "model_repository"), "--spec",
@@ -102,10 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(handback.tail(poutput, lines=5), file=sys.stderr)
     sha = model_sha256(out, report.get("selected")) if report.get("selected") else ""
-    gpu = bool(opts.gpu_repository and report.get("selected"))
-    if gpu:
-        to_gpu_repository(out / "model_repository",
-                          out / ("model_repository" + GPU_REPOSITORY_SUFFIX))
     if opts.upload_to:
         upload(out, opts.upload_to)
     log.write_text(handback.encode(handback.summarize(report, opts.artifact_uri, sha, profile,

@@ -36,3 +36,45 @@ def test_the_job_profiles_then_serves_the_profiled_config(tmp_path: Path,
     profile = ran[1]
     assert profile[:3] == ["leanserve", "profile", str(out / "model_repository")]
     assert "--apply" in profile and profile[profile.index("--spec") + 1] == "/spec/spec.yaml"
+
+
+def test_the_gpu_repository_keeps_the_spec_s_batching(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The profile measures the Job's CPU: what --apply writes is for the CPU pools. The GPU
+    repository is copied before it, with the spec's batching (and queue timeout); before, a
+    CPU-best max_batch_size of 1 went to the GPU pods too."""
+    from test_serving_repository import tiny_text_onnx
+
+    from leanserve.api.spec import Task
+    from leanserve.serving import pbtxt
+    from leanserve.serving.repository import (
+        ServingConfig,
+        serving_config_of,
+        with_serving_config,
+        write_model_repository,
+    )
+
+    out = tmp_path / "out"
+
+    def fake_run(argv: list[str], timeout: float) -> tuple[int, str]:
+        repo = out / "model_repository"
+        if argv[1] == "compress":
+            write_model_repository(tiny_text_onnx(tmp_path / "m.onnx"), repo, "enc",
+                                   task=Task.FEATURE_EXTRACTION, max_batch_size=32,
+                                   max_queue_delay_us=1000, queue_timeout_us=50_000)
+            (out / "report.json").write_text(json.dumps({"selected": "int8", "candidates": []}))
+        else:  # what --apply does with a CPU-best config of batch 1
+            config = pbtxt.read(repo / "enc")
+            pbtxt.write(with_serving_config(config, ServingConfig(max_batch_size=1)), repo / "enc")
+            (out / "profile.json").write_text(json.dumps({"pools": {}, "capacity_rps": 1.0}))
+        return 0, ""
+
+    monkeypatch.setattr(jobrunner, "run", fake_run)
+    code = jobrunner.main(["--artifact-uri", "pvc://x/y", "--profile", "--gpu-repository",
+                           "--termination-log", str(tmp_path / "log"), "--", "leanserve",
+                           "compress", "/spec/spec.yaml", "--out", str(out)])
+    assert code == 0
+    cpu = serving_config_of(pbtxt.read(out / "model_repository" / "enc"))
+    gpu = serving_config_of(pbtxt.read(out / "model_repository-gpu" / "enc"))
+    assert cpu.max_batch_size == 1
+    assert (gpu.max_batch_size, gpu.queue_timeout_us, gpu.kind.value) == (32, 50_000, "KIND_GPU")
