@@ -461,7 +461,10 @@ class Serving(Model):
         description="Triton's queue policy: reject (HTTP 503) a request that waited longer than "
                     "this in the queue instead of answering it late; under overload a backlog "
                     "then stops making every later request late. 0 (Triton's default) keeps "
-                    "every request queued. The autoscaler counts rejected requests as load.")
+                    "every request queued. The autoscaler counts rejected requests as load. "
+                    "The compression Job writes it into the served repository: on a live "
+                    "CompressedModel a change takes effect with the next Job (a new value of "
+                    "the leanserve.io/retry annotation runs one), as for maxBatchSize.")
 
 
 # --------------------------------------------------------------------------------------------
