@@ -125,6 +125,18 @@ class Queries:
                 f"/ {_seconds(self.window):g}")
 
     @property
+    def replicas_scraped(self) -> str:
+        """Replicas whose latest scrape is live now (a stopped one's series is stale)."""
+        return f"count(nv_inference_request_success{{{self._sel}}})"
+
+    @property
+    def replicas_in_rate(self) -> str:
+        """How many of those the request rate sums: a pod scraped once within the window has no
+        rate() yet, though it already takes its share of the requests."""
+        return (f"count(rate(nv_inference_request_success{{{self._sel}}}[{self.window}]) "
+                f"and nv_inference_request_success{{{self._sel}}})")
+
+    @property
     def pending(self) -> str:
         """Requests queued or executing in Triton now, over every replica."""
         return f"sum(nv_inference_pending_request_count{{{self._sel}}})"
@@ -167,6 +179,10 @@ class Reading:
     """Requests/s arriving (the load signal); None: no data."""
     pending: float | None = None
     """Requests pending in Triton now; None: no data."""
+    replicas_in_rate: int | None = None
+    """How many of the replicas scraped now the rates sum over; None: not known."""
+    replicas_scraped: int | None = None
+    """How many replicas were scraped at their latest scrape; None: not known."""
 
 
 @dataclass
@@ -250,6 +266,8 @@ class PrometheusSource:
         queue = self.scalar(self.queries.queue_ms, problems, "queue time", kinds)
         arrival = self.scalar(self.queries.arrival_rate, problems, "arrival rate", kinds)
         pending = self.scalar(self.queries.pending, problems, "pending requests", kinds)
+        counted = self._count(self.queries.replicas_in_rate) if rate is not None else None
+        scraped = self._count(self.queries.replicas_scraped) if rate is not None else None
         by_pool: dict[str, float] = {}
         if rate is not None:
             try:
@@ -259,7 +277,19 @@ class PrometheusSource:
             except MetricsError as exc:
                 problems.append(f"rate by pool: {exc}")
                 kinds.append(exc.kind)
-        return Reading(rate, p95, queue, by_pool, problems, kinds, arrival, pending)
+        return Reading(rate, p95, queue, by_pool, problems, kinds, arrival, pending, counted,
+                       scraped)
+
+    def _count(self, expr: str) -> int | None:
+        """None when not known: the rates then stand as read (a correction of them, not a
+        figure of its own, so no problem is reported for it)."""
+        try:
+            rows = self.query(expr)
+        except MetricsError:
+            return None
+        if len(rows) != 1 or not math.isfinite(rows[0][1]):
+            return None
+        return round(rows[0][1])
 
 
 ERROR_KINDS = ("unreachable", "http", "malformed", "query", "empty", "ambiguous", "not_finite")
@@ -338,16 +368,30 @@ def observe(source: PrometheusSource, platform: Platform, model: str) -> tuple[O
                                                                                Reading]:
     """An Observation for policy.decide: metrics from Prometheus, replicas from the platform."""
     reading = source.read()
+    ready = platform.ready_replicas(model)
+    n, counted = reading.replicas_scraped, reading.replicas_in_rate
+    scale, note = 1.0, ""
+    if n is not None and counted is not None and 0 < counted < n:
+        # a replica scraped once since it became ready takes its share of the requests (the
+        # Service and the load generator spread them evenly) before rate() has two samples of
+        # it: without this, every scale-up read as a drop in load
+        scale = n / counted
+        note = f"x{n}/{counted}: {n - counted} replica(s) scraped once, not in the rate yet"
     obs = Observation(
         time=source.clock(),
-        request_rate=reading.request_rate,
+        request_rate=_scaled(reading.request_rate, scale),
         p95_ms=reading.p95_ms,
         queue_ms=reading.queue_ms,
-        ready=platform.ready_replicas(model),
+        ready=ready,
         current=platform.current_replicas(model),
-        arrival_rate=reading.arrival_rate,
+        arrival_rate=_scaled(reading.arrival_rate, scale),
         pending=reading.pending,
         # a source that knows the range its rates average over says so (PrometheusSource)
         window_seconds=getattr(source, "window_seconds", None),
+        rate_note=note,
     )
     return obs, reading
+
+
+def _scaled(rate: float | None, scale: float) -> float | None:
+    return None if rate is None else rate * scale

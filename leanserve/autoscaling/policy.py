@@ -184,6 +184,8 @@ class Observation:
     window_seconds: float | None = None
     """The range the rates are averaged over (the rate() window). On a ramp an average over the
     last W seconds is the load of W/2 ago: the trend projects that much further. None: 0."""
+    rate_note: str = ""
+    """How the source corrected its rates, said after the load in the decision's reason."""
 
 
 SEASON_BUCKET_SECONDS = 300.0
@@ -625,7 +627,8 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
     else:
         slo_met = None
     parts = [f"load {load:.1f} req/s" + ("" if arrival is not None
-                                         else " (served; no arrival rate)")]
+                                         else " (served; no arrival rate)")
+             + (f" ({observed.rate_note})" if observed.rate_note else "")]
 
     # a backlog (pending requests beyond what the load keeps in flight within the SLO, by
     # Little's law) grows while the load exceeds what the ready pods complete, until new pods

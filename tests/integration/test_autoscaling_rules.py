@@ -90,3 +90,34 @@ def test_the_p95_is_what_a_client_of_the_text_ensemble_sees(tmp_path: Path):
     proc = subprocess.run([PROMTOOL, "test", "rules", "p95_test.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_pod_scraped_once_is_not_in_the_rate_and_is_counted_apart(tmp_path: Path):
+    """Prometheus's own evaluation: a pod that appeared at the last scrape has one sample, so
+    rate() leaves it out of the request rate; two replicas are scraped and one is in the rate
+    (the operator then adds the new pod's even share). A pod that stopped (its series ended a
+    minute ago) is neither scraped now nor counted in the rate."""
+    import json
+
+    from leanserve.autoscaling.metrics import Queries
+
+    old = 'nv_inference_request_success{model="minilm",instance="a"}'
+    new = 'nv_inference_request_success{model="minilm",instance="b"}'
+    gone = 'nv_inference_request_success{model="minilm",instance="c"}'
+    q = Queries("minilm", window="60s")
+    test = {"rule_files": [], "tests": [{
+        "interval": "15s",
+        "input_series": [{"series": old, "values": "0+150x20"},
+                         {"series": new, "values": "_x19 150"},
+                         {"series": gone, "values": "0+150x15 stale"}],
+        "promql_expr_test": [
+            {"expr": q.replicas_in_rate, "eval_time": "5m",
+             "exp_samples": [{"labels": "{}", "value": 1}]},
+            {"expr": q.replicas_scraped, "eval_time": "5m",
+             "exp_samples": [{"labels": "{}", "value": 2}]},
+            {"expr": q.request_rate, "eval_time": "5m",
+             "exp_samples": [{"labels": "{}", "value": 10}]}]}]}
+    (tmp_path / "count_test.yaml").write_text(json.dumps(test))
+    proc = subprocess.run([PROMTOOL, "test", "rules", "count_test.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
