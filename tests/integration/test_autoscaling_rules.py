@@ -26,11 +26,26 @@ def test_promtool(args):
     assert "SUCCESS" in proc.stdout + proc.stderr
 
 
+def _evaluate(tmp_path: Path, series: list[dict[str, str]], expected: list[tuple[str, float]]
+              ) -> None:
+    """Prometheus's own evaluation of each expression at 5 min over ``series`` scraped every
+    15 s (promtool's promql_expr_test): each must give one sample of the expected value."""
+    import json
+
+    test = {"rule_files": [], "tests": [{
+        "interval": "15s", "input_series": series,
+        "promql_expr_test": [{"expr": expr, "eval_time": "5m",
+                              "exp_samples": [{"labels": "{}", "value": value}]}
+                             for expr, value in expected]}]}
+    (tmp_path / "queries_test.yaml").write_text(json.dumps(test))
+    proc = subprocess.run([PROMTOOL, "test", "rules", "queries_test.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_the_operators_queries_keep_to_the_models_namespace(tmp_path: Path):
     """A model of the same name in another namespace is not this model's load (Prometheus's own
     evaluation, promtool's promql_expr_test); series without the label still count."""
-    import json
-
     from leanserve.autoscaling.metrics import Queries
 
     series = {  # requests/s per series: counters that grow this much every 15 s scrape
@@ -40,16 +55,8 @@ def test_the_operators_queries_keep_to_the_models_namespace(tmp_path: Path):
         'nv_inference_request_success{namespace="team-a",model="other",instance="d"}': 7.0,
     }
     cases = [(Queries("minilm", namespace="team-a"), 12.0), (Queries("minilm"), 112.0)]
-    test = {"rule_files": [], "tests": [{
-        "interval": "15s",
-        "input_series": [{"series": s, "values": f"0+{r * 15:g}x40"} for s, r in series.items()],
-        "promql_expr_test": [{"expr": q.request_rate, "eval_time": "5m",
-                              "exp_samples": [{"labels": "{}", "value": v}]}
-                             for q, v in cases]}]}
-    (tmp_path / "queries_test.yaml").write_text(json.dumps(test))
-    proc = subprocess.run([PROMTOOL, "test", "rules", "queries_test.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _evaluate(tmp_path, [{"series": s, "values": f"0+{r * 15:g}x40"} for s, r in series.items()],
+              [(q.request_rate, v) for q, v in cases])
     assert 'namespace=~"team-a|"' in Queries("minilm", namespace="team-a").arrival_rate
 
 
@@ -59,8 +66,6 @@ def test_the_p95_is_what_a_client_of_the_text_ensemble_sees(tmp_path: Path):
     model's 20 ms; a pod of another CompressedModel called ``minilm-text`` (its own Triton model
     of that name, labelled leanserve_model="minilm-text" by its monitor) is not counted, nor is
     a replica that served nothing in the window."""
-    import json
-
     from leanserve.autoscaling.metrics import Queries
 
     pods = {  # (labels, p95 us, requests/s)
@@ -79,17 +84,8 @@ def test_the_p95_is_what_a_client_of_the_text_ensemble_sees(tmp_path: Path):
                                  f'"{instance}",version="1"}}',
                        "values": f"0+{rate * 15:g}x40"})
     q = Queries("minilm", window="60s", namespace="team-a")
-    test = {"rule_files": [], "tests": [{
-        "interval": "15s", "input_series": series,
-        "promql_expr_test": [{"expr": q.p95_ms, "eval_time": "5m",
-                              "exp_samples": [{"labels": "{}", "value": 60}]},
-                             # the load is still the model's own: every request reaches it
-                             {"expr": q.request_rate, "eval_time": "5m",
-                              "exp_samples": [{"labels": "{}", "value": 5}]}]}]}
-    (tmp_path / "p95_test.yaml").write_text(json.dumps(test))
-    proc = subprocess.run([PROMTOOL, "test", "rules", "p95_test.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the load is still the model's own: every request reaches it
+    _evaluate(tmp_path, series, [(q.p95_ms, 60), (q.request_rate, 5)])
 
 
 def test_a_pod_scraped_once_is_not_in_the_rate_and_is_counted_apart(tmp_path: Path):
@@ -97,27 +93,13 @@ def test_a_pod_scraped_once_is_not_in_the_rate_and_is_counted_apart(tmp_path: Pa
     rate() leaves it out of the request rate; two replicas are scraped and one is in the rate
     (the operator then adds the new pod's even share). A pod that stopped (its series ended a
     minute ago) is neither scraped now nor counted in the rate."""
-    import json
-
     from leanserve.autoscaling.metrics import Queries
 
     old = 'nv_inference_request_success{model="minilm",instance="a"}'
     new = 'nv_inference_request_success{model="minilm",instance="b"}'
     gone = 'nv_inference_request_success{model="minilm",instance="c"}'
     q = Queries("minilm", window="60s")
-    test = {"rule_files": [], "tests": [{
-        "interval": "15s",
-        "input_series": [{"series": old, "values": "0+150x20"},
+    _evaluate(tmp_path, [{"series": old, "values": "0+150x20"},
                          {"series": new, "values": "_x19 150"},
                          {"series": gone, "values": "0+150x15 stale"}],
-        "promql_expr_test": [
-            {"expr": q.replicas_in_rate, "eval_time": "5m",
-             "exp_samples": [{"labels": "{}", "value": 1}]},
-            {"expr": q.replicas_scraped, "eval_time": "5m",
-             "exp_samples": [{"labels": "{}", "value": 2}]},
-            {"expr": q.request_rate, "eval_time": "5m",
-             "exp_samples": [{"labels": "{}", "value": 10}]}]}]}
-    (tmp_path / "count_test.yaml").write_text(json.dumps(test))
-    proc = subprocess.run([PROMTOOL, "test", "rules", "count_test.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+              [(q.replicas_in_rate, 1), (q.replicas_scraped, 2), (q.request_rate, 10)])
