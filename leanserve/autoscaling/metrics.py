@@ -364,19 +364,27 @@ def _short(x: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def observe(source: PrometheusSource, platform: Platform, model: str) -> tuple[Observation,
-                                                                               Reading]:
-    """An Observation for policy.decide: metrics from Prometheus, replicas from the platform."""
+def observe(source: PrometheusSource, platform: Platform, model: str, *,
+            ready_are_scraped: bool = False) -> tuple[Observation, Reading]:
+    """An Observation for policy.decide: metrics from Prometheus, replicas from the platform.
+
+    A replica that became ready within the window takes its share of the requests (the Service
+    and the load generator spread them evenly) before rate() has two samples of it: target
+    discovery (up to 5 s in Prometheus) and the first scrapes take an interval or more. The
+    rates are scaled by the replicas serving over those in the rate: the serving ones counted
+    by Prometheus (scraped now), or by the platform (ready) when ``ready_are_scraped`` says
+    each ready replica is a target of its own (the operator's monitors, `leanserve run`'s
+    Prometheus; a scrape through a Service would see one series for all pods). Without this,
+    every scale-up read as a drop in load."""
     reading = source.read()
     ready = platform.ready_replicas(model)
     n, counted = reading.replicas_scraped, reading.replicas_in_rate
+    if ready_are_scraped and counted is not None:
+        n = max(n or 0, sum(ready.values()))
     scale, note = 1.0, ""
     if n is not None and counted is not None and 0 < counted < n:
-        # a replica scraped once since it became ready takes its share of the requests (the
-        # Service and the load generator spread them evenly) before rate() has two samples of
-        # it: without this, every scale-up read as a drop in load
         scale = n / counted
-        note = f"x{n}/{counted}: {n - counted} replica(s) scraped once, not in the rate yet"
+        note = f"x{n}/{counted}: {n - counted} serving replica(s) not in the rate yet"
     obs = Observation(
         time=source.clock(),
         request_rate=_scaled(reading.request_rate, scale),

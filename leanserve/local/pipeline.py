@@ -348,7 +348,8 @@ def _run(loaded: LoadedSpec, workdir: Path, settings: RunSettings, say: Say, pro
                                "until then are in the report)")
             for dead in platform.check_health():  # reaped: this decision's scale replaces it
                 say(f"replica {dead}; replacing it")
-            obs, reading = observe(source, platform, model)  # stamped with wall time
+            # stamped with wall time; its Prometheus scrapes each ready replica
+            obs, reading = observe(source, platform, model, ready_are_scraped=True)
             decision = decide(obs, pools, local_spec, previous, obs.time, policy_settings)
             platform.scale(model, decision.replicas)
             exporter.record(model, decision, target, actual=platform.current_replicas(model),

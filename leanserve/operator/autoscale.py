@@ -132,7 +132,8 @@ def step(body: dict[str, Any], rt: Any, logger: Any, bridge: Bridge,
                                                   namespace=res.owner.namespace),
                                   clock=time.time,
                                   http=bridge.http_get)
-        obs, reading = observe(source, platform, res.owner.name)
+        obs, reading = observe(source, platform, res.owner.name,
+                               ready_are_scraped=rt.pods_scraped_one_by_one)
         now = time.time()
         decision = decide(obs, pools, spec, previous, now)
     except AutoscalingError as exc:

@@ -123,6 +123,12 @@ class Runtime:
             raise OperatorError("the operator's API client is not started")
         return self.kube
 
+    @property
+    def pods_scraped_one_by_one(self) -> bool:
+        """Whether the planner makes a ServiceMonitor/PodMonitor (as last discovered): then
+        Prometheus scrapes every serving pod, and every ready pod is one series of its model."""
+        return self._monitor is not None and self._monitor[1] is not MonitorKind.NONE
+
     async def monitor_kind(self) -> MonitorKind:
         """Which Prometheus Operator CRD the cluster serves (discovery, cached a minute)."""
         now = self.mono()

@@ -93,11 +93,20 @@ def test_a_replica_not_in_the_rate_yet_takes_its_share():
     assert (r.replicas_in_rate, r.replicas_scraped) == (1, 2)
     assert o.request_rate == o.arrival_rate == pytest.approx(360.0)
     d = decide(o, [PoolCapacity("a", 1000, 0.1)], Target(100, 1, 5), None, 0)
-    assert "load 360.0 req/s (x2/1: 1 replica(s) scraped once, not in the rate yet)" in d.reason
+    assert "load 360.0 req/s (x2/1: 1 serving replica(s) not in the rate yet)" in d.reason
     # every scraped replica in the rate: as read (what the platform says is ready is not used:
     # a scrape config that goes through the Service sees one series for all pods)
     o, _ = read((200, vec("1")), (200, vec("1")))
     assert o.request_rate == 180.0 and o.rate_note == ""
+    # not scraped at all yet (discovery): only where each ready replica is a target of its own
+    plat.set_ready("m", {"a": 3})
+    o, _ = read((200, vec("1")), (200, vec("1")))
+    assert o.request_rate == 180.0
+    src, _ = source({"count(rate(nv_inference_request_success": (200, vec("1")),
+                     "count(nv_inference_request_success": (200, vec("1")),
+                     "nv_inference_request_success": (200, vec("180"))})
+    o, _ = observe(src, plat, "m", ready_are_scraped=True)
+    assert o.request_rate == pytest.approx(540.0) and o.rate_note.startswith("x3/1: 2 serving")
     # no count (an error, or no answer): the rates stand as read, and no problem is added
     o, r = read((503, b"down"), (200, vec()))
     assert o.request_rate == 180.0 and r.replicas_in_rate is None
