@@ -601,14 +601,14 @@ def decide(observed: Observation, pools: Sequence[PoolCapacity], spec: Any,
         held = fit_limits(current, pools, target, prefer=current)
         raised = ""
         short = target.min_replicas - sum(held.values())
-        options = [{**held, p.name: held[p.name] + short} for p in
-                   sorted(pools, key=lambda p: (-held[p.name], p.price_per_rps))]
-        options = [m for m in options if within_limits(m, pools, target)] if short > 0 else []
-        if options:
-            # holding never goes below minReplicas (raised since, or replicas that were never
-            # there): on the pool already holding the most, else the cheapest per request
-            held = options[0]
-            raised = f" (raised to minReplicas {target.min_replicas})"
+        # holding never goes below minReplicas (raised since, or replicas that were never
+        # there): on the pool already holding the most, else the cheapest per request
+        order = sorted(pools, key=lambda p: (-held[p.name], p.price_per_rps))
+        for p in order if short > 0 else ():
+            mix = {**held, p.name: held[p.name] + short}
+            if within_limits(mix, pools, target):
+                held, raised = mix, f" (raised to minReplicas {target.min_replicas})"
+                break
         why = (f"{Reason.METRICS_UNAVAILABLE.value}: no request rate (Prometheus unreachable, "
                f"empty or NaN result); holding {_fmt(held)}{raised}")
         entry = HistoryEntry(now, tuple(held.items()), None)

@@ -95,6 +95,7 @@ class DirectSource:
         rate = queue_total = success_total = 0.0
         p95s: list[float] = []
         seen = 0
+        pairs: list[tuple[_Sample, _Sample]] = []  # (from, to) of each replica counted
         with self._lock:
             previous, self._last_read = self._last_read, now
             listed_before, self._listed = self._listed, set()
@@ -122,23 +123,19 @@ class DirectSource:
                 problems.append(f"{target}: no nv_inference_request_success for {self.model}")
                 kinds.append("empty")
                 continue
+            sample = _Sample(now, success, queue_us)
             with self._lock:
                 before = self._last.get(target)
-                self._last[target] = _Sample(now, success, queue_us)
+                self._last[target] = sample
             if p95 is not None and math.isfinite(p95):
                 p95s.append(p95 / 1000)
             if before is None:
                 if previous is None or target in listed_before:
                     continue  # the first reading, or unread last time: no start to count from
                 before = _Sample(previous, 0.0, 0.0)  # ready since the last reading: from 0
-            if now <= before.time:
-                continue
-            seen += 1
-            d_success = max(0.0, success - before.success)
-            rate += d_success / (now - before.time)
-            success_total += d_success
-            queue_total += max(0.0, queue_us - before.queue_us)
-        for before, last in gone:  # stopped since: their completions until they stopped
+            pairs.append((before, sample))
+        pairs += gone  # stopped since: their completions until they stopped
+        for before, last in pairs:
             if now <= before.time:
                 continue
             seen += 1

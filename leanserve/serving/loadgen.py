@@ -357,9 +357,9 @@ async def run_load_async(urls: Servers, payloads: Sequence[dict[str, np.ndarray]
         if on_result is not None:
             on_result(record)
 
-    async def one(index: int, scheduled: float, server: int, reserved: bool = False) -> None:
-        if not reserved:  # the open loop counts a request in flight when it creates its task
-            pool.outstanding[server] += 1
+    async def one(index: int, scheduled: float, server: int) -> None:
+        """Send one request to ``server``, which the caller already counted in flight (a burst
+        of overdue arrivals created in one go must see each other: the cap, the balancer)."""
         try:
             await pool.clients[server].infer(spec.model,
                                              pool.prepared[server][index % len(payloads)])
@@ -411,7 +411,7 @@ class _Loop:
     spec: LoadSpec
     state: _State
     pool: _Pool
-    one: Callable[[int, float, int, bool], Any]
+    one: Callable[[int, float, int], Any]
     finish: Callable[[Record], None]
     clock: Callable[[], float]
     start: float
@@ -453,10 +453,8 @@ async def _open_loop(offsets: list[float], loop: _Loop) -> None:
             if server is None:
                 loop.finish(Record(due, None, False, -1, "no server to send to"))
                 continue
-            # in flight from now, not from when the task first runs: a burst of overdue
-            # arrivals created in one go must see each other (the cap, the balancer)
             pool.outstanding[server] += 1
-            task = asyncio.create_task(loop.one(index, due, server, True))
+            task = asyncio.create_task(loop.one(index, due, server))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         deadline = loop.clock() + spec.timeout_s + 1.0
@@ -478,6 +476,7 @@ async def _closed_loop(spec: LoadSpec, state: _State, pool: _Pool, one: Callable
             state.sent += 1
             server = pool.pick()
             assert server is not None  # a fixed, non-empty list of servers
+            pool.outstanding[server] += 1
             await one(index, clock() - start, server)
             index += spec.concurrency or 1
 
